@@ -1,0 +1,252 @@
+"""The `assay` command: every role's signed commands, `assay up` and `assay demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from assay.home import Home
+from contracts import messages as m
+
+app = typer.Typer(help="Assay: federated benchmarking for medical AI.", no_args_is_help=True, add_completion=False)
+keys_app = typer.Typer(help="Actor keys (Ed25519).", no_args_is_help=True)
+actor_app = typer.Typer(help="Enrol actors (operator).", no_args_is_help=True)
+benchmark_app = typer.Typer(help="Benchmarks (owner, operator).", no_args_is_help=True)
+model_app = typer.Typer(help="Models (model owner).", no_args_is_help=True)
+dataset_app = typer.Typer(help="Datasets, prepared at the site (data owner).", no_args_is_help=True)
+association_app = typer.Typer(help="Join a benchmark: request (owner) and approve (benchmark owner).",
+                              no_args_is_help=True)
+site_app = typer.Typer(help="Site workers.", no_args_is_help=True)
+leaderboard_app = typer.Typer(help="Results.", no_args_is_help=True)
+for sub, name in ((keys_app, "keys"), (actor_app, "actor"), (benchmark_app, "benchmark"), (model_app, "model"),
+                  (dataset_app, "dataset"), (association_app, "association"), (site_app, "site"),
+                  (leaderboard_app, "leaderboard")):
+    app.add_typer(sub, name=name)
+
+console = Console()
+err = Console(stderr=True)
+state: dict[str, Home] = {}
+As = Annotated[str, typer.Option("--as", help="the key (actor) that signs this command")]
+
+
+@app.callback()
+def main_options(home: Annotated[Path, typer.Option(envvar="ASSAY_HOME", help="state folder")] = Path(".assay")) -> None:
+    state["home"] = Home(home.resolve())
+
+
+def _home() -> Home:
+    return state["home"]
+
+
+def _send(payload: m.Payload, actor: str | None) -> dict[str, Any]:
+    from assay.client import CommandFailed, request
+
+    home = _home()
+    try:
+        key = home.key(actor) if actor else None
+        reply = asyncio.run(request(home.nats_url(), payload, actor=actor or "anonymous", key=key))
+    except (CommandFailed, FileNotFoundError, ConnectionError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if "message" in reply:
+        console.print(f"[green]ok[/green] {reply['message']}")
+    return reply
+
+
+def _image_id(ref: str) -> str:
+    import docker
+
+    from site_worker.containers import DockerRunner
+
+    found = DockerRunner(docker.from_env()).image_id(ref)
+    if found is None:
+        err.print(f"[red]error:[/red] image {ref!r} is not in the local Docker engine; build or `docker load` it")
+        raise typer.Exit(1)
+    return found
+
+
+@keys_app.command("new")
+def keys_new(name: str) -> None:
+    """Create an Ed25519 key pair NAME (private key mode 0600)."""
+    from contracts.signing import KeyPair
+
+    path = _home().key_file(name)
+    if path.exists():
+        err.print(f"[red]error:[/red] {path} exists; keys are never overwritten")
+        raise typer.Exit(1)
+    pair = KeyPair.generate()
+    pair.save(path)
+    console.print(f"[green]ok[/green] key {name}: {pair.key_id} ({path})")
+
+
+@actor_app.command("register")
+def actor_register(name: str, role: Annotated[m.Role, typer.Option()], actor: As,
+                   display_name: Annotated[str | None, typer.Option()] = None) -> None:
+    """Enrol actor NAME (its public key from keys/NAME.pub) with ROLE."""
+    try:
+        public = _home().public_key(name)
+    except FileNotFoundError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    _send(m.RegisterActor(actor_id=name, role=role, public_key=public, display_name=display_name or name), actor)
+
+
+@benchmark_app.command("register")
+def benchmark_register(spec_file: Path, actor: As) -> None:
+    """Register a benchmark from a JSON spec; images given by tag are pinned to their local image id."""
+    from pydantic import ValidationError
+
+    raw = json.loads(spec_file.read_text())
+    for kind in ("preparator", "reference_model", "evaluator"):
+        ref = raw.get(kind)
+        if isinstance(ref, dict) and "digest" not in ref and "name" in ref:
+            ref["digest"] = _image_id(ref["name"])
+    try:
+        spec = m.BenchmarkSpec.model_validate(raw)
+    except ValidationError as exc:
+        from service_kit.bus import describe
+
+        err.print(f"[red]error:[/red] {spec_file}: {describe(exc)}")
+        raise typer.Exit(1) from exc
+    _send(m.RegisterBenchmark(benchmark=spec), actor)
+
+
+@benchmark_app.command("approve")
+def benchmark_approve(benchmark_id: str, actor: As) -> None:
+    """Approve a benchmark (operator): it moves to OPERATION."""
+    _send(m.ApproveBenchmark(benchmark_id=benchmark_id), actor)
+
+
+@benchmark_app.command("show")
+def benchmark_show(benchmark_id: str) -> None:
+    console.print_json(json.dumps(_send(m.GetBenchmark(benchmark_id=benchmark_id), None)))
+
+
+@model_app.command("register")
+def model_register(model_id: str, image: Annotated[str, typer.Option(help="local tag or image id")], actor: As,
+                   name: Annotated[str | None, typer.Option()] = None) -> None:
+    """Register a model by its image id (a tag is resolved and pinned)."""
+    digest = _image_id(image)
+    _send(m.RegisterModel(model_id=model_id, name=name or image, image=m.ImageRef(digest=digest, name=image)), actor)
+
+
+def _entity(model: str | None, dataset: str | None) -> tuple[m.EntityKind, str]:
+    if (model is None) == (dataset is None):
+        err.print("[red]error:[/red] give exactly one of --model or --dataset")
+        raise typer.Exit(2)
+    return (m.EntityKind.MODEL, model) if model else (m.EntityKind.DATASET, dataset)  # type: ignore[return-value]
+
+
+@association_app.command("request")
+def association_request(benchmark_id: str, actor: As, model: Annotated[str | None, typer.Option()] = None,
+                        dataset: Annotated[str | None, typer.Option()] = None) -> None:
+    """Ask to join a benchmark with your model or dataset."""
+    kind, entity = _entity(model, dataset)
+    _send(m.RequestAssociation(benchmark_id=benchmark_id, kind=kind, entity_id=entity), actor)
+
+
+@association_app.command("approve")
+def association_approve(benchmark_id: str, actor: As, model: Annotated[str | None, typer.Option()] = None,
+                        dataset: Annotated[str | None, typer.Option()] = None) -> None:
+    """Approve a requested model or dataset (benchmark owner)."""
+    kind, entity = _entity(model, dataset)
+    _send(m.ApproveAssociation(benchmark_id=benchmark_id, kind=kind, entity_id=entity), actor)
+
+
+@site_app.command("add")
+def site_add(site_id: str) -> None:
+    """Make this installation run a worker for SITE_ID (its key: keys/SITE_ID.key)."""
+    home = _home()
+    home.key(site_id)
+    home.site_dir(site_id).mkdir(parents=True, exist_ok=True)
+    (home.site_dir(site_id) / "site.json").write_text(json.dumps({"site_id": site_id}))
+    console.print(f"[green]ok[/green] site {site_id}: its worker starts with `assay up`")
+
+
+@dataset_app.command("prepare")
+def dataset_prepare(dataset_id: str, benchmark: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
+                    raw: Annotated[Path, typer.Option(help="the raw data folder; it never leaves the site")]) -> None:
+    """Run the benchmark's preparator on raw data, locally; show what registering would send."""
+    import docker
+
+    from site_worker.containers import ContainerError, DockerRunner
+    from site_worker.datasets import prepare_dataset
+
+    spec = m.BenchmarkSpec.model_validate(_send(m.GetBenchmark(benchmark_id=benchmark), None)["benchmark"])
+    home = _home()
+    out = home.site_dir(site) / "datasets" / dataset_id
+    if out.exists():
+        err.print(f"[red]error:[/red] {out} exists; choose another dataset id or remove it")
+        raise typer.Exit(1)
+    try:
+        prepared = prepare_dataset(DockerRunner(docker.from_env()), spec.preparator.digest, raw.resolve(), out)
+    except ContainerError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    registration = m.RegisterDataset(dataset_id=dataset_id, benchmark_id=benchmark, name=dataset_id,
+                                     content_hash=prepared.content_hash, case_count=prepared.case_count,
+                                     statistics=prepared.statistics, preparator_digest=spec.preparator.digest)
+    (out / "registration.json").write_text(registration.model_dump_json(indent=2))
+    datasets_file = home.datasets_file(site)
+    datasets = json.loads(datasets_file.read_text()) if datasets_file.exists() else {}
+    datasets[dataset_id] = str(out)
+    datasets_file.write_text(json.dumps(datasets, indent=2))
+    console.print(f"[green]ok[/green] prepared {prepared.case_count} cases into {out}")
+    console.print("registering will send only this metadata:")
+    console.print_json(registration.model_dump_json())
+
+
+@dataset_app.command("register")
+def dataset_register(dataset_id: str, actor: As) -> None:
+    """Register a prepared dataset: metadata and content hash only."""
+    path = _home().site_dir(actor) / "datasets" / dataset_id / "registration.json"
+    if not path.exists():
+        err.print(f"[red]error:[/red] {path} not found; run `assay dataset prepare {dataset_id} ... --site {actor}`")
+        raise typer.Exit(1)
+    _send(m.RegisterDataset.model_validate_json(path.read_text()), actor)
+
+
+@leaderboard_app.command("show")
+def leaderboard_show(benchmark_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The leaderboard: per-site and pooled values for every model."""
+    from assay.tables import leaderboard_table
+
+    reply = _send(m.ShowLeaderboard(benchmark_id=benchmark_id), None)
+    board = m.LeaderboardUpdated.model_validate(reply)
+    if as_json:
+        print(board.model_dump_json(indent=2))
+    else:
+        console.print(leaderboard_table(board))
+
+
+@app.command()
+def up() -> None:
+    """Start the platform on this machine (nats-server, services, site workers); Ctrl-C stops it."""
+    from assay.platform import Platform
+
+    platform = Platform(_home(), on_step=lambda s: console.print(f"[dim]·[/dim] {s}"))
+    platform.start()
+    console.print(f"[green]Assay is up[/green] on {platform.nats_url}; logs in {_home().logs}. Ctrl-C stops it.")
+    try:
+        platform.wait()
+    except KeyboardInterrupt:
+        console.print("stopping...")
+
+
+@app.command()
+def demo(keep: Annotated[bool, typer.Option(help="keep the platform running afterwards")] = False) -> None:
+    """Run a whole federated benchmark on this machine, every role through the same commands."""
+    from assay.demo.run import run_demo
+
+    raise typer.Exit(run_demo(_home(), console, keep=keep))
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,47 @@
+"""Sends signed commands and queries over request/reply, retrying while the services catch up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import nats
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+
+from contracts.catalog import COMMAND_SUBJECTS
+from contracts.envelope import Envelope, Payload
+from contracts.signing import KeyPair
+
+
+class CommandFailed(Exception):
+    """The platform refused a command; the message says why and what to do."""
+
+
+async def request(nats_url: str, payload: Payload, *, actor: str, key: KeyPair | None = None,
+                  patience_s: float = 20.0) -> dict[str, Any]:
+    """Send one command or query; return the reply. The same envelope (same id) is resent on retry."""
+    envelope = Envelope.wrap(payload, source=f"actor:{actor}")
+    if key is not None:
+        envelope = key.sign(envelope)
+    body = envelope.model_dump_json().encode()
+    subject = COMMAND_SUBJECTS[type(payload)]
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + patience_s, 0.1
+        while True:
+            try:
+                msg = await nc.request(subject, body, timeout=10)
+                reply = json.loads(msg.data)
+            except (NoRespondersError, NatsTimeout):
+                reply = {"ok": False, "retry": True, "message": f"no service answers on {subject}; is `assay up` running?"}
+            if reply.get("ok", True) or not reply.get("retry") or loop.time() > deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    finally:
+        await nc.close()
+    if reply.get("ok") is False:
+        raise CommandFailed(reply["message"])
+    return reply

@@ -1,0 +1,139 @@
+"""`assay demo`: a whole federated benchmark on one machine, every role's step shown as the command a user types."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import docker
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from assay.client import request
+from assay.home import Home
+from assay.platform import Platform
+from contracts.messages import LeaderboardUpdated, ShowLeaderboard
+
+BENCHMARK = "breast-cancer-dx"
+OPERATOR, OWNER = "operator", "committee"
+MODEL_OWNERS = {"reference": "vendor-a", "compact": "vendor-a", "texture": "vendor-b"}
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+class StepFailed(Exception):
+    pass
+
+
+def assay(console: Console, home: Home, *args: str) -> str:
+    """Run one `assay` command exactly as a user would, showing it first."""
+    console.print(f"[bold cyan]$ assay {shlex.join(args)}[/bold cyan]")
+    proc = subprocess.run([sys.executable, "-m", "assay", "--home", str(home.root), *args],
+                          capture_output=True, text=True)
+    output = (proc.stdout + proc.stderr).rstrip()
+    if output:
+        console.print(output, markup=False, highlight=False)
+    if proc.returncode != 0:
+        raise StepFailed(f"`assay {shlex.join(args)}` failed")
+    return proc.stdout
+
+
+def benchmark_spec(images_models_reference: str) -> dict:  # type: ignore[type-arg]
+    return {
+        "benchmark_id": BENCHMARK,
+        "name": "Breast cancer diagnosis from fine-needle aspirates (Wisconsin diagnostic data)",
+        "description": "Malignant vs benign from 30 nuclear features; metrics at the 0.5 score threshold.",
+        "preparator": {"name": "assay-demo/preparator:1"},
+        "reference_model": {"name": images_models_reference},
+        "evaluator": {"name": "assay-demo/evaluator:1"},
+        "metrics": [{"name": "auc"}, {"name": "sensitivity"}, {"name": "specificity"}],
+        "primary_metric": "auc",
+    }
+
+
+async def wait_for_results(nats_url: str, expected: int, console: Console, timeout_s: float = 900) -> LeaderboardUpdated:
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("site jobs: results on the leaderboard", total=expected)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            board = LeaderboardUpdated.model_validate(
+                await request(nats_url, ShowLeaderboard(benchmark_id=BENCHMARK), actor="demo"))
+            done = sum(len(row.site_values) for row in board.rows)
+            progress.update(task, completed=done)
+            if done >= expected:
+                return board
+            if time.monotonic() > deadline:
+                raise StepFailed(f"only {done} of {expected} results after {timeout_s:.0f} s")
+            await asyncio.sleep(0.5)
+
+
+def run_demo(base: Home, console: Console, *, keep: bool = False) -> int:
+    from assay.demo.build import build_demo_images
+    from assay.demo.data import describe_sites, write_site_raw
+
+    home = Home(base.root / "demo")
+    if home.platform_file.exists():
+        console.print(f"[red]error:[/red] a demo platform seems to run ({home.platform_file}); stop it first")
+        return 1
+    shutil.rmtree(home.root, ignore_errors=True)
+    home.root.mkdir(parents=True)
+    platform = Platform(home, on_step=lambda s: console.print(f"  [dim]·[/dim] {s}"))
+    try:
+        console.rule("[bold]1. Images: preparator, three models, evaluator (built locally)")
+        images = build_demo_images(docker.from_env(), home.root / "build",
+                                   on_step=lambda s: console.print(f"  [dim]·[/dim] {s}"))
+        console.rule("[bold]2. Keys for every actor")
+        for name in (OPERATOR, OWNER, *sorted(set(MODEL_OWNERS.values())), *SITES):
+            assay(console, home, "keys", "new", name)
+        for site in SITES:
+            assay(console, home, "site", "add", site)
+        console.rule("[bold]3. The platform: nats-server, four services, three site workers")
+        platform.start()
+        console.rule("[bold]4. The operator enrols the actors")
+        assay(console, home, "actor", "register", OWNER, "--role", "benchmark_owner", "--as", OPERATOR)
+        for owner in sorted(set(MODEL_OWNERS.values())):
+            assay(console, home, "actor", "register", owner, "--role", "model_owner", "--as", OPERATOR)
+        for site in SITES:
+            assay(console, home, "actor", "register", site, "--role", "site", "--as", OPERATOR)
+        console.rule("[bold]5. The committee defines the benchmark; the operator approves it")
+        spec_file = home.root / "benchmark.json"
+        spec_file.write_text(json.dumps(benchmark_spec("assay-demo/model-reference:1"), indent=2))
+        assay(console, home, "benchmark", "register", str(spec_file), "--as", OWNER)
+        assay(console, home, "benchmark", "approve", BENCHMARK, "--as", OPERATOR)
+        console.rule("[bold]6. Model owners register their images by digest and ask to join")
+        for model, owner in MODEL_OWNERS.items():
+            assay(console, home, "model", "register", model, "--image", f"assay-demo/model-{model}:1", "--as", owner)
+            assay(console, home, "association", "request", BENCHMARK, "--model", model, "--as", owner)
+            assay(console, home, "association", "approve", BENCHMARK, "--model", model, "--as", OWNER)
+        console.rule("[bold]7. Each hospital prepares its data locally and registers metadata only")
+        for index, (summary, site) in enumerate(zip(describe_sites(), SITES, strict=True)):
+            raw = home.root / "hospital-data" / site
+            write_site_raw(index, raw)
+            console.print(f"  [dim]·[/dim] {site} holds {summary.cases} cases, {summary.prevalence:.0%} malignant, "
+                          f"in {raw}")
+            dataset = f"{site}-wdbc"
+            assay(console, home, "dataset", "prepare", dataset, "--benchmark", BENCHMARK, "--site", site,
+                  "--raw", str(raw))
+            assay(console, home, "dataset", "register", dataset, "--as", site)
+            assay(console, home, "association", "request", BENCHMARK, "--dataset", dataset, "--as", site)
+            assay(console, home, "association", "approve", BENCHMARK, "--dataset", dataset, "--as", OWNER)
+        console.rule("[bold]8. Jobs run at the sites; signed results reach the leaderboard")
+        expected = len(MODEL_OWNERS) * len(SITES)
+        asyncio.run(wait_for_results(platform.nats_url, expected, console))
+        assay(console, home, "leaderboard", "show", BENCHMARK)
+        console.print(f"Models: {', '.join(f'{k} {v[:19]}' for k, v in images.models.items())}")
+        if keep:
+            console.print(f"[green]The platform keeps running[/green] (ASSAY_HOME={home.root}). Ctrl-C stops it.")
+            platform.wait()
+        return 0
+    except StepFailed as exc:
+        console.print(f"[red]demo failed:[/red] {exc}; logs in {home.logs}")
+        return 1
+    finally:
+        platform.stop()

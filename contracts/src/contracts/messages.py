@@ -1,0 +1,295 @@
+"""The v1 payloads: commands (imperative), events (past tense), jobs and results, and query replies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, ClassVar
+
+from pydantic import Field, StringConstraints, model_validator
+
+from contracts.envelope import Payload
+
+Id = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Digest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+MetricName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+
+
+class Role(StrEnum):
+    OPERATOR = "operator"
+    BENCHMARK_OWNER = "benchmark_owner"
+    MODEL_OWNER = "model_owner"
+    SITE = "site"
+    SERVICE = "service"
+
+
+class EntityKind(StrEnum):
+    MODEL = "model"
+    DATASET = "dataset"
+
+
+class ImageRef(Payload):
+    digest: Digest = Field(description="the image id (sha256 of its config): images are run by digest, never by tag")
+    name: Name = Field(description="a human name such as the tag it was built as; informative only")
+
+
+class MetricSpec(Payload):
+    name: MetricName
+    minimum: float = 0.0
+    maximum: float = 1.0
+    higher_is_better: bool = True
+
+
+class BenchmarkSpec(Payload):
+    benchmark_id: Id
+    name: Name
+    description: str = Field(default="", max_length=4000)
+    preparator: ImageRef
+    reference_model: ImageRef
+    evaluator: ImageRef
+    metrics: tuple[MetricSpec, ...] = Field(min_length=1, max_length=32)
+    primary_metric: MetricName
+
+    @model_validator(mode="after")
+    def _primary_is_declared(self) -> BenchmarkSpec:
+        names = [m.name for m in self.metrics]
+        if len(set(names)) != len(names):
+            raise ValueError(f"metric names must be unique, got {names}")
+        if self.primary_metric not in names:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is not one of the declared metrics {names}")
+        return self
+
+
+# --- commands (request/reply, signed by the acting actor) -------------------------------------------------
+
+
+class RegisterActor(Payload):
+    TYPE: ClassVar[str] = "assay.v1.RegisterActor"
+    actor_id: Id
+    role: Role
+    public_key: str = Field(min_length=40, max_length=64)
+    display_name: Name
+
+
+class RegisterBenchmark(Payload):
+    TYPE: ClassVar[str] = "assay.v1.RegisterBenchmark"
+    benchmark: BenchmarkSpec
+
+
+class ApproveBenchmark(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ApproveBenchmark"
+    benchmark_id: Id
+
+
+class RegisterModel(Payload):
+    TYPE: ClassVar[str] = "assay.v1.RegisterModel"
+    model_id: Id
+    name: Name
+    image: ImageRef
+
+
+class RegisterDataset(Payload):
+    TYPE: ClassVar[str] = "assay.v1.RegisterDataset"
+    dataset_id: Id
+    benchmark_id: Id
+    name: Name
+    content_hash: Digest
+    case_count: int = Field(ge=1)
+    statistics: dict[MetricName, float] = Field(default_factory=dict, max_length=64)
+    preparator_digest: Digest
+
+
+class RequestAssociation(Payload):
+    TYPE: ClassVar[str] = "assay.v1.RequestAssociation"
+    benchmark_id: Id
+    kind: EntityKind
+    entity_id: Id
+
+
+class ApproveAssociation(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ApproveAssociation"
+    benchmark_id: Id
+    kind: EntityKind
+    entity_id: Id
+
+
+class GetBenchmark(Payload):
+    TYPE: ClassVar[str] = "assay.v1.GetBenchmark"
+    benchmark_id: Id
+
+
+class ShowLeaderboard(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ShowLeaderboard"
+    benchmark_id: Id
+
+
+class CommandReply(Payload):
+    TYPE: ClassVar[str] = "assay.v1.CommandReply"
+    ok: bool
+    message: str
+    entity_id: str | None = None
+    duplicate: bool = False
+    retry: bool = Field(default=False, description="refused for now: the service has not yet seen what it refers to")
+
+
+# --- events (facts, append-only in EVENTS) -----------------------------------------------------------------
+
+
+class ActorRegistered(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ActorRegistered"
+    actor_id: Id
+    role: Role
+    public_key: str
+    key_id: str
+    display_name: Name
+
+
+class BenchmarkRegistered(Payload):
+    TYPE: ClassVar[str] = "assay.v1.BenchmarkRegistered"
+    owner_id: Id
+    benchmark: BenchmarkSpec
+
+
+class BenchmarkApproved(Payload):
+    TYPE: ClassVar[str] = "assay.v1.BenchmarkApproved"
+    benchmark_id: Id
+    approved_by: Id
+
+
+class ModelRegistered(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ModelRegistered"
+    model_id: Id
+    owner_id: Id
+    name: Name
+    image: ImageRef
+
+
+class DatasetRegistered(Payload):
+    TYPE: ClassVar[str] = "assay.v1.DatasetRegistered"
+    dataset_id: Id
+    site_id: Id
+    benchmark_id: Id
+    name: Name
+    content_hash: Digest
+    case_count: int
+    statistics: dict[str, float]
+
+
+class AssociationRequested(Payload):
+    TYPE: ClassVar[str] = "assay.v1.AssociationRequested"
+    benchmark_id: Id
+    kind: EntityKind
+    entity_id: Id
+    requested_by: Id
+
+
+class AssociationApproved(Payload):
+    TYPE: ClassVar[str] = "assay.v1.AssociationApproved"
+    benchmark_id: Id
+    kind: EntityKind
+    entity_id: Id
+    approved_by: Id
+
+
+class JobSpec(Payload):
+    """What a site is asked to run; signed by the scheduling service, bound into the result."""
+
+    TYPE: ClassVar[str] = "assay.v1.Job"
+    job_id: Id
+    benchmark_id: Id
+    model_id: Id
+    dataset_id: Id
+    site_id: Id
+    model_image: Digest
+    evaluator_image: Digest
+    dataset_hash: Digest
+    metrics: tuple[MetricSpec, ...]
+
+
+class JobScheduled(Payload):
+    TYPE: ClassVar[str] = "assay.v1.JobScheduled"
+    job: JobSpec
+
+
+class SiteResult(Payload):
+    """What leaves a site: declared metrics only, bound to everything that produced them; signed by the site."""
+
+    TYPE: ClassVar[str] = "assay.v1.SiteResult"
+    job_id: Id
+    benchmark_id: Id
+    model_id: Id
+    dataset_id: Id
+    site_id: Id
+    model_image: Digest
+    evaluator_image: Digest
+    dataset_hash: Digest
+    metrics: dict[MetricName, float]
+    case_count: int = Field(ge=1)
+    metrics_hash: Digest
+    worker_id: Name
+    finished_at: datetime
+
+
+class JobFailed(Payload):
+    TYPE: ClassVar[str] = "assay.v1.JobFailed"
+    job_id: Id
+    site_id: Id
+    reason: str = Field(max_length=4000)
+
+
+class ResultAccepted(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ResultAccepted"
+    job_id: Id
+    benchmark_id: Id
+    model_id: Id
+    dataset_id: Id
+    site_id: Id
+    metrics: dict[str, float]
+    case_count: int
+
+
+class ResultRejected(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ResultRejected"
+    message_id: str
+    site_id: str
+    job_id: str | None
+    reason: str
+
+
+class LeaderboardRow(Payload):
+    rank: int
+    model_id: Id
+    site_values: dict[str, dict[str, float]] = Field(description="site_id -> metric -> value")
+    pooled: dict[str, float] = Field(description="metric -> case-weighted mean over the sites")
+    case_count: int
+    sites: int
+
+
+class LeaderboardUpdated(Payload):
+    TYPE: ClassVar[str] = "assay.v1.LeaderboardUpdated"
+    benchmark_id: Id
+    primary_metric: str
+    metrics: tuple[str, ...]
+    rows: tuple[LeaderboardRow, ...]
+
+
+class DeadLetter(Payload):
+    TYPE: ClassVar[str] = "assay.v1.DeadLetter"
+    consumer: str
+    subject: str
+    message_id: str
+    deliveries: int
+    error: str
+
+
+COMMANDS: tuple[type[Payload], ...] = (
+    RegisterActor, RegisterBenchmark, ApproveBenchmark, RegisterModel, RegisterDataset,
+    RequestAssociation, ApproveAssociation, GetBenchmark, ShowLeaderboard, CommandReply,
+)
+EVENTS: tuple[type[Payload], ...] = (
+    ActorRegistered, BenchmarkRegistered, BenchmarkApproved, ModelRegistered, DatasetRegistered,
+    AssociationRequested, AssociationApproved, JobScheduled, JobFailed, ResultAccepted, ResultRejected,
+    LeaderboardUpdated, DeadLetter,
+)
+WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult)

@@ -1,0 +1,107 @@
+"""Ed25519 keys and signatures over the RFC 8785 canonical JSON of an envelope."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel
+
+from contracts.envelope import Envelope, Signature
+
+E = TypeVar("E", bound=Envelope[Any])
+
+
+class SignatureError(Exception):
+    """A signature is missing, malformed, made with another key, or does not match the content."""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def key_id_of(public_key: str) -> str:
+    """A short, stable name for a public key: 'ed25519:' and 16 hex digits of its SHA-256."""
+    return "ed25519:" + hashlib.sha256(_unb64(public_key)).hexdigest()[:16]
+
+
+def canonical_bytes(message: BaseModel, *, exclude: set[str] | None = None) -> bytes:
+    return rfc8785.dumps(message.model_dump(mode="json", exclude=exclude))
+
+
+def sha256_of(message: BaseModel) -> str:
+    return "sha256:" + hashlib.sha256(canonical_bytes(message)).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        return cls(Ed25519PrivateKey.generate())
+
+    @property
+    def public_key(self) -> str:
+        raw = self.private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return _b64(raw)
+
+    @property
+    def key_id(self) -> str:
+        return key_id_of(self.public_key)
+
+    def sign(self, envelope: E) -> E:
+        unsigned = envelope.model_copy(update={"signature": None})
+        value = self.private.sign(canonical_bytes(unsigned, exclude={"signature"}))
+        return envelope.model_copy(update={"signature": Signature(key_id=self.key_id, value=_b64(value))})
+
+    def save(self, path: Path) -> None:
+        """Write the private key (PEM, mode 0600) and the public key beside it (`.pub`)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pem = self.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        path.with_suffix(".pub").write_text(self.public_key + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> KeyPair:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SignatureError(f"{path} is not an Ed25519 private key")
+        return cls(key)
+
+
+def verify(envelope: Envelope[Any], public_key: str) -> None:
+    """Raise SignatureError unless `envelope` carries a valid signature by `public_key`."""
+    sig = envelope.signature
+    if sig is None:
+        raise SignatureError("the message is not signed")
+    if sig.alg != "ed25519":
+        raise SignatureError(f"unsupported signature algorithm {sig.alg!r}")
+    if sig.key_id != key_id_of(public_key):
+        raise SignatureError(f"signed with key {sig.key_id}, expected {key_id_of(public_key)}")
+    try:
+        pub = Ed25519PublicKey.from_public_bytes(_unb64(public_key))
+        pub.verify(_unb64(sig.value), canonical_bytes(envelope, exclude={"signature"}))
+    except (InvalidSignature, ValueError) as exc:
+        raise SignatureError("the signature does not match the message content") from exc
+
+
+def metrics_hash(metrics: dict[str, float]) -> str:
+    """The hash a site binds its metrics with: SHA-256 of their RFC 8785 canonical JSON."""
+    return "sha256:" + hashlib.sha256(rfc8785.dumps(metrics)).hexdigest()

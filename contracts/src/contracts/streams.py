@@ -1,0 +1,31 @@
+"""The JetStream streams, declared once from here by whoever provisions the bus (`assay up`, compose init)."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from contracts import subjects as s
+
+DUPLICATE_WINDOW_S = 120.0
+
+STREAMS: tuple[StreamConfig, ...] = (
+    StreamConfig(name=s.EVENTS_STREAM, subjects=[s.EVENTS_ALL], storage=StorageType.FILE,
+                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S),
+    StreamConfig(name=s.JOBS_STREAM, subjects=["assay.v1.jobs.*"], storage=StorageType.FILE,
+                 retention=RetentionPolicy.WORK_QUEUE, duplicate_window=DUPLICATE_WINDOW_S),
+    StreamConfig(name=s.RESULTS_STREAM, subjects=[s.RESULTS_ALL], storage=StorageType.FILE,
+                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S),
+    StreamConfig(name=s.DEAD_LETTERS_STREAM, subjects=[s.DEAD_LETTERS_ALL], storage=StorageType.FILE,
+                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S),
+)
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create the streams, or bring an existing one to this configuration."""
+    for config in STREAMS:
+        try:
+            await js.add_stream(config=config)
+        except BadRequestError:
+            await js.update_stream(config=config)

@@ -1,0 +1,56 @@
+"""The actors a service knows (learned from ActorRegistered events) and the check of a signed command."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlmodel import Field, SQLModel, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from contracts.envelope import Envelope
+from contracts.messages import ActorRegistered, Role
+from contracts.signing import SignatureError, verify
+
+
+class CommandRejected(Exception):
+    """A command that must change nothing: the message says what is wrong and what to do."""
+
+
+class NotYetKnown(CommandRejected):
+    """Refers to something this service has not heard of yet; it may exist and arrive with the next events."""
+
+
+class KnownActor(SQLModel, table=True):
+    __tablename__ = "known_actor"
+    actor_id: str = Field(primary_key=True, max_length=64)
+    role: str = Field(max_length=32)
+    public_key: str = Field(max_length=64)
+    key_id: str = Field(unique=True, max_length=64)
+    display_name: str = Field(max_length=200)
+
+
+async def remember_actor(session: AsyncSession, event: ActorRegistered) -> None:
+    if await session.get(KnownActor, event.actor_id) is None:
+        session.add(KnownActor(**event.model_dump(mode="json")))
+
+
+async def actor_by_id(session: AsyncSession, actor_id: str) -> KnownActor | None:
+    return await session.get(KnownActor, actor_id)
+
+
+async def authenticate(session: AsyncSession, envelope: Envelope[Any], *roles: Role) -> KnownActor:
+    """The actor who signed `envelope`, after checking the signature and that the actor has one of `roles`."""
+    if envelope.signature is None:
+        raise CommandRejected("the command is not signed; sign it with your actor key (assay ... --as NAME)")
+    key_id = envelope.signature.key_id
+    actor = (await session.exec(select(KnownActor).where(KnownActor.key_id == key_id))).first()
+    if actor is None:
+        raise NotYetKnown(f"key {key_id} belongs to no registered actor; ask the operator to register it")
+    try:
+        verify(envelope, actor.public_key)
+    except SignatureError as exc:
+        raise CommandRejected(f"signature check failed: {exc}") from exc
+    if roles and actor.role not in roles:
+        allowed = ", ".join(r.value for r in roles)
+        raise CommandRejected(f"actor {actor.actor_id} has role {actor.role}; this command needs {allowed}")
+    return actor

@@ -1,0 +1,52 @@
+"""The database edge every service shares: an async engine from a URL (SQLite file or PostgreSQL) and a unit of work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+
+def make_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+async def create_tables(engine: AsyncEngine, tables: list) -> None:  # type: ignore[type-arg]
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda sync: SQLModel.metadata.create_all(sync, tables=tables))
+
+
+class Database:
+    """One engine and a `transaction()` that commits on success and rolls back on any error."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        self.committed: list[object] = []  # hooks called after each commit (the outbox relay's wake-up)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session:
+            async with session.begin():
+                yield session
+        for hook in self.committed:
+            hook()  # type: ignore[operator]
+
+    async def close(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,26 @@
+"""Idempotent consumers: the ids a consumer has processed, recorded in the same transaction as its effects."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from contracts.envelope import utcnow
+
+
+class ProcessedMessage(SQLModel, table=True):
+    __tablename__ = "inbox"
+    consumer: str = Field(primary_key=True, max_length=128)
+    message_id: str = Field(primary_key=True, max_length=128)
+    processed_at: datetime = Field(default_factory=utcnow)
+
+
+async def first_time(session: AsyncSession, consumer: str, message_id: str) -> bool:
+    """True (and remembered) the first time; False for a message this consumer already processed."""
+    if await session.get(ProcessedMessage, (consumer, message_id)) is not None:
+        return False
+    session.add(ProcessedMessage(consumer=consumer, message_id=message_id))
+    await session.flush()  # a concurrent replica that got here first makes this fail: the message is redelivered
+    return True

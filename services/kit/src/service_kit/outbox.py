@@ -1,0 +1,81 @@
+"""Transactional outbox: events are written with the state change, then a relay publishes them with Nats-Msg-Id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Any
+
+from collections.abc import Awaitable, Callable
+from sqlmodel import Field, SQLModel, col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from contracts.envelope import Envelope, Payload, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class OutboxMessage(SQLModel, table=True):
+    __tablename__ = "outbox"
+    seq: int | None = Field(default=None, primary_key=True)
+    message_id: str = Field(unique=True, max_length=128)
+    subject: str = Field(max_length=256)
+    body: bytes
+    created_at: datetime = Field(default_factory=utcnow)
+    published_at: datetime | None = Field(default=None, index=True)
+
+
+def stage(session: AsyncSession, subject: str, envelope: Envelope[Any]) -> None:
+    """Add a message to the outbox inside the caller's transaction."""
+    session.add(OutboxMessage(message_id=envelope.id, subject=subject, body=envelope.model_dump_json().encode()))
+
+
+def stage_event(session: AsyncSession, source: str, payload: Payload, *, id: str | None = None) -> Envelope[Any]:
+    from contracts.catalog import event_subject
+
+    envelope = Envelope.wrap(payload, source=source, id=id)
+    stage(session, event_subject(payload), envelope)
+    return envelope
+
+
+class Relay:
+    """Publishes staged messages in order; safe to run in several replicas (the server drops duplicates by id)."""
+
+    def __init__(self, db: Any, publish: Callable[[str, bytes, str], Awaitable[None]], *,
+                 poll_s: float = 1.0, batch: int = 256) -> None:
+        self._db = db
+        self._publish = publish
+        self._poll_s = poll_s
+        self._batch = batch
+        self._wake = asyncio.Event()
+        db.committed.append(self._wake.set)
+
+    async def flush(self) -> int:
+        """Publish everything pending; return how many were published."""
+        total = 0
+        while True:
+            async with self._db.transaction() as session:
+                rows = (await session.exec(
+                    select(OutboxMessage).where(col(OutboxMessage.published_at).is_(None))
+                    .order_by(col(OutboxMessage.seq)).limit(self._batch)
+                )).all()
+                for row in rows:
+                    await self._publish(row.subject, row.body, row.message_id)
+                    row.published_at = utcnow()
+                    session.add(row)
+            total += len(rows)
+            if len(rows) < self._batch:
+                return total
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:  # the bus may be briefly away: rows stay pending and are retried
+                log.exception("outbox relay could not publish; will retry")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+            except TimeoutError:
+                pass

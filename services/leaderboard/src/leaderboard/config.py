@@ -1,0 +1,13 @@
+"""The leaderboard's settings, read from ASSAY_LEADERBOARD_* environment variables when create_app builds them."""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from service_kit.app import ServiceSettings
+
+
+class Settings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="ASSAY_LEADERBOARD_")
+
+    database_url: str = "sqlite+aiosqlite:///assay-leaderboard.db"

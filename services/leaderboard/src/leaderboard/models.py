@@ -1,0 +1,46 @@
+"""The leaderboard's tables: what it learned from events (benchmarks, jobs) and the results it accepted."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+from contracts.envelope import utcnow
+
+
+class KnownBenchmark(SQLModel, table=True):
+    __tablename__ = "lb_benchmark"
+    benchmark_id: str = Field(primary_key=True, max_length=64)
+    owner_id: str = Field(max_length=64)
+    spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))  # a BenchmarkSpec
+
+
+class KnownJob(SQLModel, table=True):
+    __tablename__ = "lb_job"
+    job_id: str = Field(primary_key=True, max_length=64)
+    benchmark_id: str = Field(index=True, max_length=64)
+    spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))  # a JobSpec, as the scheduler planned it
+
+
+class AcceptedResult(SQLModel, table=True):
+    """One per job (the key): a second result for a job, even from a replica racing this one, cannot be stored."""
+
+    __tablename__ = "lb_result"
+    job_id: str = Field(primary_key=True, max_length=64)
+    message_id: str = Field(unique=True, max_length=128)
+    benchmark_id: str = Field(index=True, max_length=64)
+    model_id: str = Field(max_length=64)
+    dataset_id: str = Field(max_length=64)
+    site_id: str = Field(max_length=64)
+    metrics: dict[str, float] = Field(sa_column=Column(JSON, nullable=False))
+    case_count: int
+    metrics_hash: str = Field(max_length=80)
+    worker_id: str = Field(max_length=200)
+    finished_at: datetime
+    accepted_at: datetime = Field(default_factory=utcnow)
+
+
+TABLES = [KnownBenchmark.__table__, KnownJob.__table__, AcceptedResult.__table__]  # type: ignore[attr-defined]

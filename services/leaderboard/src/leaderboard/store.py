@@ -1,0 +1,65 @@
+"""The leaderboard's unit of work over its tables, inside the transaction the kit opened for one message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from contracts.envelope import Envelope
+from contracts.messages import BenchmarkRegistered, BenchmarkSpec, JobSpec, SiteResult
+from leaderboard.domain import Score, Signer
+from leaderboard.models import AcceptedResult, KnownBenchmark, KnownJob
+from service_kit.actors import KnownActor
+
+
+class Store:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def remember_benchmark(self, event: BenchmarkRegistered) -> None:
+        """The first registration of a benchmark wins: its metrics are what results are checked against."""
+        spec = event.benchmark
+        if await self.session.get(KnownBenchmark, spec.benchmark_id) is None:
+            self.session.add(KnownBenchmark(benchmark_id=spec.benchmark_id, owner_id=event.owner_id,
+                                            spec=spec.model_dump(mode="json")))
+
+    async def remember_job(self, job: JobSpec) -> None:
+        if await self.session.get(KnownJob, job.job_id) is None:
+            self.session.add(KnownJob(job_id=job.job_id, benchmark_id=job.benchmark_id,
+                                      spec=job.model_dump(mode="json")))
+
+    async def benchmark(self, benchmark_id: str) -> BenchmarkSpec | None:
+        row = await self.session.get(KnownBenchmark, benchmark_id)
+        return None if row is None else BenchmarkSpec.model_validate(row.spec)
+
+    async def job(self, job_id: str) -> JobSpec | None:
+        row = await self.session.get(KnownJob, job_id)
+        return None if row is None else JobSpec.model_validate(row.spec)
+
+    async def signer(self, key_id: str) -> Signer | None:
+        actor = (await self.session.exec(select(KnownActor).where(KnownActor.key_id == key_id))).first()
+        return None if actor is None else Signer(actor_id=actor.actor_id, role=actor.role,
+                                                 public_key=actor.public_key)
+
+    async def has_result(self, job_id: str) -> bool:
+        return await self.session.get(AcceptedResult, job_id) is not None
+
+    async def record(self, envelope: Envelope[Any]) -> None:
+        result: SiteResult = envelope.data
+        self.session.add(AcceptedResult(
+            job_id=result.job_id, message_id=envelope.id, benchmark_id=result.benchmark_id,
+            model_id=result.model_id, dataset_id=result.dataset_id, site_id=result.site_id,
+            metrics=dict(result.metrics), case_count=result.case_count, metrics_hash=result.metrics_hash,
+            worker_id=result.worker_id, finished_at=result.finished_at,
+        ))
+        await self.session.flush()  # a racing replica's row for the same job fails here, and this message is retried
+
+    async def scores(self, benchmark_id: str) -> list[Score]:
+        rows = (await self.session.exec(
+            select(AcceptedResult).where(AcceptedResult.benchmark_id == benchmark_id)
+            .order_by(col(AcceptedResult.job_id))
+        )).all()
+        return [Score(model_id=row.model_id, site_id=row.site_id, metrics=row.metrics, case_count=row.case_count)
+                for row in rows]

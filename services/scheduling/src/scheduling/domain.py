@@ -1,0 +1,39 @@
+"""Job planning, as a pure function: every approved (model, dataset) pair of an approved benchmark, once."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from contracts.messages import BenchmarkSpec, JobSpec
+
+
+@dataclass(frozen=True)
+class PlannedDataset:
+    dataset_id: str
+    site_id: str
+    content_hash: str
+
+
+def job_id(benchmark_id: str, model_digest: str, evaluator: str, dataset_hash: str, model_id: str,
+           dataset_id: str) -> str:
+    """Deterministic: planning the same pair twice, in any replica, names the same job."""
+    key = "|".join((benchmark_id, model_id, model_digest, evaluator, dataset_id, dataset_hash))
+    return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[PlannedDataset],
+              existing: set[str]) -> list[JobSpec]:
+    """The jobs still missing: `models` maps approved model ids to their image digests."""
+    jobs = []
+    for model_id, digest in sorted(models.items()):
+        for ds in sorted(datasets, key=lambda d: d.dataset_id):
+            jid = job_id(benchmark.benchmark_id, digest, benchmark.evaluator.digest, ds.content_hash, model_id,
+                         ds.dataset_id)
+            if jid in existing:
+                continue
+            jobs.append(JobSpec(job_id=jid, benchmark_id=benchmark.benchmark_id, model_id=model_id,
+                                dataset_id=ds.dataset_id, site_id=ds.site_id, model_image=digest,
+                                evaluator_image=benchmark.evaluator.digest, dataset_hash=ds.content_hash,
+                                metrics=benchmark.metrics))
+    return jobs

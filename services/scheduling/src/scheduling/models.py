@@ -1,0 +1,49 @@
+"""Scheduling tables: what it knows of benchmarks, models, datasets and approvals, and the jobs it planned."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+
+class Benchmark(SQLModel, table=True):
+    __tablename__ = "sched_benchmark"
+    benchmark_id: str = Field(primary_key=True)
+    spec: dict = Field(sa_column=Column(JSON))  # type: ignore[type-arg]
+    approved: bool = False
+
+
+class Model(SQLModel, table=True):
+    __tablename__ = "sched_model"
+    model_id: str = Field(primary_key=True)
+    digest: str
+
+
+class Dataset(SQLModel, table=True):
+    __tablename__ = "sched_dataset"
+    dataset_id: str = Field(primary_key=True)
+    site_id: str
+    benchmark_id: str
+    content_hash: str
+
+
+class Member(SQLModel, table=True):
+    """An approved association."""
+
+    __tablename__ = "sched_member"
+    benchmark_id: str = Field(primary_key=True)
+    kind: str = Field(primary_key=True)
+    entity_id: str = Field(primary_key=True)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "sched_job"
+    job_id: str = Field(primary_key=True)
+    benchmark_id: str = Field(index=True)
+    model_id: str
+    dataset_id: str
+    site_id: str
+    status: str = "SCHEDULED"
+
+
+TABLES = [t.__table__ for t in (Benchmark, Model, Dataset, Member, Job)]  # type: ignore[attr-defined]

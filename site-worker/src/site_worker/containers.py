@@ -1,0 +1,244 @@
+"""The container edge of the site worker: the sandbox every benchmark container runs in.
+
+`ContainerRunner` is the port; `DockerRunner` runs on the local Docker engine, `FakeRunner` in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import docker
+import requests
+from docker.errors import APIError, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+from docker.types import Mount as DockerMount
+
+IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
+LOG_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path
+    target: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: str = "2g"
+    nano_cpus: int = 2_000_000_000
+    pids: int = 256
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    image: str  # an image id "sha256:<64 hex>", never a tag
+    task: str
+    mounts: tuple[Mount, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    limits: Limits = Limits()
+    gpus: tuple[str, ...] = ()
+
+    def source_of(self, target: str) -> Path:
+        """The host directory mounted at `target`."""
+        for mount in self.mounts:
+            if mount.target == target:
+                return mount.source
+        raise KeyError(f"task {self.task!r} has no mount at {target}")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    exit_code: int
+    log_tail: str
+    timed_out: bool = False
+    oom_killed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.oom_killed
+
+
+class ContainerError(Exception):
+    """A container could not be run at all (bad image reference, absent image, engine refusal)."""
+
+    def __init__(self, image: str, task: str, reason: str) -> None:
+        super().__init__(f"image {image}, task {task!r}: {reason}")
+        self.image, self.task, self.reason = image, task, reason
+
+
+class ContainerRunner(Protocol):
+    def image_id(self, ref: str) -> str | None:
+        """The local image id (sha256:...) of a tag or id, None if absent."""
+        ...
+
+    def run(self, spec: RunSpec) -> RunOutcome: ...
+
+
+def require_image_id(spec: RunSpec) -> None:
+    """Images run by digest only: a tag can be moved to other content between check and run."""
+    if not IMAGE_ID.fullmatch(spec.image):
+        raise ContainerError(spec.image, spec.task, "not an image id of the form sha256:<64 hex>; run images by id, never by tag")
+
+
+def sandbox_kwargs(spec: RunSpec, user: str) -> dict[str, Any]:
+    """The docker SDK `containers.create` arguments for one sandboxed run."""
+    require_image_id(spec)
+    env = dict(spec.env)
+    env["ASSAY_TASK"] = spec.task
+    # "void" keeps an image that sets NVIDIA_VISIBLE_DEVICES=all (CUDA bases do) off the GPUs.
+    env["NVIDIA_VISIBLE_DEVICES"] = ",".join(spec.gpus) if spec.gpus else "void"
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "command": [spec.task],
+        "environment": env,
+        "user": user,
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {"/tmp": "rw,nosuid,nodev,size=256m"},
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "mem_limit": spec.limits.memory,
+        "memswap_limit": spec.limits.memory,  # no swap: over the limit is an OOM kill, not a crawl
+        "nano_cpus": spec.limits.nano_cpus,
+        "pids_limit": spec.limits.pids,
+        "mounts": [
+            DockerMount(target=m.target, source=str(m.source.absolute()), type="bind", read_only=not m.writable)
+            for m in spec.mounts
+        ],
+        "labels": {"assay.task": spec.task},
+    }
+    if spec.gpus:
+        kwargs["device_requests"] = [DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
+    return kwargs
+
+
+def _parse_user(user: str) -> tuple[int, int]:
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit() or not (gid or uid).isdigit():
+        raise ValueError(f"container user must be numeric 'uid:gid', got {user!r}")
+    return int(uid), int(gid or uid)
+
+
+class DockerRunner:
+    """Runs a RunSpec on the local Docker engine, inside the sandbox, and always cleans up."""
+
+    def __init__(self, client: docker.DockerClient, user: str = "65534:65534") -> None:
+        self._client = client
+        self._user = user
+        self._uid, self._gid = _parse_user(user)
+
+    def image_id(self, ref: str) -> str | None:
+        try:
+            return self._client.images.get(ref).id
+        except ImageNotFound:
+            return None
+
+    def run(self, spec: RunSpec) -> RunOutcome:
+        require_image_id(spec)
+        if self.image_id(spec.image) != spec.image:
+            raise ContainerError(spec.image, spec.task, "image is not present in the local Docker engine")
+        for mount in spec.mounts:
+            if not mount.source.is_dir():
+                raise ContainerError(spec.image, spec.task, f"mount source {mount.source} is not a directory")
+        self._hand_writable_mounts_to_user(spec.mounts)
+        container = None
+        try:
+            container = self._client.containers.create(**sandbox_kwargs(spec, self._user))
+            container.start()
+            exit_code, timed_out = self._wait(container, spec.limits.timeout_s)
+            container.reload()
+            logs = container.logs(stdout=True, stderr=True, tail=LOG_TAIL_LINES)
+            return RunOutcome(
+                exit_code=exit_code,
+                log_tail=logs.decode("utf-8", errors="replace"),
+                timed_out=timed_out,
+                oom_killed=bool(container.attrs["State"].get("OOMKilled", False)),
+            )
+        except APIError as error:
+            raise ContainerError(spec.image, spec.task, f"the engine refused: {error.explanation or error}") from error
+        finally:
+            if container is not None:
+                try:
+                    container.remove(force=True)
+                except NotFound:
+                    pass
+
+    @staticmethod
+    def _wait(container: Any, timeout_s: float) -> tuple[int, bool]:
+        try:
+            return int(container.wait(timeout=timeout_s)["StatusCode"]), False
+        except requests.exceptions.RequestException:
+            # The SDK reports a wait timeout as a read timeout; the engine says whether it still runs.
+            container.reload()
+            if container.status != "running":
+                raise
+            container.kill()
+            return int(container.wait()["StatusCode"]), True
+
+    def _hand_writable_mounts_to_user(self, mounts: Iterable[Mount]) -> None:
+        """The container user must be able to write its output mounts; as root we chown them."""
+        for mount in mounts:
+            if not mount.writable:
+                continue
+            if os.geteuid() != 0:
+                mount.source.chmod(0o777)  # cannot chown: open the output directory instead
+                continue
+            for path in (mount.source, *mount.source.rglob("*")):
+                os.chown(path, self._uid, self._gid, follow_symlinks=False)
+
+
+TaskAction = Callable[[RunSpec], None]
+
+
+class FakeRunner:
+    """A test double: records every spec, runs a python action per task, returns scripted outcomes.
+
+    An action that raises is reported like a crashing container: exit code 1, the error as log.
+    """
+
+    def __init__(self, images: Iterable[str] = ()) -> None:
+        self.specs: list[RunSpec] = []
+        self._images: dict[str, str] = {}
+        self._actions: dict[str, TaskAction] = {}
+        self._outcomes: dict[str, list[RunOutcome]] = {}
+        for ref in images:
+            self.add_image(ref)
+
+    def add_image(self, ref: str) -> str:
+        """Make `ref` present; returns its (fake, stable) image id."""
+        image_id = ref if IMAGE_ID.fullmatch(ref) else "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
+        self._images[ref] = self._images[image_id] = image_id
+        return image_id
+
+    def on(self, task: str, action: TaskAction) -> None:
+        self._actions[task] = action
+
+    def script(self, task: str, *outcomes: RunOutcome) -> None:
+        """Return these outcomes, in order, for the next runs of `task` (then success)."""
+        self._outcomes.setdefault(task, []).extend(outcomes)
+
+    def image_id(self, ref: str) -> str | None:
+        return self._images.get(ref)
+
+    def run(self, spec: RunSpec) -> RunOutcome:
+        require_image_id(spec)
+        if spec.image not in self._images:
+            raise ContainerError(spec.image, spec.task, "image is not present in the local Docker engine")
+        self.specs.append(spec)
+        action = self._actions.get(spec.task)
+        if action is not None:
+            try:
+                action(spec)
+            except Exception as error:  # a crash inside the "container" is the container's failure
+                return RunOutcome(exit_code=1, log_tail=f"{type(error).__name__}: {error}")
+        queued = self._outcomes.get(spec.task)
+        return queued.pop(0) if queued else RunOutcome(exit_code=0, log_tail="")
