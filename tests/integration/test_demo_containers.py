@@ -30,7 +30,8 @@ import os, socket, sys, threading, time
 task = sys.argv[1]
 if task == "whoami":
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    print(f"uid={os.getuid()} gid={os.getgid()} CapEff={status['CapEff'].strip()} NoNewPrivs={status['NoNewPrivs'].strip()}")
+    caps, no_new_privs = status["CapEff"].strip(), status["NoNewPrivs"].strip()
+    print(f"uid={os.getuid()} gid={os.getgid()} CapEff={caps} NoNewPrivs={no_new_privs}")
 elif task == "network":
     print("interfaces", sorted(os.listdir("/sys/class/net")))
     try:
@@ -224,7 +225,9 @@ def probe(client, tmp_path_factory) -> str:
     return image.id
 
 
-def probe_run(runner: DockerRunner, probe: str, task: str, *mounts: Mount, limits: Limits = Limits(), **env: str) -> RunOutcome:
+def probe_run(
+    runner: DockerRunner, probe: str, task: str, *mounts: Mount, limits: Limits = Limits(), **env: str
+) -> RunOutcome:
     return runner.run(RunSpec(probe, task, mounts, env=env, limits=limits))
 
 

@@ -67,7 +67,10 @@ def test_mounts_are_read_only_binds_unless_marked_writable():
     assert mounts["/assay/out"]["ReadOnly"] is False
 
 
-@pytest.mark.parametrize("ref", ["assay-demo/model:1", "model@sha256:" + "ab" * 32, "sha256:abc", "SHA256:" + "AB" * 32])
+NOT_IDS = ["assay-demo/model:1", "model@sha256:" + "ab" * 32, "sha256:abc", "SHA256:" + "AB" * 32]
+
+
+@pytest.mark.parametrize("ref", NOT_IDS)
 def test_an_image_reference_that_is_not_an_image_id_is_refused(ref):
     with pytest.raises(ContainerError, match="never by tag") as refused:
         sandbox_kwargs(spec(image=ref), USER)

@@ -86,7 +86,8 @@ class ContainerRunner(Protocol):
 def require_image_id(spec: RunSpec) -> None:
     """Images run by digest only: a tag can be moved to other content between check and run."""
     if not IMAGE_ID.fullmatch(spec.image):
-        raise ContainerError(spec.image, spec.task, "not an image id of the form sha256:<64 hex>; run images by id, never by tag")
+        reason = "not an image id of the form sha256:<64 hex>; run images by id, never by tag"
+        raise ContainerError(spec.image, spec.task, reason)
 
 
 def sandbox_kwargs(spec: RunSpec, user: str) -> dict[str, Any]:

@@ -75,14 +75,16 @@ def prepare_dataset(
     data, labels = Mount(data_dir, "/assay/data"), Mount(labels_dir, "/assay/labels")
     out = Mount(stats_dir, "/assay/out", writable=True)
     steps = {
-        "prepare": (raw, Mount(data_dir, data.target, writable=True), Mount(labels_dir, labels.target, writable=True), out),
+        "prepare": (raw, Mount(data_dir, data.target, writable=True),
+                    Mount(labels_dir, labels.target, writable=True), out),
         "sanity_check": (raw, data, labels),
         "statistics": (data, labels, out),
     }
     for task, mounts in steps.items():
         outcome = runner.run(RunSpec(image=image, task=task, mounts=mounts, limits=limits))
         if not outcome.ok:
-            raise ContainerError(image, task, f"preparator step {task!r} failed ({_why(outcome)}); log tail:\n{outcome.log_tail}")
+            reason = f"preparator step {task!r} failed ({_why(outcome)}); log tail:\n{outcome.log_tail}"
+            raise ContainerError(image, task, reason)
 
     statistics = _read_statistics(stats_dir / STATISTICS_FILE, image)
     return PreparedDataset(

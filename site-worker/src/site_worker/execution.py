@@ -64,6 +64,7 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     shutil.rmtree(job_dir, ignore_errors=True)
     predictions, evaluation = job_dir / "predictions", job_dir / "evaluation"
     predictions.mkdir(parents=True)
+    (job_dir / "job.json").write_text(job.model_dump_json(indent=2))  # the site's own record of what ran
     evaluation.mkdir(parents=True)
     env = {"ASSAY_JOB_ID": job.job_id}
     _check(runner.run(RunSpec(image=job.model_image, task="infer", env=env, limits=limits, mounts=(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import docker
 from rich.console import Console
@@ -33,7 +35,7 @@ def assay(console: Console, home: Home, *args: str) -> str:
     """Run one `assay` command exactly as a user would, showing it first."""
     console.print(f"[bold cyan]$ assay {shlex.join(args)}[/bold cyan]")
     proc = subprocess.run([sys.executable, "-m", "assay", "--home", str(home.root), *args],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": str(console.width)})
     output = (proc.stdout + proc.stderr).rstrip()
     if output:
         console.print(output, markup=False, highlight=False)
@@ -73,7 +75,8 @@ async def wait_for_results(nats_url: str, expected: int, console: Console, timeo
             await asyncio.sleep(0.5)
 
 
-def run_demo(base: Home, console: Console, *, keep: bool = False) -> int:
+def run_demo(base: Home, console: Console, *, keep: bool = False,
+             on_board: Callable[[LeaderboardUpdated], None] | None = None) -> int:
     from assay.demo.build import build_demo_images
     from assay.demo.data import describe_sites, write_site_raw
 
@@ -125,8 +128,10 @@ def run_demo(base: Home, console: Console, *, keep: bool = False) -> int:
             assay(console, home, "association", "approve", BENCHMARK, "--dataset", dataset, "--as", OWNER)
         console.rule("[bold]8. Jobs run at the sites; signed results reach the leaderboard")
         expected = len(MODEL_OWNERS) * len(SITES)
-        asyncio.run(wait_for_results(platform.nats_url, expected, console))
+        board = asyncio.run(wait_for_results(platform.nats_url, expected, console))
         assay(console, home, "leaderboard", "show", BENCHMARK)
+        if on_board is not None:
+            on_board(board)
         console.print(f"Models: {', '.join(f'{k} {v[:19]}' for k, v in images.models.items())}")
         if keep:
             console.print(f"[green]The platform keeps running[/green] (ASSAY_HOME={home.root}). Ctrl-C stops it.")

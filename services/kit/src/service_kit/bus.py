@@ -73,12 +73,6 @@ def durable_subscriber(
                                           deliveries=deliveries, error=error[:4000]), source=f"service:{durable}")
         await publish(subjects.dead_letter(durable), letter.model_dump_json().encode(), f"dlq:{durable}:{message_id}")
 
-    @router.subscriber(
-        subject, stream=JStream(subjects.stream_of(subject), declare=False), durable=durable,
-        pull_sub=PullSub(batch_size=16, timeout=1.0),
-        config=ConsumerConfig(max_deliver=max_deliver, ack_wait=ack_wait_s),
-        ack_policy=AckPolicy.NACK_ON_ERROR, title=durable,
-    )
     async def consume(msg: NatsMessage) -> None:
         deliveries = msg.raw_message.metadata.num_delivered or 1
         message_id = msg.headers.get("Nats-Msg-Id", msg.message_id)
@@ -100,7 +94,13 @@ def durable_subscriber(
             await msg.nack(delay=backoff_s(deliveries))
             raise
 
-    consume.__name__ = durable.replace("-", "_")
+    consume.__name__ = durable.replace("-", "_")  # names the subscriber in logs and AsyncAPI
+    router.subscriber(
+        subject, stream=JStream(subjects.stream_of(subject), declare=False), durable=durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        config=ConsumerConfig(max_deliver=max_deliver, ack_wait=ack_wait_s),
+        ack_policy=AckPolicy.NACK_ON_ERROR, title=durable,
+    )(consume)
 
 
 CommandHandler = Callable[[AsyncSession, Envelope[Any]], Awaitable[Payload]]
@@ -117,7 +117,6 @@ def command_handler(
     """
     model = Envelope[payload]  # type: ignore[valid-type]
 
-    @router.subscriber(subject, queue=service, title=f"{service}:{payload.__name__}")
     async def answer(msg: NatsMessage) -> bytes:
         try:
             envelope = model.model_validate_json(msg.body)
@@ -137,3 +136,4 @@ def command_handler(
         return reply.model_dump_json().encode()
 
     answer.__name__ = f"{service}_{payload.__name__}"
+    router.subscriber(subject, queue=service, title=f"{service}:{payload.__name__}")(answer)

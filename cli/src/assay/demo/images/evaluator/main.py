@@ -79,7 +79,10 @@ def evaluate():
     truth = read_pairs(LABELS, "label", label)
     if predictions.keys() != truth.keys():
         missing, extra = truth.keys() - predictions.keys(), predictions.keys() - truth.keys()
-        raise BadInput(f"case ids differ: {len(missing)} cases without a prediction, {len(extra)} predictions for unknown cases")
+        raise BadInput(
+            f"case ids differ: {len(missing)} cases without a prediction, "
+            f"{len(extra)} predictions for unknown cases"
+        )
     ids = sorted(truth)
     labels = np.array([truth[i] for i in ids], dtype=np.int64)
     scores = np.array([predictions[i] for i in ids], dtype=np.float64)
@@ -92,7 +95,8 @@ def evaluate():
     METRICS.write_text(json.dumps({"metrics": metrics}, indent=2) + "\n")
     with CASES.open("w") as stream:
         for case_id, y, s, p in zip(ids, labels, scores, predicted):
-            stream.write(json.dumps({"case_id": case_id, "label": int(y), "score": float(s), "predicted": int(p)}) + "\n")
+            case = {"case_id": case_id, "label": int(y), "score": float(s), "predicted": int(p)}
+            stream.write(json.dumps(case) + "\n")
     print(f"evaluated {len(ids)} cases: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 

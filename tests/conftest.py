@@ -1,0 +1,87 @@
+"""Shared fixtures: a real nats-server per test, Docker and PostgreSQL presence (required in CI, never skipped there)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from contracts.streams import ensure_streams
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip on a developer machine that lacks `what`; fail in CI, where .ci/run must have provided it."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI and missing: .ci/run must install and start it")
+    pytest.skip(f"{what} is not available on this machine")
+
+
+def docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_client():  # type: ignore[no-untyped-def]
+    require(docker_available(), "a running Docker engine")
+    import docker
+
+    return docker.from_env()
+
+
+def nats_binary() -> str:
+    return shutil.which("nats-server") or str(Path(sys.prefix, "bin", "nats-server"))
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh JetStream server on a random loopback port, with the Assay streams declared."""
+    store = tmp_path / "nats"
+    store.mkdir()
+    proc = subprocess.Popen([nats_binary(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(store),
+                             "--ports_file_dir", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = ""
+        for _ in range(500):
+            ports = list(store.glob("*.ports"))
+            if ports and ports[0].stat().st_size:
+                url = json.loads(ports[0].read_text())["nats"][0]
+                break
+            time.sleep(0.01)
+        assert url, "nats-server did not start"
+
+        async def provision() -> None:
+            nc = await nats.connect(url)
+            await ensure_streams(nc.jetstream())
+            await nc.close()
+
+        asyncio.run(provision())
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+async def js(nats_url: str) -> AsyncIterator[nats.js.JetStreamContext]:
+    nc = await nats.connect(nats_url)
+    yield nc.jetstream()
+    await nc.close()

@@ -1,0 +1,76 @@
+"""The whole demo, through the CLI, against a real nats-server and the real Docker engine.
+
+The leaderboard's numbers are checked against AUC, sensitivity and specificity computed here, with
+scikit-learn, from the labels each site prepared and the predictions its model container wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from sklearn.metrics import recall_score, roc_auc_score
+
+from assay.demo.run import BENCHMARK, MODEL_OWNERS, SITES, run_demo
+from assay.home import Home
+from contracts.messages import LeaderboardUpdated
+
+pytestmark = pytest.mark.docker
+
+
+def read_csv(path: Path, column: str) -> dict[str, float]:
+    with path.open() as f:
+        return {row["case_id"]: float(row[column]) for row in csv.DictReader(f)}
+
+
+def independent_metrics(job_dir: Path, labels_file: Path) -> dict[str, float]:
+    scores = read_csv(job_dir / "predictions" / "predictions.csv", "score")
+    labels = read_csv(labels_file, "label")
+    assert set(scores) == set(labels)
+    ids = sorted(labels)
+    y = [int(labels[i]) for i in ids]
+    s = [scores[i] for i in ids]
+    predicted = [int(v >= 0.5) for v in s]
+    return {"auc": roc_auc_score(y, s), "sensitivity": recall_score(y, predicted, pos_label=1),
+            "specificity": recall_score(y, predicted, pos_label=0), "cases": len(ids)}
+
+
+def test_demo_leaderboard_matches_metrics_computed_independently(tmp_path: Path, docker_client) -> None:  # type: ignore[no-untyped-def]
+    boards: list[LeaderboardUpdated] = []
+    code = run_demo(Home(tmp_path), Console(record=True, width=140), on_board=boards.append)
+    assert code == 0
+    board = boards[0]
+    assert board.benchmark_id == BENCHMARK
+    assert {row.model_id for row in board.rows} == set(MODEL_OWNERS)
+
+    home = Home(tmp_path / "demo")
+    expected: dict[tuple[str, str], dict[str, float]] = {}
+    for site in SITES:
+        labels = home.site_dir(site) / "datasets" / f"{site}-wdbc" / "labels" / "labels.csv"
+        for job_file in (home.site_dir(site) / "jobs").glob("*/job.json"):
+            job = json.loads(job_file.read_text())
+            expected[(job["model_id"], site)] = independent_metrics(job_file.parent, labels)
+    assert len(expected) == len(MODEL_OWNERS) * len(SITES)
+
+    for row in board.rows:
+        assert set(row.site_values) == set(SITES)
+        for site, values in row.site_values.items():
+            want = expected[(row.model_id, site)]
+            for metric in ("auc", "sensitivity", "specificity"):
+                assert values[metric] == pytest.approx(want[metric], abs=1e-9), (row.model_id, site, metric)
+        total = sum(expected[(row.model_id, s)]["cases"] for s in SITES)
+        assert row.case_count == total
+        for metric in ("auc", "sensitivity", "specificity"):
+            pooled = sum(expected[(row.model_id, s)][metric] * expected[(row.model_id, s)]["cases"]
+                         for s in SITES) / total
+            assert row.pooled[metric] == pytest.approx(pooled, abs=1e-9)
+    # ranked by pooled AUC, best first
+    aucs = [row.pooled["auc"] for row in board.rows]
+    assert aucs == sorted(aucs, reverse=True)
+    # labels never reached a model container: the site kept per-case scores, and only metrics left
+    for site in SITES:
+        for job_dir in (home.site_dir(site) / "jobs").iterdir():
+            assert not (job_dir / "predictions" / "labels.csv").exists()

@@ -1,0 +1,303 @@
+"""The leaderboard against a real nats-server: signed results are verified, counted once and ranked; forgeries change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from faststream import TestApp
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from contracts import subjects
+from contracts.catalog import COMMAND_SUBJECTS, EVENT_SUBJECTS
+from contracts.envelope import Envelope, Payload
+from contracts.messages import (
+    ActorRegistered, BenchmarkRegistered, BenchmarkSpec, CommandReply, ImageRef, JobScheduled, JobSpec,
+    LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
+)
+from contracts.signing import KeyPair
+from contracts.streams import ensure_streams
+from leaderboard.config import Settings
+from leaderboard.domain import metrics_hash
+from leaderboard.main import create_app
+
+WAIT_S = 15.0  # an upper bound for an awaited event, never a pause
+
+
+def digest(char: str) -> str:
+    return "sha256:" + char * 64
+
+
+# --- a nats-server of our own, on a random port -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+    binary = Path(sys.prefix, "bin", "nats-server")
+    server = await asyncio.create_subprocess_exec(
+        str(binary), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(tmp_path / "jetstream"),
+        "--ports_file_dir", str(tmp_path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    assert server.stderr is not None
+
+    async def ready() -> None:
+        while b"Server is ready" not in (line := await server.stderr.readline()):  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"nats-server exited with {await server.wait()} before it was ready")
+
+    try:
+        await asyncio.wait_for(ready(), WAIT_S)
+        drain = asyncio.create_task(server.stderr.read())  # keep its log pipe from filling up
+        ports = json.loads((tmp_path / f"nats-server_{server.pid}.ports").read_text())
+        yield ports["nats"][0]
+    finally:
+        server.terminate()
+        await server.wait()
+    await drain
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[Bus]:
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    await ensure_streams(js)
+    bus = Bus(client, js)
+    await client.subscribe(subjects.EVENTS_ALL, cb=bus.events.put)
+    await client.subscribe("$JS.ACK.>", cb=bus.acks.put)
+    yield bus
+    await client.close()
+
+
+@pytest.fixture
+async def leaderboard(bus: Bus, nats_url: str, tmp_path: Path) -> AsyncIterator[None]:
+    settings = Settings(nats_url=nats_url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'leaderboard.db'}")
+    async with TestApp(create_app(settings)):
+        yield
+
+
+# --- the bus as the other services and the sites see it ----------------------------------------------------------
+
+
+@dataclass
+class Bus:
+    client: Client
+    js: JetStreamContext
+    events: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+    acks: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+
+    async def announce(self, payload: Payload) -> int:
+        """Publish an event as its owning service does; returns its sequence in the EVENTS stream."""
+        envelope = Envelope.wrap(payload, source="service:test")
+        ack = await self.js.publish(EVENT_SUBJECTS[type(payload)], envelope.model_dump_json().encode(),
+                                    headers={"Nats-Msg-Id": envelope.id})
+        return ack.seq
+
+    async def learned(self, payload: Payload, consumer: str) -> None:
+        """Publish an event and wait until the leaderboard's `consumer` has processed it."""
+        await self.acked(await self.announce(payload), consumer=consumer)
+
+    async def send_result(self, envelope: Envelope[SiteResult], *, site_id: str | None = None,
+                          msg_id: str | None = None) -> int:
+        """Publish as a site worker does; returns the result's sequence in the RESULTS stream."""
+        ack = await self.js.publish(subjects.results(site_id or envelope.data.site_id),
+                                    envelope.model_dump_json().encode(),
+                                    headers={"Nats-Msg-Id": msg_id or envelope.id})
+        assert not ack.duplicate
+        return ack.seq
+
+    async def next_event(self, kind: type[Payload], where: Callable[[Any], bool] = lambda _: True) -> Any:
+        """The next event of `kind` (an Envelope) satisfying `where`; others are passed over."""
+
+        async def find() -> Any:
+            while True:
+                msg = await self.events.get()
+                envelope = json.loads(msg.data)
+                if envelope["type"] == kind.TYPE:
+                    typed = Envelope[kind].model_validate(envelope)  # type: ignore[valid-type]
+                    if where(typed.data):
+                        return typed
+
+        return await asyncio.wait_for(find(), WAIT_S)
+
+    async def acked(self, seq: int, *, consumer: str = "leaderboard", reply: bytes = b"+ACK") -> None:
+        """Wait until `consumer` answers message `seq` of its stream with `reply` (+ACK done, -NAK retry later)."""
+
+        async def find() -> None:
+            while True:
+                msg = await self.acks.get()
+                delivery = Msg(_client=self.client, subject="", reply=msg.subject).metadata
+                if (delivery.consumer, delivery.sequence.stream) == (consumer, seq) and msg.data.startswith(reply):
+                    return
+
+        await asyncio.wait_for(find(), WAIT_S)
+
+    async def board(self, benchmark_id: str = "bm") -> LeaderboardUpdated:
+        query = Envelope.wrap(ShowLeaderboard(benchmark_id=benchmark_id), source="user:reader")
+        reply = await self.client.request(COMMAND_SUBJECTS[ShowLeaderboard], query.model_dump_json().encode(),
+                                          timeout=WAIT_S)
+        return LeaderboardUpdated.model_validate_json(reply.data)
+
+
+SITES = {"site-a": KeyPair.generate(), "site-b": KeyPair.generate()}
+IMAGE = ImageRef(digest=digest("1"), name="img")
+BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE, reference_model=IMAGE,
+                          evaluator=IMAGE, metrics=(MetricSpec(name="auc"), MetricSpec(name="brier")),
+                          primary_metric="auc")
+
+
+def job(job_id: str, model_id: str, site_id: str) -> JobSpec:
+    return JobSpec(job_id=job_id, benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}",
+                   site_id=site_id, model_image=digest("a"), evaluator_image=digest("b"),
+                   dataset_hash=digest("c"), metrics=BENCHMARK.metrics)
+
+
+JOBS = {j.job_id: j for j in (job("job-1", "model-1", "site-a"), job("job-2", "model-1", "site-b"),
+                              job("job-3", "model-2", "site-a"))}
+
+
+def site_result(job_id: str, auc: float, *, case_count: int = 100, key: KeyPair | None = None) -> Envelope[SiteResult]:
+    """A result of one of JOBS, signed by its site (or by `key`)."""
+    j = JOBS[job_id]
+    metrics = {"auc": auc, "brier": 0.1}
+    result = SiteResult(job_id=j.job_id, benchmark_id=j.benchmark_id, model_id=j.model_id, dataset_id=j.dataset_id,
+                        site_id=j.site_id, model_image=j.model_image, evaluator_image=j.evaluator_image,
+                        dataset_hash=j.dataset_hash, metrics=metrics, case_count=case_count,
+                        metrics_hash=metrics_hash(metrics), worker_id="worker-1", finished_at=datetime.now(UTC))
+    return (key or SITES[j.site_id]).sign(Envelope.wrap(result, source=f"site:{j.site_id}"))
+
+
+def site_registered(site_id: str) -> ActorRegistered:
+    key = SITES[site_id]
+    return ActorRegistered(actor_id=site_id, role=Role.SITE, public_key=key.public_key, key_id=key.key_id,
+                           display_name=site_id)
+
+
+async def announce_world(bus: Bus) -> None:
+    """The registry's and the scheduler's events, each waited for until the leaderboard has learned it."""
+    for site_id in SITES:
+        await bus.learned(site_registered(site_id), "leaderboard-actor-registered")
+    await bus.learned(BenchmarkRegistered(owner_id="owner", benchmark=BENCHMARK), "leaderboard-benchmark-registered")
+    for j in JOBS.values():
+        await bus.learned(JobScheduled(job=j), "leaderboard-job-scheduled")
+
+
+async def accepted(bus: Bus, envelope: Envelope[SiteResult]) -> LeaderboardUpdated:
+    """Send a valid result and return the board it produced."""
+    await bus.send_result(envelope)
+    await bus.next_event(ResultAccepted, lambda e: e.job_id == envelope.data.job_id)
+    return (await bus.next_event(LeaderboardUpdated)).data
+
+
+# --- behaviour ----------------------------------------------------------------------------------------------------
+
+
+async def test_a_valid_result_appears_on_the_leaderboard_with_its_value(bus: Bus, leaderboard: None):
+    await announce_world(bus)
+
+    published = await accepted(bus, site_result("job-1", 0.83, case_count=120))
+
+    board = await bus.board()
+    assert board == published
+    (row,) = board.rows
+    assert (row.rank, row.model_id, row.case_count, row.sites) == (1, "model-1", 120, 1)
+    assert row.pooled == {"auc": 0.83, "brier": 0.1}
+    assert row.site_values == {"site-a": {"auc": 0.83, "brier": 0.1}}
+
+
+async def test_results_from_two_sites_are_pooled_by_cases_and_models_ranked(bus: Bus, leaderboard: None):
+    await announce_world(bus)
+    await accepted(bus, site_result("job-1", 0.9, case_count=300))
+    await accepted(bus, site_result("job-2", 0.5, case_count=100))
+
+    board = await accepted(bus, site_result("job-3", 0.85, case_count=50))
+
+    assert [(row.rank, row.model_id) for row in board.rows] == [(1, "model-2"), (2, "model-1")]
+    assert board.rows[1].pooled["auc"] == pytest.approx(0.8)  # (0.9 * 300 + 0.5 * 100) / 400
+    assert (board.rows[1].sites, board.rows[1].case_count) == (2, 400)
+
+
+async def test_a_result_with_a_metric_changed_after_signing_is_rejected_and_changes_nothing(bus: Bus, leaderboard: None):
+    await announce_world(bus)
+    await accepted(bus, site_result("job-1", 0.7))
+    before = await bus.board()
+    honest = site_result("job-3", 0.6)
+    tampered = honest.model_copy(update={"data": honest.data.model_copy(
+        update={"metrics": {"auc": 0.99, "brier": 0.1}})})
+
+    await bus.send_result(tampered)
+
+    rejected = (await bus.next_event(ResultRejected)).data
+    assert (rejected.message_id, rejected.site_id, rejected.job_id) == (tampered.id, "site-a", "job-3")
+    assert rejected.reason.startswith("signature: the signature does not match the message content")
+    assert await bus.board() == before
+
+
+async def test_a_result_signed_by_another_sites_key_is_rejected_and_changes_nothing(bus: Bus, leaderboard: None):
+    await announce_world(bus)
+    await accepted(bus, site_result("job-1", 0.7))
+    before = await bus.board()
+    forged = site_result("job-3", 0.99, key=SITES["site-b"])  # site-b claims a result of site-a's job
+
+    await bus.send_result(forged)
+
+    rejected = (await bus.next_event(ResultRejected)).data
+    assert (rejected.message_id, rejected.job_id) == (forged.id, "job-3")
+    assert rejected.reason == "signer_site: the result names site site-a but is signed by site site-b"
+    assert await bus.board() == before
+
+
+async def test_the_same_result_sent_twice_is_counted_once(bus: Bus, leaderboard: None):
+    await announce_world(bus)
+    first = site_result("job-1", 0.8, case_count=100)
+    once = await accepted(bus, first)
+
+    resent_seq = await bus.send_result(first, msg_id=f"{first.id}-resent")  # past the server's dedupe
+    await bus.acked(resent_seq)
+    signed_again = site_result("job-1", 0.8, case_count=100)  # the worker ran the job twice and signed anew
+    await bus.send_result(signed_again)
+
+    rejected = (await bus.next_event(ResultRejected)).data
+    assert rejected.message_id == signed_again.id
+    assert rejected.reason == "duplicate: job job-1 already has an accepted result; this one is not counted"
+    assert await bus.board() == once
+    assert once.rows[0].case_count == 100
+
+
+async def test_a_result_that_arrives_before_its_job_is_accepted_once_the_job_is_known(bus: Bus, leaderboard: None):
+    early = site_result("job-1", 0.75)
+
+    seq = await bus.send_result(early)
+    await bus.acked(seq, reply=b"-NAK")  # refused for now, to be delivered again
+    await announce_world(bus)
+
+    event = (await bus.next_event(ResultAccepted)).data
+    assert (event.job_id, event.site_id, event.metrics["auc"]) == ("job-1", "site-a", 0.75)
+
+
+async def test_the_board_of_a_benchmark_without_results_is_empty(bus: Bus, leaderboard: None):
+    await bus.learned(BenchmarkRegistered(owner_id="owner", benchmark=BENCHMARK), "leaderboard-benchmark-registered")
+
+    board = await bus.board()
+
+    assert (board.benchmark_id, board.primary_metric, board.metrics, board.rows) == ("bm", "auc", ("auc", "brier"), ())
+
+
+async def test_the_board_of_an_unknown_benchmark_is_refused_with_a_retry(bus: Bus, leaderboard: None):
+    query = Envelope.wrap(ShowLeaderboard(benchmark_id="nothing-here"), source="user:reader")
+
+    reply = await bus.client.request(COMMAND_SUBJECTS[ShowLeaderboard], query.model_dump_json().encode(),
+                                     timeout=WAIT_S)
+
+    answer = CommandReply.model_validate_json(reply.data)
+    assert (answer.ok, answer.retry) == (False, True)
+    assert "benchmark nothing-here is not known to the leaderboard" in answer.message
