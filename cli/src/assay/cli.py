@@ -226,6 +226,24 @@ def leaderboard_show(benchmark_id: str, as_json: Annotated[bool, typer.Option("-
 
 
 @app.command()
+def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")]) -> None:
+    """Declare the JetStream streams on a NATS server (compose runs this once before the services)."""
+    import nats
+
+    from contracts.streams import STREAMS, ensure_streams
+
+    async def run() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            await ensure_streams(nc.jetstream())
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+    console.print(f"[green]ok[/green] streams {', '.join(str(c.name) for c in STREAMS)} on {nats_url}")
+
+
+@app.command()
 def up() -> None:
     """Start the platform on this machine (nats-server, services, site workers); Ctrl-C stops it."""
     from assay.platform import Platform
