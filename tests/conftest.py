@@ -85,3 +85,53 @@ async def js(nats_url: str) -> AsyncIterator[nats.js.JetStreamContext]:
     nc = await nats.connect(nats_url)
     yield nc.jetstream()
     await nc.close()
+
+
+# --- PostgreSQL: a private cluster on a random port, as the `postgres` user (initdb refuses root) -----------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """Base URL (no database) of a throwaway PostgreSQL cluster with trust auth on loopback."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    require(bool(bins), "PostgreSQL server binaries (apt-get install postgresql)")
+    bindir = bins[-1].parent
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="assay-pg-"))  # not under pytest's 0700 root: postgres must reach it
+    os.chmod(root, 0o777)
+    data = root / "data"
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    port = _free_port()
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
+                    "-o", f"-h 127.0.0.1 -p {port} -k {root}", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def postgres_database(postgres_server: str) -> str:
+    """A fresh database on the private cluster; returns its SQLAlchemy URL."""
+    import uuid
+
+    import asyncpg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    conn = await asyncpg.connect(postgres_server.replace("postgresql+asyncpg", "postgresql") + "/postgres")
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    return f"{postgres_server}/{name}"
