@@ -1,0 +1,82 @@
+"""Envelopes, canonical JSON signatures, subjects and the committed JSON Schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from contracts import messages as m
+from contracts.envelope import Envelope
+from contracts.schema import SCHEMA_DIR, schemas
+from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
+from contracts.subjects import jobs, stream_of, token
+
+
+def signed(key: KeyPair) -> Envelope[m.ApproveBenchmark]:
+    return key.sign(Envelope.wrap(m.ApproveBenchmark(benchmark_id="b1"), source="actor:op"))
+
+
+def test_a_signed_envelope_verifies_after_a_json_round_trip() -> None:
+    key = KeyPair.generate()
+    wire = signed(key).model_dump_json()
+    verify(Envelope[m.ApproveBenchmark].model_validate_json(wire), key.public_key)
+
+
+def test_a_changed_field_breaks_the_signature() -> None:
+    key = KeyPair.generate()
+    raw = json.loads(signed(key).model_dump_json())
+    raw["data"]["benchmark_id"] = "b2"
+    with pytest.raises(SignatureError, match="does not match"):
+        verify(Envelope[m.ApproveBenchmark].model_validate(raw), key.public_key)
+
+
+def test_a_signature_by_another_key_is_named_as_such() -> None:
+    with pytest.raises(SignatureError, match="signed with key"):
+        verify(signed(KeyPair.generate()), KeyPair.generate().public_key)
+
+
+def test_an_unsigned_envelope_does_not_verify() -> None:
+    with pytest.raises(SignatureError, match="not signed"):
+        verify(Envelope.wrap(m.ApproveBenchmark(benchmark_id="b1"), source="x"), KeyPair.generate().public_key)
+
+
+def test_the_metrics_hash_does_not_depend_on_key_order() -> None:
+    assert metrics_hash({"a": 0.5, "b": 1.0}) == metrics_hash({"b": 1.0, "a": 0.5})
+    assert metrics_hash({"a": 0.5}) != metrics_hash({"a": 0.50001})
+
+
+def test_a_key_saved_and_loaded_signs_alike(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    key = KeyPair.generate()
+    key.save(tmp_path / "k.key")
+    assert (tmp_path / "k.key").stat().st_mode & 0o777 == 0o600
+    loaded = KeyPair.load(tmp_path / "k.key")
+    assert loaded.public_key == key.public_key == (tmp_path / "k.pub").read_text().strip()
+    with pytest.raises(FileExistsError):
+        key.save(tmp_path / "k.key")
+
+
+def test_an_envelope_whose_type_contradicts_its_payload_is_refused() -> None:
+    with pytest.raises(ValidationError, match="does not match the payload"):
+        Envelope[m.ApproveBenchmark](source="x", type="assay.v1.RegisterModel", data=m.ApproveBenchmark(benchmark_id="b"))
+
+
+def test_ids_cannot_inject_subject_wildcards() -> None:
+    for bad in ("a.b", "*", ">", "A", ""):
+        with pytest.raises(ValueError):
+            token(bad)
+    assert jobs("site-1") == "assay.v1.jobs.site-1"
+    assert stream_of("assay.v1.results.site-1") == "RESULTS"
+
+
+def test_a_benchmark_whose_primary_metric_is_undeclared_is_refused() -> None:
+    image = m.ImageRef(digest="sha256:" + "a" * 64, name="x")
+    with pytest.raises(ValidationError, match="primary_metric 'f1' is not one of"):
+        m.BenchmarkSpec(benchmark_id="b", name="b", preparator=image, reference_model=image, evaluator=image,
+                        metrics=(m.MetricSpec(name="auc"),), primary_metric="f1")
+
+
+def test_the_committed_json_schema_matches_the_models() -> None:
+    committed = {p.name: p.read_text() for p in SCHEMA_DIR.glob("*.json")}
+    assert committed == schemas(), "a message model changed: run `just schema` and commit contracts/schema/"

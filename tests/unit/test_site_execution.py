@@ -1,0 +1,65 @@
+"""The site's job execution with a FakeRunner: what each container sees, what may leave, what is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from contracts import messages as m
+from site_worker.containers import Limits
+from site_worker.execution import JobFailed, JobRefused, execute, validate_metrics
+from tests.support.federation import EVALUATOR, MODEL, fake_containers, make_dataset
+
+DECLARED = (m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity"))
+
+
+def job_for(dataset_hash: str) -> m.JobSpec:
+    return m.JobSpec(job_id="job-1", benchmark_id="b", model_id="mod", dataset_id="ds", site_id="s",
+                     model_image=MODEL, evaluator_image=EVALUATOR, dataset_hash=dataset_hash, metrics=DECLARED)
+
+
+def test_only_declared_finite_metrics_within_bounds_may_leave() -> None:
+    assert validate_metrics({"metrics": {"auc": 0.9, "sensitivity": 1}}, DECLARED) == {"auc": 0.9, "sensitivity": 1.0}
+    for raw, reason in [
+        ({"metrics": {"auc": 0.9, "sensitivity": 1, "patient_42": 1}}, "undeclared"),
+        ({"metrics": {"auc": 0.9}}, "'sensitivity' must be a finite number"),
+        ({"metrics": {"auc": float("nan"), "sensitivity": 1}}, "finite"),
+        ({"metrics": {"auc": 1.5, "sensitivity": 1}}, "outside"),
+        ({"metrics": {"auc": True, "sensitivity": 1}}, "finite number"),
+        ({"auc": 0.9}, "must be"),
+    ]:
+        with pytest.raises(JobFailed, match=reason):
+            validate_metrics(raw, DECLARED)
+
+
+def test_the_model_never_sees_the_labels_and_the_evaluator_does(tmp_path: Path) -> None:
+    digest = make_dataset(tmp_path / "ds")
+    runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
+    outcome = execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
+    assert outcome.metrics == {"auc": 0.8, "sensitivity": 0.5}
+    assert outcome.case_count == 2
+    infer, evaluate = runner.specs
+    assert {mt.target for mt in infer.mounts} == {"/assay/data", "/assay/out"}
+    assert [mt.target for mt in infer.mounts if mt.writable] == ["/assay/out"]
+    assert {mt.target for mt in evaluate.mounts} == {"/assay/predictions", "/assay/labels", "/assay/out"}
+    assert infer.image == MODEL and evaluate.image == EVALUATOR
+    assert infer.env["ASSAY_JOB_ID"] == "job-1"
+    assert json.loads((tmp_path / "work" / "job-1" / "job.json").read_text())["model_id"] == "mod"
+
+
+def test_a_dataset_changed_since_registration_is_refused_before_any_container_runs(tmp_path: Path) -> None:
+    digest = make_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "labels" / "labels.csv").write_text("case_id,label\nc1,0\nc2,0\n")
+    runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
+    with pytest.raises(JobRefused, match="no longer matches"):
+        execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
+    assert runner.specs == []
+
+
+def test_an_image_missing_at_the_site_is_refused(tmp_path: Path) -> None:
+    digest = make_dataset(tmp_path / "ds")
+    job = job_for(digest).model_copy(update={"model_image": "sha256:" + "9" * 64})
+    with pytest.raises(JobRefused, match="not present"):
+        execute(job, tmp_path / "ds", fake_containers({}), tmp_path / "work", Limits())
