@@ -123,15 +123,14 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-async def postgres_database(postgres_server: str) -> str:
+async def new_database(server: str) -> str:
     """A fresh database on the private cluster; returns its SQLAlchemy URL."""
     import uuid
 
     import asyncpg
 
     name = "t_" + uuid.uuid4().hex[:12]
-    conn = await asyncpg.connect(postgres_server.replace("postgresql+asyncpg", "postgresql") + "/postgres")
+    conn = await asyncpg.connect(server.replace("postgresql+asyncpg", "postgresql") + "/postgres")
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
-    return f"{postgres_server}/{name}"
+    return f"{server}/{name}"

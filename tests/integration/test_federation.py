@@ -14,6 +14,7 @@ from contracts.envelope import Envelope
 from contracts.signing import KeyPair
 from contracts.subjects import jobs
 from site_worker.containers import RunOutcome
+from tests.conftest import new_database
 from tests.support.federation import EVALUATOR, MODEL, Federation, fake_containers, next_events
 
 METRICS = {"auc": 0.91, "sensitivity": 0.8}
@@ -23,16 +24,7 @@ METRICS = {"auc": 0.91, "sensitivity": 0.8}
 async def federation(request: pytest.FixtureRequest, nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     if request.param == "postgres":
         server = request.getfixturevalue("postgres_server")
-        import asyncpg
-
-        async def database(name: str) -> str:
-            db = f"{name}_{tmp_path.name[-8:]}".replace("-", "_").lower()
-            conn = await asyncpg.connect(server.replace("postgresql+asyncpg", "postgresql") + "/postgres")
-            await conn.execute(f'CREATE DATABASE "{db}"')
-            await conn.close()
-            return f"{server}/{db}"
-
-        urls = {name: await database(name) for name in ("registry", "approval", "scheduling", "leaderboard")}
+        urls = {name: await new_database(server) for name in ("registry", "approval", "scheduling", "leaderboard")}
         fed = Federation(nats_url, tmp_path, urls.__getitem__)
     else:
         fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from faststream.nats import NatsBroker
 from sqlmodel import select
 
 from contracts import messages as m
@@ -13,14 +14,14 @@ from service_kit.app import KIT_TABLES
 from service_kit.bus import Publisher
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.outbox import OutboxMessage, Relay, stage_event
-from faststream.nats import NatsBroker
+from tests.conftest import new_database
 
 EVENT = m.BenchmarkApproved(benchmark_id="b1", approved_by="operator")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = (request.getfixturevalue("postgres_database") if request.param == "postgres"
+    url = (await new_database(request.getfixturevalue("postgres_server")) if request.param == "postgres"
            else f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
     database = Database(make_engine(url))
     await create_tables(database.engine, KIT_TABLES)

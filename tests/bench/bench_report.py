@@ -1,0 +1,175 @@
+"""The machine a run happened on, and the run's numbers as a rich table and as BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform as py_platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+def _first(path: str, prefix: str) -> str:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def describe_machine(nats_server: str) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    mem_kib = _first("/proc/meminfo", "MemTotal").split()[0]
+    return {
+        "cores": os.cpu_count(),
+        "cpu": _first("/proc/cpuinfo", "model name"),
+        "memory_gib": round(int(mem_kib) / 1024**2, 1) if mem_kib.isdigit() else None,
+        "kernel": py_platform.release(),
+        "python": py_platform.python_version(),
+        "docker": _version(["docker", "version", "--format", "{{.Server.Version}}"]),
+        "nats_server": _version([nats_server, "--version"]),
+        "faststream": version("faststream"),
+        "nats_py": version("nats-py"),
+    }
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(measurement, value, baseline, ratio) rows, the same for the terminal and the markdown."""
+    out: list[tuple[str, str, str, str]] = []
+    f = r.get("flow")
+    if f:
+        raw = f["raw"]
+        out += [
+            (f"jobs through the platform ({f['sites']} sites, {f['rounds']} rounds x {f['models_per_round']} "
+             f"models x {f['sites']} sites)",
+             f"{f['jobs_per_s']:.1f} jobs/s", f"{raw['msgs_per_s']:.0f} raw JetStream msgs/s",
+             f"{f['ratio_jobs_to_raw_msgs']:.4f} (1 job = {1 / f['ratio_jobs_to_raw_msgs']:.0f} raw msgs)"),
+            ("job latency p50, JobScheduled -> ResultAccepted", f"{f['latency_p50_s'] * 1000:.0f} ms",
+             f"{1000 / raw['msgs_per_s']:.2f} ms per raw msg", ""),
+            ("job latency p99", f"{f['latency_p99_s'] * 1000:.0f} ms", "", ""),
+        ]
+        stage = f["stage_p50_s"]
+        out += [
+            ("  p50 stage: scheduled -> site starts job", f"{stage['scheduled_to_site_start'] * 1000:.0f} ms", "", ""),
+            ("  p50 stage: site start -> signed result on bus", f"{stage['site_start_to_result'] * 1000:.0f} ms", "", ""),
+            ("  p50 stage: result -> ResultAccepted (leaderboard)", f"{stage['result_to_accepted'] * 1000:.0f} ms",
+             "", ""),
+            ("setup: signed commands (register, associate) via assay.client",
+             f"{f['setup']['commands'] / f['setup']['commands_s']:.1f} commands/s",
+             f"{raw['msgs_per_s']:.0f} raw msgs/s",
+             f"{f['setup']['commands'] / f['setup']['commands_s'] / raw['msgs_per_s']:.4f}"),
+            ("idle CPU of the four services (cores, no traffic)", f"{sum(v for k, v in f['idle_cpu_cores'].items() if k != 'nats'):.2f}",
+             f"nats-server {f['idle_cpu_cores'].get('nats', 0):.2f}", ""),
+        ]
+    c = r.get("containers")
+    if c:
+        med = c["median_s"]
+        out += [
+            ("one job via site_worker.execution.execute (2 sandboxed containers)", f"{med['execute'] * 1000:.0f} ms",
+             f"{med['docker_cli'] * 1000:.0f} ms bare `docker run` x2", f"{c['ratio_execute_to_cli']:.2f}"),
+            ("  same, against the docker SDK containers.run(remove=True) x2", f"{med['execute'] * 1000:.0f} ms",
+             f"{med['docker_sdk'] * 1000:.0f} ms", f"{c['ratio_execute_to_sdk']:.2f}"),
+        ]
+    return out
+
+
+def table(r: dict[str, Any]) -> Table:
+    t = Table(title=f"Assay benchmarks ({r['machine']['cores']} cores, Python {r['machine']['python']}, "
+                    f"Docker {r['machine']['docker']}; medians)")
+    for name, justify in (("measurement", "left"), ("value", "right"), ("baseline, same run", "right"),
+                          ("ratio", "right")):
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in rows(r):
+        t.add_row(*row)
+    return t
+
+
+INTRO = """# Benchmarks
+
+`just bench` (that is, `.venv/bin/python tests/bench/bench.py`) measures two things on this machine and writes
+`bench-results/bench.json` and this file. It takes about {minutes} on 2 cores. Shared machines are noisy, so every
+speed is reported as a ratio to a baseline measured in the same run, and as medians. No test asserts on a time.
+
+## What is measured
+
+**(a) Jobs through the platform.** `assay.platform.Platform` starts a real nats-server (JetStream, `sync_interval:
+always`) and the four services, each its own process, exactly as `assay up` does. The benchmark process then
+plays every actor with signed commands through `assay.client.request` (as `assay demo` does): it registers a
+benchmark owner, a model owner and {sites} site actors, a benchmark with fake but well-formed image digests, has
+the operator approve it, registers one tiny prepared dataset per site and associates it, and registers the models
+and asks for their association. It hosts {sites} real site-worker apps (`site_worker.main.create_app`, one NATS
+connection and one durable pull consumer each) whose container runner runs nothing: `evaluate` writes a valid
+`metrics.json` and `cases.jsonl`. Then, in each of {rounds} rounds, the benchmark owner approves {models_per_round}
+models at once, which makes the scheduler plan {models_per_round} x {sites} jobs. A separate observer process
+(plain nats-py core subscriptions) stamps when each `JobScheduled` (`assay.v1.evt.job.scheduled`), each signed
+site result (`assay.v1.results.*`) and each `ResultAccepted` (`assay.v1.evt.result.accepted`) appears.
+
+- *jobs/s*: jobs of a round / (last `ResultAccepted` - first `JobScheduled`); the median over the rounds.
+- *latency*: per job, `ResultAccepted` seen - `JobScheduled` seen; p50 and p99 (nearest rank) per round, median
+  over the rounds. The stages split it: until the site's runner starts the job (relay, JOBS queue, site pull),
+  the site (runner, signing, publishing), and the leaderboard (verify, store, re-rank, relay).
+- *baseline*: raw nats-py JetStream on the same server: publish {raw_messages} messages of 1 KiB with
+  `Nats-Msg-Id` (awaiting each ack), then consume them with a durable pull consumer (batch 16), acking each;
+  msgs/s = messages / (publish + consume time), median of {raw_reps}. The ratio says how many such raw
+  messages one job costs. A job is at least 5 JetStream publishes (JobScheduled, the job, the result,
+  ResultAccepted, LeaderboardUpdated) and 4 durable deliveries, so about 5 is the floor.
+- *idle CPU*: CPU cores each service process burns with no traffic, measured over {idle_s:.0f} s before anything
+  is sent.
+
+**(b) Container overhead.** One trivial job through `site_worker.execution.execute(job, dataset_dir,
+DockerRunner(docker.from_env()), work_dir, Limits())`, which re-hashes the dataset, checks both image ids, and
+runs the model (`infer`) and then the evaluator (`evaluate`) container in the sandbox (no network, read-only root,
+non-root user, all capabilities dropped, limits, bind mounts), against the same two containers run bare with
+`docker run --rm --network none IMAGE infer` and `... evaluate`, and with the docker SDK's
+`containers.run(..., remove=True)`. The image is built FROM `assay/python-base:bookworm`; its entrypoint writes
+minimal valid outputs. {repetitions} repetitions each after one warm-up, interleaved with a rotating order; the
+ratio is of the medians.
+
+## Reproduce
+
+```
+.venv/bin/python tests/bench/bench.py            # the full run written below
+.venv/bin/python tests/bench/bench.py --help     # sizes (sites, rounds, models per round, repetitions)
+```
+
+It needs the Docker engine and the `assay/python-base:bookworm` image (`assay demo` builds it), and leaves nothing
+running; `--keep` keeps the platform's home folder (logs, databases) for a look.
+"""
+
+
+def markdown(r: dict[str, Any]) -> str:
+    mach, f, c = r["machine"], r.get("flow") or {}, r.get("containers") or {}
+    text = INTRO.format(minutes=f"{r['wall_s'] / 60:.0f} minutes" if r["wall_s"] >= 90 else f"{r['wall_s']:.0f} s",
+                        sites=f.get("sites", "N"), rounds=f.get("rounds", "R"),
+                        models_per_round=f.get("models_per_round", "M"),
+                        raw_messages=f.get("raw", {}).get("messages", "N"), raw_reps=f.get("raw", {}).get("reps", "R"),
+                        idle_s=r["config"].get("idle_s", 0), repetitions=c.get("repetitions", "K"))
+    lines = [text, "## Last run", "",
+             f"{r['finished_at']} on {mach['cores']} cores ({mach['cpu']}), {mach['memory_gib']} GiB, "
+             f"Linux {mach['kernel']}, Python {mach['python']}, Docker {mach['docker']}, {mach['nats_server']}, "
+             f"faststream {mach['faststream']}, nats-py {mach['nats_py']}; the whole run took {r['wall_s']:.0f} s.",
+             "", "| measurement | value | baseline (same run) | ratio |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in rows(r)]
+    if f:
+        lines += ["", "Per round (jobs/s, latency p50 / p99):", ""]
+        lines += [f"- round {i + 1}: {x['jobs']} jobs, {x['jobs_per_s']:.1f} jobs/s, "
+                  f"{x['latency_p50_s'] * 1000:.0f} / {x['latency_p99_s'] * 1000:.0f} ms, planning "
+                  f"{x['planning_s'] * 1000:.0f} ms" for i, x in enumerate(f["rounds_detail"])]
+        lines += ["", f"CPU seconds per job, by process: {f['cpu_s_per_job']}", "",
+                  f"JetStream consumer advisories during the rounds (naks, terminations): "
+                  f"{f['advisories'] or 'none'}; service log lines: {f['logs']}"]
+    if c:
+        lines += ["", f"Container runs, seconds: {c['all_s']}"]
+    return "\n".join(lines) + "\n"
