@@ -33,8 +33,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites", type=int, default=100, help="simulated site workers (default 100)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of model approvals (default 3)")
-    p.add_argument("--models-per-round", type=int, default=2, help="models approved per round (default 2)")
-    p.add_argument("--raw-messages", type=int, default=1000, help="messages per raw JetStream rep (default 1000)")
+    p.add_argument("--models-per-round", type=int, default=1, help="models approved per round (default 1)")
+    p.add_argument("--raw-messages", type=int, default=500, help="messages per raw JetStream rep (default 500)")
     p.add_argument("--raw-reps", type=int, default=5, help="raw JetStream repetitions (default 5)")
     p.add_argument("--idle-s", type=float, default=3.0, help="seconds to measure the idle services' CPU (default 3)")
     p.add_argument("--repetitions", type=int, default=7, help="container repetitions per variant (default 7)")
@@ -71,6 +71,8 @@ def run_flow(args: argparse.Namespace, console: Console) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 140)  # a log or CI: keep the table's rows on one line each
     started = time.perf_counter()
     results: dict[str, object] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),

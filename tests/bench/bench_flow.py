@@ -42,6 +42,7 @@ OPERATOR, OWNER, VENDOR = "operator", "committee", "vendor"
 METRICS = (m.MetricSpec(name="auc"), m.MetricSpec(name="accuracy"))
 CASES = 4
 RAW_BODY_BYTES = 1024  # about the size of a signed job envelope
+RAW_ROUND_TRIPS = 100
 
 
 def fake_digest(name: str) -> str:
@@ -142,7 +143,8 @@ def cpu_of(platform: Platform, extra: dict[str, int]) -> dict[str, float]:
 
 async def raw_jetstream(nats_url: str, messages: int, rep: int) -> dict[str, float]:
     """Publish `messages` with Nats-Msg-Id (awaiting each ack), then consume them with a durable pull consumer,
-    acking each: the bare cost of one message through the server the platform uses."""
+    acking each: the bare cost of one message through the server the platform uses. Then the latency of one
+    message: publish it to a consumer already waiting for it, until it is delivered and acked."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     stream = f"BENCH_RAW_{rep}"
@@ -161,8 +163,17 @@ async def raw_jetstream(nats_url: str, messages: int, rep: int) -> dict[str, flo
                 await msg.ack()
                 consumed += 1
         done = time.perf_counter()
+        trips = []
+        for i in range(RAW_ROUND_TRIPS):  # one message at a time: publish, until the waiting consumer has it
+            began = time.perf_counter()
+            waiting = asyncio.create_task(sub.fetch(batch=1, timeout=10))
+            await js.publish(f"bench.raw{rep}.job", body, headers={"Nats-Msg-Id": f"raw-{rep}-trip-{i}"})
+            for msg in await waiting:
+                await msg.ack()
+            trips.append(time.perf_counter() - began)
         return {"msgs_per_s": messages / (done - start), "publish_per_s": messages / (published - start),
-                "consume_per_s": messages / (done - published)}
+                "consume_per_s": messages / (done - published), "round_trip_p50_s": statistics.median(trips),
+                "round_trip_p99_s": percentile(trips, 99)}
     finally:
         await js.delete_stream(stream)
         await nc.close()
@@ -180,6 +191,7 @@ class Observer:
     model_of: dict[str, str] = field(default_factory=dict)
     advisories: Counter[tuple[str, str]] = field(default_factory=Counter)
     accepted_by_model: Counter[str] = field(default_factory=Counter)
+    board_bytes: list[int] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -198,6 +210,9 @@ class Observer:
         assert self.proc.stdout is not None
         async for raw in self.proc.stdout:
             line = json.loads(raw)
+            if line["kind"] == "board":
+                self.board_bytes.append(line["bytes"])
+                continue
             if line["kind"] == "advisory":
                 self.advisories[(line["type"], line["consumer"])] += 1
                 continue
@@ -385,8 +400,13 @@ async def flow(platform: Platform, sites_count: int, rounds: int, models_per_rou
     result["stage_p50_s"] = {k: statistics.median(r["stage_p50_s"][k] for r in per_round)
                              for k in per_round[0]["stage_p50_s"]}
     result["ratio_jobs_to_raw_msgs"] = result["jobs_per_s"] / result["raw"]["msgs_per_s"]
+    result["ratio_latency_p50_to_raw_trip"] = result["latency_p50_s"] / result["raw"]["round_trip_p50_s"]
+    result["ratio_latency_p99_to_raw_trip"] = result["latency_p99_s"] / result["raw"]["round_trip_p99_s"]
     result["cpu_s_per_job"] = {n: round((cpu_after[n] - cpu_before[n]) / jobs, 4) for n in cpu_before}
     result["cpu_cores_busy"] = {n: round((cpu_after[n] - cpu_before[n]) / window, 2) for n in cpu_before}
     result["advisories"] = {f"{t} {c}": n for (t, c), n in sorted(observer.advisories.items())}
+    result["leaderboard_updated"] = {"events": len(observer.board_bytes),
+                                     "max_bytes": max(observer.board_bytes, default=0),
+                                     "total_bytes": sum(observer.board_bytes)}
     result["logs"] = scan_logs(home)
     return result

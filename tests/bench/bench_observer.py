@@ -2,7 +2,7 @@
 
 The benchmark's main process hosts 100 simulated sites; stamping there would measure its own event loop's
 backlog. This process does nothing else. Run as `python bench_observer.py NATS_URL`: it prints `ready`, then one
-JSON line per message, and exits when its stdin closes.
+JSON line per message (also each LeaderboardUpdated's size and each consumer advisory); it exits when stdin closes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import nats
 JOB_SCHEDULED = "assay.v1.evt.job.scheduled"
 RESULT_ACCEPTED = "assay.v1.evt.result.accepted"
 SITE_RESULTS = "assay.v1.results.*"
+BOARD_UPDATED = "assay.v1.evt.leaderboard.updated"
 ADVISORIES = "$JS.EVENT.ADVISORY.CONSUMER.>"
 
 
@@ -52,6 +53,11 @@ async def observe(nats_url: str) -> None:
                                   "consumer": ".".join(parts[6:])}) + "\n")
             out.flush()
 
+    async def on_board(msg) -> None:  # type: ignore[no-untyped-def]
+        out.write(json.dumps({"kind": "board", "bytes": len(msg.data)}) + "\n")
+        out.flush()
+
+    await nc.subscribe(BOARD_UPDATED, cb=on_board)
     await nc.subscribe(JOB_SCHEDULED, cb=stamp("scheduled"))
     await nc.subscribe(SITE_RESULTS, cb=stamp("result"))
     await nc.subscribe(RESULT_ACCEPTED, cb=stamp("accepted"))

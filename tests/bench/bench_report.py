@@ -50,39 +50,40 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     out: list[tuple[str, str, str, str]] = []
     f = r.get("flow")
     if f:
-        raw = f["raw"]
+        raw, stage, setup = f["raw"], f["stage_p50_s"], f["setup"]
+        per_round = f["jobs"] // max(f["rounds"], 1)
+        commands_per_s = setup["commands"] / setup["commands_s"]
+        services_idle = sum(v for k, v in f["idle_cpu_cores"].items() if k != "nats")
         out += [
-            (f"jobs through the platform ({f['sites']} sites, {f['rounds']} rounds x {f['models_per_round']} "
-             f"models x {f['sites']} sites)",
-             f"{f['jobs_per_s']:.1f} jobs/s", f"{raw['msgs_per_s']:.0f} raw JetStream msgs/s",
-             f"{f['ratio_jobs_to_raw_msgs']:.4f} (1 job = {1 / f['ratio_jobs_to_raw_msgs']:.0f} raw msgs)"),
-            ("job latency p50, JobScheduled -> ResultAccepted", f"{f['latency_p50_s'] * 1000:.0f} ms",
-             f"{1000 / raw['msgs_per_s']:.2f} ms per raw msg", ""),
-            ("job latency p99", f"{f['latency_p99_s'] * 1000:.0f} ms", "", ""),
-        ]
-        stage = f["stage_p50_s"]
-        out += [
-            ("  p50 stage: scheduled -> site starts job", f"{stage['scheduled_to_site_start'] * 1000:.0f} ms", "", ""),
-            ("  p50 stage: site start -> signed result on bus", f"{stage['site_start_to_result'] * 1000:.0f} ms", "", ""),
-            ("  p50 stage: result -> ResultAccepted (leaderboard)", f"{stage['result_to_accepted'] * 1000:.0f} ms",
-             "", ""),
-            ("setup: signed commands (register, associate) via assay.client",
-             f"{f['setup']['commands'] / f['setup']['commands_s']:.1f} commands/s",
-             f"{raw['msgs_per_s']:.0f} raw msgs/s",
-             f"{f['setup']['commands'] / f['setup']['commands_s'] / raw['msgs_per_s']:.4f}"),
-            ("idle CPU of the four services (cores, no traffic)", f"{sum(v for k, v in f['idle_cpu_cores'].items() if k != 'nats'):.2f}",
+            (f"(a) jobs/s, {f['sites']} sites, {f['rounds']} rounds of {per_round} jobs", f"{f['jobs_per_s']:.1f}",
+             f"{raw['msgs_per_s']:.0f} raw JetStream msgs/s",
+             f"{f['ratio_jobs_to_raw_msgs']:.4f} (1 job = {1 / f['ratio_jobs_to_raw_msgs']:.0f} msgs)"),
+            ("(a) job latency p50, JobScheduled -> ResultAccepted", _ms(f["latency_p50_s"]),
+             f"raw round trip p50 {_ms(raw['round_trip_p50_s'], 2)}", f"{f['ratio_latency_p50_to_raw_trip']:.0f}"),
+            ("(a) job latency p99", _ms(f["latency_p99_s"]), f"raw round trip p99 {_ms(raw['round_trip_p99_s'], 2)}",
+             f"{f['ratio_latency_p99_to_raw_trip']:.0f}"),
+            ("      p50 stage: scheduled -> the site starts it", _ms(stage["scheduled_to_site_start"]), "", ""),
+            ("      p50 stage: site start -> signed result on the bus", _ms(stage["site_start_to_result"]), "", ""),
+            ("      p50 stage: result -> ResultAccepted (leaderboard)", _ms(stage["result_to_accepted"]), "", ""),
+            ("(a) setup: signed commands/s through assay.client", f"{commands_per_s:.1f}",
+             f"{raw['msgs_per_s']:.0f} raw JetStream msgs/s", f"{commands_per_s / raw['msgs_per_s']:.4f}"),
+            ("(a) CPU cores the four services burn while idle", f"{services_idle:.2f}",
              f"nats-server {f['idle_cpu_cores'].get('nats', 0):.2f}", ""),
         ]
     c = r.get("containers")
     if c:
         med = c["median_s"]
         out += [
-            ("one job via site_worker.execution.execute (2 sandboxed containers)", f"{med['execute'] * 1000:.0f} ms",
-             f"{med['docker_cli'] * 1000:.0f} ms bare `docker run` x2", f"{c['ratio_execute_to_cli']:.2f}"),
-            ("  same, against the docker SDK containers.run(remove=True) x2", f"{med['execute'] * 1000:.0f} ms",
-             f"{med['docker_sdk'] * 1000:.0f} ms", f"{c['ratio_execute_to_sdk']:.2f}"),
+            ("(b) one job through execute(): 2 sandboxed containers", _ms(med["execute"]),
+             f"2x bare `docker run` {_ms(med['docker_cli'])}", f"{c['ratio_execute_to_cli']:.2f}"),
+            ("(b) the same against docker SDK containers.run", _ms(med["execute"]),
+             f"2x containers.run {_ms(med['docker_sdk'])}", f"{c['ratio_execute_to_sdk']:.2f}"),
         ]
     return out
+
+
+def _ms(seconds: float, digits: int = 0) -> str:
+    return f"{seconds * 1000:.{digits}f} ms"
 
 
 def table(r: dict[str, Any]) -> Table:
@@ -167,7 +168,11 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [f"- round {i + 1}: {x['jobs']} jobs, {x['jobs_per_s']:.1f} jobs/s, "
                   f"{x['latency_p50_s'] * 1000:.0f} / {x['latency_p99_s'] * 1000:.0f} ms, planning "
                   f"{x['planning_s'] * 1000:.0f} ms" for i, x in enumerate(f["rounds_detail"])]
-        lines += ["", f"CPU seconds per job, by process: {f['cpu_s_per_job']}", "",
+        board = f["leaderboard_updated"]
+        lines += ["", f"CPU seconds per job, by process: {f['cpu_s_per_job']}; CPU cores busy during the rounds: "
+                  f"{f['cpu_cores_busy']}", "",
+                  f"LeaderboardUpdated events: {board['events']} for {f['jobs']} jobs, the last "
+                  f"{board['max_bytes'] / 1024:.0f} KiB, {board['total_bytes'] / 1024**2:.1f} MiB in all", "",
                   f"JetStream consumer advisories during the rounds (naks, terminations): "
                   f"{f['advisories'] or 'none'}; service log lines: {f['logs']}"]
     if c:

@@ -43,23 +43,31 @@ def digest(char: str) -> str:
 
 @pytest.fixture
 async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+    """A JetStream server on a random loopback port, its url read from its log as it starts.
+
+    (Its `--ports_file_dir` file is written only after "Server is ready", so the log is what can be waited on.)
+    """
     binary = Path(sys.prefix, "bin", "nats-server")
     server = await asyncio.create_subprocess_exec(
         str(binary), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(tmp_path / "jetstream"),
-        "--ports_file_dir", str(tmp_path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
-    assert server.stderr is not None
+    log = server.stderr
+    assert log is not None
 
-    async def ready() -> None:
-        while b"Server is ready" not in (line := await server.stderr.readline()):  # type: ignore[union-attr]
+    async def started() -> str:
+        url = ""
+        while b"Server is ready" not in (line := await log.readline()):
             if not line:
                 raise RuntimeError(f"nats-server exited with {await server.wait()} before it was ready")
+            if b"Listening for client connections on " in line:
+                url = "nats://" + line.decode().rsplit(" ", 1)[1].strip()
+        return url
 
     try:
-        await asyncio.wait_for(ready(), WAIT_S)
-        drain = asyncio.create_task(server.stderr.read())  # keep its log pipe from filling up
-        ports = json.loads((tmp_path / f"nats-server_{server.pid}.ports").read_text())
-        yield ports["nats"][0]
+        url = await asyncio.wait_for(started(), WAIT_S)
+        drain = asyncio.create_task(log.read())  # keep its log pipe from filling up
+        yield url
     finally:
         server.terminate()
         await server.wait()
@@ -129,15 +137,18 @@ class Bus:
 
         return await asyncio.wait_for(find(), WAIT_S)
 
-    async def acked(self, seq: int, *, consumer: str = "leaderboard", reply: bytes = b"+ACK") -> None:
-        """Wait until `consumer` answers message `seq` of its stream with `reply` (+ACK done, -NAK retry later)."""
+    async def acked(self, seq: int, *, consumer: str = "leaderboard", nak: bool = False) -> None:
+        """Wait until `consumer` acknowledges message `seq` of its stream (done), or with `nak` refuses it for now."""
+
+        def answered(msg: Msg) -> bool:
+            delivery = Msg(_client=self.client, subject="", reply=msg.subject).metadata
+            refused = msg.data.startswith(b"-NAK")
+            done = msg.data in (b"", b"+ACK")
+            return (delivery.consumer, delivery.sequence.stream) == (consumer, seq) and (refused if nak else done)
 
         async def find() -> None:
-            while True:
-                msg = await self.acks.get()
-                delivery = Msg(_client=self.client, subject="", reply=msg.subject).metadata
-                if (delivery.consumer, delivery.sequence.stream) == (consumer, seq) and msg.data.startswith(reply):
-                    return
+            while not answered(await self.acks.get()):
+                pass
 
         await asyncio.wait_for(find(), WAIT_S)
 
@@ -277,7 +288,7 @@ async def test_a_result_that_arrives_before_its_job_is_accepted_once_the_job_is_
     early = site_result("job-1", 0.75)
 
     seq = await bus.send_result(early)
-    await bus.acked(seq, reply=b"-NAK")  # refused for now, to be delivered again
+    await bus.acked(seq, nak=True)  # refused for now, to be delivered again
     await announce_world(bus)
 
     event = (await bus.next_event(ResultAccepted)).data

@@ -61,11 +61,11 @@ class Service:
 
         @app.on_shutdown
         async def stop_relay() -> None:
+            relay.stop()
             for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await relay.flush()
+                await task  # finishes the flush in progress, then returns
+            with contextlib.suppress(Exception):  # the bus may be gone; rows stay for the next start
+                await relay.flush()
 
         @app.after_shutdown
         async def close_database() -> None:

@@ -49,6 +49,7 @@ class Relay:
         self._poll_s = poll_s
         self._batch = batch
         self._wake = asyncio.Event()
+        self._stopping = False
         db.committed.append(self._wake.set)
 
     async def flush(self) -> int:
@@ -69,13 +70,20 @@ class Relay:
                 return total
 
     async def run(self) -> None:
-        while True:
+        """Publish until stop(); a flush is never cancelled halfway (that would strand a database transaction)."""
+        while not self._stopping:
             self._wake.clear()
             try:
                 await self.flush()
             except Exception:  # the bus may be briefly away: rows stay pending and are retried
                 log.exception("outbox relay could not publish; will retry")
+            if self._stopping:
+                return
             try:
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
             except TimeoutError:
                 pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()

@@ -1,0 +1,479 @@
+"""The compose deployment: its files agree with each other and with `assay up`, docker-compose accepts them, and the
+NATS and PostgreSQL configuration they mount enforces DESIGN.md "Trust" on a real nats-server and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import nats
+import pytest
+import yaml
+
+from assay.home import Home
+from assay.platform import SERVICES, Platform, nats_server_binary
+from contracts import subjects
+from contracts.catalog import COMMAND_SUBJECTS, EVENT_SUBJECTS
+from contracts.envelope import Envelope
+from contracts.messages import ApproveBenchmark, DeadLetter, GetBenchmark, ShowLeaderboard
+from contracts.signing import KeyPair
+from contracts.streams import ensure_streams
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose"
+NATS_CONF = COMPOSE / "nats" / "nats.conf"
+SITE = "hospital-a"  # the worked example of nats.conf and site.env.example
+_REF = re.compile(r"\$\{(?P<name>\w+)(?P<op>:?[-?])?(?P<arg>[^}]*)\}")
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE / name).read_text())
+
+
+def env_file(name: str) -> dict[str, str]:
+    lines = (COMPOSE / name).read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?error}`; a required variable that is missing raises."""
+    def one(ref: re.Match[str]) -> str:
+        value, op = env.get(ref["name"]), ref["op"] or ""
+        if value is None or (op.startswith(":") and not value):
+            if op.endswith("?"):
+                raise KeyError(f"{ref['name']} is required: {ref['arg']}")
+            return ref["arg"] if op else ""
+        return value
+    return _REF.sub(one, text)
+
+
+def environment(service: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    return {key: interpolate(str(value), env) for key, value in service.get("environment", {}).items()}
+
+
+def strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings(item)
+    else:
+        yield str(node)
+
+
+def required_variables(name: str) -> set[str]:
+    """The variables a compose file reads without a default."""
+    return {ref["name"] for text in strings(load(name)) for ref in _REF.finditer(text)
+            if not (ref["op"] or "").endswith("-")}
+
+
+def platform_environment(tmp_path: Path) -> Platform:
+    """`assay up`'s Platform, with the keys it reads: the source of truth for what each process needs."""
+    home = Home(tmp_path / "home")
+    for name in ("operator", "scheduling", SITE):
+        KeyPair.generate().save(home.key_file(name))
+    return Platform(home, nats_url="nats://127.0.0.1:4222")
+
+
+CENTRAL, SITE_FILE = load("central.yml"), load("site.yml")
+
+
+# --- the files, statically ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["central.yml", "site.yml"])
+def test_every_service_named_in_depends_on_exists_in_the_same_file(name: str) -> None:
+    services = load(name)["services"]
+    for service, spec in services.items():
+        needs = spec.get("depends_on", [])
+        assert set(needs) <= set(services), f"{service} depends on {set(needs) - set(services)}, not in {name}"
+
+
+def test_every_service_gets_the_environment_assay_up_gives_it_plus_a_collector(tmp_path: Path) -> None:
+    platform = platform_environment(tmp_path)
+    env = env_file(".env.example")
+    for name in SERVICES:
+        service = CENTRAL["services"][name]
+        assert service["command"] == [name]
+        given = environment(service, env)
+        prefix = f"ASSAY_{name.upper()}_"
+        assert set(platform.service_env(name)) | {prefix + "OTLP_ENDPOINT"} <= set(given), name
+        assert given[prefix + "DATABASE_URL"].startswith("postgresql+asyncpg://")
+        database = urlsplit(given[prefix + "DATABASE_URL"])
+        assert (database.username, database.path) == (name, f"/{name}"), "each service its own role and database"
+        assert urlsplit(given[prefix + "NATS_URL"]).username == name, "each service its own NATS user"
+        assert given[prefix + "OTLP_ENDPOINT"] == "http://otel-collector:4318"
+
+
+def test_the_site_worker_gets_the_environment_assay_up_gives_it(tmp_path: Path) -> None:
+    worker = SITE_FILE["services"]["worker"]
+    assert worker["command"] == ["site"]
+    given = environment(worker, env_file("site.env.example"))
+    assert set(platform_environment(tmp_path).site_env(SITE)) <= set(given)
+    assert urlsplit(given["ASSAY_SITE_NATS_URL"]).username == f"site-{SITE}"
+    mounts = {volume.split(":")[1]: volume for volume in (interpolate(v, env_file("site.env.example"))
+                                                         for v in worker["volumes"])}
+    assert mounts[str(Path(given["ASSAY_SITE_DATASETS_FILE"]).parent)].endswith(":ro"), "datasets are read-only"
+    assert given["ASSAY_SITE_WORK_DIR"] in mounts and "/var/run/docker.sock" in mounts
+    assert worker["secrets"] == ["site_key"] and given["ASSAY_SITE_KEY_FILE"] == "/run/secrets/site_key"
+
+
+def test_every_assay_container_runs_the_one_image_as_a_non_root_user() -> None:
+    dockerfile = (COMPOSE / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", dockerfile, re.M)
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    assert re.findall(r"^USER (\S+)", dockerfile, re.M)[-1] not in ("root", "0")
+    assert json.loads(re.findall(r"^ENTRYPOINT (.+)$", dockerfile, re.M)[-1]) == ["python", "-m", "assay.serve"]
+    for source in re.findall(r"^COPY (?!--from)(\S+) ", dockerfile, re.M):
+        assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is not in the repository"
+    assay = {**{n: CENTRAL["services"][n] for n in [*SERVICES, "provision"]}, "site": SITE_FILE["services"]["worker"]}
+    for name, spec in assay.items():
+        assert spec["build"] == {"context": "..", "dockerfile": "compose/Dockerfile"}, name
+        assert spec.get("user") is None, f"{name} must keep the image's non-root user"
+    assert assay["provision"]["entrypoint"] == ["assay", "provision"]
+    assert urlsplit(interpolate(assay["provision"]["environment"]["ASSAY_NATS_URL"],
+                                env_file(".env.example"))).username == "provision"
+    for name in SERVICES:
+        assert CENTRAL["services"][name]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
+
+
+@pytest.mark.parametrize("name", ["central.yml", "site.yml"])
+def test_every_file_a_container_mounts_from_the_repository_exists(name: str) -> None:
+    for service, spec in load(name)["services"].items():
+        for volume in spec.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE / source).exists(), f"{service} mounts {source}, which does not exist"
+
+
+def test_every_variable_the_compose_files_require_is_in_their_example_env_file() -> None:
+    assert required_variables("central.yml") <= set(env_file(".env.example"))
+    assert required_variables("site.yml") <= set(env_file("site.env.example"))
+    nats_needs = set(re.findall(r"password: \$(\w+)", NATS_CONF.read_text()))
+    assert nats_needs == set(CENTRAL["services"]["nats"]["environment"]), "nats gets exactly its users' passwords"
+
+
+def test_no_password_is_written_into_the_compose_files() -> None:
+    for name in ("central.yml", "site.yml"):
+        for service, spec in load(name)["services"].items():
+            for key, value in spec.get("environment", {}).items():
+                if "PASSWORD" in key:
+                    assert str(value).startswith("${"), f"{service}.{key} must come from the env file"
+                password = urlsplit(str(value)).password if "://" in str(value) else None
+                assert password is None or password.startswith("${"), f"{service}.{key} embeds a password"
+    for name in (".env.example", "site.env.example"):
+        for key, value in env_file(name).items():
+            if "PASSWORD" in key:
+                assert value.startswith("local-dev-"), f"{name}: {key} must be a named local-dev placeholder"
+    assert {".env", "site.env", "secrets/"} <= set((COMPOSE / ".gitignore").read_text().split())
+
+
+def test_the_observability_configuration_agrees_with_the_compose_file() -> None:
+    obs = ROOT / "observability"
+    collector = yaml.safe_load((obs / "otel-collector.yaml").read_text())
+    tempo = yaml.safe_load((obs / "tempo.yaml").read_text())
+    datasource = yaml.safe_load((obs / "grafana/provisioning/datasources/tempo.yaml").read_text())["datasources"][0]
+    provider = yaml.safe_load((obs / "grafana/provisioning/dashboards/assay.yaml").read_text())["providers"][0]
+    dashboard = json.loads((obs / "grafana/dashboards/assay.json").read_text())
+
+    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    exporter = collector["exporters"][collector["service"]["pipelines"]["traces"]["exporters"][0]]
+    host, port = exporter["endpoint"].split(":")
+    assert host in CENTRAL["services"]
+    assert tempo["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(f":{port}")
+    assert datasource["url"] == f"http://tempo:{tempo['server']['http_listen_port']}"
+    grafana_mounts = dict(v.split(":")[:2] for v in CENTRAL["services"]["grafana"]["volumes"])
+    assert grafana_mounts["../observability/grafana/dashboards"] == provider["options"]["path"]
+    panels = dashboard["panels"]
+    assert {p["datasource"]["uid"] for p in panels} == {datasource["uid"]}
+    assert any(p["targets"][0]["query"] == "$traceql" for p in panels), "a TraceQL search panel"
+    assert any(p.get("repeat") == "service" for p in panels), "traces per service"
+    services = next(v for v in dashboard["templating"]["list"] if v["name"] == "service")["query"].split(",")
+    assert set(SERVICES) | {f"site-worker-{SITE}"} <= set(services)
+
+
+@pytest.mark.parametrize(("name", "env"), [("central.yml", ".env.example"), ("site.yml", "site.env.example")])
+def test_docker_compose_accepts_the_file(name: str, env: str) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    done = subprocess.run([binary, "--env-file", str(COMPOSE / env), "-f", str(COMPOSE / name), "config", "-q"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
+def test_jetstream_fsyncs_every_write_to_the_volume() -> None:
+    block = re.search(r"^jetstream \{(.*?)^\}", NATS_CONF.read_text(), re.M | re.S)
+    assert block is not None
+    assert re.search(r"^\s*sync_interval: always\s*$", block[1], re.M)
+    store = re.search(r'store_dir: "([^"]+)"', block[1])
+    volumes = dict(v.split(":")[:2] for v in CENTRAL["services"]["nats"]["volumes"])
+    assert store is not None and store[1].startswith(volumes["nats-data"] + "/")
+
+
+# --- the NATS permissions, on a real server ----------------------------------------------------------------------
+
+
+@dataclass
+class CentralNats:
+    hostport: str
+    passwords: dict[str, str]   # compose/.env, as the test made it
+    proc: subprocess.Popen[str]
+    log: list[str]
+    reader: threading.Thread
+
+    def stop(self) -> str:
+        """Stop the server; its whole log, permission violations included."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.reader.join(10)
+        return "".join(self.log)
+
+    def url(self, user: str) -> str:
+        password = self.passwords[f"NATS_{user.upper().replace('-', '_')}_PASSWORD"]
+        return f"nats://{user}:{password}@{self.hostport}"
+
+    async def connect(self, user: str) -> tuple[nats.NATS, asyncio.Queue[str]]:
+        """A connection, and the permission violations the server reports on it."""
+        violations: asyncio.Queue[str] = asyncio.Queue()
+
+        async def on_error(exc: Exception) -> None:
+            violations.put_nowait(str(exc))
+
+        return await nats.connect(self.url(user), error_cb=on_error, allow_reconnect=False), violations
+
+
+@pytest.fixture(scope="module")
+def dotenv() -> dict[str, str]:
+    """compose/.env as an operator would write it: the example, with a fresh random value for every password."""
+    env = env_file(".env.example")
+    return {**env, **{key: secrets.token_hex(12) for key in env if "PASSWORD" in key}}
+
+
+@pytest.fixture
+def central_nats(tmp_path: Path, dotenv: dict[str, str]) -> Iterator[CentralNats]:
+    """nats-server with compose/nats/nats.conf and the environment central.yml gives the nats service."""
+    store = tmp_path / "jetstream"
+    conf = tmp_path / "assay.conf"
+    text, count = re.subn(r'store_dir: "[^"]+"', f'store_dir: "{store}"', NATS_CONF.read_text())
+    assert count == 1
+    conf.write_text(text)
+    nats_env = environment(CENTRAL["services"]["nats"], dotenv)
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", "-1"],
+                            env={**os.environ, **nats_env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    hostport = ""
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the server's own log says when it listens: no polling
+        log.append(line)
+        if listening := re.search(r"Listening for client connections on (\S+)", line):
+            hostport = listening[1]
+        if "Server is ready" in line:
+            break
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
+    bus = CentralNats(hostport, nats_env, proc, log, reader)
+    try:
+        assert hostport, f"nats-server refused compose/nats/nats.conf:\n{''.join(log)}"
+        reader.start()
+        yield bus
+    finally:
+        if reader.is_alive() or proc.poll() is None:
+            bus.stop()
+
+
+async def refused(nc: nats.NATS, violations: asyncio.Queue[str], subject: str) -> None:
+    """Publishing on `subject` draws a permissions violation from the server."""
+    await nc.publish(subject, b"{}")
+    await nc.flush()
+    violation = await asyncio.wait_for(violations.get(), 10)
+    assert f'permissions violation for publish to "{subject}"'.lower() in violation.lower()
+
+
+async def provision(bus: CentralNats) -> None:
+    nc = await nats.connect(bus.url("provision"))
+    await ensure_streams(nc.jetstream())
+    await nc.close()
+
+
+async def test_a_site_may_publish_only_its_own_results_and_dead_letters(central_nats: CentralNats) -> None:
+    await provision(central_nats)
+    site, violations = await central_nats.connect(f"site-{SITE}")
+    js = site.jetstream()
+    assert (await js.publish(subjects.results(SITE), b"{}", timeout=10)).stream == subjects.RESULTS_STREAM
+    assert (await js.publish(subjects.dead_letter(f"site-{SITE}"), b"{}", timeout=10)).stream == "DEAD_LETTERS"
+    for subject in (subjects.evt("benchmark", "approved"), subjects.results("hospital-b"), subjects.jobs(SITE),
+                    subjects.dead_letter("scheduling"), COMMAND_SUBJECTS[GetBenchmark]):
+        await refused(site, violations, subject)
+    await site.close()
+
+
+async def test_a_site_may_pull_and_ack_only_its_own_queue(central_nats: CentralNats) -> None:
+    await provision(central_nats)
+    scheduler, _ = await central_nats.connect("scheduling")
+    for site_id in (SITE, "hospital-b"):
+        await scheduler.jetstream().publish(subjects.jobs(site_id), site_id.encode(), timeout=10)
+    site, violations = await central_nats.connect(f"site-{SITE}")
+    queue = await site.jetstream().pull_subscribe(subjects.jobs(SITE), durable=f"site-{SITE}",
+                                                  stream=subjects.JOBS_STREAM)
+    [job] = await queue.fetch(1, timeout=10)
+    assert job.data == SITE.encode()
+    await job.ack_sync(timeout=10)
+    for subject in ("$JS.API.CONSUMER.MSG.NEXT.JOBS.site-hospital-b",
+                    f"$JS.API.CONSUMER.CREATE.JOBS.site-{SITE}.assay.v1.jobs.hospital-b",  # its name, another filter
+                    f"$JS.API.CONSUMER.CREATE.JOBS.site-{SITE}", f"$JS.API.CONSUMER.DURABLE.CREATE.JOBS.site-{SITE}",
+                    f"$JS.API.CONSUMER.DELETE.JOBS.site-{SITE}", "$JS.API.STREAM.INFO.JOBS", "$JS.API.STREAM.PURGE.JOBS"):
+        await refused(site, violations, subject)
+    await site.subscribe("assay.v1.>")
+    await site.flush()
+    violation = await asyncio.wait_for(violations.get(), 10)
+    assert 'permissions violation for subscription to "assay.v1.>"' in violation.lower()
+    admin = await nats.connect(central_nats.url("provision"))
+    assert (await admin.jetstream().stream_info(subjects.JOBS_STREAM)).state.messages == 1, "hospital-b's job waits"
+    for nc in (scheduler, site, admin):
+        await nc.close()
+
+
+async def test_only_the_provisioner_may_change_streams_and_only_the_scheduler_may_send_jobs(
+        central_nats: CentralNats) -> None:
+    await provision(central_nats)
+    for user in (*SERVICES, "cli"):
+        nc, violations = await central_nats.connect(user)
+        for subject in ("$JS.API.STREAM.DELETE.EVENTS", "$JS.API.STREAM.PURGE.RESULTS", subjects.results(SITE),
+                        *([] if user == "scheduling" else [subjects.jobs(SITE)])):
+            await refused(nc, violations, subject)
+        await nc.close()
+    cli, violations = await central_nats.connect("cli")
+    await refused(cli, violations, subjects.evt("benchmark", "approved"))
+    await cli.close()
+
+
+# --- PostgreSQL, and the whole central platform -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose_databases(postgres_server: str, dotenv: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """compose/postgres/init-databases.sh run once on a private cluster, as the postgres image runs it."""
+    server = urlsplit(postgres_server)
+    hostport = f"{server.hostname}:{server.port}"
+    pg_env = environment(CENTRAL["services"]["postgres"], dotenv)
+    done = subprocess.run(["bash", str(COMPOSE / "postgres" / "init-databases.sh")], capture_output=True, text=True,
+                          env={**os.environ, **pg_env, "PGHOST": str(server.hostname), "PGPORT": str(server.port)})
+    try:
+        assert done.returncode == 0, done.stderr
+        yield hostport, pg_env
+    finally:
+        drops = "".join(f"DROP DATABASE IF EXISTS {n} WITH (FORCE); DROP ROLE IF EXISTS {n};" for n in SERVICES)
+        subprocess.run(["psql", "-h", str(server.hostname), "-p", str(server.port), "-U", "postgres", "-d", "postgres",
+                        "-c", drops], capture_output=True)
+
+
+@pytest.mark.postgres
+async def test_the_postgres_init_script_gives_each_service_a_database_only_it_may_open(
+        compose_databases: tuple[str, dict[str, str]]) -> None:
+    import asyncpg
+
+    hostport, pg_env = compose_databases
+    for name in SERVICES:
+        password = pg_env[f"POSTGRES_{name.upper()}_PASSWORD"]
+        conn = await asyncpg.connect(f"postgresql://{name}:{password}@{hostport}/{name}")
+        owner = await conn.fetchval("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name)
+        await conn.execute("CREATE TABLE probe (id int)")  # the role may create its own tables
+        await conn.execute("DROP TABLE probe")
+        await conn.close()
+        assert owner == name
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await asyncpg.connect(f"postgresql://registry:{pg_env['POSTGRES_REGISTRY_PASSWORD']}@{hostport}/approval")
+
+
+@pytest.mark.docker
+@pytest.mark.postgres
+async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users_databases_and_keys(
+        central_nats: CentralNats, compose_databases: tuple[str, dict[str, str]], dotenv: dict[str, str],
+        docker_client: Any, tmp_path: Path) -> None:
+    pg_hostport, _ = compose_databases
+    keys = tmp_path / "keys"
+    for name in ("operator", "scheduling", SITE):
+        KeyPair.generate().save(keys / f"{name}.key")
+    public = {name: (keys / f"{name}.pub").read_text().strip() for name in ("operator", "scheduling")}
+    central_env = {**dotenv, "ASSAY_OPERATOR_PUBLIC_KEY": public["operator"]}
+    site_env = {**env_file("site.env.example"), "ASSAY_CENTRAL_NATS": central_nats.hostport,
+                "ASSAY_SITE_NATS_PASSWORD": dotenv["NATS_SITE_HOSPITAL_A_PASSWORD"],
+                "ASSAY_SCHEDULER_PUBLIC_KEY": public["scheduling"], "ASSAY_SITE_KEY_FILE": str(keys / f"{SITE}.key"),
+                "ASSAY_SITE_DIR": str(tmp_path / "site"), "ASSAY_SITE_WORK_DIR": str(tmp_path / "work")}
+    secret_files = {"/run/secrets/scheduling_key": str(keys / "scheduling.key"),
+                    "/run/secrets/site_key": str(keys / f"{SITE}.key")}
+
+    def here(spec: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+        """The container's environment, with compose's host names and secret paths pointing at this machine."""
+        given = environment(spec, env)
+        for key, value in given.items():
+            value = value.replace("@nats:4222", f"@{central_nats.hostport}").replace("@postgres:5432", f"@{pg_hostport}")
+            given[key] = "" if key.endswith("_OTLP_ENDPOINT") else secret_files.get(value, value)
+        return {**os.environ, **given}
+
+    services = CENTRAL["services"]
+    provisioned = subprocess.run([str(Path(sys.executable).with_name(services["provision"]["entrypoint"][0])),
+                                  *services["provision"]["entrypoint"][1:]], env=here(services["provision"], central_env),
+                                 capture_output=True, text=True, timeout=60)
+    assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
+    processes = {name: (services[name], central_env) for name in SERVICES}
+    processes["site"] = (SITE_FILE["services"]["worker"], site_env)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for name, (spec, env) in processes.items():
+        log = (tmp_path / f"{name}.log").open("wb")
+        procs[name] = subprocess.Popen([sys.executable, "-m", "assay.serve", *spec["command"]], env=here(spec, env),
+                                       stdout=log, stderr=subprocess.STDOUT)
+
+    def logs() -> str:
+        return "".join(f"\n--- {n}\n{(tmp_path / f'{n}.log').read_text()[-3000:]}" for n in procs)
+
+    try:
+        watcher = await nats.connect(central_nats.url("provision"))
+        dead_letters = await watcher.jetstream().subscribe(subjects.DEAD_LETTERS_ALL, stream="DEAD_LETTERS",
+                                                           ordered_consumer=True)
+        # a malformed message for every process to refuse, each on a subject only its own user may read
+        registry, scheduler, site = [await nats.connect(central_nats.url(user))
+                                     for user in ("registry", "scheduling", f"site-{SITE}")]
+        for subject in EVENT_SUBJECTS.values():
+            await registry.jetstream().publish(subject, b"{}", timeout=10)
+        await scheduler.jetstream().publish(subjects.jobs(SITE), b"{}", timeout=10, headers={"Nats-Msg-Id": "bad-job"})
+        await site.jetstream().publish(subjects.results(SITE), b"{}", timeout=10)
+
+        waiting = {*SERVICES, "site"}
+        while waiting:  # each refusal is a dead letter: the process connected, pulled, acked and published as itself
+            try:
+                msg = await dead_letters.next_msg(timeout=90)
+            except nats.errors.TimeoutError:
+                pytest.fail(f"no dead letter from {sorted(waiting)}{logs()}")
+            consumer = Envelope[DeadLetter].model_validate_json(msg.data).data.consumer
+            waiting.discard("site" if consumer == f"site-{SITE}" else consumer.split("-")[0])
+
+        cli = await nats.connect(central_nats.url("cli"))
+        for command in (GetBenchmark, ApproveBenchmark, ShowLeaderboard):  # request/reply across the accounts
+            reply = json.loads((await cli.request(COMMAND_SUBJECTS[command], b"{}", timeout=10)).data)
+            assert reply["ok"] is False and reply["message"].startswith(f"invalid {command.__name__}")
+        assert {n: p.poll() for n, p in procs.items() if p.poll() is not None} == {}, logs()
+        for nc in (watcher, registry, scheduler, site, cli):
+            await nc.close()
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(30)
+    violations = [line for line in central_nats.stop().splitlines() if "violation" in line.lower()]
+    assert violations == [], "every process must do its work within its own permissions"

@@ -1,0 +1,117 @@
+"""Tracing: the trace context rides in NATS headers, so a publisher's and its consumers' spans form one trace."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faststream.nats import NatsBroker, TestNatsBroker
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from assay_telemetry import nats_middlewares, tracer_provider
+
+
+def traced_broker(service: str, spans: InMemorySpanExporter, url: str = "nats://127.0.0.1:4222") -> tuple[NatsBroker, TracerProvider]:
+    provider = tracer_provider(service, exporter=spans)
+    return NatsBroker(url, middlewares=(NatsTelemetryMiddleware(tracer_provider=provider),), logger=None), provider
+
+
+def finished(spans: InMemorySpanExporter, *providers: TracerProvider) -> list[ReadableSpan]:
+    for provider in providers:
+        provider.force_flush()  # spans leave in batches
+    return list(spans.get_finished_spans())
+
+
+def test_a_provider_names_its_process_in_the_assay_namespace() -> None:
+    resource = tracer_provider("scheduling").resource.attributes
+    assert (resource["service.name"], resource["service.namespace"]) == ("scheduling", "assay")
+
+
+def test_the_middlewares_every_process_uses_trace_nats_messages() -> None:
+    [middleware] = nats_middlewares("registry")
+    assert isinstance(middleware, NatsTelemetryMiddleware)
+
+
+async def test_a_published_message_and_its_handling_share_one_trace() -> None:
+    spans = InMemorySpanExporter()
+    broker, provider = traced_broker("registry", spans)
+    handled = asyncio.get_running_loop().create_future()
+
+    @broker.subscriber("assay.v1.evt.model.registered")
+    async def learn(body: str) -> None:
+        handled.set_result(body)
+
+    async with TestNatsBroker(broker) as test_broker:
+        await test_broker.publish("model-1", "assay.v1.evt.model.registered")
+    assert handled.result() == "model-1"
+
+    recorded = finished(spans, provider)
+    [created] = [s for s in recorded if s.kind is SpanKind.PRODUCER and s.name.endswith(" create")]
+    [consumed] = [s for s in recorded if s.kind is SpanKind.CONSUMER]
+    assert {s.context.trace_id for s in recorded} == {created.context.trace_id}
+    assert consumed.parent is not None and consumed.parent.span_id == created.context.span_id
+    assert consumed.attributes["messaging.destination_publish.name"] == "assay.v1.evt.model.registered"
+
+
+# --- across processes: three brokers, three providers, one real nats-server ---------------------------------------
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[str]:
+    """A bare nats-server on a random loopback port; its log says when it is ready."""
+    binary = Path(sys.prefix, "bin", "nats-server")
+    proc = subprocess.Popen([str(binary), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = ""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if listening := re.search(r"Listening for client connections on (\S+)", line):
+            url = f"nats://{listening[1]}"
+        if "Server is ready" in line:
+            break
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining: a full pipe stalls the server
+    try:
+        assert url, "nats-server did not start"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_one_trace_follows_a_message_from_a_client_through_a_service_to_a_site_worker(nats_server: str) -> None:
+    spans = InMemorySpanExporter()
+    client, client_tracing = traced_broker("client", spans, nats_server)
+    service, service_tracing = traced_broker("scheduling", spans, nats_server)
+    worker, worker_tracing = traced_broker("site-worker-hospital-a", spans, nats_server)
+    to_site = service.publisher("assay.v1.jobs.hospital-a")
+    ran = asyncio.get_running_loop().create_future()
+
+    @service.subscriber("assay.v1.cmd.scheduling.plan")
+    async def plan(body: str) -> None:
+        await to_site.publish(f"job for {body}")
+
+    @worker.subscriber("assay.v1.jobs.hospital-a")
+    async def run_job(body: str) -> None:
+        ran.set_result(body)
+
+    async with client, service, worker:
+        await service.start()
+        await worker.start()
+        await client.connect()
+        await client.publish("benchmark-1", "assay.v1.cmd.scheduling.plan")
+        assert await asyncio.wait_for(ran, 10) == "job for benchmark-1"
+
+    recorded = finished(spans, client_tracing, service_tracing, worker_tracing)
+    assert len({s.context.trace_id for s in recorded}) == 1
+    consumers = {s.resource.attributes["service.name"] for s in recorded if s.kind is SpanKind.CONSUMER}
+    producers = {s.resource.attributes["service.name"] for s in recorded if s.kind is SpanKind.PRODUCER}
+    assert (producers, consumers) == ({"client", "scheduling"}, {"scheduling", "site-worker-hospital-a"})
