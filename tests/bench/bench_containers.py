@@ -70,6 +70,10 @@ def trivial_job(image: str, dataset: Path) -> JobSpec:
                    dataset_hash=content_hash(data, labels), metrics=(MetricSpec(name="auc"),))
 
 
+def paired_ratio(values: list[float], baseline: list[float]) -> float:
+    return statistics.median([v / b for v, b in zip(values, baseline, strict=True)])
+
+
 def measure(repetitions: int, log: Callable[[str], None]) -> dict[str, Any]:
     client = docker.from_env()
     with tempfile.TemporaryDirectory(prefix="assay-bench-containers-") as tmp:
@@ -110,6 +114,9 @@ def measure(repetitions: int, log: Callable[[str], None]) -> dict[str, Any]:
         "median_s": medians, "all_s": {n: [round(v, 3) for v in values] for n, values in times.items()},
         "ratio_execute_to_cli": medians["execute"] / medians["docker_cli"],
         "ratio_execute_to_sdk": medians["execute"] / medians["docker_sdk"],
+        # the same repetition's runs are seconds apart: their ratio shrugs off load that drifts during the run
+        "paired_ratio_execute_to_cli": paired_ratio(times["execute"], times["docker_cli"]),
+        "paired_ratio_execute_to_sdk": paired_ratio(times["execute"], times["docker_sdk"]),
     }
     log(f"containers: execute {medians['execute']:.2f} s, docker run {medians['docker_cli']:.2f} s, "
         f"SDK run {medians['docker_sdk']:.2f} s (medians of {repetitions})")

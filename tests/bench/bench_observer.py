@@ -1,7 +1,7 @@
 """Stamps when job, result and acceptance messages appear on the bus, in a process of its own.
 
 The benchmark's main process hosts 100 simulated sites; stamping there would measure its own event loop's
-backlog. This process does nothing else. Run as `python bench_observer.py NATS_URL`: it prints `ready`, then one
+backlog. `Observer.start` runs this file as `python bench_observer.py NATS_URL`: it prints `ready`, then one
 JSON line per message (also each LeaderboardUpdated's size and each consumer advisory); it exits when stdin closes.
 """
 
@@ -11,7 +11,10 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import nats
 
@@ -67,6 +70,73 @@ async def observe(nats_url: str) -> None:
     out.flush()
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
     await nc.drain()
+
+
+# --- the parent's side --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Observer:
+    """The stamping subprocess and what it reported."""
+
+    proc: asyncio.subprocess.Process
+    stamps: dict[str, dict[str, dict[str, float]]] = field(default_factory=lambda: defaultdict(dict))
+    model_of: dict[str, str] = field(default_factory=dict)
+    advisories: Counter[tuple[str, str]] = field(default_factory=Counter)
+    accepted_by_model: Counter[str] = field(default_factory=Counter)
+    board_bytes: list[int] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, nats_url: str) -> Observer:
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(Path(__file__).resolve()), nats_url,
+                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the observer did not start: {line!r}")
+        observer = cls(proc)
+        observer.reader = asyncio.create_task(observer._read())
+        return observer
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = json.loads(raw)
+            if line["kind"] == "board":
+                self.board_bytes.append(line["bytes"])
+                continue
+            if line["kind"] == "advisory":
+                self.advisories[(line["type"], line["consumer"])] += 1
+                continue
+            job = line["job_id"]
+            self.model_of[job] = line["model_id"]
+            if line["kind"] not in self.stamps[job]:  # the first sighting counts; a resend does not move it
+                self.stamps[job][line["kind"]] = {"mono": line["mono"], "sent": line["sent"]}
+                if line["kind"] == "accepted":
+                    self.accepted_by_model[line["model_id"]] += 1
+            self.changed.set()
+
+    async def wait_accepted(self, models: list[str], expected: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while sum(self.accepted_by_model[x] for x in models) < expected:
+            self.changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                got = sum(self.accepted_by_model[x] for x in models)
+                raise TimeoutError(f"only {got} of {expected} results accepted after {timeout_s:.0f} s")
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        await asyncio.wait_for(self.proc.wait(), 15)
+        if self.reader is not None:
+            await self.reader
 
 
 if __name__ == "__main__":

@@ -174,7 +174,10 @@ def markdown(r: dict[str, Any]) -> str:
                   f"LeaderboardUpdated events: {board['events']} for {f['jobs']} jobs, the last "
                   f"{board['max_bytes'] / 1024:.0f} KiB, {board['total_bytes'] / 1024**2:.1f} MiB in all", "",
                   f"JetStream consumer advisories during the rounds (naks, terminations): "
-                  f"{f['advisories'] or 'none'}; service log lines: {f['logs']}"]
+                  f"{f['advisories'] or 'none'}; messages in DEAD_LETTERS: {f['dead_letters']}; "
+                  f"service log lines: {f['logs']}"]
     if c:
-        lines += ["", f"Container runs, seconds: {c['all_s']}"]
+        lines += ["", f"Container runs, seconds, in the order of the repetitions: {c['all_s']}; the median of the "
+                  f"per-repetition ratios: {c['paired_ratio_execute_to_cli']:.2f} against `docker run`, "
+                  f"{c['paired_ratio_execute_to_sdk']:.2f} against the SDK"]
     return "\n".join(lines) + "\n"

@@ -241,7 +241,8 @@ class CentralNats:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
-        self.reader.join(10)
+        if self.reader.ident is not None:  # started: it ends when the server closes its log
+            self.reader.join(10)
         return "".join(self.log)
 
     def url(self, user: str) -> str:
@@ -275,7 +276,8 @@ def central_nats(tmp_path: Path, dotenv: dict[str, str]) -> Iterator[CentralNats
     conf.write_text(text)
     nats_env = environment(CENTRAL["services"]["nats"], dotenv)
     proc = subprocess.Popen([nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", "-1"],
-                            env={**os.environ, **nats_env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, **nats_env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     log: list[str] = []
     hostport = ""
     assert proc.stderr is not None
@@ -292,8 +294,7 @@ def central_nats(tmp_path: Path, dotenv: dict[str, str]) -> Iterator[CentralNats
         reader.start()
         yield bus
     finally:
-        if reader.is_alive() or proc.poll() is None:
-            bus.stop()
+        bus.stop()
 
 
 async def refused(nc: nats.NATS, violations: asyncio.Queue[str], subject: str) -> None:
@@ -336,7 +337,8 @@ async def test_a_site_may_pull_and_ack_only_its_own_queue(central_nats: CentralN
     for subject in ("$JS.API.CONSUMER.MSG.NEXT.JOBS.site-hospital-b",
                     f"$JS.API.CONSUMER.CREATE.JOBS.site-{SITE}.assay.v1.jobs.hospital-b",  # its name, another filter
                     f"$JS.API.CONSUMER.CREATE.JOBS.site-{SITE}", f"$JS.API.CONSUMER.DURABLE.CREATE.JOBS.site-{SITE}",
-                    f"$JS.API.CONSUMER.DELETE.JOBS.site-{SITE}", "$JS.API.STREAM.INFO.JOBS", "$JS.API.STREAM.PURGE.JOBS"):
+                    f"$JS.API.CONSUMER.DELETE.JOBS.site-{SITE}", "$JS.API.STREAM.INFO.JOBS",
+                    "$JS.API.STREAM.PURGE.JOBS"):
         await refused(site, violations, subject)
     await site.subscribe("assay.v1.>")
     await site.flush()
@@ -360,6 +362,16 @@ async def test_only_the_provisioner_may_change_streams_and_only_the_scheduler_ma
     cli, violations = await central_nats.connect("cli")
     await refused(cli, violations, subjects.evt("benchmark", "approved"))
     await cli.close()
+
+
+async def answer(nc: nats.NATS, subject: str) -> dict[str, Any]:
+    """The reply to a malformed command, once a service subscribes (the server says at once when none has yet)."""
+    for delay in (0.05 * 2**n for n in range(10)):  # the CLI's client backs off the same way
+        try:
+            return dict(json.loads((await nc.request(subject, b"{}", timeout=10)).data))
+        except nats.errors.NoRespondersError:
+            await asyncio.sleep(delay)
+    raise AssertionError(f"no service answers on {subject}")
 
 
 # --- PostgreSQL, and the whole central platform -------------------------------------------------------------------
@@ -422,22 +434,24 @@ async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users
         """The container's environment, with compose's host names and secret paths pointing at this machine."""
         given = environment(spec, env)
         for key, value in given.items():
-            value = value.replace("@nats:4222", f"@{central_nats.hostport}").replace("@postgres:5432", f"@{pg_hostport}")
+            value = value.replace("@nats:4222", f"@{central_nats.hostport}")
+            value = value.replace("@postgres:5432", f"@{pg_hostport}")
             given[key] = "" if key.endswith("_OTLP_ENDPOINT") else secret_files.get(value, value)
         return {**os.environ, **given}
 
     services = CENTRAL["services"]
-    provisioned = subprocess.run([str(Path(sys.executable).with_name(services["provision"]["entrypoint"][0])),
-                                  *services["provision"]["entrypoint"][1:]], env=here(services["provision"], central_env),
-                                 capture_output=True, text=True, timeout=60)
+    program, *arguments = services["provision"]["entrypoint"]  # the image's venv is this test's
+    provisioned = subprocess.run([str(Path(sys.executable).with_name(program)), *arguments],
+                                 env=here(services["provision"], central_env), capture_output=True, text=True,
+                                 timeout=60)
     assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
     processes = {name: (services[name], central_env) for name in SERVICES}
     processes["site"] = (SITE_FILE["services"]["worker"], site_env)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for name, (spec, env) in processes.items():
-        log = (tmp_path / f"{name}.log").open("wb")
-        procs[name] = subprocess.Popen([sys.executable, "-m", "assay.serve", *spec["command"]], env=here(spec, env),
-                                       stdout=log, stderr=subprocess.STDOUT)
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            procs[name] = subprocess.Popen([sys.executable, "-m", "assay.serve", *spec["command"]],
+                                           env=here(spec, env), stdout=log, stderr=subprocess.STDOUT)
 
     def logs() -> str:
         return "".join(f"\n--- {n}\n{(tmp_path / f'{n}.log').read_text()[-3000:]}" for n in procs)
@@ -465,7 +479,7 @@ async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users
 
         cli = await nats.connect(central_nats.url("cli"))
         for command in (GetBenchmark, ApproveBenchmark, ShowLeaderboard):  # request/reply across the accounts
-            reply = json.loads((await cli.request(COMMAND_SUBJECTS[command], b"{}", timeout=10)).data)
+            reply = await answer(cli, COMMAND_SUBJECTS[command])
             assert reply["ok"] is False and reply["message"].startswith(f"invalid {command.__name__}")
         assert {n: p.poll() for n, p in procs.items() if p.poll() is not None} == {}, logs()
         for nc in (watcher, registry, scheduler, site, cli):

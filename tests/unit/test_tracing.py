@@ -20,7 +20,8 @@ from opentelemetry.trace import SpanKind
 from assay_telemetry import nats_middlewares, tracer_provider
 
 
-def traced_broker(service: str, spans: InMemorySpanExporter, url: str = "nats://127.0.0.1:4222") -> tuple[NatsBroker, TracerProvider]:
+def traced_broker(service: str, spans: InMemorySpanExporter,
+                  url: str = "nats://127.0.0.1:4222") -> tuple[NatsBroker, TracerProvider]:
     provider = tracer_provider(service, exporter=spans)
     return NatsBroker(url, middlewares=(NatsTelemetryMiddleware(tracer_provider=provider),), logger=None), provider
 
@@ -104,8 +105,9 @@ async def test_one_trace_follows_a_message_from_a_client_through_a_service_to_a_
         ran.set_result(body)
 
     async with client, service, worker:
-        await service.start()
-        await worker.start()
+        for subscribing in (service, worker):
+            await subscribing.start()
+            await subscribing.connection.flush()  # the server has the subscriptions once the round trip is back
         await client.connect()
         await client.publish("benchmark-1", "assay.v1.cmd.scheduling.plan")
         assert await asyncio.wait_for(ran, 10) == "job for benchmark-1"

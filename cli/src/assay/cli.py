@@ -240,7 +240,11 @@ def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")]) -
             await nc.close()
 
     asyncio.run(run())
-    console.print(f"[green]ok[/green] streams {', '.join(str(c.name) for c in STREAMS)} on {nats_url}")
+    from urllib.parse import urlsplit
+
+    where = urlsplit(nats_url)
+    shown = f"{where.scheme}://{where.hostname}:{where.port}"  # never the credentials in the URL
+    console.print(f"[green]ok[/green] streams {', '.join(str(c.name) for c in STREAMS)} on {shown}")
 
 
 @app.command()
