@@ -23,8 +23,8 @@ test-fast:
     {{bin}}/python -m pytest -q -m "not docker and not postgres"
 
 # speed benchmarks; writes bench-results/*.json and BENCHMARKS.md
-bench:
-    {{bin}}/python -m bench
+bench *ARGS:
+    {{bin}}/python tests/bench/bench.py {{ARGS}}
 
 # regenerate the committed JSON Schema of every message
 schema:

@@ -51,6 +51,16 @@ def nats_binary() -> str:
     return shutil.which("nats-server") or str(Path(sys.prefix, "bin", "nats-server"))
 
 
+def read_ports_file(folder: Path) -> str:
+    """The client URL from nats-server's ports file, or "" while it is absent or half written."""
+    for path in folder.glob("*.ports"):
+        try:
+            return str(json.loads(path.read_text())["nats"][0])
+        except (OSError, ValueError, KeyError, IndexError):
+            return ""
+    return ""
+
+
 @pytest.fixture
 def nats_url(tmp_path: Path) -> Iterator[str]:
     """A fresh JetStream server on a random loopback port, with the Assay streams declared."""
@@ -61,9 +71,8 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
     try:
         url = ""
         for _ in range(500):
-            ports = list(store.glob("*.ports"))
-            if ports and ports[0].stat().st_size:
-                url = json.loads(ports[0].read_text())["nats"][0]
+            url = read_ports_file(store)
+            if url:
                 break
             time.sleep(0.01)
         assert url, "nats-server did not start"

@@ -147,6 +147,7 @@ async def run_rounds(platform: Platform, observer: Observer, runner: NoopRunner,
         "latency_p99_s": statistics.median(r["latency_p99_s"] for r in per_round),
         "stage_p50_s": {k: statistics.median(r["stage_p50_s"][k] for r in per_round)
                         for k in per_round[0]["stage_p50_s"]},
+        "jobs_run_again": sum(1 for n in runner.runs.values() if n > 1),
         "cpu_s_per_job": {n: round((cpu_after[n] - cpu_before[n]) / jobs, 4) for n in pids},
         "cpu_cores_busy": {n: round((cpu_after[n] - cpu_before[n]) / window, 2) for n in pids},
     }

@@ -112,8 +112,9 @@ benchmark owner, a model owner and {sites} site actors, a benchmark with fake bu
 the operator approve it, registers one tiny prepared dataset per site and associates it, and registers the models
 and asks for their association. It hosts {sites} real site-worker apps (`site_worker.main.create_app`, one NATS
 connection and one durable pull consumer each) whose container runner runs nothing: `evaluate` writes a valid
-`metrics.json` and `cases.jsonl`. Then, in each of {rounds} rounds, the benchmark owner approves {models_per_round}
-models at once, which makes the scheduler plan {models_per_round} x {sites} jobs. A separate observer process
+`metrics.json` and `cases.jsonl`. Then, in each of {rounds} rounds, the benchmark owner approves
+{models_per_round} model(s) at once, which makes the scheduler plan a burst of {models_per_round} x {sites} jobs,
+one per site and model. A separate observer process
 (plain nats-py core subscriptions) stamps when each `JobScheduled` (`assay.v1.evt.job.scheduled`), each signed
 site result (`assay.v1.results.*`) and each `ResultAccepted` (`assay.v1.evt.result.accepted`) appears.
 
@@ -126,8 +127,13 @@ site result (`assay.v1.results.*`) and each `ResultAccepted` (`assay.v1.evt.resu
   msgs/s = messages / (publish + consume time), median of {raw_reps}. The ratio says how many such raw
   messages one job costs. A job is at least 5 JetStream publishes (JobScheduled, the job, the result,
   ResultAccepted, LeaderboardUpdated) and 4 durable deliveries, so about 5 is the floor.
+  The platform is not bound by the server, so this ratio carries the baseline's own noise (fsync-bound
+  publishes on a shared disk); read it together with the absolute jobs/s of several runs.
 - *idle CPU*: CPU cores each service process burns with no traffic, measured over {idle_s:.0f} s before anything
   is sent.
+- *health*: what went wrong on the way, none of it timed: JetStream consumer advisories (`MSG_NAKED`: a
+  handler failed and the message will come again), jobs a site ran more than once, messages in DEAD_LETTERS,
+  `LeaderboardUpdated` events and their size, and error lines in the services' logs.
 
 **(b) Container overhead.** One trivial job through `site_worker.execution.execute(job, dataset_dir,
 DockerRunner(docker.from_env()), work_dir, Limits())`, which re-hashes the dataset, checks both image ids, and
@@ -174,7 +180,8 @@ def markdown(r: dict[str, Any]) -> str:
                   f"LeaderboardUpdated events: {board['events']} for {f['jobs']} jobs, the last "
                   f"{board['max_bytes'] / 1024:.0f} KiB, {board['total_bytes'] / 1024**2:.1f} MiB in all", "",
                   f"JetStream consumer advisories during the rounds (naks, terminations): "
-                  f"{f['advisories'] or 'none'}; messages in DEAD_LETTERS: {f['dead_letters']}; "
+                  f"{f['advisories'] or 'none'}; jobs the sites ran more than once: {f['jobs_run_again']}; "
+                  f"messages in DEAD_LETTERS: {f['dead_letters']}; "
                   f"service log lines: {f['logs']}"]
     if c:
         lines += ["", f"Container runs, seconds, in the order of the repetitions: {c['all_s']}; the median of the "

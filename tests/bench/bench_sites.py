@@ -11,6 +11,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,8 @@ class NoopRunner:
     nothing. It stamps when each job's model step starts, to split the latency into its stages."""
 
     def __init__(self) -> None:
-        self.started: dict[str, float] = {}
+        self.started: dict[str, float] = {}  # the first time only
+        self.runs: Counter[str] = Counter()  # a job run twice was delivered again (a nak, an expired ack wait)
         self._lock = threading.Lock()  # jobs run in worker threads (asyncio.to_thread)
 
     def image_id(self, ref: str) -> str | None:
@@ -54,8 +56,10 @@ class NoopRunner:
 
     def run(self, spec: RunSpec) -> RunOutcome:
         if spec.task == "infer":
+            job = spec.env["ASSAY_JOB_ID"]
             with self._lock:
-                self.started[spec.env["ASSAY_JOB_ID"]] = time.monotonic()
+                self.started.setdefault(job, time.monotonic())
+                self.runs[job] += 1
         elif spec.task == "evaluate":
             out = spec.source_of("/assay/out")
             (out / "metrics.json").write_text(json.dumps({"metrics": {"auc": 0.8, "accuracy": 0.75}}))

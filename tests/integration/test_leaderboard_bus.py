@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,10 +24,9 @@ from contracts.messages import (
     ActorRegistered, BenchmarkRegistered, BenchmarkSpec, CommandReply, ImageRef, JobScheduled, JobSpec,
     LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
 )
-from contracts.signing import KeyPair
+from contracts.signing import KeyPair, metrics_hash
 from contracts.streams import ensure_streams
 from leaderboard.config import Settings
-from leaderboard.domain import metrics_hash
 from leaderboard.main import create_app
 
 WAIT_S = 15.0  # an upper bound for an awaited event, never a pause
@@ -38,40 +36,7 @@ def digest(char: str) -> str:
     return "sha256:" + char * 64
 
 
-# --- a nats-server of our own, on a random port -----------------------------------------------------------------
-
-
-@pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
-    """A JetStream server on a random loopback port, its url read from its log as it starts.
-
-    (Its `--ports_file_dir` file is written only after "Server is ready", so the log is what can be waited on.)
-    """
-    binary = Path(sys.prefix, "bin", "nats-server")
-    server = await asyncio.create_subprocess_exec(
-        str(binary), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(tmp_path / "jetstream"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    log = server.stderr
-    assert log is not None
-
-    async def started() -> str:
-        url = ""
-        while b"Server is ready" not in (line := await log.readline()):
-            if not line:
-                raise RuntimeError(f"nats-server exited with {await server.wait()} before it was ready")
-            if b"Listening for client connections on " in line:
-                url = "nats://" + line.decode().rsplit(" ", 1)[1].strip()
-        return url
-
-    try:
-        url = await asyncio.wait_for(started(), WAIT_S)
-        drain = asyncio.create_task(log.read())  # keep its log pipe from filling up
-        yield url
-    finally:
-        server.terminate()
-        await server.wait()
-    await drain
+# the nats-server (`nats_url`) comes from tests/conftest.py
 
 
 @pytest.fixture
@@ -265,6 +230,19 @@ async def test_a_result_signed_by_another_sites_key_is_rejected_and_changes_noth
     assert (rejected.message_id, rejected.job_id) == (forged.id, "job-3")
     assert rejected.reason == "signer_site: the result names site site-a but is signed by site site-b"
     assert await bus.board() == before
+
+
+async def test_a_result_published_on_another_sites_subject_is_rejected(bus: Bus, leaderboard: None):
+    await announce_world(bus)
+    misrouted = site_result("job-1", 0.8)  # signed by site-a, its own result, but sent on site-b's subject
+
+    await bus.send_result(misrouted, site_id="site-b")
+
+    rejected = (await bus.next_event(ResultRejected)).data
+    assert rejected.message_id == misrouted.id
+    assert rejected.reason == ("subject: published on assay.v1.results.site-b, "
+                               "but a result of site site-a travels on assay.v1.results.site-a")
+    assert (await bus.board()).rows == ()
 
 
 async def test_the_same_result_sent_twice_is_counted_once(bus: Bus, leaderboard: None):

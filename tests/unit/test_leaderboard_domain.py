@@ -10,9 +10,9 @@ import pytest
 from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.messages import BenchmarkSpec, ImageRef, JobSpec, MetricSpec, Role, SiteResult
-from contracts.signing import KeyPair
+from contracts.signing import KeyPair, metrics_hash
 from leaderboard.domain import (
-    BOUND_FIELDS, Check, Score, Signer, aggregate, check_binding, check_result, competition_ranks, metrics_hash,
+    BOUND_FIELDS, Check, Score, Signer, aggregate, check_binding, check_result, competition_ranks,
 )
 
 SITE_A, SITE_B = KeyPair.generate(), KeyPair.generate()
@@ -227,9 +227,10 @@ def test_tied_models_share_a_rank_and_the_next_model_skips_one():
 
 
 def test_pooled_values_that_differ_only_by_rounding_are_a_tie():
-    split = [score("split", "site-a", 0.7), score("split", "site-b", 0.9)]
-    board = aggregate(benchmark(), [*split, score("whole", "site-a", 0.8)])
+    split = [score("split", "site-a", 0.1, cases=1), score("split", "site-b", 0.7, cases=1)]
+    board = aggregate(benchmark(), [*split, score("whole", "site-a", 0.4)])
 
+    assert board.rows[0].pooled["auc"] != board.rows[1].pooled["auc"]  # 0.39999999999999997 and 0.4
     assert [row.rank for row in board.rows] == [1, 1]
 
 

@@ -60,10 +60,12 @@ class Platform:
                              "--ports_file_dir", str(store)], {})
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            ports = list(store.glob("*.ports"))
-            if ports and ports[0].stat().st_size:
-                self.nats_url = json.loads(ports[0].read_text())["nats"][0]
-                return self.nats_url
+            for ports in store.glob("*.ports"):
+                try:
+                    self.nats_url = json.loads(ports.read_text())["nats"][0]
+                    return self.nats_url
+                except (OSError, ValueError, KeyError, IndexError):
+                    pass  # written after "Server is ready": absent or half written a moment longer
             if self.procs["nats"].poll() is not None:
                 break
             time.sleep(0.02)

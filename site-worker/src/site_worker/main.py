@@ -19,9 +19,10 @@ from contracts.messages import DeadLetter, JobSpec, SiteResult
 from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
-from site_worker.execution import JobFailed, JobRefused, execute
+from site_worker.execution import JobRefused, execute
 
 log = logging.getLogger("site_worker")
+PUBLISH_TIMEOUT_S = 10.0  # faststream waits 0.5 s for the PubAck; under load that would re-run finished jobs
 
 
 def create_app(settings: Settings, runner: ContainerRunner, broker: NatsBroker | None = None) -> FastStream:
@@ -30,9 +31,10 @@ def create_app(settings: Settings, runner: ContainerRunner, broker: NatsBroker |
     broker = broker or NatsBroker(settings.nats_url, logger=None,
                                   middlewares=nats_middlewares(f"site-worker-{site}", settings.otlp_endpoint))
     results = broker.publisher(subjects.results(site), stream=JStream(subjects.RESULTS_STREAM, declare=False),
-                               title=f"results:{site}")
+                               title=f"results:{site}", timeout=PUBLISH_TIMEOUT_S)
     dead_letters = broker.publisher(subjects.dead_letter(f"site-{site}"),
-                                    stream=JStream(subjects.DEAD_LETTERS_STREAM, declare=False))
+                                    stream=JStream(subjects.DEAD_LETTERS_STREAM, declare=False),
+                                    timeout=PUBLISH_TIMEOUT_S)
     limits = Limits(timeout_s=settings.container_timeout_s)
     source = f"site:{site}/{settings.worker_id}"
 
@@ -64,19 +66,12 @@ def create_app(settings: Settings, runner: ContainerRunner, broker: NatsBroker |
         job = envelope.data
         ticker = asyncio.create_task(heartbeat(msg))
         try:
-            if job.site_id != site:
-                raise JobRefused(f"job {job.job_id} is addressed to site {job.site_id}, not {site}")
-            datasets = json.loads(settings.datasets_file.read_text()) if settings.datasets_file.exists() else {}
-            if job.dataset_id not in datasets:
-                raise JobRefused(f"dataset {job.dataset_id} is not prepared at site {site}")
-            outcome = await asyncio.to_thread(execute, job, Path(datasets[job.dataset_id]), runner,
-                                              settings.work_dir, limits)
+            await run_and_publish(job)
         except JobRefused as exc:
             await give_up(msg, job.job_id, deliveries, str(exc))
-            return
-        except JobFailed as exc:
+        except Exception as exc:  # a failed container, or the bus away: retried, and never dropped silently
             if deliveries >= settings.max_deliver:
-                await give_up(msg, job.job_id, deliveries, str(exc))
+                await give_up(msg, job.job_id, deliveries, f"{type(exc).__name__}: {exc}")
                 return
             await msg.nack(delay=min(2.0 * deliveries, 30.0))
             raise
@@ -84,12 +79,22 @@ def create_app(settings: Settings, runner: ContainerRunner, broker: NatsBroker |
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+
+    async def run_and_publish(job: JobSpec) -> None:
+        if job.site_id != site:
+            raise JobRefused(f"job {job.job_id} is addressed to site {job.site_id}, not {site}")
+        datasets = json.loads(settings.datasets_file.read_text()) if settings.datasets_file.exists() else {}
+        if job.dataset_id not in datasets:
+            raise JobRefused(f"dataset {job.dataset_id} is not prepared at site {site}")
+        outcome = await asyncio.to_thread(execute, job, Path(datasets[job.dataset_id]), runner,
+                                          settings.work_dir, limits)
         result = SiteResult(
             job_id=job.job_id, benchmark_id=job.benchmark_id, model_id=job.model_id, dataset_id=job.dataset_id,
             site_id=site, model_image=job.model_image, evaluator_image=job.evaluator_image,
             dataset_hash=job.dataset_hash, metrics=outcome.metrics, case_count=outcome.case_count,
             metrics_hash=metrics_hash(outcome.metrics), worker_id=settings.worker_id, finished_at=utcnow())
         signed = key.sign(Envelope.wrap(result, source=source, id=f"result-{job.job_id}"))
+        # the same id on every attempt: a result published before a crash is dropped by the server if sent again
         await results.publish(signed.model_dump_json().encode(), headers={"Nats-Msg-Id": signed.id})
         log.info("job %s done: %s", job.job_id, outcome.metrics)
 

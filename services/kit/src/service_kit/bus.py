@@ -20,8 +20,9 @@ from service_kit.inbox import first_time
 
 log = logging.getLogger(__name__)
 
-MAX_DELIVER = 6
+MAX_DELIVER = 10   # with the backoff below, about a minute for events that arrive out of order
 ACK_WAIT_S = 30.0
+PUBLISH_TIMEOUT_S = 10.0  # faststream waits 0.5 s for the PubAck by default; a fsyncing server under load needs more
 
 
 class Permanent(Exception):
@@ -49,7 +50,8 @@ class Publisher:
 
     async def __call__(self, subject: str, body: bytes, message_id: str) -> None:
         await self._broker.publish(
-            body, subject, stream=subjects.stream_of(subject), headers={"Nats-Msg-Id": message_id}
+            body, subject, stream=subjects.stream_of(subject), headers={"Nats-Msg-Id": message_id},
+            timeout=PUBLISH_TIMEOUT_S,
         )
 
 

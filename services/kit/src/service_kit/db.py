@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -37,16 +39,20 @@ class Database:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # SQLite has one writer: queueing here is fair and cheap, where its busy-wait lock starves handlers
+        self._serial = asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
         self.committed: list[object] = []  # hooks called after each commit (the outbox relay's wake-up)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessions() as session:
+    async def transaction(self, *, notify: bool = True) -> AsyncIterator[AsyncSession]:
+        """Commit on success, roll back on any error; `notify` wakes the outbox relay after the commit."""
+        async with self._serial, self._sessions() as session:
             async with session.begin():
                 yield session
-        for hook in self.committed:
-            hook()  # type: ignore[operator]
+        if notify:
+            for hook in self.committed:
+                hook()  # type: ignore[operator]
 
     async def close(self) -> None:
         await self.engine.dispose()

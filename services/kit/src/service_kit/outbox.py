@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from collections.abc import Awaitable, Callable
+from sqlalchemy import update
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -53,19 +54,29 @@ class Relay:
         db.committed.append(self._wake.set)
 
     async def flush(self) -> int:
-        """Publish everything pending; return how many were published."""
+        """Publish everything pending, in order; return how many were published.
+
+        Rows are read in one short transaction and marked in another: no database lock is held while
+        waiting for the server. A crash in between publishes them again, and the server drops them by id.
+        """
         total = 0
         while True:
-            async with self._db.transaction() as session:
+            async with self._db.transaction(notify=False) as session:  # notify would wake the relay itself
                 rows = (await session.exec(
                     select(OutboxMessage).where(col(OutboxMessage.published_at).is_(None))
                     .order_by(col(OutboxMessage.seq)).limit(self._batch)
                 )).all()
+            published: list[int] = []
+            try:
                 for row in rows:
                     await self._publish(row.subject, row.body, row.message_id)
-                    row.published_at = utcnow()
-                    session.add(row)
-            total += len(rows)
+                    published.append(row.seq)  # type: ignore[arg-type]
+            finally:
+                if published:
+                    async with self._db.transaction(notify=False) as session:
+                        await session.exec(update(OutboxMessage).where(col(OutboxMessage.seq).in_(published))
+                                           .values(published_at=utcnow()))
+            total += len(published)
             if len(rows) < self._batch:
                 return total
 

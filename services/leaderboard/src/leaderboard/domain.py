@@ -7,7 +7,6 @@ site AUCs, not an AUC over the pooled cases (nobody outside the sites could comp
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,26 +14,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import rfc8785
-
 from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.messages import BenchmarkSpec, JobSpec, LeaderboardRow, LeaderboardUpdated, Role, SiteResult
-from contracts.signing import SignatureError, verify
+from contracts.signing import SignatureError, metrics_hash, verify
 
 # what a result must share with its job: the artefacts that produced it, pinned by digest when the job was planned
 BOUND_FIELDS = ("benchmark_id", "model_id", "dataset_id", "model_image", "evaluator_image", "dataset_hash")
 
 # pooled values are weighted means: two models with the same site values may differ in the last bits
 TIE_REL_TOL = 1e-9
-
-
-def metrics_hash(metrics: Mapping[str, float]) -> str:
-    """'sha256:' and the SHA-256 of the RFC 8785 canonical JSON of `metrics`: what a site binds into its result.
-
-    The values must be finite (canonical JSON has no NaN or infinity).
-    """
-    return "sha256:" + hashlib.sha256(rfc8785.dumps(dict(metrics))).hexdigest()
 
 
 class Check(StrEnum):
