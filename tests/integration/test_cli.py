@@ -1,0 +1,83 @@
+"""The `assay` command as a user runs it: `assay up` and Ctrl-C, readable refusals, the leaderboard as JSON.
+
+The CLI runs in a thread so that the in-process services keep answering on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from contracts import messages as m
+from contracts.signing import KeyPair
+from tests.support.federation import Federation, fake_containers, next_events
+
+
+def assay(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "assay", "--home", str(home), *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_assay_up_starts_every_process_and_ctrl_c_stops_them_all(tmp_path: Path) -> None:
+    KeyPair.generate().save(tmp_path / "keys" / "operator.key")
+    KeyPair.generate().save(tmp_path / "keys" / "site-1.key")
+    assert assay(tmp_path, "site", "add", "site-1").returncode == 0
+    up = subprocess.Popen([sys.executable, "-m", "assay", "--home", str(tmp_path), "up"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "platform.json").exists():
+            assert up.poll() is None, up.stdout.read() if up.stdout else ""
+            assert time.monotonic() < deadline, "assay up did not come up"
+            time.sleep(0.1)
+        url = json.loads((tmp_path / "platform.json").read_text())["nats_url"]
+        assert url.startswith("nats://127.0.0.1:") and not url.endswith(":4222")
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+    finally:
+        up.kill()
+    assert up.returncode == 0, output
+    assert "Assay is up" in output
+    assert not (tmp_path / "platform.json").exists()
+    logs = {p.stem: p.read_text() for p in (tmp_path / "logs").glob("*.log")}
+    assert set(logs) == {"nats", "registry", "approval", "scheduling", "leaderboard", "site-site-1"}
+    for name, text in logs.items():
+        if name == "nats":
+            assert "Server Exiting" in text
+        else:
+            assert "shut down gracefully" in text, f"{name} did not stop cleanly:\n{text[-2000:]}"
+
+
+async def test_the_leaderboard_prints_as_json_and_refusals_say_why(nats_url: str, tmp_path: Path) -> None:
+    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
+    await fed.start_services()
+    try:
+        await fed.start_site("site-a", fake_containers({"auc": 0.8, "sensitivity": 0.6}))
+        await fed.benchmark()
+        await fed.model("model-1")
+        await fed.dataset("site-a", "ds-a")
+        await next_events(nats_url, "assay.v1.evt.result.accepted", 1)
+        (tmp_path / "platform.json").write_text(json.dumps({"nats_url": nats_url}))
+
+        shown = await asyncio.to_thread(assay, tmp_path, "leaderboard", "show", "bench", "--json")
+        assert shown.returncode == 0, shown.stderr
+        board = m.LeaderboardUpdated.model_validate_json(shown.stdout)
+        assert board.rows[0].site_values == {"site-a": {"auc": 0.8, "sensitivity": 0.6}}
+
+        table = await asyncio.to_thread(assay, tmp_path, "leaderboard", "show", "bench")
+        assert "model-1" in table.stdout and "0.800" in table.stdout
+
+        refused = await asyncio.to_thread(assay, tmp_path, "benchmark", "approve", "bench", "--as", "vendor")
+        assert refused.returncode == 1
+        assert "actor vendor has role model_owner; this command needs operator" in refused.stderr
+
+        missing = await asyncio.to_thread(assay, tmp_path, "model", "register", "m2", "--image", "sha256:" + "4" * 64, "--as", "nobody")
+        assert missing.returncode == 1 and "error:" in missing.stderr
+    finally:
+        await fed.stop()
