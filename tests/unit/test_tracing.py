@@ -117,3 +117,38 @@ async def test_one_trace_follows_a_message_from_a_client_through_a_service_to_a_
     consumers = {s.resource.attributes["service.name"] for s in recorded if s.kind is SpanKind.CONSUMER}
     producers = {s.resource.attributes["service.name"] for s in recorded if s.kind is SpanKind.PRODUCER}
     assert (producers, consumers) == ({"client", "scheduling"}, {"scheduling", "site-worker-hospital-a"})
+
+
+async def test_an_event_relayed_from_the_outbox_continues_the_trace_that_staged_it(nats_url: str, tmp_path: Path) -> None:
+    from contracts import messages as m
+    from service_kit.app import KIT_TABLES
+    from service_kit.bus import Publisher
+    from service_kit.db import Database, create_tables, make_engine
+    from service_kit.outbox import Relay, stage_event
+
+    spans = InMemorySpanExporter()
+    relay_broker, relay_provider = traced_broker("approval", spans, nats_url)
+    consumer_broker, consumer_provider = traced_broker("scheduling", spans, nats_url)
+    handled = asyncio.get_running_loop().create_future()
+
+    @consumer_broker.subscriber("assay.v1.evt.benchmark.approved")
+    async def learn(body: dict) -> None:  # type: ignore[type-arg]
+        handled.set_result(body)
+
+    db = Database(make_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}"))
+    await create_tables(db.engine, KIT_TABLES)
+    with relay_provider.get_tracer("test").start_as_current_span("approve benchmark") as command:
+        async with db.transaction() as session:
+            stage_event(session, "test", m.BenchmarkApproved(benchmark_id="b", approved_by="operator"))
+    await consumer_broker.start()
+    await relay_broker.start()
+    try:
+        assert await Relay(db, Publisher(relay_broker)).flush() == 1  # later, in another task, with no span open
+        await asyncio.wait_for(handled, 10)
+    finally:
+        await relay_broker.stop()
+        await consumer_broker.stop()
+        await db.close()
+    recorded = finished(spans, relay_provider, consumer_provider)
+    [consumed] = [s for s in recorded if s.kind is SpanKind.CONSUMER]
+    assert consumed.context.trace_id == command.get_span_context().trace_id

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import datetime
 from typing import Any
 
 from collections.abc import Awaitable, Callable
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from sqlalchemy import update
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -23,13 +26,17 @@ class OutboxMessage(SQLModel, table=True):
     message_id: str = Field(unique=True, max_length=128)
     subject: str = Field(max_length=256)
     body: bytes
+    trace_headers: str = "{}"  # the trace context of the transaction that staged it, so the trace goes on
     created_at: datetime = Field(default_factory=utcnow)
     published_at: datetime | None = Field(default=None, index=True)
 
 
 def stage(session: AsyncSession, subject: str, envelope: Envelope[Any]) -> None:
     """Add a message to the outbox inside the caller's transaction."""
-    session.add(OutboxMessage(message_id=envelope.id, subject=subject, body=envelope.model_dump_json().encode()))
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    session.add(OutboxMessage(message_id=envelope.id, subject=subject, body=envelope.model_dump_json().encode(),
+                              trace_headers=json.dumps(carrier)))
 
 
 def stage_event(session: AsyncSession, source: str, payload: Payload, *, id: str | None = None) -> Envelope[Any]:
@@ -69,7 +76,11 @@ class Relay:
             published: list[int] = []
             try:
                 for row in rows:
-                    await self._publish(row.subject, row.body, row.message_id)
+                    token = otel_context.attach(propagate.extract(json.loads(row.trace_headers)))
+                    try:  # published as part of the trace that staged it, not as a new one
+                        await self._publish(row.subject, row.body, row.message_id)
+                    finally:
+                        otel_context.detach(token)
                     published.append(row.seq)  # type: ignore[arg-type]
             finally:
                 if published:
