@@ -67,7 +67,7 @@ def trivial_job(image: str, dataset: Path) -> JobSpec:
     (labels / "case-0.json").write_text('{"y": 1}')
     return JobSpec(job_id="job-bench-containers", benchmark_id="bench", model_id="trivial", dataset_id="ds",
                    site_id="site", model_image=image, evaluator_image=image,
-                   dataset_hash=content_hash(data, labels), metrics=(MetricSpec(name="auc"),))
+                   dataset_hash=content_hash(data, labels), case_count=1, metrics=(MetricSpec(name="auc"),))
 
 
 def paired_ratio(values: list[float], baseline: list[float]) -> float:

@@ -93,7 +93,7 @@ async def test_a_job_not_signed_by_the_scheduler_is_never_run(federation: Federa
     await federation.start_site("site-a", runner)
     forged = m.JobSpec(job_id="job-forged", benchmark_id="bench", model_id="m", dataset_id="d", site_id="site-a",
                        model_image=MODEL, evaluator_image=EVALUATOR, dataset_hash="sha256:" + "0" * 64,
-                       metrics=(m.MetricSpec(name="auc"),))
+                       case_count=2, metrics=(m.MetricSpec(name="auc"),))
     envelope = KeyPair.generate().sign(Envelope.wrap(forged, source="service:scheduling", id="job-forged"))
     nc = await nats.connect(federation.nats_url)
     await nc.jetstream().publish(jobs("site-a"), envelope.model_dump_json().encode(),

@@ -131,23 +131,23 @@ BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE,
                           primary_metric="auc")
 
 
-def job(job_id: str, model_id: str, site_id: str) -> JobSpec:
+def job(job_id: str, model_id: str, site_id: str, cases: int) -> JobSpec:
     return JobSpec(job_id=job_id, benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}",
                    site_id=site_id, model_image=digest("a"), evaluator_image=digest("b"),
-                   dataset_hash=digest("c"), metrics=BENCHMARK.metrics)
+                   dataset_hash=digest("c"), case_count=cases, metrics=BENCHMARK.metrics)
 
 
-JOBS = {j.job_id: j for j in (job("job-1", "model-1", "site-a"), job("job-2", "model-1", "site-b"),
-                              job("job-3", "model-2", "site-a"))}
+JOBS = {j.job_id: j for j in (job("job-1", "model-1", "site-a", 300), job("job-2", "model-1", "site-b", 100),
+                              job("job-3", "model-2", "site-a", 50))}
 
 
-def site_result(job_id: str, auc: float, *, case_count: int = 100, key: KeyPair | None = None) -> Envelope[SiteResult]:
+def site_result(job_id: str, auc: float, *, case_count: int | None = None, key: KeyPair | None = None) -> Envelope[SiteResult]:
     """A result of one of JOBS, signed by its site (or by `key`)."""
     j = JOBS[job_id]
     metrics = {"auc": auc, "brier": 0.1}
     result = SiteResult(job_id=j.job_id, benchmark_id=j.benchmark_id, model_id=j.model_id, dataset_id=j.dataset_id,
                         site_id=j.site_id, model_image=j.model_image, evaluator_image=j.evaluator_image,
-                        dataset_hash=j.dataset_hash, metrics=metrics, case_count=case_count,
+                        dataset_hash=j.dataset_hash, metrics=metrics, case_count=case_count or j.case_count,
                         metrics_hash=metrics_hash(metrics), worker_id="worker-1", finished_at=datetime.now(UTC))
     return (key or SITES[j.site_id]).sign(Envelope.wrap(result, source=f"site:{j.site_id}"))
 
@@ -180,22 +180,22 @@ async def accepted(bus: Bus, envelope: Envelope[SiteResult]) -> LeaderboardUpdat
 async def test_a_valid_result_appears_on_the_leaderboard_with_its_value(bus: Bus, leaderboard: None):
     await announce_world(bus)
 
-    published = await accepted(bus, site_result("job-1", 0.83, case_count=120))
+    published = await accepted(bus, site_result("job-1", 0.83))
 
     board = await bus.board()
     assert board == published
     (row,) = board.rows
-    assert (row.rank, row.model_id, row.case_count, row.sites) == (1, "model-1", 120, 1)
+    assert (row.rank, row.model_id, row.case_count, row.sites) == (1, "model-1", 300, 1)
     assert row.pooled == {"auc": 0.83, "brier": 0.1}
     assert row.site_values == {"site-a": {"auc": 0.83, "brier": 0.1}}
 
 
 async def test_results_from_two_sites_are_pooled_by_cases_and_models_ranked(bus: Bus, leaderboard: None):
     await announce_world(bus)
-    await accepted(bus, site_result("job-1", 0.9, case_count=300))
-    await accepted(bus, site_result("job-2", 0.5, case_count=100))
+    await accepted(bus, site_result("job-1", 0.9))
+    await accepted(bus, site_result("job-2", 0.5))
 
-    board = await accepted(bus, site_result("job-3", 0.85, case_count=50))
+    board = await accepted(bus, site_result("job-3", 0.85))
 
     assert [(row.rank, row.model_id) for row in board.rows] == [(1, "model-2"), (2, "model-1")]
     assert board.rows[1].pooled["auc"] == pytest.approx(0.8)  # (0.9 * 300 + 0.5 * 100) / 400
@@ -247,19 +247,19 @@ async def test_a_result_published_on_another_sites_subject_is_rejected(bus: Bus,
 
 async def test_the_same_result_sent_twice_is_counted_once(bus: Bus, leaderboard: None):
     await announce_world(bus)
-    first = site_result("job-1", 0.8, case_count=100)
+    first = site_result("job-1", 0.8)
     once = await accepted(bus, first)
 
     resent_seq = await bus.send_result(first, msg_id=f"{first.id}-resent")  # past the server's dedupe
     await bus.acked(resent_seq)
-    signed_again = site_result("job-1", 0.8, case_count=100)  # the worker ran the job twice and signed anew
+    signed_again = site_result("job-1", 0.8)  # the worker ran the job twice and signed anew
     await bus.send_result(signed_again)
 
     rejected = (await bus.next_event(ResultRejected)).data
     assert rejected.message_id == signed_again.id
     assert rejected.reason == "duplicate: job job-1 already has an accepted result; this one is not counted"
     assert await bus.board() == once
-    assert once.rows[0].case_count == 100
+    assert once.rows[0].case_count == 300
 
 
 async def test_a_result_that_arrives_before_its_job_is_accepted_once_the_job_is_known(bus: Bus, leaderboard: None):

@@ -35,7 +35,7 @@ BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE,
                           evaluator=IMAGE, metrics=(MetricSpec(name="auc"),), primary_metric="auc")
 JOB = JobSpec(job_id="job-1", benchmark_id="bm", model_id="model-1", dataset_id="data-a", site_id="site-a",
               model_image="sha256:" + "a" * 64, evaluator_image="sha256:" + "b" * 64,
-              dataset_hash="sha256:" + "c" * 64, metrics=BENCHMARK.metrics)
+              dataset_hash="sha256:" + "c" * 64, case_count=40, metrics=BENCHMARK.metrics)
 
 
 def site_result(auc: float = 0.8, *, key: KeyPair = SITES["site-a"]) -> Envelope[SiteResult]:

@@ -34,7 +34,7 @@ def benchmark(*, higher_is_better: bool = True) -> BenchmarkSpec:
 
 JOB = JobSpec(job_id="job-1", benchmark_id="bm", model_id="model-1", dataset_id="data-a", site_id="site-a",
               model_image=digest("a"), evaluator_image=digest("b"), dataset_hash=digest("c"),
-              metrics=benchmark().metrics)
+              case_count=100, metrics=benchmark().metrics)
 
 
 def result(**changes: object) -> SiteResult:
@@ -137,7 +137,7 @@ def test_a_site_answering_a_job_sent_to_another_site_is_rejected():
 
 @pytest.mark.parametrize("field", [f for f in BOUND_FIELDS if f != "benchmark_id"])
 def test_a_result_that_differs_from_its_job_in_a_bound_field_is_rejected(field):
-    value = OTHER_DIGEST if field.endswith(("image", "hash")) else "someone-else"
+    value = OTHER_DIGEST if field.endswith(("image", "hash")) else 5000 if field == "case_count" else "someone-else"
 
     verdict = check(signed(result(**{field: value})))
 

@@ -9,7 +9,7 @@ IMAGE = m.ImageRef(digest="sha256:" + "e" * 64, name="ev")
 SPEC = m.BenchmarkSpec(benchmark_id="b", name="b", preparator=IMAGE, reference_model=IMAGE, evaluator=IMAGE,
                        metrics=(m.MetricSpec(name="auc"),), primary_metric="auc")
 MODELS = {"m1": "sha256:" + "1" * 64, "m2": "sha256:" + "2" * 64}
-DATASETS = [PlannedDataset("d1", "site-a", "sha256:" + "a" * 64), PlannedDataset("d2", "site-b", "sha256:" + "b" * 64)]
+DATASETS = [PlannedDataset("d1", "site-a", "sha256:" + "a" * 64, 10), PlannedDataset("d2", "site-b", "sha256:" + "b" * 64, 20)]
 
 
 def test_every_model_meets_every_dataset_once() -> None:

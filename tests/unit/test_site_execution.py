@@ -17,7 +17,8 @@ DECLARED = (m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity"))
 
 def job_for(dataset_hash: str) -> m.JobSpec:
     return m.JobSpec(job_id="job-1", benchmark_id="b", model_id="mod", dataset_id="ds", site_id="s",
-                     model_image=MODEL, evaluator_image=EVALUATOR, dataset_hash=dataset_hash, metrics=DECLARED)
+                     model_image=MODEL, evaluator_image=EVALUATOR, dataset_hash=dataset_hash,
+                     case_count=2, metrics=DECLARED)
 
 
 def test_only_declared_finite_metrics_within_bounds_may_leave() -> None:
@@ -63,3 +64,10 @@ def test_an_image_missing_at_the_site_is_refused(tmp_path: Path) -> None:
     job = job_for(digest).model_copy(update={"model_image": "sha256:" + "9" * 64})
     with pytest.raises(JobRefused, match="not present"):
         execute(job, tmp_path / "ds", fake_containers({}), tmp_path / "work", Limits())
+
+
+def test_a_result_over_other_cases_than_registered_is_refused(tmp_path: Path) -> None:
+    digest = make_dataset(tmp_path / "ds")
+    job = job_for(digest).model_copy(update={"case_count": 3})  # registered with 3 cases, the evaluator scored 2
+    with pytest.raises(JobRefused, match="scored 2 cases"):
+        execute(job, tmp_path / "ds", fake_containers({"auc": 0.8, "sensitivity": 0.5}), tmp_path / "work", Limits())

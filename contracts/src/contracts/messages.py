@@ -204,6 +204,7 @@ class JobSpec(Payload):
     model_image: Digest
     evaluator_image: Digest
     dataset_hash: Digest
+    case_count: int = Field(ge=1, description="as registered: the result must score exactly these cases")
     metrics: tuple[MetricSpec, ...]
 
 

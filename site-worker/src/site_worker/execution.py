@@ -79,6 +79,7 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     metrics = validate_metrics(raw, job.metrics)
     cases = evaluation / "cases.jsonl"
     case_count = sum(1 for line in cases.read_text().splitlines() if line.strip()) if cases.exists() else 0
-    if case_count < 1:
-        raise JobFailed("the evaluator wrote no per-case scores to /assay/out/cases.jsonl")
+    if case_count != job.case_count:
+        raise JobRefused(f"the evaluator scored {case_count} cases in /assay/out/cases.jsonl; "
+                         f"dataset {job.dataset_id} was registered with {job.case_count}")
     return Outcome(metrics=metrics, case_count=case_count)

@@ -20,7 +20,8 @@ from contracts.messages import BenchmarkSpec, JobSpec, LeaderboardRow, Leaderboa
 from contracts.signing import SignatureError, metrics_hash, verify
 
 # what a result must share with its job: the artefacts that produced it, pinned by digest when the job was planned
-BOUND_FIELDS = ("benchmark_id", "model_id", "dataset_id", "model_image", "evaluator_image", "dataset_hash")
+BOUND_FIELDS = ("benchmark_id", "model_id", "dataset_id", "model_image", "evaluator_image", "dataset_hash",
+                "case_count")  # a site cannot weigh more in the pooled values than the cases it registered
 
 # pooled values are weighted means: two models with the same site values may differ in the last bits
 TIE_REL_TOL = 1e-9

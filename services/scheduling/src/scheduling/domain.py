@@ -13,6 +13,7 @@ class PlannedDataset:
     dataset_id: str
     site_id: str
     content_hash: str
+    case_count: int
 
 
 def job_id(benchmark_id: str, model_digest: str, evaluator: str, dataset_hash: str, model_id: str,
@@ -34,6 +35,6 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
                 continue
             jobs.append(JobSpec(job_id=jid, benchmark_id=benchmark.benchmark_id, model_id=model_id,
                                 dataset_id=ds.dataset_id, site_id=ds.site_id, model_image=digest,
-                                evaluator_image=benchmark.evaluator.digest, dataset_hash=ds.content_hash,
+                                evaluator_image=benchmark.evaluator.digest, dataset_hash=ds.content_hash, case_count=ds.case_count,
                                 metrics=benchmark.metrics))
     return jobs

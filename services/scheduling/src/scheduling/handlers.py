@@ -32,7 +32,7 @@ async def plan(session: AsyncSession, benchmark_id: str, signer: KeyPair) -> int
     model_ids = {x.entity_id for x in members if x.kind == "model"}
     dataset_ids = {x.entity_id for x in members if x.kind == "dataset"}
     models = {x.model_id: x.digest for x in (await session.exec(select(Model))).all() if x.model_id in model_ids}
-    datasets = [PlannedDataset(d.dataset_id, d.site_id, d.content_hash)
+    datasets = [PlannedDataset(d.dataset_id, d.site_id, d.content_hash, d.case_count)
                 for d in (await session.exec(select(Dataset).where(Dataset.benchmark_id == benchmark_id))).all()
                 if d.dataset_id in dataset_ids]
     existing = set((await session.exec(select(Job.job_id).where(Job.benchmark_id == benchmark_id))).all())
@@ -79,7 +79,7 @@ def build_router(service: Service, signer: KeyPair) -> NatsRouter:
     async def dataset_registered(session: AsyncSession, e: m.DatasetRegistered) -> str:
         if await session.get(Dataset, e.dataset_id) is None:
             session.add(Dataset(dataset_id=e.dataset_id, site_id=e.site_id, benchmark_id=e.benchmark_id,
-                                content_hash=e.content_hash))
+                                content_hash=e.content_hash, case_count=e.case_count))
         return e.benchmark_id
 
     async def association_approved(session: AsyncSession, e: m.AssociationApproved) -> str:

@@ -25,6 +25,7 @@ class Dataset(SQLModel, table=True):
     site_id: str
     benchmark_id: str
     content_hash: str
+    case_count: int
 
 
 class Member(SQLModel, table=True):
