@@ -81,3 +81,12 @@ async def test_the_leaderboard_prints_as_json_and_refusals_say_why(nats_url: str
         assert missing.returncode == 1 and "error:" in missing.stderr
     finally:
         await fed.stop()
+
+
+def test_names_that_would_escape_the_state_folder_are_refused(tmp_path: Path) -> None:
+    for args in (("keys", "new", "../outside"), ("dataset", "register", "../../x", "--as", "site-1"),
+                 ("site", "add", "a/b")):
+        refused = assay(tmp_path / "home", *args)
+        assert refused.returncode == 1, args
+        assert "must match" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "outside.key").exists()

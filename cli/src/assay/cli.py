@@ -40,6 +40,12 @@ def main_options(home: Annotated[Path, typer.Option(envvar="ASSAY_HOME", help="s
     state["home"] = Home(home.resolve())
 
 
+def say_error(message: str) -> None:
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}")
+
+
 def _home() -> Home:
     return state["home"]
 
@@ -52,7 +58,7 @@ def _send(payload: m.Payload, actor: str | None) -> dict[str, Any]:
         key = home.key(actor) if actor else None
         reply = asyncio.run(request(home.nats_url(), payload, actor=actor or "anonymous", key=key))
     except (CommandFailed, FileNotFoundError, ConnectionError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        say_error(str(exc))
         raise typer.Exit(1) from exc
     if "message" in reply:
         console.print(f"[green]ok[/green] {reply['message']}")
@@ -66,7 +72,7 @@ def _image_id(ref: str) -> str:
 
     found = DockerRunner(docker.from_env()).image_id(ref)
     if found is None:
-        err.print(f"[red]error:[/red] image {ref!r} is not in the local Docker engine; build or `docker load` it")
+        say_error(f"image {ref!r} is not in the local Docker engine; build or `docker load` it")
         raise typer.Exit(1)
     return found
 
@@ -78,7 +84,7 @@ def keys_new(name: str) -> None:
 
     path = _home().key_file(name)
     if path.exists():
-        err.print(f"[red]error:[/red] {path} exists; keys are never overwritten")
+        say_error(f"{path} exists; keys are never overwritten")
         raise typer.Exit(1)
     pair = KeyPair.generate()
     pair.save(path)
@@ -92,7 +98,7 @@ def actor_register(name: str, role: Annotated[m.Role, typer.Option()], actor: As
     try:
         public = _home().public_key(name)
     except FileNotFoundError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        say_error(str(exc))
         raise typer.Exit(1) from exc
     _send(m.RegisterActor(actor_id=name, role=role, public_key=public, display_name=display_name or name), actor)
 
@@ -112,7 +118,7 @@ def benchmark_register(spec_file: Path, actor: As) -> None:
     except ValidationError as exc:
         from service_kit.bus import describe
 
-        err.print(f"[red]error:[/red] {spec_file}: {describe(exc)}")
+        say_error(f"{spec_file}: {describe(exc)}")
         raise typer.Exit(1) from exc
     _send(m.RegisterBenchmark(benchmark=spec), actor)
 
@@ -138,7 +144,7 @@ def model_register(model_id: str, image: Annotated[str, typer.Option(help="local
 
 def _entity(model: str | None, dataset: str | None) -> tuple[m.EntityKind, str]:
     if (model is None) == (dataset is None):
-        err.print("[red]error:[/red] give exactly one of --model or --dataset")
+        say_error("give exactly one of --model or --dataset")
         raise typer.Exit(2)
     return (m.EntityKind.MODEL, model) if model else (m.EntityKind.DATASET, dataset)  # type: ignore[return-value]
 
@@ -180,14 +186,14 @@ def dataset_prepare(dataset_id: str, benchmark: Annotated[str, typer.Option()], 
 
     spec = m.BenchmarkSpec.model_validate(_send(m.GetBenchmark(benchmark_id=benchmark), None)["benchmark"])
     home = _home()
-    out = home.site_dir(site) / "datasets" / dataset_id
+    out = home.dataset_dir(site, dataset_id)
     if out.exists():
-        err.print(f"[red]error:[/red] {out} exists; choose another dataset id or remove it")
+        say_error(f"{out} exists; choose another dataset id or remove it")
         raise typer.Exit(1)
     try:
         prepared = prepare_dataset(DockerRunner(docker.from_env()), spec.preparator.digest, raw.resolve(), out)
     except ContainerError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        say_error(str(exc))
         raise typer.Exit(1) from exc
     registration = m.RegisterDataset(dataset_id=dataset_id, benchmark_id=benchmark, name=dataset_id,
                                      content_hash=prepared.content_hash, case_count=prepared.case_count,
@@ -205,9 +211,9 @@ def dataset_prepare(dataset_id: str, benchmark: Annotated[str, typer.Option()], 
 @dataset_app.command("register")
 def dataset_register(dataset_id: str, actor: As) -> None:
     """Register a prepared dataset: metadata and content hash only."""
-    path = _home().site_dir(actor) / "datasets" / dataset_id / "registration.json"
+    path = _home().dataset_dir(actor, dataset_id) / "registration.json"
     if not path.exists():
-        err.print(f"[red]error:[/red] {path} not found; run `assay dataset prepare {dataset_id} ... --site {actor}`")
+        say_error(f"{path} not found; run `assay dataset prepare {dataset_id} ... --site {actor}`")
         raise typer.Exit(1)
     _send(m.RegisterDataset.model_validate_json(path.read_text()), actor)
 
@@ -271,4 +277,8 @@ def demo(keep: Annotated[bool, typer.Option(help="keep the platform running afte
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    try:
+        app()
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as exc:  # bad input or setup: say what
+        say_error(str(exc))
+        raise SystemExit(1) from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.signing import KeyPair
+from contracts.subjects import token
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Home:
         return self.root / "platform.json"
 
     def key_file(self, name: str) -> Path:
-        return self.keys / f"{name}.key"
+        return self.keys / f"{token(name, 'key name')}.key"
 
     def key(self, name: str) -> KeyPair:
         path = self.key_file(name)
@@ -41,7 +42,10 @@ class Home:
         return path.read_text().strip()
 
     def site_dir(self, site_id: str) -> Path:
-        return self.root / "sites" / site_id
+        return self.root / "sites" / token(site_id, "site id")
+
+    def dataset_dir(self, site_id: str, dataset_id: str) -> Path:
+        return self.site_dir(site_id) / "datasets" / token(dataset_id, "dataset id")
 
     def sites(self) -> list[str]:
         return sorted(p.parent.name for p in (self.root / "sites").glob("*/site.json"))
