@@ -8,10 +8,12 @@ from pathlib import Path
 
 import nats
 import pytest
+from pydantic import ValidationError
 
 from contracts import messages as m
 from contracts.envelope import Envelope
-from contracts.signing import KeyPair
+from contracts.envelope import utcnow
+from contracts.signing import KeyPair, metrics_hash
 from contracts.subjects import jobs
 from site_worker.containers import RunOutcome
 from tests.conftest import new_database
@@ -118,3 +120,39 @@ async def test_a_failed_container_is_retried_and_the_result_counted_once(federat
     with pytest.raises(TimeoutError):  # no second acceptance arrives
         await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 2, timeout_s=1.5)
     await asyncio.sleep(0)
+
+
+async def test_a_forgery_that_reuses_a_genuine_result_id_blocks_nothing(federation: Federation) -> None:
+    await federation.benchmark()
+    await federation.model("model-1")
+    await federation.dataset("site-a", "ds-a")
+    (scheduled,) = await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 1)
+    job = m.JobSpec.model_validate(scheduled["data"]["job"])
+    forged = m.SiteResult(job_id=job.job_id, benchmark_id=job.benchmark_id, model_id=job.model_id,
+                          dataset_id=job.dataset_id, site_id="site-a", model_image=job.model_image,
+                          evaluator_image=job.evaluator_image, dataset_hash=job.dataset_hash, metrics={"auc": 1.0, "sensitivity": 1.0},
+                          case_count=job.case_count, metrics_hash=metrics_hash({"auc": 1.0, "sensitivity": 1.0}),
+                          worker_id="mallory", finished_at=utcnow())
+    await federation.enrol("site-b", m.Role.SITE)  # another hospital tries to pre-empt site-a's result id
+    envelope = federation.key("site-b").sign(Envelope.wrap(forged, source="site:site-a", id=f"result-{job.job_id}"))
+    nc = await nats.connect(federation.nats_url)
+    await nc.jetstream().publish("assay.v1.results.site-a", envelope.model_dump_json().encode(),
+                                 headers={"Nats-Msg-Id": envelope.id})
+    await nc.close()
+    (rejected,) = await next_events(federation.nats_url, "assay.v1.evt.result.rejected", 1)
+    assert rejected["data"]["job_id"] == job.job_id
+    await federation.start_site("site-a", fake_containers(METRICS))  # the genuine worker comes online only now
+    (accepted,) = await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
+    assert accepted["data"]["metrics"] == METRICS
+
+
+async def test_an_actor_key_must_be_a_real_and_unused_ed25519_key(federation: Federation) -> None:
+    from assay.client import CommandFailed
+
+    await federation.enrol("vendor", m.Role.MODEL_OWNER)
+    with pytest.raises(CommandFailed, match="already enrolled as actor vendor"):
+        await federation.send(m.RegisterActor(actor_id="vendor-2", role=m.Role.MODEL_OWNER,
+                                              public_key=federation.key("vendor").public_key,
+                                              display_name="copy"), "operator")
+    with pytest.raises(ValidationError, match="not a raw Ed25519 public key"):
+        m.RegisterActor(actor_id="x", role=m.Role.SITE, public_key="!" * 43, display_name="x")

@@ -71,3 +71,15 @@ def test_a_result_over_other_cases_than_registered_is_refused(tmp_path: Path) ->
     job = job_for(digest).model_copy(update={"case_count": 3})  # registered with 3 cases, the evaluator scored 2
     with pytest.raises(JobRefused, match="scored 2 cases"):
         execute(job, tmp_path / "ds", fake_containers({"auc": 0.8, "sensitivity": 0.5}), tmp_path / "work", Limits())
+
+
+def test_a_failed_containers_log_stays_at_the_site(tmp_path: Path) -> None:
+    from site_worker.containers import RunOutcome
+
+    digest = make_dataset(tmp_path / "ds")
+    runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
+    runner.script("evaluate", RunOutcome(exit_code=3, log_tail="case c1 of patient Jane Doe has label 1"))
+    with pytest.raises(JobFailed) as failed:
+        execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
+    assert "Jane Doe" not in str(failed.value) and "exit code 3" in str(failed.value)
+    assert "Jane Doe" in (tmp_path / "work" / "job-1" / "failure.log").read_text()

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, ClassVar
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from contracts.envelope import Payload
 
@@ -68,8 +68,15 @@ class RegisterActor(Payload):
     TYPE: ClassVar[str] = "assay.v1.RegisterActor"
     actor_id: Id
     role: Role
-    public_key: str = Field(min_length=40, max_length=64)
+    public_key: str = Field(min_length=43, max_length=43, description="raw Ed25519 public key, url-safe base64")
     display_name: Name
+
+    @field_validator("public_key")
+    @classmethod
+    def _is_ed25519(cls, value: str) -> str:
+        from contracts.signing import check_public_key
+
+        return check_public_key(value)
 
 
 class RegisterBenchmark(Payload):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 from dataclasses import dataclass
@@ -30,6 +31,18 @@ def _b64(raw: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def check_public_key(public_key: str) -> str:
+    """`public_key` if it is a raw Ed25519 public key in url-safe base64, else ValueError saying so."""
+    try:
+        raw = base64.urlsafe_b64decode(public_key + "=")
+        Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError("not a raw Ed25519 public key (43 url-safe base64 characters, as in NAME.pub)") from exc
+    if _b64(raw) != public_key:
+        raise ValueError("not a raw Ed25519 public key (43 url-safe base64 characters, as in NAME.pub)")
+    return public_key
 
 
 def key_id_of(public_key: str) -> str:

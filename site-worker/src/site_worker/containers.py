@@ -66,6 +66,14 @@ class RunOutcome:
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out and not self.oom_killed
 
+    @property
+    def why(self) -> str:
+        if self.timed_out:
+            return "timed out"
+        if self.oom_killed:
+            return "killed for exceeding its memory limit"
+        return f"exit code {self.exit_code}"
+
 
 class ContainerError(Exception):
     """A container could not be run at all (bad image reference, absent image, engine refusal)."""

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from site_worker.containers import ContainerError, ContainerRunner, Limits, Mount, RunOutcome, RunSpec
+from site_worker.containers import ContainerError, ContainerRunner, Limits, Mount, RunSpec
 
 CHUNK = 1 << 20
 STATISTICS_FILE = "statistics.json"
@@ -83,7 +83,7 @@ def prepare_dataset(
     for task, mounts in steps.items():
         outcome = runner.run(RunSpec(image=image, task=task, mounts=mounts, limits=limits))
         if not outcome.ok:
-            reason = f"preparator step {task!r} failed ({_why(outcome)}); log tail:\n{outcome.log_tail}"
+            reason = f"preparator step {task!r} failed ({outcome.why}); log tail:\n{outcome.log_tail}"
             raise ContainerError(image, task, reason)
 
     statistics = _read_statistics(stats_dir / STATISTICS_FILE, image)
@@ -95,14 +95,6 @@ def prepare_dataset(
         statistics=statistics,
         preparator_image=image,
     )
-
-
-def _why(outcome: RunOutcome) -> str:
-    if outcome.timed_out:
-        return "timed out"
-    if outcome.oom_killed:
-        return "killed for exceeding its memory limit"
-    return f"exit code {outcome.exit_code}"
 
 
 def _read_statistics(path: Path, image: str) -> dict[str, float]:

@@ -46,10 +46,11 @@ def validate_metrics(raw: object, declared: tuple[MetricSpec, ...]) -> dict[str,
     return out
 
 
-def _check(outcome: RunOutcome, what: str) -> None:
+def _check(outcome: RunOutcome, what: str, job_dir: Path) -> None:
+    """A failure's log may hold patient data: it stays at the site; only the cause travels."""
     if not outcome.ok:
-        why = "timed out" if outcome.timed_out else "ran out of memory" if outcome.oom_killed else f"exit {outcome.exit_code}"
-        raise JobFailed(f"{what} failed ({why}): {outcome.log_tail[-1500:]}")
+        (job_dir / "failure.log").write_text(outcome.log_tail)
+        raise JobFailed(f"{what} failed ({outcome.why}); its log is kept at the site in jobs/{job_dir.name}/failure.log")
 
 
 def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: Path, limits: Limits) -> Outcome:
@@ -59,7 +60,8 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
         raise JobRefused(f"dataset {job.dataset_id} no longer matches its registered hash {job.dataset_hash}")
     for image in (job.model_image, job.evaluator_image):
         if runner.image_id(image) != image:
-            raise JobRefused(f"image {image} is not present at this site; load it (docker load) and retry")
+            raise JobRefused(f"image {image} is not present at this site, so the job is set aside (dead-lettered); "
+                             "load images (docker load) before their jobs arrive")
     job_dir = work_dir / job.job_id
     shutil.rmtree(job_dir, ignore_errors=True)
     predictions, evaluation = job_dir / "predictions", job_dir / "evaluation"
@@ -68,10 +70,10 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     evaluation.mkdir(parents=True)
     env = {"ASSAY_JOB_ID": job.job_id}
     _check(runner.run(RunSpec(image=job.model_image, task="infer", env=env, limits=limits, mounts=(
-        Mount(data, "/assay/data"), Mount(predictions, "/assay/out", writable=True)))), "the model")
+        Mount(data, "/assay/data"), Mount(predictions, "/assay/out", writable=True)))), "the model", job_dir)
     _check(runner.run(RunSpec(image=job.evaluator_image, task="evaluate", env=env, limits=limits, mounts=(
         Mount(predictions, "/assay/predictions"), Mount(labels, "/assay/labels"),
-        Mount(evaluation, "/assay/out", writable=True)))), "the evaluator")
+        Mount(evaluation, "/assay/out", writable=True)))), "the evaluator", job_dir)
     try:
         raw = json.loads((evaluation / "metrics.json").read_text())
     except (OSError, ValueError) as exc:

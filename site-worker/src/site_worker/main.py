@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -52,7 +53,9 @@ def create_app(settings: Settings, runner: ContainerRunner, broker: NatsBroker |
     @broker.subscriber(
         subjects.jobs(site), stream=JStream(subjects.JOBS_STREAM, declare=False), durable=f"site-{site}",
         pull_sub=PullSub(batch_size=1, timeout=1.0),
-        config=ConsumerConfig(max_deliver=settings.max_deliver, ack_wait=settings.ack_wait_s),
+        # one delivery more than the code uses: a worker that dies in the last attempt is followed by one that
+        # dead-letters the job, instead of the server dropping it silently
+        config=ConsumerConfig(max_deliver=settings.max_deliver + 1, ack_wait=settings.ack_wait_s),
         ack_policy=AckPolicy.NACK_ON_ERROR, title=f"jobs:{site}",
     )
     async def run_job(msg: NatsMessage) -> None:
@@ -64,6 +67,9 @@ def create_app(settings: Settings, runner: ContainerRunner, broker: NatsBroker |
             await give_up(msg, msg.headers.get("Nats-Msg-Id", "?"), deliveries, f"refused, not a valid signed job: {exc}")
             return
         job = envelope.data
+        if deliveries > settings.max_deliver:
+            await give_up(msg, job.job_id, deliveries, "a worker stopped during the last attempt")
+            return
         ticker = asyncio.create_task(heartbeat(msg))
         try:
             await run_and_publish(job)
@@ -94,8 +100,10 @@ def create_app(settings: Settings, runner: ContainerRunner, broker: NatsBroker |
             dataset_hash=job.dataset_hash, metrics=outcome.metrics, case_count=outcome.case_count,
             metrics_hash=metrics_hash(outcome.metrics), worker_id=settings.worker_id, finished_at=utcnow())
         signed = key.sign(Envelope.wrap(result, source=source, id=f"result-{job.job_id}"))
-        # the same id on every attempt: a result published before a crash is dropped by the server if sent again
-        await results.publish(signed.model_dump_json().encode(), headers={"Nats-Msg-Id": signed.id})
+        body = signed.model_dump_json().encode()
+        # the dedupe id covers the signed bytes: nobody can pre-empt it by publishing a forgery with a guessed id
+        # (the leaderboard counts each job once however often a re-run publishes)
+        await results.publish(body, headers={"Nats-Msg-Id": f"{signed.id}:{hashlib.sha256(body).hexdigest()[:32]}"})
         log.info("job %s done: %s", job.job_id, outcome.metrics)
 
     return FastStream(broker)

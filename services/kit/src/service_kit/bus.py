@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, NatsRouter, PullSub
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts import subjects
@@ -20,17 +22,19 @@ from service_kit.inbox import first_time
 
 log = logging.getLogger(__name__)
 
-MAX_DELIVER = 10   # with the backoff below, about a minute for events that arrive out of order
+MAX_DELIVER = 10   # attempts for a handler that fails
+WAIT_DELIVER = 1000  # attempts for a message that refers to what this service has not heard of yet (NotYetKnown)
 ACK_WAIT_S = 30.0
 PUBLISH_TIMEOUT_S = 10.0  # faststream waits 0.5 s for the PubAck by default; a fsyncing server under load needs more
 
 
-class Permanent(Exception):
-    """A message that can never succeed (forged, malformed, contradictory): dead-letter it now, do not retry."""
+def backoff_s(deliveries: int, cap_s: float = 15.0) -> float:
+    return min(0.25 * 2 ** (min(deliveries, 20) - 1), cap_s)
 
 
-def backoff_s(deliveries: int) -> float:
-    return min(0.25 * 2 ** (deliveries - 1), 15.0)
+def inbox_key(envelope_id: str, body: bytes) -> str:
+    """The envelope id and a digest of the bytes: a forged message that reuses a genuine id blocks nothing."""
+    return f"{envelope_id}:{hashlib.sha256(body).hexdigest()[:32]}"
 
 
 def describe(exc: ValidationError) -> str:
@@ -64,8 +68,10 @@ def durable_subscriber(
 ) -> None:
     """Consume `subject` from its stream: validate, skip ids already processed, run `handle` in one transaction.
 
-    A failure is retried with backoff up to `max_deliver` times, then recorded on the dead-letter subject;
-    a Permanent failure or a malformed message is dead-lettered at once. Nothing is dropped silently.
+    A failure is retried with backoff up to `max_deliver` times, then recorded on the dead-letter subject; a
+    malformed message is dead-lettered at once. NotYetKnown (an event it refers to is still on its way) is retried
+    for much longer. The server allows more deliveries than the code uses, so a process that dies during the last
+    attempt is followed by one more, which dead-letters. Nothing is dropped silently.
     """
     model = Envelope[payload]  # type: ignore[valid-type]
 
@@ -85,10 +91,14 @@ def durable_subscriber(
             return
         try:
             async with db.transaction() as session:
-                if await first_time(session, durable, envelope.id):
+                if await first_time(session, durable, inbox_key(envelope.id, msg.body)):
                     await handle(session, envelope)
-        except Permanent as exc:
-            await dead_letter(msg, envelope.id, deliveries, str(exc))
+        except NotYetKnown as exc:
+            if deliveries >= WAIT_DELIVER:
+                await dead_letter(msg, envelope.id, deliveries, f"still unknown after {deliveries} tries: {exc}")
+                return
+            await msg.nack(delay=backoff_s(deliveries, cap_s=60.0))
+            raise
         except Exception as exc:
             if deliveries >= max_deliver:
                 await dead_letter(msg, envelope.id, deliveries, f"{type(exc).__name__}: {exc}")
@@ -100,7 +110,7 @@ def durable_subscriber(
     router.subscriber(
         subject, stream=JStream(subjects.stream_of(subject), declare=False), durable=durable,
         pull_sub=PullSub(batch_size=16, timeout=1.0),
-        config=ConsumerConfig(max_deliver=max_deliver, ack_wait=ack_wait_s),
+        config=ConsumerConfig(max_deliver=WAIT_DELIVER + 1, ack_wait=ack_wait_s),
         ack_policy=AckPolicy.NACK_ON_ERROR, title=durable,
     )(consume)
 
@@ -125,9 +135,12 @@ def command_handler(
         except ValidationError as exc:
             reply = CommandReply(ok=False, message=f"invalid {payload.__name__}: {describe(exc)}")
             return reply.model_dump_json().encode()
+        signer = envelope.signature.key_id if envelope.signature else "unsigned"
         try:
             async with db.transaction() as session:
-                if idempotent and not await first_time(session, f"{service}-commands", envelope.id):
+                # keyed by the signing key too, and rolled back with any refusal (a failed signature check
+                # included): nobody can spend another actor's command id
+                if idempotent and not await first_time(session, f"{service}-commands", f"{signer}:{envelope.id}"):
                     reply = CommandReply(ok=True, message="already done (same command id)", duplicate=True)
                 else:
                     reply = await handle(session, envelope)
@@ -135,6 +148,12 @@ def command_handler(
             reply = CommandReply(ok=False, message=str(exc), retry=True)
         except CommandRejected as exc:
             reply = CommandReply(ok=False, message=str(exc))
+        except IntegrityError:  # a concurrent replica or command took the same id: the state is as before
+            reply = CommandReply(ok=False, message="a concurrent change conflicted; retrying", retry=True)
+        except Exception as exc:
+            log.exception("command %s failed", envelope.id)
+            reply = CommandReply(ok=False, message=f"{service} failed to handle it ({type(exc).__name__}); "
+                                 "nothing was changed; see the service log")
         return reply.model_dump_json().encode()
 
     answer.__name__ = f"{service}_{payload.__name__}"

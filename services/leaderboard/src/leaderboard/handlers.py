@@ -76,7 +76,7 @@ def result_recorder(subject_of: DeliveredSubject) -> Handler:
             job = await store.job(result.job_id)
             if job is None:
                 raise NotYetKnown(f"job {result.job_id} is not known to the leaderboard yet")
-            benchmark = await store.benchmark(job.benchmark_id)
+            benchmark = await store.benchmark(job.benchmark_id, lock=True)
             if benchmark is None:
                 raise NotYetKnown(f"benchmark {job.benchmark_id} is not known to the leaderboard yet")
             verdict = domain.check_binding(result, job=job, benchmark=benchmark,

@@ -30,8 +30,9 @@ class Store:
             self.session.add(KnownJob(job_id=job.job_id, benchmark_id=job.benchmark_id,
                                       spec=job.model_dump(mode="json")))
 
-    async def benchmark(self, benchmark_id: str) -> BenchmarkSpec | None:
-        row = await self.session.get(KnownBenchmark, benchmark_id)
+    async def benchmark(self, benchmark_id: str, *, lock: bool = False) -> BenchmarkSpec | None:
+        """`lock`: hold the row until commit, so replicas re-rank one benchmark one result at a time."""
+        row = await self.session.get(KnownBenchmark, benchmark_id, with_for_update=lock)
         return None if row is None else BenchmarkSpec.model_validate(row.spec)
 
     async def job(self, job_id: str) -> JobSpec | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from faststream.nats import NatsRouter
+from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts import messages as m
@@ -28,11 +29,20 @@ async def register_actor(session: AsyncSession, env: Envelope[m.RegisterActor]) 
         if existing.public_key == cmd.public_key and existing.role == cmd.role:
             return m.CommandReply(ok=True, message=f"actor {cmd.actor_id} is already registered", entity_id=cmd.actor_id)
         raise CommandRejected(f"actor_id {cmd.actor_id!r} is taken by another key or role; choose another id")
-    event = m.ActorRegistered(actor_id=cmd.actor_id, role=cmd.role, public_key=cmd.public_key,
-                              key_id=key_id_of(cmd.public_key), display_name=cmd.display_name)
-    session.add(KnownActor(**event.model_dump(mode="json")))
-    stage_event(session, SOURCE, event)
+    holder = (await session.exec(select(KnownActor).where(KnownActor.key_id == key_id_of(cmd.public_key)))).first()
+    if holder is not None:
+        raise CommandRejected(f"public_key is already enrolled as actor {holder.actor_id}; every actor has its own key")
+    enrol(session, cmd.actor_id, cmd.role, cmd.public_key, cmd.display_name)
     return m.CommandReply(ok=True, message=f"registered {cmd.role.value} {cmd.actor_id}", entity_id=cmd.actor_id)
+
+
+def enrol(session: AsyncSession, actor_id: str, role: m.Role, public_key: str, display_name: str,
+          event_id: str | None = None) -> None:
+    """Record an actor and announce it, so every service learns its key."""
+    event = m.ActorRegistered(actor_id=actor_id, role=role, public_key=public_key, key_id=key_id_of(public_key),
+                              display_name=display_name)
+    session.add(KnownActor(**event.model_dump(mode="json")))
+    stage_event(session, SOURCE, event, id=event_id)
 
 
 async def register_benchmark(session: AsyncSession, env: Envelope[m.RegisterBenchmark]) -> m.CommandReply:
@@ -94,7 +104,7 @@ async def get_benchmark(session: AsyncSession, env: Envelope[m.GetBenchmark]) ->
 async def mark_operational(session: AsyncSession, env: Envelope[m.BenchmarkApproved]) -> None:
     benchmark = await session.get(Benchmark, env.data.benchmark_id)
     if benchmark is None:
-        raise LookupError(f"benchmark {env.data.benchmark_id} approved before it was registered here")
+        raise NotYetKnown(f"benchmark {env.data.benchmark_id} approved before it was registered here")
     benchmark.status = Status.OPERATION
     session.add(benchmark)
 

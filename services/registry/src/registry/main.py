@@ -6,13 +6,12 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 
 from contracts import messages as m
-from contracts.signing import key_id_of
+from contracts.signing import check_public_key
 from registry.config import Settings
-from registry.handlers import SOURCE, build_router
+from registry.handlers import build_router, enrol
 from registry.models import TABLES
 from service_kit.actors import KnownActor
 from service_kit.app import Service
-from service_kit.outbox import stage_event
 
 
 def create_app(settings: Settings | None = None, broker: NatsBroker | None = None) -> FastStream:
@@ -25,11 +24,8 @@ def create_app(settings: Settings | None = None, broker: NatsBroker | None = Non
         """The operator is the root of trust: registered from configuration, announced like any actor."""
         async with service.db.transaction() as session:
             if await session.get(KnownActor, settings.operator_id) is None:
-                event = m.ActorRegistered(actor_id=settings.operator_id, role=m.Role.OPERATOR,
-                                          public_key=settings.operator_public_key,
-                                          key_id=key_id_of(settings.operator_public_key), display_name="Operator")
-                session.add(KnownActor(**event.model_dump(mode="json")))
-                stage_event(session, SOURCE, event, id=f"actor-registered-{settings.operator_id}")
+                enrol(session, settings.operator_id, m.Role.OPERATOR, check_public_key(settings.operator_public_key),
+                      "Operator", event_id=f"actor-registered-{settings.operator_id}")
 
     service.on_start.append(enrol_operator)
     return service.app(build_router(service))

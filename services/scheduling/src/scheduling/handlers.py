@@ -16,6 +16,7 @@ from contracts.signing import KeyPair
 from contracts.subjects import jobs as jobs_subject
 from scheduling.domain import PlannedDataset, plan_jobs
 from scheduling.models import Benchmark, Dataset, Job, Member, Model
+from service_kit.actors import NotYetKnown
 from service_kit.app import Service
 from service_kit.bus import durable_subscriber
 from service_kit.outbox import stage, stage_event
@@ -25,7 +26,9 @@ SOURCE = "service:scheduling"
 
 async def plan(session: AsyncSession, benchmark_id: str, signer: KeyPair) -> int:
     """Stage the missing jobs of a benchmark: a JobScheduled event and the signed job on its site's queue."""
-    benchmark = await session.get(Benchmark, benchmark_id)
+    # the row lock serialises planning per benchmark: two transactions that each add half of a pair
+    # (a dataset, its approval) cannot both miss the pair; the second sees the first's rows once it commits
+    benchmark = await session.get(Benchmark, benchmark_id, with_for_update=True)
     if benchmark is None or not benchmark.approved:
         return 0
     members = (await session.exec(select(Member).where(Member.benchmark_id == benchmark_id))).all()
@@ -64,7 +67,7 @@ def build_router(service: Service, signer: KeyPair) -> NatsRouter:
     async def benchmark_approved(session: AsyncSession, e: m.BenchmarkApproved) -> str:
         benchmark = await session.get(Benchmark, e.benchmark_id)
         if benchmark is None:
-            raise LookupError(f"benchmark {e.benchmark_id} approved before its registration arrived")
+            raise NotYetKnown(f"benchmark {e.benchmark_id} approved before its registration arrived")
         benchmark.approved = True
         session.add(benchmark)
         return e.benchmark_id
