@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from assay.platform import read_ports_file
 from contracts.streams import ensure_streams
 
 IN_CI = os.environ.get("CI") == "true"
@@ -49,16 +49,6 @@ def docker_client():  # type: ignore[no-untyped-def]
 
 def nats_binary() -> str:
     return shutil.which("nats-server") or str(Path(sys.prefix, "bin", "nats-server"))
-
-
-def read_ports_file(folder: Path) -> str:
-    """The client URL from nats-server's ports file, or "" while it is absent or half written."""
-    for path in folder.glob("*.ports"):
-        try:
-            return str(json.loads(path.read_text())["nats"][0])
-        except (OSError, ValueError, KeyError, IndexError):
-            return ""
-    return ""
 
 
 @pytest.fixture

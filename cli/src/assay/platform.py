@@ -35,6 +35,17 @@ def nats_server_binary() -> str:
     return found
 
 
+def read_ports_file(folder: Path) -> str:
+    """The client URL from nats-server's ports file in `folder`, or "" while it is absent or half written
+    (the server writes it just after "Server is ready")."""
+    for path in folder.glob("*.ports"):
+        try:
+            return str(json.loads(path.read_text())["nats"][0])
+        except (OSError, ValueError, KeyError, IndexError):
+            return ""
+    return ""
+
+
 @dataclass
 class Platform:
     home: Home
@@ -60,12 +71,9 @@ class Platform:
                              "--ports_file_dir", str(store)], {})
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            for ports in store.glob("*.ports"):
-                try:
-                    self.nats_url = json.loads(ports.read_text())["nats"][0]
-                    return self.nats_url
-                except (OSError, ValueError, KeyError, IndexError):
-                    pass  # written after "Server is ready": absent or half written a moment longer
+            self.nats_url = read_ports_file(store)
+            if self.nats_url:
+                return self.nats_url
             if self.procs["nats"].poll() is not None:
                 break
             time.sleep(0.02)

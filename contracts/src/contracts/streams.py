@@ -9,6 +9,9 @@ from nats.js.errors import BadRequestError
 from contracts import subjects as s
 
 DUPLICATE_WINDOW_S = 120.0
+# how long a publisher waits for the server to confirm a stored message; faststream's default of 0.5 s is too short
+# for a server that fsyncs every write under load (a timeout re-runs finished jobs and republishes outbox batches)
+PUBLISH_TIMEOUT_S = 10.0
 
 STREAMS: tuple[StreamConfig, ...] = (
     StreamConfig(name=s.EVENTS_STREAM, subjects=[s.EVENTS_ALL], storage=StorageType.FILE,

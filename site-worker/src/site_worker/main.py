@@ -18,12 +18,12 @@ from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.messages import DeadLetter, JobSpec, SiteResult
 from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
+from contracts.streams import PUBLISH_TIMEOUT_S
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
 from site_worker.execution import JobRefused, execute
 
 log = logging.getLogger("site_worker")
-PUBLISH_TIMEOUT_S = 10.0  # faststream waits 0.5 s for the PubAck; under load that would re-run finished jobs
 
 
 def create_app(settings: Settings, runner: ContainerRunner, broker: NatsBroker | None = None) -> FastStream:

@@ -15,6 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts import subjects
 from contracts.envelope import Envelope, Payload
+from contracts.streams import PUBLISH_TIMEOUT_S
 from contracts.messages import CommandReply, DeadLetter
 from service_kit.actors import CommandRejected, NotYetKnown
 from service_kit.db import Database
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 MAX_DELIVER = 10   # attempts for a handler that fails
 WAIT_DELIVER = 1000  # attempts for a message that refers to what this service has not heard of yet (NotYetKnown)
 ACK_WAIT_S = 30.0
-PUBLISH_TIMEOUT_S = 10.0  # faststream waits 0.5 s for the PubAck by default; a fsyncing server under load needs more
 
 
 def backoff_s(deliveries: int, cap_s: float = 15.0) -> float:
