@@ -17,7 +17,7 @@ from typing import Any
 
 import docker
 
-from contracts.messages import JobSpec, MetricSpec
+from contracts.messages import JobBinding, JobSpec, MetricSpec
 from site_worker.containers import DockerRunner, Limits
 from site_worker.datasets import content_hash
 from site_worker.execution import execute
@@ -65,9 +65,9 @@ def trivial_job(image: str, dataset: Path) -> JobSpec:
     labels.mkdir(parents=True)
     (data / "case-0.json").write_text('{"x": 1}')
     (labels / "case-0.json").write_text('{"y": 1}')
-    return JobSpec(job_id="job-bench-containers", benchmark_id="bench", model_id="trivial", dataset_id="ds",
-                   site_id="site", model_image=image, evaluator_image=image,
-                   dataset_hash=content_hash(data, labels), case_count=1, metrics=(MetricSpec(name="auc"),))
+    binding = JobBinding(benchmark_id="bench", model_id="trivial", dataset_id="ds", model_image=image,
+                         evaluator_image=image, dataset_hash=content_hash(data, labels), case_count=1)
+    return JobSpec(job_id="job-bench-containers", site_id="site", binding=binding, metrics=(MetricSpec(name="auc"),))
 
 
 def paired_ratio(values: list[float], baseline: list[float]) -> float:
@@ -85,8 +85,8 @@ def measure(repetitions: int, log: Callable[[str], None]) -> dict[str, Any]:
         runner = DockerRunner(client)
 
         def sandboxed() -> None:
-            outcome = execute(job, root / "dataset", runner, root / "work", Limits())
-            assert outcome.metrics == {"auc": 0.5}, outcome
+            metrics = execute(job, root / "dataset", runner, root / "work", Limits())
+            assert metrics == {"auc": 0.5}, metrics
 
         def bare_cli() -> None:
             for task in ("infer", "evaluate"):

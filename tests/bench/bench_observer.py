@@ -42,7 +42,7 @@ async def observe(nats_url: str) -> None:
             mono = time.monotonic()
             envelope = json.loads(msg.data)
             job = _job(kind, envelope["data"])
-            line = {"kind": kind, "job_id": job["job_id"], "model_id": job["model_id"], "mono": mono,
+            line = {"kind": kind, "job_id": job["job_id"], "model_id": job["binding"]["model_id"], "mono": mono,
                     "sent": _epoch(envelope["time"])}
             out.write(json.dumps(line) + "\n")
             out.flush()

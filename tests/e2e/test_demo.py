@@ -16,7 +16,7 @@ from sklearn.metrics import recall_score, roc_auc_score
 
 from assay.demo.run import BENCHMARK, MODEL_OWNERS, SITES, run_demo
 from assay.home import Home
-from contracts.messages import LeaderboardUpdated
+from contracts.messages import Leaderboard
 
 pytestmark = pytest.mark.docker
 
@@ -39,7 +39,7 @@ def independent_metrics(job_dir: Path, labels_file: Path) -> dict[str, float]:
 
 
 def test_demo_leaderboard_matches_metrics_computed_independently(tmp_path: Path, docker_client) -> None:  # type: ignore[no-untyped-def]
-    boards: list[LeaderboardUpdated] = []
+    boards: list[Leaderboard] = []
     code = run_demo(Home(tmp_path), Console(record=True, width=140), on_board=boards.append)
     assert code == 0
     board = boards[0]
@@ -52,7 +52,7 @@ def test_demo_leaderboard_matches_metrics_computed_independently(tmp_path: Path,
         labels = home.site_dir(site) / "datasets" / f"{site}-wdbc" / "labels" / "labels.csv"
         for job_file in (home.site_dir(site) / "jobs").glob("*/job.json"):
             job = json.loads(job_file.read_text())
-            expected[(job["model_id"], site)] = independent_metrics(job_file.parent, labels)
+            expected[(job["binding"]["model_id"], site)] = independent_metrics(job_file.parent, labels)
     assert len(expected) == len(MODEL_OWNERS) * len(SITES)
 
     for row in board.rows:

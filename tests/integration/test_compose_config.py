@@ -25,7 +25,7 @@ import yaml
 from assay.home import Home
 from assay.platform import SERVICES, Platform, nats_server_binary
 from contracts import subjects
-from contracts.catalog import COMMAND_SUBJECTS, EVENT_SUBJECTS
+from contracts.catalog import EVENT_SUBJECTS, REQUEST_SUBJECTS
 from contracts.envelope import Envelope
 from contracts.messages import ApproveBenchmark, DeadLetter, GetBenchmark, ShowLeaderboard
 from contracts.signing import KeyPair
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
 NATS_CONF = COMPOSE / "nats" / "nats.conf"
 SITE = "hospital-a"  # the worked example of nats.conf and site.env.example
+SITE_DURABLE = subjects.durable(f"site-{SITE}", subjects.jobs(SITE))  # as the site worker names its consumer
 _REF = re.compile(r"\$\{(?P<name>\w+)(?P<op>:?[-?])?(?P<arg>[^}]*)\}")
 
 
@@ -316,9 +317,9 @@ async def test_a_site_may_publish_only_its_own_results_and_dead_letters(central_
     site, violations = await central_nats.connect(f"site-{SITE}")
     js = site.jetstream()
     assert (await js.publish(subjects.results(SITE), b"{}", timeout=10)).stream == subjects.RESULTS_STREAM
-    assert (await js.publish(subjects.dead_letter(f"site-{SITE}"), b"{}", timeout=10)).stream == "DEAD_LETTERS"
+    assert (await js.publish(subjects.dead_letter(SITE_DURABLE), b"{}", timeout=10)).stream == "DEAD_LETTERS"
     for subject in (subjects.evt("benchmark", "approved"), subjects.results("hospital-b"), subjects.jobs(SITE),
-                    subjects.dead_letter("scheduling"), COMMAND_SUBJECTS[GetBenchmark]):
+                    subjects.dead_letter("scheduling"), REQUEST_SUBJECTS[GetBenchmark]):
         await refused(site, violations, subject)
     await site.close()
 
@@ -329,15 +330,15 @@ async def test_a_site_may_pull_and_ack_only_its_own_queue(central_nats: CentralN
     for site_id in (SITE, "hospital-b"):
         await scheduler.jetstream().publish(subjects.jobs(site_id), site_id.encode(), timeout=10)
     site, violations = await central_nats.connect(f"site-{SITE}")
-    queue = await site.jetstream().pull_subscribe(subjects.jobs(SITE), durable=f"site-{SITE}",
+    queue = await site.jetstream().pull_subscribe(subjects.jobs(SITE), durable=SITE_DURABLE,
                                                   stream=subjects.JOBS_STREAM)
     [job] = await queue.fetch(1, timeout=10)
     assert job.data == SITE.encode()
     await job.ack_sync(timeout=10)
-    for subject in ("$JS.API.CONSUMER.MSG.NEXT.JOBS.site-hospital-b",
-                    f"$JS.API.CONSUMER.CREATE.JOBS.site-{SITE}.assay.v1.jobs.hospital-b",  # its name, another filter
-                    f"$JS.API.CONSUMER.CREATE.JOBS.site-{SITE}", f"$JS.API.CONSUMER.DURABLE.CREATE.JOBS.site-{SITE}",
-                    f"$JS.API.CONSUMER.DELETE.JOBS.site-{SITE}", "$JS.API.STREAM.INFO.JOBS",
+    for subject in ("$JS.API.CONSUMER.MSG.NEXT.JOBS.site-hospital-b-jobs",
+                    f"$JS.API.CONSUMER.CREATE.JOBS.{SITE_DURABLE}.assay.v1.jobs.hospital-b",  # its name, another filter
+                    f"$JS.API.CONSUMER.CREATE.JOBS.{SITE_DURABLE}", f"$JS.API.CONSUMER.DURABLE.CREATE.JOBS.{SITE_DURABLE}",
+                    f"$JS.API.CONSUMER.DELETE.JOBS.{SITE_DURABLE}", "$JS.API.STREAM.INFO.JOBS",
                     "$JS.API.STREAM.PURGE.JOBS"):
         await refused(site, violations, subject)
     await site.subscribe("assay.v1.>")
@@ -475,11 +476,11 @@ async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users
             except nats.errors.TimeoutError:
                 pytest.fail(f"no dead letter from {sorted(waiting)}{logs()}")
             consumer = Envelope[DeadLetter].model_validate_json(msg.data).data.consumer
-            waiting.discard("site" if consumer == f"site-{SITE}" else consumer.split("-")[0])
+            waiting.discard("site" if consumer == SITE_DURABLE else consumer.split("-")[0])
 
         cli = await nats.connect(central_nats.url("cli"))
         for command in (GetBenchmark, ApproveBenchmark, ShowLeaderboard):  # request/reply across the accounts
-            reply = await answer(cli, COMMAND_SUBJECTS[command])
+            reply = await answer(cli, REQUEST_SUBJECTS[command])
             assert reply["ok"] is False and reply["message"].startswith(f"invalid {command.__name__}")
         assert {n: p.poll() for n, p in procs.items() if p.poll() is not None} == {}, logs()
         for nc in (watcher, registry, scheduler, site, cli):

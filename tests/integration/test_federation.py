@@ -93,15 +93,16 @@ async def test_command_by_an_actor_without_the_role_is_refused(federation: Feder
 async def test_a_job_not_signed_by_the_scheduler_is_never_run(federation: Federation) -> None:
     runner = fake_containers(METRICS)
     await federation.start_site("site-a", runner)
-    forged = m.JobSpec(job_id="job-forged", benchmark_id="bench", model_id="m", dataset_id="d", site_id="site-a",
-                       model_image=MODEL, evaluator_image=EVALUATOR, dataset_hash="sha256:" + "0" * 64,
-                       case_count=2, metrics=(m.MetricSpec(name="auc"),))
+    forged = m.JobSpec(job_id="job-forged", site_id="site-a", metrics=(m.MetricSpec(name="auc"),),
+                       binding=m.JobBinding(benchmark_id="bench", model_id="m", dataset_id="d", model_image=MODEL,
+                                            evaluator_image=EVALUATOR, dataset_hash="sha256:" + "0" * 64,
+                                            case_count=2))
     envelope = KeyPair.generate().sign(Envelope.wrap(forged, source="service:scheduling", id="job-forged"))
     nc = await nats.connect(federation.nats_url)
     await nc.jetstream().publish(jobs("site-a"), envelope.model_dump_json().encode(),
                                  headers={"Nats-Msg-Id": envelope.id})
     await nc.close()
-    (letter,) = await next_events(federation.nats_url, "assay.v1.dlq.site-site-a", 1)
+    (letter,) = await next_events(federation.nats_url, "assay.v1.dlq.site-site-a-jobs", 1)
     assert "not a valid signed job" in letter["data"]["error"]
     assert runner.specs == []
 
@@ -128,11 +129,9 @@ async def test_a_forgery_that_reuses_a_genuine_result_id_blocks_nothing(federati
     await federation.dataset("site-a", "ds-a")
     (scheduled,) = await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 1)
     job = m.JobSpec.model_validate(scheduled["data"]["job"])
-    forged = m.SiteResult(job_id=job.job_id, benchmark_id=job.benchmark_id, model_id=job.model_id,
-                          dataset_id=job.dataset_id, site_id="site-a", model_image=job.model_image,
-                          evaluator_image=job.evaluator_image, dataset_hash=job.dataset_hash, metrics={"auc": 1.0, "sensitivity": 1.0},
-                          case_count=job.case_count, metrics_hash=metrics_hash({"auc": 1.0, "sensitivity": 1.0}),
-                          worker_id="mallory", finished_at=utcnow())
+    perfect = {"auc": 1.0, "sensitivity": 1.0}
+    forged = m.SiteResult(job_id=job.job_id, site_id="site-a", binding=job.binding, metrics=perfect,
+                          metrics_hash=metrics_hash(perfect), worker_id="mallory", finished_at=utcnow())
     await federation.enrol("site-b", m.Role.SITE)  # another hospital tries to pre-empt site-a's result id
     envelope = federation.key("site-b").sign(Envelope.wrap(forged, source="site:site-a", id=f"result-{job.job_id}"))
     nc = await nats.connect(federation.nats_url)

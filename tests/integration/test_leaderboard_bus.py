@@ -18,11 +18,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from contracts import subjects
-from contracts.catalog import COMMAND_SUBJECTS, EVENT_SUBJECTS
+from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.messages import (
-    ActorRegistered, BenchmarkRegistered, BenchmarkSpec, CommandReply, ImageRef, JobScheduled, JobSpec,
-    LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
+    ActorRegistered, BenchmarkRegistered, BenchmarkSpec, CommandReply, ImageRef, JobBinding, JobScheduled, JobSpec,
+    Leaderboard, LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
 )
 from contracts.signing import KeyPair, metrics_hash
 from contracts.streams import ensure_streams
@@ -102,7 +102,7 @@ class Bus:
 
         return await asyncio.wait_for(find(), WAIT_S)
 
-    async def acked(self, seq: int, *, consumer: str = "leaderboard", nak: bool = False) -> None:
+    async def acked(self, seq: int, *, consumer: str = "leaderboard-results", nak: bool = False) -> None:
         """Wait until `consumer` acknowledges message `seq` of its stream (done), or with `nak` refuses it for now."""
 
         def answered(msg: Msg) -> bool:
@@ -117,11 +117,11 @@ class Bus:
 
         await asyncio.wait_for(find(), WAIT_S)
 
-    async def board(self, benchmark_id: str = "bm") -> LeaderboardUpdated:
+    async def board(self, benchmark_id: str = "bm") -> Leaderboard:
         query = Envelope.wrap(ShowLeaderboard(benchmark_id=benchmark_id), source="user:reader")
-        reply = await self.client.request(COMMAND_SUBJECTS[ShowLeaderboard], query.model_dump_json().encode(),
+        reply = await self.client.request(QUERY_SUBJECTS[ShowLeaderboard], query.model_dump_json().encode(),
                                           timeout=WAIT_S)
-        return LeaderboardUpdated.model_validate_json(reply.data)
+        return Leaderboard.model_validate_json(reply.data)
 
 
 SITES = {"site-a": KeyPair.generate(), "site-b": KeyPair.generate()}
@@ -132,9 +132,9 @@ BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE,
 
 
 def job(job_id: str, model_id: str, site_id: str, cases: int) -> JobSpec:
-    return JobSpec(job_id=job_id, benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}",
-                   site_id=site_id, model_image=digest("a"), evaluator_image=digest("b"),
-                   dataset_hash=digest("c"), case_count=cases, metrics=BENCHMARK.metrics)
+    return JobSpec(job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
+        benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}", model_image=digest("a"),
+        evaluator_image=digest("b"), dataset_hash=digest("c"), case_count=cases))
 
 
 JOBS = {j.job_id: j for j in (job("job-1", "model-1", "site-a", 300), job("job-2", "model-1", "site-b", 100),
@@ -145,9 +145,8 @@ def site_result(job_id: str, auc: float, *, case_count: int | None = None, key: 
     """A result of one of JOBS, signed by its site (or by `key`)."""
     j = JOBS[job_id]
     metrics = {"auc": auc, "brier": 0.1}
-    result = SiteResult(job_id=j.job_id, benchmark_id=j.benchmark_id, model_id=j.model_id, dataset_id=j.dataset_id,
-                        site_id=j.site_id, model_image=j.model_image, evaluator_image=j.evaluator_image,
-                        dataset_hash=j.dataset_hash, metrics=metrics, case_count=case_count or j.case_count,
+    binding = j.binding.model_copy(update={"case_count": case_count or j.binding.case_count})
+    result = SiteResult(job_id=j.job_id, site_id=j.site_id, binding=binding, metrics=metrics,
                         metrics_hash=metrics_hash(metrics), worker_id="worker-1", finished_at=datetime.now(UTC))
     return (key or SITES[j.site_id]).sign(Envelope.wrap(result, source=f"site:{j.site_id}"))
 
@@ -167,11 +166,11 @@ async def announce_world(bus: Bus) -> None:
         await bus.learned(JobScheduled(job=j), "leaderboard-job-scheduled")
 
 
-async def accepted(bus: Bus, envelope: Envelope[SiteResult]) -> LeaderboardUpdated:
+async def accepted(bus: Bus, envelope: Envelope[SiteResult]) -> Leaderboard:
     """Send a valid result and return the board it produced."""
     await bus.send_result(envelope)
     await bus.next_event(ResultAccepted, lambda e: e.job_id == envelope.data.job_id)
-    return (await bus.next_event(LeaderboardUpdated)).data
+    return Leaderboard.model_validate((await bus.next_event(LeaderboardUpdated)).data.model_dump())
 
 
 # --- behaviour ----------------------------------------------------------------------------------------------------
@@ -284,7 +283,7 @@ async def test_the_board_of_a_benchmark_without_results_is_empty(bus: Bus, leade
 async def test_the_board_of_an_unknown_benchmark_is_refused_with_a_retry(bus: Bus, leaderboard: None):
     query = Envelope.wrap(ShowLeaderboard(benchmark_id="nothing-here"), source="user:reader")
 
-    reply = await bus.client.request(COMMAND_SUBJECTS[ShowLeaderboard], query.model_dump_json().encode(),
+    reply = await bus.client.request(QUERY_SUBJECTS[ShowLeaderboard], query.model_dump_json().encode(),
                                      timeout=WAIT_S)
 
     answer = CommandReply.model_validate_json(reply.data)

@@ -11,12 +11,18 @@ from sqlmodel import select
 
 from contracts import messages as m
 from service_kit.app import KIT_TABLES
-from service_kit.bus import Publisher
 from service_kit.db import Database, create_tables, make_engine
-from service_kit.outbox import OutboxMessage, Relay, stage_event
+from service_kit.outbox import OutboxMessage, Relay
+from service_kit.wiring import Outlet, Wiring
+from service_kit.work import Transaction
 from tests.conftest import new_database
 
 EVENT = m.BenchmarkApproved(benchmark_id="b1", approved_by="operator")
+WIRING = Wiring(owner="approval", source="service:approval", publishes=(Outlet.event(m.BenchmarkApproved),))
+
+
+def relay(db: Database, broker: NatsBroker) -> Relay:
+    return Relay(db, WIRING.declare(broker, units=None).publish)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -38,27 +44,29 @@ async def stored_events(nats_url: str) -> int:
 
 async def test_an_event_committed_before_a_crash_is_published_by_the_next_relay(db: Database, nats_url: str) -> None:
     async with db.transaction() as session:
-        stage_event(session, "test", EVENT)
+        Transaction(session, WIRING).emit(EVENT)
     # the process died here: committed, never published
     assert await stored_events(nats_url) == 0
     broker = NatsBroker(nats_url, logger=None)
+    outbox = relay(db, broker)
     await broker.start()
-    assert await Relay(db, Publisher(broker)).flush() == 1
+    assert await outbox.flush() == 1
     await broker.stop()
     assert await stored_events(nats_url) == 1
 
 
 async def test_a_publish_repeated_after_a_crash_is_stored_once(db: Database, nats_url: str) -> None:
     async with db.transaction() as session:
-        stage_event(session, "test", EVENT)
+        Transaction(session, WIRING).emit(EVENT)
     broker = NatsBroker(nats_url, logger=None)
+    outbox = relay(db, broker)
     await broker.start()
-    await Relay(db, Publisher(broker)).flush()
+    await outbox.flush()
     async with db.transaction() as session:  # the process died after publishing, before marking the row
         row = (await session.exec(select(OutboxMessage))).one()
         row.published_at = None
         session.add(row)
-    assert await Relay(db, Publisher(broker)).flush() == 1
+    assert await outbox.flush() == 1
     await broker.stop()
     assert await stored_events(nats_url) == 1
 
@@ -66,7 +74,7 @@ async def test_a_publish_repeated_after_a_crash_is_stored_once(db: Database, nat
 async def test_a_rolled_back_change_stages_no_event(db: Database) -> None:
     with pytest.raises(RuntimeError):
         async with db.transaction() as session:
-            stage_event(session, "test", EVENT)
+            Transaction(session, WIRING).emit(EVENT)
             raise RuntimeError("the state change failed")
     async with db.transaction() as session:
         assert (await session.exec(select(OutboxMessage))).all() == []

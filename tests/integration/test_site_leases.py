@@ -90,7 +90,7 @@ async def test_a_changed_dataset_is_dead_lettered_not_retried(nats_url: str, tmp
         await fed.dataset("site-a", "ds-a")
         (tmp_path / "sites" / "site-a" / "datasets" / "ds-a" / "labels" / "labels.csv").write_text("tampered\n")
         await fed.model("model-1")
-        (letter,) = await next_events(nats_url, "assay.v1.dlq.site-site-a", 1)
+        (letter,) = await next_events(nats_url, "assay.v1.dlq.site-site-a-jobs", 1)
         assert "no longer matches its registered hash" in letter["data"]["error"]
         assert letter["data"]["deliveries"] == 1
         assert runner.specs == []

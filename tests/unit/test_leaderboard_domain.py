@@ -9,10 +9,10 @@ import pytest
 
 from contracts import subjects
 from contracts.envelope import Envelope
-from contracts.messages import BenchmarkSpec, ImageRef, JobSpec, MetricSpec, Role, SiteResult
+from contracts.messages import BenchmarkSpec, ImageRef, JobBinding, JobSpec, MetricSpec, Role, SiteResult
 from contracts.signing import KeyPair, metrics_hash
 from leaderboard.domain import (
-    BOUND_FIELDS, Check, Score, Signer, aggregate, check_binding, check_result, competition_ranks,
+    Check, Score, Signer, Verdict, aggregate, check_binding, check_origin, competition_ranks,
 )
 
 SITE_A, SITE_B = KeyPair.generate(), KeyPair.generate()
@@ -32,17 +32,15 @@ def benchmark(*, higher_is_better: bool = True) -> BenchmarkSpec:
     )
 
 
-JOB = JobSpec(job_id="job-1", benchmark_id="bm", model_id="model-1", dataset_id="data-a", site_id="site-a",
-              model_image=digest("a"), evaluator_image=digest("b"), dataset_hash=digest("c"),
-              case_count=100, metrics=benchmark().metrics)
+JOB = JobSpec(job_id="job-1", site_id="site-a", metrics=benchmark().metrics, binding=JobBinding(
+    benchmark_id="bm", model_id="model-1", dataset_id="data-a", model_image=digest("a"), evaluator_image=digest("b"),
+    dataset_hash=digest("c"), case_count=100))
 
 
-def result(**changes: object) -> SiteResult:
+def result(binding: dict[str, object] | None = None, **changes: object) -> SiteResult:
     metrics = changes.pop("metrics", {"auc": 0.8, "brier": 0.2})
-    fields = dict(job_id=JOB.job_id, benchmark_id=JOB.benchmark_id, model_id=JOB.model_id,
-                  dataset_id=JOB.dataset_id, site_id=JOB.site_id, model_image=JOB.model_image,
-                  evaluator_image=JOB.evaluator_image, dataset_hash=JOB.dataset_hash, metrics=metrics,
-                  case_count=100, worker_id="worker-1", finished_at=datetime(2026, 1, 1, tzinfo=UTC))
+    fields = dict(job_id=JOB.job_id, site_id=JOB.site_id, binding=JOB.binding.model_copy(update=binding or {}),
+                  metrics=metrics, worker_id="worker-1", finished_at=datetime(2026, 1, 1, tzinfo=UTC))
     fields["metrics_hash"] = metrics_hash(metrics) if all(map(math.isfinite, metrics.values())) else digest("0")
     fields.update(changes)
     return SiteResult(**fields)
@@ -56,10 +54,18 @@ def signer(actor_id: str = "site-a", key: KeyPair = SITE_A, role: str = Role.SIT
     return Signer(actor_id=actor_id, role=role, public_key=key.public_key)
 
 
+def check_result(envelope: Envelope[SiteResult], *, subject: str, signer: Signer | None,
+                 accepted_before: bool = False) -> Verdict:
+    """Every check, in the leaderboard's order: who sent it, then what it claims."""
+    origin = check_origin(envelope, subject=subject, signer=signer)
+    if not origin.ok:
+        return origin
+    return check_binding(envelope.data, job=JOB, benchmark=benchmark(), accepted_before=accepted_before)
+
+
 def check(envelope: Envelope[SiteResult], *, subject: str = subjects.results("site-a"),
-          who: Signer | None = None, accepted_before: bool = False):
-    return check_result(envelope, subject=subject, signer=who or signer(), job=JOB, benchmark=benchmark(),
-                        accepted_before=accepted_before)
+          who: Signer | None = None, accepted_before: bool = False) -> Verdict:
+    return check_result(envelope, subject=subject, signer=who or signer(), accepted_before=accepted_before)
 
 
 # --- the checks -----------------------------------------------------------------------------------------------
@@ -79,14 +85,13 @@ def test_the_metrics_hash_ignores_key_order_and_changes_with_any_value():
 
 def test_an_unsigned_result_is_rejected():
     verdict = check_result(Envelope.wrap(result(), source="site:site-a"), subject=subjects.results("site-a"),
-                           signer=None, job=JOB, benchmark=benchmark(), accepted_before=False)
+                           signer=None)
 
     assert verdict.check is Check.SIGNATURE and "not signed" in verdict.reason
 
 
 def test_a_result_signed_with_a_key_no_actor_holds_is_rejected():
-    verdict = check_result(signed(result()), subject=subjects.results("site-a"), signer=None, job=JOB,
-                           benchmark=benchmark(), accepted_before=False)
+    verdict = check_result(signed(result()), subject=subjects.results("site-a"), signer=None)
 
     assert verdict.check is Check.SIGNATURE and "no registered actor" in verdict.reason
 
@@ -135,17 +140,18 @@ def test_a_site_answering_a_job_sent_to_another_site_is_rejected():
     assert verdict.check is Check.JOB_SITE and "sent to site site-a, not to site site-b" in verdict.reason
 
 
-@pytest.mark.parametrize("field", [f for f in BOUND_FIELDS if f != "benchmark_id"])
+@pytest.mark.parametrize("field", [f for f in JobBinding.model_fields if f != "benchmark_id"])
 def test_a_result_that_differs_from_its_job_in_a_bound_field_is_rejected(field):
     value = OTHER_DIGEST if field.endswith(("image", "hash")) else 5000 if field == "case_count" else "someone-else"
 
-    verdict = check(signed(result(**{field: value})))
+    verdict = check(signed(result({field: value})))
 
-    assert verdict.check is Check.BINDING and f"{field} is {value}, the job has {getattr(JOB, field)}" in verdict.reason
+    assert verdict.check is Check.BINDING
+    assert f"{field} is {value}, the job has {getattr(JOB.binding, field)}" in verdict.reason
 
 
 def test_a_result_claiming_another_benchmark_than_its_job_is_rejected():
-    verdict = check_binding(result(benchmark_id="bm-2"), job=JOB, benchmark=benchmark(), accepted_before=False)
+    verdict = check_binding(result({"benchmark_id": "bm-2"}), job=JOB, benchmark=benchmark(), accepted_before=False)
 
     assert verdict.check is Check.BINDING and "benchmark_id is bm-2, the job has bm" in verdict.reason
 

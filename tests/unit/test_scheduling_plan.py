@@ -14,7 +14,7 @@ DATASETS = [PlannedDataset("d1", "site-a", "sha256:" + "a" * 64, 10), PlannedDat
 
 def test_every_model_meets_every_dataset_once() -> None:
     jobs = plan_jobs(SPEC, MODELS, DATASETS, set())
-    assert sorted((j.model_id, j.dataset_id, j.site_id) for j in jobs) == [
+    assert sorted((j.binding.model_id, j.binding.dataset_id, j.site_id) for j in jobs) == [
         ("m1", "d1", "site-a"), ("m1", "d2", "site-b"), ("m2", "d1", "site-a"), ("m2", "d2", "site-b")]
     assert len({j.job_id for j in jobs}) == 4
 
@@ -28,4 +28,4 @@ def test_planning_again_adds_nothing_and_ids_are_stable() -> None:
 def test_a_new_model_image_is_a_new_job() -> None:
     before = {j.job_id for j in plan_jobs(SPEC, MODELS, DATASETS, set())}
     after = plan_jobs(SPEC, {**MODELS, "m1": "sha256:" + "3" * 64}, DATASETS, before)
-    assert sorted(j.dataset_id for j in after) == ["d1", "d2"]
+    assert sorted(j.binding.dataset_id for j in after) == ["d1", "d2"]

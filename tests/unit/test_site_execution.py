@@ -9,45 +9,52 @@ import pytest
 
 from contracts import messages as m
 from site_worker.containers import Limits
-from site_worker.execution import JobFailed, JobRefused, execute, validate_metrics
+from site_worker.execution import JobRefused, RunFailed, execute, validate_metrics
 from tests.support.federation import EVALUATOR, MODEL, fake_containers, make_dataset
 
 DECLARED = (m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity"))
 
 
-def job_for(dataset_hash: str) -> m.JobSpec:
-    return m.JobSpec(job_id="job-1", benchmark_id="b", model_id="mod", dataset_id="ds", site_id="s",
-                     model_image=MODEL, evaluator_image=EVALUATOR, dataset_hash=dataset_hash,
-                     case_count=2, metrics=DECLARED)
+def job_for(dataset_hash: str, **binding: object) -> m.JobSpec:
+    bound = m.JobBinding(benchmark_id="b", model_id="mod", dataset_id="ds", model_image=MODEL,
+                         evaluator_image=EVALUATOR, dataset_hash=dataset_hash, case_count=2)
+    return m.JobSpec(job_id="job-1", site_id="s", binding=bound.model_copy(update=binding), metrics=DECLARED)
 
 
 def test_only_declared_finite_metrics_within_bounds_may_leave() -> None:
     assert validate_metrics({"metrics": {"auc": 0.9, "sensitivity": 1}}, DECLARED) == {"auc": 0.9, "sensitivity": 1.0}
     for raw, reason in [
-        ({"metrics": {"auc": 0.9, "sensitivity": 1, "patient_42": 1}}, "undeclared"),
-        ({"metrics": {"auc": 0.9}}, "'sensitivity' must be a finite number"),
-        ({"metrics": {"auc": float("nan"), "sensitivity": 1}}, "finite"),
-        ({"metrics": {"auc": 1.5, "sensitivity": 1}}, "outside"),
+        ({"metrics": {"auc": 0.9, "sensitivity": 1, "patient_42": 1}}, r"1 undeclared metric\(s\)"),
+        ({"metrics": {"auc": 0.9}}, r"misses \['sensitivity'\]"),
+        ({"metrics": {"auc": float("nan"), "sensitivity": 1}}, "'auc' must be a finite number"),
+        ({"metrics": {"auc": 1.5, "sensitivity": 1}}, r"'auc' must be within its declared range \[0.0, 1.0\]"),
         ({"metrics": {"auc": True, "sensitivity": 1}}, "finite number"),
         ({"auc": 0.9}, "must be"),
     ]:
-        with pytest.raises(JobFailed, match=reason):
+        with pytest.raises(RunFailed, match=reason):
             validate_metrics(raw, DECLARED)
+
+
+def test_a_refused_metric_names_the_rule_never_the_value_the_evaluator_wrote() -> None:
+    for raw in ({"metrics": {"auc": "patient Jane Doe", "sensitivity": 1}},
+                {"metrics": {"auc": 0.5, "sensitivity": 1, "Jane Doe": 1}}):
+        with pytest.raises(RunFailed) as refused:
+            validate_metrics(raw, DECLARED)
+        assert "Jane Doe" not in str(refused.value)
 
 
 def test_the_model_never_sees_the_labels_and_the_evaluator_does(tmp_path: Path) -> None:
     digest = make_dataset(tmp_path / "ds")
     runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
-    outcome = execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
-    assert outcome.metrics == {"auc": 0.8, "sensitivity": 0.5}
-    assert outcome.case_count == 2
+    metrics = execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
+    assert metrics == {"auc": 0.8, "sensitivity": 0.5}
     infer, evaluate = runner.specs
     assert {mt.target for mt in infer.mounts} == {"/assay/data", "/assay/out"}
     assert [mt.target for mt in infer.mounts if mt.writable] == ["/assay/out"]
     assert {mt.target for mt in evaluate.mounts} == {"/assay/predictions", "/assay/labels", "/assay/out"}
     assert infer.image == MODEL and evaluate.image == EVALUATOR
     assert infer.env["ASSAY_JOB_ID"] == "job-1"
-    assert json.loads((tmp_path / "work" / "job-1" / "job.json").read_text())["model_id"] == "mod"
+    assert json.loads((tmp_path / "work" / "job-1" / "job.json").read_text())["binding"]["model_id"] == "mod"
 
 
 def test_a_dataset_changed_since_registration_is_refused_before_any_container_runs(tmp_path: Path) -> None:
@@ -61,14 +68,14 @@ def test_a_dataset_changed_since_registration_is_refused_before_any_container_ru
 
 def test_an_image_missing_at_the_site_is_refused(tmp_path: Path) -> None:
     digest = make_dataset(tmp_path / "ds")
-    job = job_for(digest).model_copy(update={"model_image": "sha256:" + "9" * 64})
+    job = job_for(digest, model_image="sha256:" + "9" * 64)
     with pytest.raises(JobRefused, match="not present"):
         execute(job, tmp_path / "ds", fake_containers({}), tmp_path / "work", Limits())
 
 
 def test_a_result_over_other_cases_than_registered_is_refused(tmp_path: Path) -> None:
     digest = make_dataset(tmp_path / "ds")
-    job = job_for(digest).model_copy(update={"case_count": 3})  # registered with 3 cases, the evaluator scored 2
+    job = job_for(digest, case_count=3)  # registered with 3 cases, the evaluator scored 2
     with pytest.raises(JobRefused, match="scored 2 cases"):
         execute(job, tmp_path / "ds", fake_containers({"auc": 0.8, "sensitivity": 0.5}), tmp_path / "work", Limits())
 
@@ -79,7 +86,7 @@ def test_a_failed_containers_log_stays_at_the_site(tmp_path: Path) -> None:
     digest = make_dataset(tmp_path / "ds")
     runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
     runner.script("evaluate", RunOutcome(exit_code=3, log_tail="case c1 of patient Jane Doe has label 1"))
-    with pytest.raises(JobFailed) as failed:
+    with pytest.raises(RunFailed) as failed:
         execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
     assert "Jane Doe" not in str(failed.value) and "exit code 3" in str(failed.value)
     assert "Jane Doe" in (tmp_path / "work" / "job-1" / "failure.log").read_text()

@@ -122,9 +122,12 @@ async def test_one_trace_follows_a_message_from_a_client_through_a_service_to_a_
 async def test_an_event_relayed_from_the_outbox_continues_the_trace_that_staged_it(nats_url: str, tmp_path: Path) -> None:
     from contracts import messages as m
     from service_kit.app import KIT_TABLES
-    from service_kit.bus import Publisher
     from service_kit.db import Database, create_tables, make_engine
-    from service_kit.outbox import Relay, stage_event
+    from service_kit.outbox import Relay
+    from service_kit.wiring import Outlet, Wiring
+    from service_kit.work import Transaction
+
+    wiring = Wiring(owner="approval", source="service:approval", publishes=(Outlet.event(m.BenchmarkApproved),))
 
     spans = InMemorySpanExporter()
     relay_broker, relay_provider = traced_broker("approval", spans, nats_url)
@@ -139,11 +142,12 @@ async def test_an_event_relayed_from_the_outbox_continues_the_trace_that_staged_
     await create_tables(db.engine, KIT_TABLES)
     with relay_provider.get_tracer("test").start_as_current_span("approve benchmark") as command:
         async with db.transaction() as session:
-            stage_event(session, "test", m.BenchmarkApproved(benchmark_id="b", approved_by="operator"))
+            Transaction(session, wiring).emit(m.BenchmarkApproved(benchmark_id="b", approved_by="operator"))
+    relay = Relay(db, wiring.declare(relay_broker, units=None).publish)
     await consumer_broker.start()
     await relay_broker.start()
     try:
-        assert await Relay(db, Publisher(relay_broker)).flush() == 1  # later, in another task, with no span open
+        assert await relay.flush() == 1  # later, in another task, with no span open
         await asyncio.wait_for(handled, 10)
     finally:
         await relay_broker.stop()

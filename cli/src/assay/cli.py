@@ -116,7 +116,7 @@ def benchmark_register(spec_file: Path, actor: As) -> None:
     try:
         spec = m.BenchmarkSpec.model_validate(raw)
     except ValidationError as exc:
-        from service_kit.bus import describe
+        from contracts.envelope import describe
 
         say_error(f"{spec_file}: {describe(exc)}")
         raise typer.Exit(1) from exc
@@ -224,7 +224,7 @@ def leaderboard_show(benchmark_id: str, as_json: Annotated[bool, typer.Option("-
     from assay.tables import leaderboard_table
 
     reply = _send(m.ShowLeaderboard(benchmark_id=benchmark_id), None)
-    board = m.LeaderboardUpdated.model_validate(reply)
+    board = m.Leaderboard.model_validate(reply)
     if as_json:
         print(board.model_dump_json(indent=2))
     else:

@@ -9,7 +9,7 @@ from typing import Any
 import nats
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
-from contracts.catalog import COMMAND_SUBJECTS
+from contracts.catalog import REQUEST_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
 
@@ -25,7 +25,7 @@ async def request(nats_url: str, payload: Payload, *, actor: str, key: KeyPair |
     if key is not None:
         envelope = key.sign(envelope)
     body = envelope.model_dump_json().encode()
-    subject = COMMAND_SUBJECTS[type(payload)]
+    subject = REQUEST_SUBJECTS[type(payload)]
     nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
     try:
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import shutil
@@ -15,17 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+from pydantic_settings import BaseSettings
 
 from assay.home import Home
 from contracts.signing import KeyPair
 from contracts.streams import ensure_streams
 
 SERVICES = ("registry", "approval", "scheduling", "leaderboard")
-# one durable each process creates when it is up: readiness without sleeps
-READY_CONSUMER = {"registry": ("EVENTS", "registry-benchmark-approved"),
-                  "approval": ("EVENTS", "approval-actorregistered"),
-                  "scheduling": ("EVENTS", "scheduling-resultaccepted"),
-                  "leaderboard": ("RESULTS", "leaderboard")}
+
+
+def settings_env(settings: type[BaseSettings], **values: object) -> dict[str, str]:
+    """The environment variables that give `settings` these values: its own prefix and field names."""
+    unknown = sorted(set(values) - set(settings.model_fields))
+    if unknown:
+        raise KeyError(f"{settings.__module__}.{settings.__name__} has no setting {unknown}")
+    prefix = settings.model_config.get("env_prefix", "")
+    return {f"{prefix}{name}".upper(): str(value) for name, value in values.items()}
 
 
 def nats_server_binary() -> str:
@@ -79,23 +85,39 @@ class Platform:
             time.sleep(0.02)
         raise RuntimeError(f"nats-server did not start; see {self.home.logs / 'nats.log'}")
 
-    def service_env(self, name: str) -> dict[str, str]:
-        prefix = f"ASSAY_{name.upper()}_"
-        env = {prefix + "NATS_URL": self.nats_url,
-               prefix + "DATABASE_URL": f"sqlite+aiosqlite:///{self.home.root / 'services' / name}.db"}
+    def service_settings(self, name: str) -> tuple[type[BaseSettings], dict[str, object]]:
+        values: dict[str, object] = {"nats_url": self.nats_url,
+                                     "database_url": f"sqlite+aiosqlite:///{self.home.root / 'services' / name}.db"}
         if name == "registry":
-            env[prefix + "OPERATOR_PUBLIC_KEY"] = self.home.public_key("operator")
+            values["operator_public_key"] = self.home.public_key("operator")
         if name == "scheduling":
-            env[prefix + "KEY_FILE"] = str(self.home.key_file("scheduling"))
-        return env
+            values["key_file"] = self.home.key_file("scheduling")
+        return importlib.import_module(f"{name}.config").Settings, values
+
+    def service_env(self, name: str) -> dict[str, str]:
+        settings, values = self.service_settings(name)
+        return settings_env(settings, **values)
+
+    def site_settings(self, site_id: str) -> dict[str, object]:
+        site_dir = self.home.site_dir(site_id)
+        return {"site_id": site_id, "nats_url": self.nats_url, "key_file": self.home.key_file(site_id),
+                "scheduler_public_key": self.home.public_key("scheduling"),
+                "datasets_file": self.home.datasets_file(site_id), "work_dir": site_dir / "jobs"}
 
     def site_env(self, site_id: str) -> dict[str, str]:
-        site_dir = self.home.site_dir(site_id)
-        return {"ASSAY_SITE_SITE_ID": site_id, "ASSAY_SITE_NATS_URL": self.nats_url,
-                "ASSAY_SITE_KEY_FILE": str(self.home.key_file(site_id)),
-                "ASSAY_SITE_SCHEDULER_PUBLIC_KEY": self.home.public_key("scheduling"),
-                "ASSAY_SITE_DATASETS_FILE": str(self.home.datasets_file(site_id)),
-                "ASSAY_SITE_WORK_DIR": str(site_dir / "jobs")}
+        from site_worker.config import Settings
+
+        return settings_env(Settings, **self.site_settings(site_id))
+
+    def durables(self) -> dict[str, dict[str, str]]:
+        """Each process's durable consumers (name -> stream), from its own wiring: it is up once they all exist."""
+        from site_worker.config import Settings
+        from site_worker.main import site_wiring
+
+        found = {name: importlib.import_module(f"{name}.handlers").WIRING.durables() for name in SERVICES}
+        for site_id in self.home.sites():
+            found[f"site-{site_id}"] = site_wiring(Settings(**self.site_settings(site_id))).durables()  # type: ignore[arg-type]
+        return found
 
     async def _provision_and_wait(self) -> None:
         nc = await nats.connect(self.nats_url)
@@ -104,16 +126,19 @@ class Platform:
             await ensure_streams(js)
             self.on_step("streams EVENTS, JOBS, RESULTS, DEAD_LETTERS ready")
             self._start_processes()
-            waiting = {**READY_CONSUMER, **{f"site-{s}": ("JOBS", f"site-{s}") for s in self.home.sites()}}
+            waiting = self.durables()
             deadline = time.monotonic() + 60
             while waiting:
-                for name, (stream, durable) in list(waiting.items()):
-                    try:
-                        await js.consumer_info(stream, durable)
+                for name, durables in list(waiting.items()):
+                    for durable, stream in list(durables.items()):
+                        try:
+                            await js.consumer_info(stream, durable)
+                            del durables[durable]
+                        except nats.js.errors.NotFoundError:
+                            pass
+                    if not durables:
                         del waiting[name]
                         self.on_step(f"{name} is up")
-                    except nats.js.errors.NotFoundError:
-                        pass
                 for name, proc in self.procs.items():
                     if proc.poll() is not None:
                         raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.home.logs / name}.log")

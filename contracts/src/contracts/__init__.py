@@ -1,1 +1,1 @@
-"""contracts."""
+"""The messages every Assay process shares: payloads, envelope, subjects and streams, signatures, JSON Schema."""

@@ -1,4 +1,4 @@
-"""Which payload travels on which subject: the one table services, CLI, workers and the schema share."""
+"""Which payload travels on which subject, and what answers a request: the one table services, CLI and workers share."""
 
 from __future__ import annotations
 
@@ -15,24 +15,30 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.AssociationRequested: evt("association", "requested"),
     m.AssociationApproved: evt("association", "approved"),
     m.JobScheduled: evt("job", "scheduled"),
-    m.JobFailed: evt("job", "failed"),
     m.ResultAccepted: evt("result", "accepted"),
     m.ResultRejected: evt("result", "rejected"),
     m.LeaderboardUpdated: evt("leaderboard", "updated"),
 }
 
+# commands change state; queries only read. Both are request/reply on assay.v1.cmd.<service>.<verb>.
 COMMAND_SUBJECTS: dict[type[Payload], str] = {
     m.RegisterActor: cmd("registry", "register_actor"),
     m.RegisterBenchmark: cmd("registry", "register_benchmark"),
     m.RegisterModel: cmd("registry", "register_model"),
     m.RegisterDataset: cmd("registry", "register_dataset"),
-    m.GetBenchmark: cmd("registry", "get_benchmark"),
     m.ApproveBenchmark: cmd("approval", "approve_benchmark"),
     m.RequestAssociation: cmd("approval", "request_association"),
     m.ApproveAssociation: cmd("approval", "approve_association"),
+}
+QUERY_SUBJECTS: dict[type[Payload], str] = {
+    m.GetBenchmark: cmd("registry", "get_benchmark"),
     m.ShowLeaderboard: cmd("leaderboard", "show"),
 }
+REQUEST_SUBJECTS: dict[type[Payload], str] = {**COMMAND_SUBJECTS, **QUERY_SUBJECTS}
 
-
-def event_subject(payload: Payload) -> str:
-    return EVENT_SUBJECTS[type(payload)]
+# what a service answers with when it does what was asked; a refusal is always a CommandReply with ok=False
+REPLY_TYPES: dict[type[Payload], type[Payload]] = {
+    **{command: m.CommandReply for command in COMMAND_SUBJECTS},
+    m.GetBenchmark: m.BenchmarkDetails,
+    m.ShowLeaderboard: m.Leaderboard,
+}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import ClassVar, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Payload(BaseModel):
@@ -48,7 +48,7 @@ class Envelope(BaseModel, Generic[D]):
     signature: Signature | None = None
 
     @model_validator(mode="after")
-    def _type_matches_data(self) -> Envelope[Any]:
+    def _type_matches_data(self) -> Self:
         expected = type(self.data).TYPE
         if expected and self.type != expected:
             raise ValueError(f"type {self.type!r} does not match the payload, expected {expected!r}")
@@ -59,3 +59,8 @@ class Envelope(BaseModel, Generic[D]):
         return Envelope[type(data)](  # type: ignore[misc]
             id=id or new_id(), source=source, type=type(data).TYPE, subject=subject, data=data
         )
+
+
+def describe(exc: ValidationError) -> str:
+    """A validation error as `field.path: reason` parts a user can act on."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {err['msg']}" for err in exc.errors())

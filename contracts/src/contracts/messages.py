@@ -121,6 +121,9 @@ class ApproveAssociation(Payload):
     entity_id: Id
 
 
+# --- queries (request/reply, read only) and the replies ------------------------------------------------------
+
+
 class GetBenchmark(Payload):
     TYPE: ClassVar[str] = "assay.v1.GetBenchmark"
     benchmark_id: Id
@@ -132,12 +135,21 @@ class ShowLeaderboard(Payload):
 
 
 class CommandReply(Payload):
+    """The reply to every command, and to a query that is refused."""
+
     TYPE: ClassVar[str] = "assay.v1.CommandReply"
     ok: bool
     message: str
-    entity_id: str | None = None
-    duplicate: bool = False
     retry: bool = Field(default=False, description="refused for now: the service has not yet seen what it refers to")
+
+
+class BenchmarkDetails(Payload):
+    """The reply to GetBenchmark."""
+
+    TYPE: ClassVar[str] = "assay.v1.BenchmarkDetails"
+    owner_id: Id
+    status: str = Field(description="DEVELOPMENT, OPERATION or ARCHIVED")
+    benchmark: BenchmarkSpec
 
 
 # --- events (facts, append-only in EVENTS) -----------------------------------------------------------------
@@ -199,19 +211,26 @@ class AssociationApproved(Payload):
     approved_by: Id
 
 
-class JobSpec(Payload):
-    """What a site is asked to run; signed by the scheduling service, bound into the result."""
+class JobBinding(Payload):
+    """What a job pins when it is planned and its result must match exactly: the artefacts that produce it."""
 
-    TYPE: ClassVar[str] = "assay.v1.Job"
-    job_id: Id
     benchmark_id: Id
     model_id: Id
     dataset_id: Id
-    site_id: Id
     model_image: Digest
     evaluator_image: Digest
     dataset_hash: Digest
-    case_count: int = Field(ge=1, description="as registered: the result must score exactly these cases")
+    case_count: int = Field(ge=1, description="as registered: the result must score exactly these cases, so a site "
+                                              "cannot weigh more in the pooled values than the cases it registered")
+
+
+class JobSpec(Payload):
+    """What a site is asked to run; signed by the scheduling service, its binding carried into the result."""
+
+    TYPE: ClassVar[str] = "assay.v1.Job"
+    job_id: Id
+    site_id: Id
+    binding: JobBinding
     metrics: tuple[MetricSpec, ...]
 
 
@@ -225,36 +244,20 @@ class SiteResult(Payload):
 
     TYPE: ClassVar[str] = "assay.v1.SiteResult"
     job_id: Id
-    benchmark_id: Id
-    model_id: Id
-    dataset_id: Id
     site_id: Id
-    model_image: Digest
-    evaluator_image: Digest
-    dataset_hash: Digest
+    binding: JobBinding
     metrics: dict[MetricName, float]
-    case_count: int = Field(ge=1)
     metrics_hash: Digest
     worker_id: Name
     finished_at: datetime
 
 
-class JobFailed(Payload):
-    TYPE: ClassVar[str] = "assay.v1.JobFailed"
-    job_id: Id
-    site_id: Id
-    reason: str = Field(max_length=4000)
-
-
 class ResultAccepted(Payload):
     TYPE: ClassVar[str] = "assay.v1.ResultAccepted"
     job_id: Id
-    benchmark_id: Id
-    model_id: Id
-    dataset_id: Id
     site_id: Id
+    binding: JobBinding
     metrics: dict[str, float]
-    case_count: int
 
 
 class ResultRejected(Payload):
@@ -274,15 +277,30 @@ class LeaderboardRow(Payload):
     sites: int
 
 
-class LeaderboardUpdated(Payload):
-    TYPE: ClassVar[str] = "assay.v1.LeaderboardUpdated"
+class Board(Payload):
+    """A benchmark's board: every model's per-site and pooled values, ranked by the primary metric."""
+
     benchmark_id: Id
     primary_metric: str
     metrics: tuple[str, ...]
     rows: tuple[LeaderboardRow, ...]
 
 
+class Leaderboard(Board):
+    """The reply to ShowLeaderboard: the board as it stands."""
+
+    TYPE: ClassVar[str] = "assay.v1.Leaderboard"
+
+
+class LeaderboardUpdated(Board):
+    """Announced after each accepted result: the board it produced."""
+
+    TYPE: ClassVar[str] = "assay.v1.LeaderboardUpdated"
+
+
 class DeadLetter(Payload):
+    """A message a consumer gave up on, on `assay.v1.dlq.<consumer>`: why, and after how many deliveries."""
+
     TYPE: ClassVar[str] = "assay.v1.DeadLetter"
     consumer: str
     subject: str
@@ -293,11 +311,12 @@ class DeadLetter(Payload):
 
 COMMANDS: tuple[type[Payload], ...] = (
     RegisterActor, RegisterBenchmark, ApproveBenchmark, RegisterModel, RegisterDataset,
-    RequestAssociation, ApproveAssociation, GetBenchmark, ShowLeaderboard, CommandReply,
+    RequestAssociation, ApproveAssociation,
 )
+QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard)
+REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard)
 EVENTS: tuple[type[Payload], ...] = (
     ActorRegistered, BenchmarkRegistered, BenchmarkApproved, ModelRegistered, DatasetRegistered,
-    AssociationRequested, AssociationApproved, JobScheduled, JobFailed, ResultAccepted, ResultRejected,
-    LeaderboardUpdated, DeadLetter,
+    AssociationRequested, AssociationApproved, JobScheduled, ResultAccepted, ResultRejected, LeaderboardUpdated,
 )
-WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult)
+WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, DeadLetter)

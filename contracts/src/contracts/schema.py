@@ -13,11 +13,11 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
 
 
 def schemas() -> dict[str, str]:
-    """File name -> schema text, for every message that crosses a process, wrapped in its envelope."""
+    """File name -> schema text, for every message that crosses a process: in its envelope, or bare for a reply."""
     out: dict[str, str] = {}
-    for payload in (*m.COMMANDS, *m.EVENTS, *m.WORK):
+    for payload in (*m.COMMANDS, *m.QUERIES, *m.EVENTS, *m.WORK, *m.REPLIES):
         model: type[Payload] = payload
-        schema = Envelope[model].model_json_schema()  # type: ignore[valid-type]
+        schema = model.model_json_schema() if payload in m.REPLIES else Envelope[model].model_json_schema()  # type: ignore[valid-type]
         schema["title"] = payload.TYPE
         out[f"{payload.__name__}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out

@@ -8,7 +8,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import rfc8785
 from cryptography.exceptions import InvalidSignature
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
 
-from contracts.envelope import Envelope, Signature
+from contracts.envelope import Envelope, Payload, Signature
 
-E = TypeVar("E", bound=Envelope[Any])
+P = TypeVar("P", bound=Payload)
 
 
 class SignatureError(Exception):
@@ -75,7 +75,7 @@ class KeyPair:
     def key_id(self) -> str:
         return key_id_of(self.public_key)
 
-    def sign(self, envelope: E) -> E:
+    def sign(self, envelope: Envelope[P]) -> Envelope[P]:
         unsigned = envelope.model_copy(update={"signature": None})
         value = self.private.sign(canonical_bytes(unsigned, exclude={"signature"}))
         return envelope.model_copy(update={"signature": Signature(key_id=self.key_id, value=_b64(value))})
@@ -99,7 +99,7 @@ class KeyPair:
         return cls(key)
 
 
-def verify(envelope: Envelope[Any], public_key: str) -> None:
+def verify(envelope: Envelope[P], public_key: str) -> None:
     """Raise SignatureError unless `envelope` carries a valid signature by `public_key`."""
     sig = envelope.signature
     if sig is None:

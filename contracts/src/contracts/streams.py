@@ -16,7 +16,7 @@ PUBLISH_TIMEOUT_S = 10.0
 STREAMS: tuple[StreamConfig, ...] = (
     StreamConfig(name=s.EVENTS_STREAM, subjects=[s.EVENTS_ALL], storage=StorageType.FILE,
                  retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S),
-    StreamConfig(name=s.JOBS_STREAM, subjects=["assay.v1.jobs.*"], storage=StorageType.FILE,
+    StreamConfig(name=s.JOBS_STREAM, subjects=[s.JOBS_ALL], storage=StorageType.FILE,
                  retention=RetentionPolicy.WORK_QUEUE, duplicate_window=DUPLICATE_WINDOW_S),
     StreamConfig(name=s.RESULTS_STREAM, subjects=[s.RESULTS_ALL], storage=StorageType.FILE,
                  retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S),

@@ -16,6 +16,7 @@ RESULTS_ALL = f"{PREFIX}.results.*"
 DEAD_LETTERS_ALL = f"{PREFIX}.dlq.>"
 
 _TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SITE = "{site_id}"  # where a site's id goes in its subjects, as the AsyncAPI document shows them
 
 
 def token(value: str, what: str = "id") -> str:
@@ -33,16 +34,41 @@ def evt(entity: str, fact: str) -> str:
     return f"{PREFIX}.evt.{entity}.{fact}"
 
 
+def _site(site_id: str) -> str:
+    return site_id if site_id == SITE else token(site_id, "site id")
+
+
 def jobs(site_id: str) -> str:
-    return f"{PREFIX}.jobs.{token(site_id, 'site id')}"
+    return f"{PREFIX}.jobs.{_site(site_id)}"
 
 
 def results(site_id: str) -> str:
-    return f"{PREFIX}.results.{token(site_id, 'site id')}"
+    return f"{PREFIX}.results.{_site(site_id)}"
 
 
 def dead_letter(consumer: str) -> str:
     return f"{PREFIX}.dlq.{consumer}"
+
+
+def durable(owner: str, subject: str) -> str:
+    """The one spelling of a durable consumer's name: its owner, then what it reads.
+
+    `registry-benchmark-approved` for an event, `leaderboard-results` and `site-hospital-a-jobs` for a work queue.
+    """
+    kind, _, rest = subject.removeprefix(PREFIX + ".").partition(".")
+    what = rest.replace(".", "-") if kind == "evt" else kind
+    return f"{owner}-{what}"
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """Whether `subject` is one of the subjects `pattern` names (`*` one token, `>` the rest)."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or token not in ("*", got[i]):
+            return False
+    return len(got) == len(want)
 
 
 def stream_of(subject: str) -> str:

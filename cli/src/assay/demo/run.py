@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from assay.client import request
 from assay.home import Home
 from assay.platform import Platform
-from contracts.messages import LeaderboardUpdated, ShowLeaderboard
+from contracts.messages import Leaderboard, ShowLeaderboard
 
 BENCHMARK = "breast-cancer-dx"
 OPERATOR, OWNER = "operator", "committee"
@@ -57,14 +57,14 @@ def benchmark_spec(images_models_reference: str) -> dict:  # type: ignore[type-a
     }
 
 
-async def wait_for_results(nats_url: str, expected: int, console: Console, timeout_s: float = 900) -> LeaderboardUpdated:
+async def wait_for_results(nats_url: str, expected: int, console: Console, timeout_s: float = 900) -> Leaderboard:
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("site jobs: results on the leaderboard", total=expected)
         deadline = time.monotonic() + timeout_s
         while True:
-            board = LeaderboardUpdated.model_validate(
+            board = Leaderboard.model_validate(
                 await request(nats_url, ShowLeaderboard(benchmark_id=BENCHMARK), actor="demo"))
             done = sum(len(row.site_values) for row in board.rows)
             progress.update(task, completed=done)
@@ -76,7 +76,7 @@ async def wait_for_results(nats_url: str, expected: int, console: Console, timeo
 
 
 def run_demo(base: Home, console: Console, *, keep: bool = False,
-             on_board: Callable[[LeaderboardUpdated], None] | None = None) -> int:
+             on_board: Callable[[Leaderboard], None] | None = None) -> int:
     from assay.demo.build import build_demo_images
     from assay.demo.data import describe_sites, write_site_raw
 

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from faststream.nats import NatsRouter
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from approval import domain
 from approval.models import Association, Benchmark, Entity
 from contracts import messages as m
-from contracts.catalog import COMMAND_SUBJECTS, EVENT_SUBJECTS
 from contracts.envelope import Envelope
-from service_kit.actors import CommandRejected, NotYetKnown, authenticate, remember_actor
-from service_kit.app import Service
-from service_kit.bus import command_handler, durable_subscriber
-from service_kit.outbox import stage_event
+from service_kit.actors import authenticate, remember_actor
+from service_kit.edge import NotYetKnown, Refused
+from service_kit.wiring import Consumer, Outlet, Request, Wiring
+from service_kit.work import UnitOfWork
 
-SOURCE = "service:approval"
+SERVICE = "approval"
 
 
 async def _benchmark(session: AsyncSession, benchmark_id: str) -> Benchmark:
@@ -25,84 +23,81 @@ async def _benchmark(session: AsyncSession, benchmark_id: str) -> Benchmark:
     return benchmark
 
 
-async def approve_benchmark(session: AsyncSession, env: Envelope[m.ApproveBenchmark]) -> m.CommandReply:
-    operator = await authenticate(session, env, m.Role.OPERATOR)
-    benchmark = await _benchmark(session, env.data.benchmark_id)
+async def approve_benchmark(command: Envelope[m.ApproveBenchmark], uow: UnitOfWork) -> m.CommandReply:
+    operator = await authenticate(uow.session, command, m.Role.OPERATOR)
+    benchmark = await _benchmark(uow.session, command.data.benchmark_id)
     if benchmark.approved:
         return m.CommandReply(ok=True, message=f"benchmark {benchmark.benchmark_id} is already approved")
     benchmark.approved = True
-    session.add(benchmark)
-    stage_event(session, SOURCE, m.BenchmarkApproved(benchmark_id=benchmark.benchmark_id, approved_by=operator.actor_id))
-    return m.CommandReply(ok=True, message=f"benchmark {benchmark.benchmark_id} approved: OPERATION",
-                          entity_id=benchmark.benchmark_id)
+    uow.session.add(benchmark)
+    uow.emit(m.BenchmarkApproved(benchmark_id=benchmark.benchmark_id, approved_by=operator.actor_id))
+    return m.CommandReply(ok=True, message=f"benchmark {benchmark.benchmark_id} approved: OPERATION")
 
 
-async def request_association(session: AsyncSession, env: Envelope[m.RequestAssociation]) -> m.CommandReply:
-    cmd = env.data
+async def request_association(command: Envelope[m.RequestAssociation], uow: UnitOfWork) -> m.CommandReply:
+    cmd = command.data
     role = m.Role.MODEL_OWNER if cmd.kind is m.EntityKind.MODEL else m.Role.SITE
-    requester = await authenticate(session, env, role)
-    benchmark = await _benchmark(session, cmd.benchmark_id)
-    entity = await session.get(Entity, (cmd.kind.value, cmd.entity_id))
+    requester = await authenticate(uow.session, command, role)
+    benchmark = await _benchmark(uow.session, cmd.benchmark_id)
+    entity = await uow.session.get(Entity, (cmd.kind.value, cmd.entity_id))
     if entity is None:
         raise NotYetKnown(f"{cmd.kind.value} {cmd.entity_id!r} is not known (register it first)")
     if (reason := domain.refuse_request(benchmark, entity, requester.actor_id, cmd.kind)) is not None:
-        raise CommandRejected(reason)
+        raise Refused(reason)
     key = (cmd.benchmark_id, cmd.kind.value, cmd.entity_id)
-    if (existing := await session.get(Association, key)) is not None:
+    if (existing := await uow.session.get(Association, key)) is not None:
         return m.CommandReply(ok=True, message=f"already {existing.status.lower()}")
-    session.add(Association(benchmark_id=cmd.benchmark_id, kind=cmd.kind.value, entity_id=cmd.entity_id,
-                            requested_by=requester.actor_id))
-    stage_event(session, SOURCE, m.AssociationRequested(benchmark_id=cmd.benchmark_id, kind=cmd.kind,
-                                                        entity_id=cmd.entity_id, requested_by=requester.actor_id))
+    uow.session.add(Association(benchmark_id=cmd.benchmark_id, kind=cmd.kind.value, entity_id=cmd.entity_id,
+                                requested_by=requester.actor_id))
+    uow.emit(m.AssociationRequested(benchmark_id=cmd.benchmark_id, kind=cmd.kind, entity_id=cmd.entity_id,
+                                    requested_by=requester.actor_id))
     return m.CommandReply(ok=True, message=f"{cmd.kind.value} {cmd.entity_id} asked to join {cmd.benchmark_id}; "
                           "waiting for the benchmark owner")
 
 
-async def approve_association(session: AsyncSession, env: Envelope[m.ApproveAssociation]) -> m.CommandReply:
-    cmd = env.data
-    approver = await authenticate(session, env, m.Role.BENCHMARK_OWNER)
-    benchmark = await _benchmark(session, cmd.benchmark_id)
-    association = await session.get(Association, (cmd.benchmark_id, cmd.kind.value, cmd.entity_id))
+async def approve_association(command: Envelope[m.ApproveAssociation], uow: UnitOfWork) -> m.CommandReply:
+    cmd = command.data
+    approver = await authenticate(uow.session, command, m.Role.BENCHMARK_OWNER)
+    benchmark = await _benchmark(uow.session, cmd.benchmark_id)
+    association = await uow.session.get(Association, (cmd.benchmark_id, cmd.kind.value, cmd.entity_id))
     if (reason := domain.refuse_approval(benchmark, association, approver.actor_id)) is not None:
-        raise CommandRejected(reason)
+        raise Refused(reason)
     assert association is not None
     if association.status == "APPROVED":
         return m.CommandReply(ok=True, message="already approved")
     association.status, association.approved_by = "APPROVED", approver.actor_id
-    session.add(association)
-    stage_event(session, SOURCE, m.AssociationApproved(benchmark_id=cmd.benchmark_id, kind=cmd.kind,
-                                                       entity_id=cmd.entity_id, approved_by=approver.actor_id))
+    uow.session.add(association)
+    uow.emit(m.AssociationApproved(benchmark_id=cmd.benchmark_id, kind=cmd.kind, entity_id=cmd.entity_id,
+                                   approved_by=approver.actor_id))
     return m.CommandReply(ok=True, message=f"{cmd.kind.value} {cmd.entity_id} approved for {cmd.benchmark_id}")
 
 
-async def learn_actor(session: AsyncSession, env: Envelope[m.ActorRegistered]) -> None:
-    await remember_actor(session, env.data)
+async def learn_actor(registered: Envelope[m.ActorRegistered], uow: UnitOfWork) -> None:
+    await remember_actor(uow.session, registered.data)
 
 
-async def learn_benchmark(session: AsyncSession, env: Envelope[m.BenchmarkRegistered]) -> None:
-    if await session.get(Benchmark, env.data.benchmark.benchmark_id) is None:
-        session.add(Benchmark(benchmark_id=env.data.benchmark.benchmark_id, owner_id=env.data.owner_id))
+async def learn_benchmark(registered: Envelope[m.BenchmarkRegistered], uow: UnitOfWork) -> None:
+    spec = registered.data.benchmark
+    if await uow.session.get(Benchmark, spec.benchmark_id) is None:
+        uow.session.add(Benchmark(benchmark_id=spec.benchmark_id, owner_id=registered.data.owner_id))
 
 
-async def learn_model(session: AsyncSession, env: Envelope[m.ModelRegistered]) -> None:
-    if await session.get(Entity, ("model", env.data.model_id)) is None:
-        session.add(Entity(kind="model", entity_id=env.data.model_id, owner_id=env.data.owner_id))
+async def learn_model(registered: Envelope[m.ModelRegistered], uow: UnitOfWork) -> None:
+    model = registered.data
+    if await uow.session.get(Entity, ("model", model.model_id)) is None:
+        uow.session.add(Entity(kind="model", entity_id=model.model_id, owner_id=model.owner_id))
 
 
-async def learn_dataset(session: AsyncSession, env: Envelope[m.DatasetRegistered]) -> None:
-    if await session.get(Entity, ("dataset", env.data.dataset_id)) is None:
-        session.add(Entity(kind="dataset", entity_id=env.data.dataset_id, owner_id=env.data.site_id,
-                           benchmark_id=env.data.benchmark_id))
+async def learn_dataset(registered: Envelope[m.DatasetRegistered], uow: UnitOfWork) -> None:
+    dataset = registered.data
+    if await uow.session.get(Entity, ("dataset", dataset.dataset_id)) is None:
+        uow.session.add(Entity(kind="dataset", entity_id=dataset.dataset_id, owner_id=dataset.site_id,
+                               benchmark_id=dataset.benchmark_id))
 
 
-def build_router(service: Service) -> NatsRouter:
-    router = NatsRouter()
-    for payload, handle in ((m.ApproveBenchmark, approve_benchmark), (m.RequestAssociation, request_association),
-                            (m.ApproveAssociation, approve_association)):
-        command_handler(router, subject=COMMAND_SUBJECTS[payload], service="approval", payload=payload,
-                        db=service.db, handle=handle)
-    for event, learn in ((m.ActorRegistered, learn_actor), (m.BenchmarkRegistered, learn_benchmark),
-                         (m.ModelRegistered, learn_model), (m.DatasetRegistered, learn_dataset)):
-        durable_subscriber(router, subject=EVENT_SUBJECTS[event], durable=f"approval-{event.__name__.lower()}",
-                           payload=event, db=service.db, publish=service.publish, handle=learn)
-    return router
+WIRING = Wiring(
+    owner=SERVICE, source=f"service:{SERVICE}",
+    requests=(Request(approve_benchmark), Request(request_association), Request(approve_association)),
+    consumers=tuple(Consumer(learn) for learn in (learn_actor, learn_benchmark, learn_model, learn_dataset)),
+    publishes=tuple(Outlet.event(e) for e in (m.BenchmarkApproved, m.AssociationRequested, m.AssociationApproved)),
+)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, Payload
 from contracts.messages import ActorRegistered, Role
 from contracts.signing import SignatureError, verify
+from service_kit.edge import NotYetKnown, Refused
 
-
-class CommandRejected(Exception):
-    """A command that must change nothing: the message says what is wrong and what to do."""
-
-
-class NotYetKnown(CommandRejected):
-    """Refers to something this service has not heard of yet; it may exist and arrive with the next events."""
+P = TypeVar("P", bound=Payload)
 
 
 class KnownActor(SQLModel, table=True):
@@ -34,14 +29,10 @@ async def remember_actor(session: AsyncSession, event: ActorRegistered) -> None:
         session.add(KnownActor(**event.model_dump(mode="json")))
 
 
-async def actor_by_id(session: AsyncSession, actor_id: str) -> KnownActor | None:
-    return await session.get(KnownActor, actor_id)
-
-
-async def authenticate(session: AsyncSession, envelope: Envelope[Any], *roles: Role) -> KnownActor:
+async def authenticate(session: AsyncSession, envelope: Envelope[P], *roles: Role) -> KnownActor:
     """The actor who signed `envelope`, after checking the signature and that the actor has one of `roles`."""
     if envelope.signature is None:
-        raise CommandRejected("the command is not signed; sign it with your actor key (assay ... --as NAME)")
+        raise Refused("the command is not signed; sign it with your actor key (assay ... --as NAME)")
     key_id = envelope.signature.key_id
     actor = (await session.exec(select(KnownActor).where(KnownActor.key_id == key_id))).first()
     if actor is None:
@@ -49,8 +40,8 @@ async def authenticate(session: AsyncSession, envelope: Envelope[Any], *roles: R
     try:
         verify(envelope, actor.public_key)
     except SignatureError as exc:
-        raise CommandRejected(f"signature check failed: {exc}") from exc
+        raise Refused(f"signature check failed: {exc}") from exc
     if roles and actor.role not in roles:
         allowed = ", ".join(r.value for r in roles)
-        raise CommandRejected(f"actor {actor.actor_id} has role {actor.role}; this command needs {allowed}")
+        raise Refused(f"actor {actor.actor_id} has role {actor.role}; this command needs {allowed}")
     return actor

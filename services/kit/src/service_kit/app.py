@@ -1,22 +1,24 @@
-"""Wires one service: its broker, database, outbox relay and router into a FastStream app."""
+"""Wires one service: its broker, database, declared subscribers and publishers, and outbox relay, into an app."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from faststream import FastStream
-from faststream.nats import NatsBroker, NatsRouter
+from faststream.context import ContextRepo
+from faststream.nats import NatsBroker
 from pydantic_settings import BaseSettings
 
 from assay_telemetry import nats_middlewares
 from service_kit.actors import KnownActor
-from service_kit.bus import Publisher
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.inbox import ProcessedMessage
 from service_kit.outbox import OutboxMessage, Relay
+from service_kit.wiring import Wiring
+from service_kit.work import Units
 
 KIT_TABLES = [OutboxMessage.__table__, ProcessedMessage.__table__, KnownActor.__table__]  # type: ignore[attr-defined]
 
@@ -27,49 +29,46 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str | None = None
 
 
-@dataclass
-class Service:
-    name: str
-    broker: NatsBroker
+class ServiceApp(FastStream):
+    """A service's FastStream app, with the database and relay its tests and its hooks reach."""
+
     db: Database
-    publish: Publisher
-    tables: list = field(default_factory=list)  # type: ignore[type-arg]
-    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    relay: Relay
+    wiring: Wiring
 
-    @classmethod
-    def create(cls, name: str, settings: ServiceSettings, tables: list, broker: NatsBroker | None = None) -> Service:  # type: ignore[type-arg]
-        broker = broker or NatsBroker(settings.nats_url, middlewares=nats_middlewares(name, settings.otlp_endpoint),
-                                      logger=None)
-        db = Database(make_engine(settings.database_url))
-        return cls(name=name, broker=broker, db=db, publish=Publisher(broker), tables=[*KIT_TABLES, *tables])
 
-    def app(self, router: NatsRouter) -> FastStream:
-        self.broker.include_router(router)
-        app = FastStream(self.broker)
-        relay = Relay(self.db, self.publish)
-        tasks: list[asyncio.Task[None]] = []
+def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
+                context: Mapping[str, Any] | None = None,
+                on_start: Callable[[Database], Awaitable[None]] | None = None) -> ServiceApp:
+    """`context` holds what handlers ask for by name (a signing key, say); `on_start` runs once the tables exist."""
+    broker = NatsBroker(settings.nats_url, middlewares=nats_middlewares(wiring.owner, settings.otlp_endpoint),
+                        logger=None, context=ContextRepo(dict(context or {})))
+    db = Database(make_engine(settings.database_url))
+    relay = Relay(db, wiring.declare(broker, Units(db, wiring)).publish)
+    app = ServiceApp(broker)
+    app.db, app.relay, app.wiring = db, relay, wiring
+    tasks: list[asyncio.Task[None]] = []
 
-        @app.on_startup
-        async def prepare_database() -> None:
-            await create_tables(self.db.engine, self.tables)
+    @app.on_startup
+    async def prepare_database() -> None:
+        await create_tables(db.engine, [*KIT_TABLES, *tables])
 
-        @app.after_startup
-        async def start_relay() -> None:
-            for hook in self.on_start:
-                await hook()
-            tasks.append(asyncio.create_task(relay.run(), name=f"{self.name}-outbox-relay"))
+    @app.after_startup
+    async def start_relay() -> None:
+        if on_start is not None:
+            await on_start(db)
+        tasks.append(asyncio.create_task(relay.run(), name=f"{wiring.owner}-outbox-relay"))
 
-        @app.on_shutdown
-        async def stop_relay() -> None:
-            relay.stop()
-            for task in tasks:
-                await task  # finishes the flush in progress, then returns
-            with contextlib.suppress(Exception):  # the bus may be gone; rows stay for the next start
-                await relay.flush()
+    @app.on_shutdown
+    async def stop_relay() -> None:
+        relay.stop()
+        for task in tasks:
+            await task  # finishes the flush in progress, then returns
+        with contextlib.suppress(Exception):  # the bus may be gone; rows stay for the next start
+            await relay.flush()
 
-        @app.after_shutdown
-        async def close_database() -> None:
-            await self.db.close()
+    @app.after_shutdown
+    async def close_database() -> None:
+        await db.close()
 
-        app.relay = relay  # type: ignore[attr-defined]
-        return app
+    return app

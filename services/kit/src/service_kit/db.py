@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+from service_kit.edge import Conflict
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -46,10 +49,17 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self, *, notify: bool = True) -> AsyncIterator[AsyncSession]:
-        """Commit on success, roll back on any error; `notify` wakes the outbox relay after the commit."""
-        async with self._serial, self._sessions() as session:
-            async with session.begin():
-                yield session
+        """Commit on success, roll back on any error; `notify` wakes the outbox relay after the commit.
+
+        A unique key another transaction took first (a replica handling the same message, a racing command) is
+        a Conflict: the state is as before, and trying again will see the other's rows.
+        """
+        try:
+            async with self._serial, self._sessions() as session:
+                async with session.begin():
+                    yield session
+        except IntegrityError as exc:
+            raise Conflict(f"a concurrent change took the same key: {exc.orig}") from exc
         if notify:
             for hook in self.committed:
                 hook()  # type: ignore[operator]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
 from sqlmodel import Field, SQLModel
@@ -17,10 +18,14 @@ class ProcessedMessage(SQLModel, table=True):
     processed_at: datetime = Field(default_factory=utcnow)
 
 
-async def first_time(session: AsyncSession, consumer: str, message_id: str) -> bool:
-    """True (and remembered) the first time; False for a message this consumer already processed."""
-    if await session.get(ProcessedMessage, (consumer, message_id)) is not None:
+async def first_time(session: AsyncSession, consumer: str, body: bytes) -> bool:
+    """True (and remembered) the first time; False for a message this consumer already processed.
+
+    A message is known by the digest of its bytes: a forgery that reuses a genuine envelope id blocks nothing.
+    """
+    digest = hashlib.sha256(body).hexdigest()
+    if await session.get(ProcessedMessage, (consumer, digest)) is not None:
         return False
-    session.add(ProcessedMessage(consumer=consumer, message_id=message_id))
+    session.add(ProcessedMessage(consumer=consumer, message_id=digest))
     await session.flush()  # a concurrent replica that got here first makes this fail: the message is redelivered
     return True

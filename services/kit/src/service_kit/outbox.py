@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from collections.abc import Awaitable, Callable
 from opentelemetry import context as otel_context
@@ -18,6 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from contracts.envelope import Envelope, Payload, utcnow
 
 log = logging.getLogger(__name__)
+P = TypeVar("P", bound=Payload)
 
 
 class OutboxMessage(SQLModel, table=True):
@@ -31,20 +32,12 @@ class OutboxMessage(SQLModel, table=True):
     published_at: datetime | None = Field(default=None, index=True)
 
 
-def stage(session: AsyncSession, subject: str, envelope: Envelope[Any]) -> None:
-    """Add a message to the outbox inside the caller's transaction."""
+def stage(session: AsyncSession, subject: str, envelope: Envelope[P]) -> None:
+    """Add a message to the outbox inside the caller's transaction (handlers do it through their UnitOfWork)."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     session.add(OutboxMessage(message_id=envelope.id, subject=subject, body=envelope.model_dump_json().encode(),
                               trace_headers=json.dumps(carrier)))
-
-
-def stage_event(session: AsyncSession, source: str, payload: Payload, *, id: str | None = None) -> Envelope[Any]:
-    from contracts.catalog import event_subject
-
-    envelope = Envelope.wrap(payload, source=source, id=id)
-    stage(session, event_subject(payload), envelope)
-    return envelope
 
 
 class Relay:
@@ -53,10 +46,11 @@ class Relay:
     def __init__(self, db: Any, publish: Callable[[str, bytes, str], Awaitable[None]], *,
                  poll_s: float = 1.0, batch: int = 256) -> None:
         self._db = db
-        self._publish = publish
+        self._publish = publish  # Outlets.publish: subject, body, Nats-Msg-Id
         self._poll_s = poll_s
         self._batch = batch
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # one flush at a time in a process: the run loop, shutdown, a test
         self._stopping = False
         db.committed.append(self._wake.set)
 
@@ -66,6 +60,10 @@ class Relay:
         Rows are read in one short transaction and marked in another: no database lock is held while
         waiting for the server. A crash in between publishes them again, and the server drops them by id.
         """
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> int:
         total = 0
         while True:
             async with self._db.transaction(notify=False) as session:  # notify would wake the relay itself

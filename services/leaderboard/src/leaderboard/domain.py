@@ -12,16 +12,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from contracts import subjects
 from contracts.envelope import Envelope
-from contracts.messages import BenchmarkSpec, JobSpec, LeaderboardRow, LeaderboardUpdated, Role, SiteResult
+from contracts.messages import BenchmarkSpec, JobSpec, Leaderboard, LeaderboardRow, Role, SiteResult
+from contracts.metrics import MetricNamesRefused, MetricsRefused, MetricValueRefused, checked_metrics
 from contracts.signing import SignatureError, metrics_hash, verify
-
-# what a result must share with its job: the artefacts that produced it, pinned by digest when the job was planned
-BOUND_FIELDS = ("benchmark_id", "model_id", "dataset_id", "model_image", "evaluator_image", "dataset_hash",
-                "case_count")  # a site cannot weigh more in the pooled values than the cases it registered
 
 # pooled values are weighted means: two models with the same site values may differ in the last bits
 TIE_REL_TOL = 1e-9
@@ -65,12 +61,12 @@ class Signer:
     public_key: str
 
 
-def check_origin(envelope: Envelope[Any], *, subject: str, signer: Signer | None) -> Verdict:
+def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer | None) -> Verdict:
     """Who sent it: signed by a registered site's key, that site is the one the result names and published it.
 
     `signer` is the actor holding `envelope.signature.key_id`, None when no registered actor holds it.
     """
-    result: SiteResult = envelope.data
+    result = envelope.data
     if envelope.signature is None:
         return Verdict.reject(Check.SIGNATURE, "the result is not signed; a site signs every result with its key")
     key_id = envelope.signature.key_id
@@ -95,29 +91,22 @@ def check_origin(envelope: Envelope[Any], *, subject: str, signer: Signer | None
 
 def check_binding(result: SiteResult, *, job: JobSpec, benchmark: BenchmarkSpec, accepted_before: bool) -> Verdict:
     """What it claims: the job it answers, the pinned artefacts, the declared metrics in range, and counted once."""
-    if result.job_id != job.job_id or job.benchmark_id != benchmark.benchmark_id:
+    if result.job_id != job.job_id or job.binding.benchmark_id != benchmark.benchmark_id:
         return Verdict.reject(Check.BINDING, f"result of job {result.job_id} checked against job {job.job_id} "
-                                             f"of benchmark {job.benchmark_id} and benchmark {benchmark.benchmark_id}")
+                                             f"of benchmark {job.binding.benchmark_id} and benchmark "
+                                             f"{benchmark.benchmark_id}")
     if result.site_id != job.site_id:
         return Verdict.reject(Check.JOB_SITE,
                               f"job {job.job_id} was sent to site {job.site_id}, not to site {result.site_id}")
-    mismatched = [f"{name} is {getattr(result, name)}, the job has {getattr(job, name)}"
-                  for name in BOUND_FIELDS if getattr(result, name) != getattr(job, name)]
+    claimed, planned = result.binding.model_dump(), job.binding.model_dump()
+    mismatched = [f"{name} is {claimed[name]}, the job has {planned[name]}" for name in planned
+                  if claimed[name] != planned[name]]
     if mismatched:
         return Verdict.reject(Check.BINDING, f"the result does not match job {job.job_id}: " + "; ".join(mismatched))
-    declared = {spec.name: spec for spec in benchmark.metrics}
-    missing = sorted(set(declared) - set(result.metrics))
-    undeclared = sorted(set(result.metrics) - set(declared))
-    if missing or undeclared:
-        return Verdict.reject(Check.METRIC_NAMES, f"missing {missing}, undeclared {undeclared}; benchmark "
-                                                  f"{benchmark.benchmark_id} declares {sorted(declared)}")
-    for name, value in sorted(result.metrics.items()):
-        spec = declared[name]
-        if not math.isfinite(value):
-            return Verdict.reject(Check.METRIC_VALUE, f"{name} is {value}, not a finite number")
-        if not spec.minimum <= value <= spec.maximum:
-            return Verdict.reject(Check.METRIC_VALUE,
-                                  f"{name} = {value} is outside its declared range [{spec.minimum}, {spec.maximum}]")
+    try:
+        checked_metrics(result.metrics, benchmark.metrics)
+    except MetricsRefused as refused:
+        return Verdict.reject(Check(refused.check), _metrics_refusal(refused, benchmark))
     expected = metrics_hash(result.metrics)
     if result.metrics_hash != expected:
         return Verdict.reject(Check.METRICS_HASH,
@@ -127,13 +116,16 @@ def check_binding(result: SiteResult, *, job: JobSpec, benchmark: BenchmarkSpec,
     return ACCEPTED
 
 
-def check_result(envelope: Envelope[Any], *, subject: str, signer: Signer | None, job: JobSpec,
-                 benchmark: BenchmarkSpec, accepted_before: bool) -> Verdict:
-    """Every check a result must pass before it is stored: the first failure, or ACCEPTED."""
-    origin = check_origin(envelope, subject=subject, signer=signer)
-    if not origin.ok:
-        return origin
-    return check_binding(envelope.data, job=job, benchmark=benchmark, accepted_before=accepted_before)
+def _metrics_refusal(refused: MetricsRefused, benchmark: BenchmarkSpec) -> str:
+    """The leaderboard names the values: they arrived signed, from a site that let them leave."""
+    if isinstance(refused, MetricNamesRefused):
+        return (f"missing {refused.missing}, undeclared {refused.undeclared}; benchmark {benchmark.benchmark_id} "
+                f"declares {refused.declared}")
+    assert isinstance(refused, MetricValueRefused)
+    if not refused.finite:
+        return f"{refused.spec.name} is {refused.value}, not a finite number"
+    spec = refused.spec
+    return f"{spec.name} = {refused.value} is outside its declared range [{spec.minimum}, {spec.maximum}]"
 
 
 # --- aggregation and ranking --------------------------------------------------------------------------------------
@@ -168,7 +160,7 @@ def competition_ranks(values: Sequence[float], *, higher_is_better: bool) -> lis
     return ranks
 
 
-def aggregate(benchmark: BenchmarkSpec, scores: Iterable[Score]) -> LeaderboardUpdated:
+def aggregate(benchmark: BenchmarkSpec, scores: Iterable[Score]) -> Leaderboard:
     """The board of `benchmark`: per model, each site's values and the pooled values, ranked by the primary metric.
 
     A site with several datasets in the benchmark gets the case-weighted mean of them; pooled values are the
@@ -193,5 +185,5 @@ def aggregate(benchmark: BenchmarkSpec, scores: Iterable[Score]) -> LeaderboardU
             case_count=sum(score.case_count for score in by_model[model]), sites=len(by_site),
         ))
     rows.sort(key=lambda row: (row.rank, row.model_id))
-    return LeaderboardUpdated(benchmark_id=benchmark.benchmark_id, primary_metric=primary.name, metrics=names,
-                              rows=tuple(rows))
+    return Leaderboard(benchmark_id=benchmark.benchmark_id, primary_metric=primary.name, metrics=names,
+                       rows=tuple(rows))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -27,7 +25,7 @@ class Store:
 
     async def remember_job(self, job: JobSpec) -> None:
         if await self.session.get(KnownJob, job.job_id) is None:
-            self.session.add(KnownJob(job_id=job.job_id, benchmark_id=job.benchmark_id,
+            self.session.add(KnownJob(job_id=job.job_id, benchmark_id=job.binding.benchmark_id,
                                       spec=job.model_dump(mode="json")))
 
     async def benchmark(self, benchmark_id: str, *, lock: bool = False) -> BenchmarkSpec | None:
@@ -47,12 +45,12 @@ class Store:
     async def has_result(self, job_id: str) -> bool:
         return await self.session.get(AcceptedResult, job_id) is not None
 
-    async def record(self, envelope: Envelope[Any]) -> None:
-        result: SiteResult = envelope.data
+    async def record(self, envelope: Envelope[SiteResult]) -> None:
+        result, bound = envelope.data, envelope.data.binding
         self.session.add(AcceptedResult(
-            job_id=result.job_id, message_id=envelope.id, benchmark_id=result.benchmark_id,
-            model_id=result.model_id, dataset_id=result.dataset_id, site_id=result.site_id,
-            metrics=dict(result.metrics), case_count=result.case_count, metrics_hash=result.metrics_hash,
+            job_id=result.job_id, message_id=envelope.id, benchmark_id=bound.benchmark_id,
+            model_id=bound.model_id, dataset_id=bound.dataset_id, site_id=result.site_id,
+            metrics=dict(result.metrics), case_count=bound.case_count, metrics_hash=result.metrics_hash,
             worker_id=result.worker_id, finished_at=result.finished_at,
         ))
         await self.session.flush()  # a racing replica's row for the same job fails here, and this message is retried

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from contracts.messages import BenchmarkSpec, JobSpec
+from contracts.messages import BenchmarkSpec, JobBinding, JobSpec
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
                          ds.dataset_id)
             if jid in existing:
                 continue
-            jobs.append(JobSpec(job_id=jid, benchmark_id=benchmark.benchmark_id, model_id=model_id,
-                                dataset_id=ds.dataset_id, site_id=ds.site_id, model_image=digest,
-                                evaluator_image=benchmark.evaluator.digest, dataset_hash=ds.content_hash, case_count=ds.case_count,
-                                metrics=benchmark.metrics))
+            binding = JobBinding(benchmark_id=benchmark.benchmark_id, model_id=model_id, dataset_id=ds.dataset_id,
+                                 model_image=digest, evaluator_image=benchmark.evaluator.digest,
+                                 dataset_hash=ds.content_hash, case_count=ds.case_count)
+            jobs.append(JobSpec(job_id=jid, site_id=ds.site_id, binding=binding, metrics=benchmark.metrics))
     return jobs

@@ -1,0 +1,59 @@
+"""The unit of work a handler is given: its transaction's session, and the outbox its events go to in the same
+transaction, on subjects the app declares it publishes on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, TypeVar
+
+from faststream import Context
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from contracts.catalog import EVENT_SUBJECTS
+from contracts.envelope import Envelope, Payload
+from service_kit.db import Database
+from service_kit.inbox import first_time
+from service_kit.outbox import stage
+from service_kit.wiring import Wiring
+
+
+P = TypeVar("P", bound=Payload)
+
+
+class Transaction:
+    """One message's unit of work: what `session` changes and what `emit` and `send` stage commit together."""
+
+    def __init__(self, session: AsyncSession, wiring: Wiring) -> None:
+        self.session = session
+        self._wiring = wiring
+
+    async def first_time(self, consumer: str, body: bytes) -> bool:
+        return await first_time(self.session, consumer, body)
+
+    def emit(self, payload: P, *, id: str | None = None) -> Envelope[P]:
+        """Stage an event on its subject; it is published once the transaction commits."""
+        envelope = Envelope.wrap(payload, source=self._wiring.source, id=id)
+        self.send(EVENT_SUBJECTS[type(payload)], envelope)
+        return envelope
+
+    def send(self, subject: str, envelope: Envelope[P]) -> None:
+        """Stage any message (a signed job, say) on a declared subject."""
+        if not self._wiring.declares(subject):
+            raise LookupError(f"{self._wiring.owner} does not declare that it publishes on {subject}")
+        stage(self.session, subject, envelope)
+
+
+UnitOfWork = Annotated[Transaction, Context("uow")]
+
+
+class Units:
+    """Opens a Transaction per message, for the edge."""
+
+    def __init__(self, db: Database, wiring: Wiring) -> None:
+        self.db, self.wiring = db, wiring
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self.db.transaction() as session:
+            yield Transaction(session, self.wiring)

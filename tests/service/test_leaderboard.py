@@ -1,0 +1,225 @@
+"""The leaderboard under the test broker: signed results are verified, counted once and ranked; what fails a check
+is rejected with its reason and changes nothing; a result about something not known yet waits."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+
+import pytest
+
+from contracts import subjects
+from contracts.envelope import Envelope
+from contracts.messages import (
+    BenchmarkRegistered, BenchmarkSpec, CommandReply, ImageRef, JobBinding, JobScheduled, JobSpec, Leaderboard,
+    LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
+)
+from contracts.signing import KeyPair, metrics_hash
+from tests.support.service import Actors, Harness
+
+SITES = ("site-a", "site-b")
+IMAGE = ImageRef(digest="sha256:" + "1" * 64, name="img")
+BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE, reference_model=IMAGE,
+                          evaluator=IMAGE, metrics=(MetricSpec(name="auc"), MetricSpec(name="brier")),
+                          primary_metric="auc")
+
+
+def job(job_id: str, model_id: str, site_id: str, cases: int) -> JobSpec:
+    return JobSpec(job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
+        benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}", model_image="sha256:" + "a" * 64,
+        evaluator_image="sha256:" + "b" * 64, dataset_hash="sha256:" + "c" * 64, case_count=cases))
+
+
+JOBS = {j.job_id: j for j in (job("job-1", "model-1", "site-a", 300), job("job-2", "model-1", "site-b", 100),
+                              job("job-3", "model-2", "site-a", 50))}
+
+
+def site_result(actors: Actors, job_id: str, auc: float, *, key: KeyPair | None = None) -> Envelope[SiteResult]:
+    """A result of one of JOBS, signed by its site (or by `key`)."""
+    planned = JOBS[job_id]
+    metrics = {"auc": auc, "brier": 0.1}
+    result = SiteResult(job_id=job_id, site_id=planned.site_id, binding=planned.binding, metrics=metrics,
+                        metrics_hash=metrics_hash(metrics), worker_id="worker-1", finished_at=datetime.now(UTC))
+    return (key or actors.key(planned.site_id)).sign(Envelope.wrap(result, source=f"site:{planned.site_id}"))
+
+
+async def learn_world(leaderboard: Harness, actors: Actors, *, sites: bool = True, jobs: bool = True) -> None:
+    """What the registry and the scheduler announce: the sites, the benchmark, the jobs."""
+    for site_id in SITES if sites else ():
+        await leaderboard.learn(actors.registered(site_id, Role.SITE))
+    await leaderboard.learn(BenchmarkRegistered(owner_id="owner", benchmark=BENCHMARK))
+    for planned in JOBS.values() if jobs else ():
+        await leaderboard.learn(JobScheduled(job=planned), source="service:scheduling")
+
+
+async def send(leaderboard: Harness, result: Envelope[SiteResult], *, site_id: str | None = None) -> None:
+    await leaderboard.deliver(subjects.results(site_id or result.data.site_id), result)
+
+
+async def board(leaderboard: Harness, benchmark_id: str = "bm") -> Leaderboard:
+    return Leaderboard.model_validate(await leaderboard.ask(Envelope.wrap(ShowLeaderboard(benchmark_id=benchmark_id),
+                                                                          source="user:reader")))
+
+
+async def test_an_accepted_result_announces_its_acceptance_and_the_board_it_makes(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+
+    await send(leaderboard, site_result(actors, "job-1", 0.83))
+
+    [accepted] = leaderboard.events(ResultAccepted)
+    assert (accepted.job_id, accepted.site_id, accepted.metrics) == ("job-1", "site-a", {"auc": 0.83, "brier": 0.1})
+    assert accepted.binding == JOBS["job-1"].binding
+    [updated] = leaderboard.events(LeaderboardUpdated)
+    shown = await board(leaderboard)
+    assert updated.model_dump() == shown.model_dump()
+    (row,) = shown.rows
+    assert (row.rank, row.model_id, row.case_count, row.sites) == (1, "model-1", 300, 1)
+    assert row.site_values == {"site-a": {"auc": 0.83, "brier": 0.1}}
+
+
+async def test_results_from_two_sites_are_pooled_by_cases_and_models_ranked(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+    for job_id, auc in (("job-1", 0.9), ("job-2", 0.5), ("job-3", 0.85)):
+        await send(leaderboard, site_result(actors, job_id, auc))
+
+    shown = await board(leaderboard)
+
+    assert [(row.rank, row.model_id) for row in shown.rows] == [(1, "model-2"), (2, "model-1")]
+    assert shown.rows[1].pooled["auc"] == pytest.approx(0.8)  # (0.9 * 300 + 0.5 * 100) / 400
+    assert (shown.rows[1].sites, shown.rows[1].case_count) == (2, 400)
+
+
+async def test_a_result_with_a_metric_changed_after_signing_is_rejected_and_changes_nothing(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+    honest = site_result(actors, "job-3", 0.6)
+    tampered = honest.model_copy(update={"data": honest.data.model_copy(update={"metrics": {"auc": 0.99, "brier": 0.1}})})
+    before = await leaderboard.stored()
+
+    await send(leaderboard, tampered)
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert (rejected.message_id, rejected.site_id, rejected.job_id) == (tampered.id, "site-a", "job-3")
+    assert rejected.reason.startswith("signature: the signature does not match the message content")
+    assert leaderboard.events(ResultAccepted) == []
+    assert {k: v for k, v in (await leaderboard.stored()).items() if k not in ("inbox", "outbox")} == \
+        {k: v for k, v in before.items() if k not in ("inbox", "outbox")}
+
+
+async def test_a_result_signed_by_another_sites_key_is_rejected(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+
+    await send(leaderboard, site_result(actors, "job-3", 0.99, key=actors.key("site-b")))
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert rejected.reason == "signer_site: the result names site site-a but is signed by site site-b"
+    assert (await board(leaderboard)).rows == ()
+
+
+async def test_a_forged_result_is_rejected_at_once_even_when_its_job_is_not_known_yet(leaderboard, actors):
+    await learn_world(leaderboard, actors, jobs=False)
+
+    await send(leaderboard, site_result(actors, "job-1", 0.99, key=actors.key("site-b")))
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert rejected.reason.startswith("signer_site: ")
+
+
+async def test_a_result_published_on_another_sites_subject_is_rejected(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+    misrouted = site_result(actors, "job-1", 0.8)  # signed by site-a, its own result, but sent on site-b's subject
+
+    await send(leaderboard, misrouted, site_id="site-b")
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert rejected.reason == ("subject: published on assay.v1.results.site-b, "
+                               "but a result of site site-a travels on assay.v1.results.site-a")
+
+
+async def test_a_result_outside_a_declared_range_is_rejected_with_the_value(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+
+    await send(leaderboard, site_result(actors, "job-1", 1.5))
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert rejected.reason == "metric_value: auc = 1.5 is outside its declared range [0.0, 1.0]"
+
+
+async def test_the_same_result_delivered_twice_is_handled_once(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+    result = site_result(actors, "job-1", 0.8)
+    await send(leaderboard, result)
+    once = (await leaderboard.stored(), leaderboard.sent())
+
+    await send(leaderboard, result)  # a redelivery: the same bytes
+
+    assert (await leaderboard.stored(), leaderboard.sent()) == once
+    assert leaderboard.events(ResultRejected) == []
+
+
+async def test_a_job_run_twice_and_signed_anew_is_counted_once(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+    await send(leaderboard, site_result(actors, "job-1", 0.8))
+
+    again = site_result(actors, "job-1", 0.8)
+    await send(leaderboard, again)
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert (rejected.message_id, rejected.reason) == (
+        again.id, "duplicate: job job-1 already has an accepted result; this one is not counted")
+    assert (await board(leaderboard)).rows[0].case_count == 300
+
+
+@pytest.mark.parametrize(("known", "why"), [
+    ({"sites": False}, "key ed25519:"), ({"jobs": False}, "job job-1 is not known to the leaderboard yet")])
+async def test_a_result_about_what_is_not_known_yet_is_left_for_a_later_delivery(
+        leaderboard, actors, caplog, known, why):
+    await learn_world(leaderboard, actors, **known)
+    before = await leaderboard.stored()
+    result = site_result(actors, "job-1", 0.8)
+
+    with caplog.at_level(logging.WARNING, logger="service_kit.edge"):
+        await send(leaderboard, result)
+
+    assert "will be delivered again" in caplog.text and why in caplog.text
+    assert await leaderboard.stored() == before and leaderboard.events(ResultRejected) == []
+    assert leaderboard.dead_letters() == []
+    await learn_world(leaderboard, actors)  # the events arrive; the server delivers the result again
+    await send(leaderboard, result)
+    assert [e.job_id for e in leaderboard.events(ResultAccepted)] == ["job-1"]
+
+
+async def test_a_malformed_result_is_dead_lettered_at_once_naming_the_field(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+    raw = site_result(actors, "job-1", 0.8).model_dump(mode="json")
+    raw["data"]["binding"]["case_count"] = "many"
+    before = await leaderboard.stored()
+
+    await leaderboard.deliver(subjects.results("site-a"), json.dumps(raw).encode(), msg_id="bad-result")
+
+    [letter] = leaderboard.dead_letters()
+    assert (letter.consumer, letter.message_id, letter.deliveries) == ("leaderboard-results", "bad-result", 1)
+    assert letter.error.startswith("invalid SiteResult: data.binding.case_count: ")
+    assert await leaderboard.stored() == before
+
+
+async def test_the_board_of_a_benchmark_without_results_is_empty(leaderboard, actors):
+    await leaderboard.learn(BenchmarkRegistered(owner_id="owner", benchmark=BENCHMARK))
+
+    shown = await board(leaderboard)
+
+    assert (shown.benchmark_id, shown.primary_metric, shown.metrics, shown.rows) == ("bm", "auc", ("auc", "brier"), ())
+
+
+async def test_the_board_of_an_unknown_benchmark_is_refused_with_a_retry(leaderboard):
+    reply = CommandReply.model_validate(await leaderboard.ask(
+        Envelope.wrap(ShowLeaderboard(benchmark_id="nothing-here"), source="user:reader")))
+
+    assert (reply.ok, reply.retry) == (False, True)
+    assert "benchmark nothing-here is not known to the leaderboard" in reply.message
+
+
+async def test_a_malformed_query_is_refused_naming_the_field(leaderboard):
+    reply = await leaderboard.ask(b'{"type": "assay.v1.ShowLeaderboard"}', ShowLeaderboard)
+
+    assert reply["ok"] is False and reply["message"].startswith("invalid ShowLeaderboard: source: Field required")

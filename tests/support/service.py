@@ -1,0 +1,114 @@
+"""One app under faststream's TestNatsBroker: deliver messages, ask requests, read what it published and stored.
+
+No nats-server: the test broker hands each publish to the subscribers at once and records what the app's declared
+publishers sent on their `.mock`. It does not redeliver, nack or dedupe; that is tested against a real server.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from faststream import FastStream, TestApp
+from faststream.nats import NatsBroker, TestNatsBroker
+from sqlalchemy import text
+from sqlmodel import SQLModel
+
+from contracts import subjects
+from contracts.catalog import EVENT_SUBJECTS, REQUEST_SUBJECTS
+from contracts.envelope import Envelope, Payload
+from contracts.messages import ActorRegistered, DeadLetter, Role
+from contracts.signing import KeyPair
+from service_kit.app import ServiceApp
+
+
+@dataclass
+class Actors:
+    """Actors with keys: what the registry would announce about them, and the commands they sign."""
+
+    keys: dict[str, KeyPair] = field(default_factory=dict)
+
+    def key(self, name: str) -> KeyPair:
+        return self.keys.setdefault(name, KeyPair.generate())
+
+    def registered(self, name: str, role: Role) -> ActorRegistered:
+        key = self.key(name)
+        return ActorRegistered(actor_id=name, role=role, public_key=key.public_key, key_id=key.key_id,
+                               display_name=name)
+
+    def sign(self, name: str, payload: Payload) -> Envelope[Any]:
+        return self.key(name).sign(Envelope.wrap(payload, source=f"actor:{name}"))
+
+
+@dataclass
+class Harness:
+    app: FastStream
+    broker: NatsBroker
+
+    async def deliver(self, subject: str, message: Envelope[Any] | bytes, *, msg_id: str | None = None) -> None:
+        """Publish as the bus would deliver it, then let the app's relay publish what the handler staged."""
+        body = message if isinstance(message, bytes) else message.model_dump_json().encode()
+        await self.broker.publish(body, subject, stream=subjects.stream_of(subject),
+                                  headers={"Nats-Msg-Id": msg_id or str(uuid.uuid4())})
+        await self.settle()
+
+    async def learn(self, payload: Payload, *, source: str = "service:registry") -> Envelope[Any]:
+        """Deliver an event as its owning service publishes it."""
+        envelope = Envelope.wrap(payload, source=source)
+        await self.deliver(EVENT_SUBJECTS[type(payload)], envelope)
+        return envelope
+
+    async def ask(self, request: Envelope[Any] | bytes, payload: type[Payload] | None = None) -> dict[str, Any]:
+        """A command's or query's reply, as the CLI receives it."""
+        if isinstance(request, bytes):
+            assert payload is not None, "name the request type of a raw body"
+            body, subject = request, REQUEST_SUBJECTS[payload]
+        else:
+            body, subject = request.model_dump_json().encode(), REQUEST_SUBJECTS[type(request.data)]
+        reply = await self.broker.request(body, subject)
+        await self.settle()
+        return dict(json.loads(reply.body))
+
+    async def settle(self) -> None:
+        if isinstance(self.app, ServiceApp):
+            await self.app.relay.flush()
+
+    def published(self, subject: str) -> list[dict[str, Any]]:
+        """What the publishers declared for `subject` sent (the envelopes, decoded); a pattern names several."""
+        return [call.args[0] for publisher in self.broker.publishers
+                if subjects.matches(subject, publisher.subject.template)
+                or subjects.matches(publisher.subject.template, subject)
+                for call in publisher.mock.call_args_list]
+
+    def events(self, kind: type[Payload]) -> list[Any]:
+        """The payloads of the events of `kind` the app published, in order."""
+        return [kind.model_validate(sent["data"]) for sent in self.published(EVENT_SUBJECTS[kind])
+                if sent["type"] == kind.TYPE]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [DeadLetter.model_validate(sent["data"]) for sent in self.published(subjects.DEAD_LETTERS_ALL)]
+
+    def sent(self) -> int:
+        """How many messages the app has published in all."""
+        return sum(len(publisher.mock.call_args_list) for publisher in self.broker.publishers)
+
+    async def stored(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table the app owns: what a refusal must leave as it was."""
+        assert isinstance(self.app, ServiceApp)
+        async with self.app.db.engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: sync.dialect.get_table_names(sync))
+            return {name: sorted(map(tuple, (await conn.execute(text(f'SELECT * FROM "{name}"'))).all()), key=repr)
+                    for name in names if name in SQLModel.metadata.tables}
+
+
+@asynccontextmanager
+async def running(app: FastStream) -> AsyncIterator[Harness]:
+    """The app started under the test broker: its tables made, its start hooks run, its relay going."""
+    async with TestNatsBroker(app.broker, connect_only=True) as broker, TestApp(app):
+        harness = Harness(app, broker)
+        await harness.settle()
+        yield harness
