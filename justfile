@@ -29,3 +29,7 @@ bench *ARGS:
 # regenerate the committed JSON Schema of every message
 schema:
     {{bin}}/python -m contracts.schema
+
+# regenerate the committed AsyncAPI 3.0 document of the whole platform (contracts/asyncapi/assay.json)
+asyncapi:
+    {{bin}}/python -m assay.asyncapi
