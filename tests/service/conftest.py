@@ -1,11 +1,16 @@
-"""Each app as `create_app(test_settings(...))` under faststream's TestNatsBroker, on a SQLite file of its own."""
+"""Each app as `create_app(test_settings(...))` under faststream's TestNatsBroker, on a SQLite file of its own.
+
+A test names the app it needs (`registry`, ..., `site`), or parametrizes `app` indirectly with one of those names.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from faststream import FastStream
 
 from site_worker.containers import FakeRunner
 from tests.support.federation import fake_containers
@@ -18,48 +23,50 @@ def database(tmp_path: Path, name: str) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / name}.db"
 
 
+def create(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> FastStream:
+    """The app `name`, with test settings: a SQLite file, and keys the test's actors hold."""
+    if name == "registry":
+        from registry.config import Settings as RegistrySettings
+        from registry.main import create_app as registry
+
+        return registry(RegistrySettings(database_url=database(tmp_path, name),
+                                         operator_public_key=actors.key("operator").public_key))
+    if name == "approval":
+        from approval.config import Settings as ApprovalSettings
+        from approval.main import create_app as approval
+
+        return approval(ApprovalSettings(database_url=database(tmp_path, name)))
+    if name == "scheduling":
+        from scheduling.config import Settings as SchedulingSettings
+        from scheduling.main import create_app as scheduling
+
+        actors.key("scheduling").save(tmp_path / "scheduling.key")
+        return scheduling(SchedulingSettings(database_url=database(tmp_path, name),
+                                             key_file=tmp_path / "scheduling.key"))
+    if name == "leaderboard":
+        from leaderboard.config import Settings as LeaderboardSettings
+        from leaderboard.main import create_app as leaderboard
+
+        return leaderboard(LeaderboardSettings(database_url=database(tmp_path, name)))
+    assert name == "site", name
+    from site_worker.config import Settings as SiteSettings
+    from site_worker.main import create_app as site
+
+    actors.key("site-a").save(tmp_path / "site-a.key")
+    return site(SiteSettings(site_id="site-a", key_file=tmp_path / "site-a.key",
+                             scheduler_public_key=actors.key("scheduling").public_key,
+                             datasets_file=tmp_path / "datasets.json", work_dir=tmp_path / "jobs"), runner)
+
+
+@asynccontextmanager
+async def started(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
+    async with running(create(name, tmp_path, actors, runner)) as harness:
+        yield harness
+
+
 @pytest.fixture
 def actors() -> Actors:
     return Actors()
-
-
-@pytest.fixture
-async def registry(tmp_path: Path, actors: Actors) -> AsyncIterator[Harness]:
-    from registry.config import Settings
-    from registry.main import create_app
-
-    settings = Settings(database_url=database(tmp_path, "registry"), operator_public_key=actors.key("operator").public_key)
-    async with running(create_app(settings)) as harness:
-        yield harness
-
-
-@pytest.fixture
-async def approval(tmp_path: Path) -> AsyncIterator[Harness]:
-    from approval.config import Settings
-    from approval.main import create_app
-
-    async with running(create_app(Settings(database_url=database(tmp_path, "approval")))) as harness:
-        yield harness
-
-
-@pytest.fixture
-async def scheduling(tmp_path: Path, actors: Actors) -> AsyncIterator[Harness]:
-    from scheduling.config import Settings
-    from scheduling.main import create_app
-
-    actors.key("scheduling").save(tmp_path / "scheduling.key")
-    settings = Settings(database_url=database(tmp_path, "scheduling"), key_file=tmp_path / "scheduling.key")
-    async with running(create_app(settings)) as harness:
-        yield harness
-
-
-@pytest.fixture
-async def leaderboard(tmp_path: Path) -> AsyncIterator[Harness]:
-    from leaderboard.config import Settings
-    from leaderboard.main import create_app
-
-    async with running(create_app(Settings(database_url=database(tmp_path, "leaderboard")))) as harness:
-        yield harness
 
 
 @pytest.fixture
@@ -68,13 +75,37 @@ def runner() -> FakeRunner:
 
 
 @pytest.fixture
-async def site(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-    from site_worker.config import Settings
-    from site_worker.main import create_app
+async def app(request: pytest.FixtureRequest, tmp_path: Path, actors: Actors,
+              runner: FakeRunner) -> AsyncIterator[Harness]:
+    async with started(request.param, tmp_path, actors, runner) as harness:
+        yield harness
 
-    actors.key("site-a").save(tmp_path / "site-a.key")
-    settings = Settings(site_id="site-a", key_file=tmp_path / "site-a.key",
-                        scheduler_public_key=actors.key("scheduling").public_key,
-                        datasets_file=tmp_path / "datasets.json", work_dir=tmp_path / "jobs")
-    async with running(create_app(settings, runner)) as harness:
+
+@pytest.fixture
+async def registry(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
+    async with started("registry", tmp_path, actors, runner) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def approval(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
+    async with started("approval", tmp_path, actors, runner) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def scheduling(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
+    async with started("scheduling", tmp_path, actors, runner) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def leaderboard(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
+    async with started("leaderboard", tmp_path, actors, runner) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def site(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
+    async with started("site", tmp_path, actors, runner) as harness:
         yield harness

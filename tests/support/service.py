@@ -49,10 +49,13 @@ class Harness:
     app: FastStream
     broker: NatsBroker
 
-    async def deliver(self, subject: str, message: Envelope[Any] | bytes, *, msg_id: str | None = None) -> None:
-        """Publish as the bus would deliver it, then let the app's relay publish what the handler staged."""
+    async def deliver(self, subject: str, message: Envelope[Any] | bytes, *, msg_id: str | None = None,
+                      attempt: int = 1) -> None:
+        """Publish as JetStream would deliver it for the `attempt`-th time (its ack subject carries the count), then
+        let the app's relay publish what the handler staged."""
         body = message if isinstance(message, bytes) else message.model_dump_json().encode()
-        await self.broker.publish(body, subject, stream=subjects.stream_of(subject),
+        stream = subjects.stream_of(subject)
+        await self.broker.publish(body, subject, stream=stream, reply_to=f"$JS.ACK.{stream}.test.{attempt}.1.1.0.0",
                                   headers={"Nats-Msg-Id": msg_id or str(uuid.uuid4())})
         await self.settle()
 

@@ -1,0 +1,228 @@
+"""Every durable consumer of every app, read from the apps' own wiring: delivered twice it acts once, a malformed
+body is dead-lettered at once naming the field and changes nothing, and a message about something it has not
+heard of yet changes nothing and is left for a later delivery."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts import messages as m
+from contracts import subjects
+from contracts.envelope import Envelope
+from contracts.signing import metrics_hash
+from site_worker.datasets import content_hash
+from tests.support.federation import EVALUATOR, MODEL, PREPARATOR, make_dataset
+from tests.support.service import Actors, Harness
+
+IMAGE = m.ImageRef(digest=PREPARATOR, name="prep")
+SPEC = m.BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE, reference_model=IMAGE,
+                       evaluator=m.ImageRef(digest=EVALUATOR, name="ev"),
+                       metrics=(m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity")), primary_metric="auc")
+DATASET_HASH = "sha256:" + "d" * 64
+
+
+def job(dataset_hash: str = DATASET_HASH) -> m.JobSpec:
+    return m.JobSpec(job_id="job-1", site_id="site-a", metrics=SPEC.metrics, binding=m.JobBinding(
+        benchmark_id="bm", model_id="model-1", dataset_id="ds-a", model_image=MODEL, evaluator_image=EVALUATOR,
+        dataset_hash=dataset_hash, case_count=2))
+
+
+def event(payload: m.Payload, source: str = "service:registry") -> Envelope[Any]:
+    return Envelope.wrap(payload, source=source)
+
+
+def result(actors: Actors) -> Envelope[m.SiteResult]:
+    metrics = {"auc": 0.9, "sensitivity": 0.8}
+    return actors.key("site-a").sign(Envelope.wrap(m.SiteResult(
+        job_id="job-1", site_id="site-a", binding=job().binding, metrics=metrics, metrics_hash=metrics_hash(metrics),
+        worker_id="worker-1", finished_at=datetime.now(UTC)), source="site:site-a"))
+
+
+# --- what each app must know before the message acts, and the message ----------------------------------------
+
+
+async def nothing(app: Harness, actors: Actors) -> None:
+    return None
+
+
+async def registry_benchmark(app: Harness, actors: Actors) -> None:
+    await app.ask(actors.sign("operator", m.RegisterActor(actor_id="owner", role=m.Role.BENCHMARK_OWNER,
+                                                          public_key=actors.key("owner").public_key, display_name="o")))
+    assert (await app.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC))))["ok"]
+
+
+async def all_but_the_dataset_approval(app: Harness, actors: Actors) -> None:
+    for payload in (m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC),
+                    m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"),
+                    m.ModelRegistered(model_id="model-1", owner_id="vendor", name="m", image=m.ImageRef(digest=MODEL, name="m")),
+                    m.DatasetRegistered(dataset_id="ds-a", site_id="site-a", benchmark_id="bm", name="ds",
+                                        content_hash=DATASET_HASH, case_count=2, statistics={}),
+                    m.AssociationApproved(benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1",
+                                          approved_by="owner")):
+        await app.learn(payload)
+
+
+async def leaderboard_world(app: Harness, actors: Actors) -> None:
+    await app.learn(actors.registered("site-a", m.Role.SITE))
+    await app.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))
+    await app.learn(m.JobScheduled(job=job()), source="service:scheduling")
+
+
+def site_folder(app: Harness) -> Path:
+    return app.broker.context.get("site").settings.work_dir.parent  # type: ignore[no-any-return]
+
+
+async def prepared_site(app: Harness, actors: Actors) -> None:
+    folder = site_folder(app) / "datasets" / "ds-a"
+    make_dataset(folder)
+    (site_folder(app) / "datasets.json").write_text(json.dumps({"ds-a": str(folder)}))
+
+
+def signed_job(app: Harness, actors: Actors) -> Envelope[m.JobSpec]:
+    dataset = site_folder(app) / "datasets" / "ds-a"
+    planned = job(content_hash(dataset / "data", dataset / "labels") if dataset.exists() else DATASET_HASH)
+    return actors.key("scheduling").sign(Envelope.wrap(planned, source="service:scheduling", id=planned.job_id))
+
+
+@dataclass(frozen=True)
+class Case:
+    world: Callable[[Harness, Actors], Awaitable[None]]     # what the app must have heard of first
+    message: Callable[[Harness, Actors], Envelope[Any]]
+    waits_without_world: bool = False                      # it refers to the world: NotYetKnown until it is known
+
+
+CASES: dict[tuple[str, str], Case] = {
+    ("registry", "registry-benchmark-approved"): Case(
+        registry_benchmark, lambda a, x: event(m.BenchmarkApproved(benchmark_id="bm", approved_by="operator")), True),
+    ("approval", "approval-actor-registered"): Case(nothing, lambda a, x: event(x.registered("vendor", m.Role.MODEL_OWNER))),
+    ("approval", "approval-benchmark-registered"): Case(
+        nothing, lambda a, x: event(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))),
+    ("approval", "approval-model-registered"): Case(nothing, lambda a, x: event(m.ModelRegistered(
+        model_id="model-1", owner_id="vendor", name="m", image=m.ImageRef(digest=MODEL, name="m")))),
+    ("approval", "approval-dataset-registered"): Case(nothing, lambda a, x: event(m.DatasetRegistered(
+        dataset_id="ds-a", site_id="site-a", benchmark_id="bm", name="ds", content_hash=DATASET_HASH, case_count=2,
+        statistics={}))),
+    ("scheduling", "scheduling-benchmark-registered"): Case(
+        nothing, lambda a, x: event(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))),
+    ("scheduling", "scheduling-benchmark-approved"): Case(
+        lambda a, x: a.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC)),
+        lambda a, x: event(m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"), "service:approval"), True),
+    ("scheduling", "scheduling-model-registered"): Case(nothing, lambda a, x: event(m.ModelRegistered(
+        model_id="model-1", owner_id="vendor", name="m", image=m.ImageRef(digest=MODEL, name="m")))),
+    ("scheduling", "scheduling-dataset-registered"): Case(nothing, lambda a, x: event(m.DatasetRegistered(
+        dataset_id="ds-a", site_id="site-a", benchmark_id="bm", name="ds", content_hash=DATASET_HASH, case_count=2,
+        statistics={}))),
+    ("scheduling", "scheduling-association-approved"): Case(all_but_the_dataset_approval, lambda a, x: event(
+        m.AssociationApproved(benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a", approved_by="owner"),
+        "service:approval")),
+    ("scheduling", "scheduling-result-accepted"): Case(nothing, lambda a, x: event(m.ResultAccepted(
+        job_id="job-1", site_id="site-a", binding=job().binding, metrics={"auc": 0.9}), "service:leaderboard")),
+    ("leaderboard", "leaderboard-actor-registered"): Case(nothing, lambda a, x: event(x.registered("site-a", m.Role.SITE))),
+    ("leaderboard", "leaderboard-benchmark-registered"): Case(
+        nothing, lambda a, x: event(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))),
+    ("leaderboard", "leaderboard-job-scheduled"): Case(
+        nothing, lambda a, x: event(m.JobScheduled(job=job()), "service:scheduling")),
+    ("leaderboard", "leaderboard-results"): Case(leaderboard_world, lambda a, x: result(x), True),
+    ("site", "site-site-a-jobs"): Case(prepared_site, signed_job),
+}
+
+
+def wired() -> set[tuple[str, str]]:
+    from site_worker.main import wiring
+
+    apps = {name: __import__(f"{name}.handlers", fromlist=["WIRING"]).WIRING
+            for name in ("registry", "approval", "scheduling", "leaderboard")}
+    apps["site"] = wiring("site-a", worker_id="worker-1", max_deliver=3, ack_wait_s=60)
+    return {(app, durable) for app, wiring_ in apps.items() for durable in wiring_.durables()}
+
+
+def subject_of(durable: str) -> str:
+    if durable == "site-site-a-jobs":
+        return subjects.jobs("site-a")
+    if durable == "leaderboard-results":
+        return subjects.results("site-a")
+    entity, _, fact = durable.split("-", 1)[1].rpartition("-")
+    return subjects.evt(entity, fact)
+
+
+def test_every_consumer_of_every_app_has_a_case() -> None:
+    assert set(CASES) == wired()
+
+
+BY_DURABLE = {durable: case for (_, durable), case in CASES.items()}
+
+
+def each(cases: dict[tuple[str, str], Case]) -> pytest.MarkDecorator:
+    """Parametrize over `cases`: the app started as `app`, and the durable whose case it is."""
+    return pytest.mark.parametrize(("app", "durable"), list(cases), indirect=["app"], ids=[d for _, d in cases])
+
+
+@each(CASES)
+async def test_a_message_delivered_twice_acts_once(app, actors, durable):
+    case = BY_DURABLE[durable]
+    await case.world(app, actors)
+    message = case.message(app, actors)
+    await app.deliver(subject_of(durable), message)
+    once = (await stored(app), app.sent())
+
+    await app.deliver(subject_of(durable), message, attempt=2)
+
+    if durable == "site-site-a-jobs":  # a site keeps no record of finished jobs: it runs the job again, and the
+        # leaderboard counts it once, by its result id and job (a record at the site is issue 6's)
+        results = app.published(subjects.results("site-a"))
+        assert len(results) == 2 and {r["id"] for r in results} == {"result-job-1"}
+    else:
+        assert (await stored(app), app.sent()) == once
+    assert app.dead_letters() == []
+
+
+@each(CASES)
+async def test_a_malformed_message_is_dead_lettered_at_once_and_changes_nothing(app, actors, durable):
+    case = BY_DURABLE[durable]
+    await case.world(app, actors)
+    raw = case.message(app, actors).model_dump(mode="json")
+    first = next(iter(raw["data"]))
+    raw["data"][first] = {"not": "this"}
+    before = await stored(app)
+
+    await app.deliver(subject_of(durable), json.dumps(raw).encode(), msg_id="malformed-1")
+
+    [letter] = app.dead_letters()
+    assert (letter.consumer, letter.message_id, letter.deliveries) == (durable, "malformed-1", 1)
+    assert letter.error.startswith(f"invalid {type(case.message(app, actors).data).__name__}: data.{first}")
+    assert await stored(app) == before
+
+
+WAITING = {key: case for key, case in CASES.items() if case.waits_without_world}
+
+
+@each(WAITING)
+async def test_a_message_about_what_is_not_known_yet_changes_nothing_and_comes_again(app, actors, durable, caplog):
+    case = BY_DURABLE[durable]
+    before = await stored(app)
+
+    with caplog.at_level(logging.WARNING, logger="service_kit.edge"):
+        await app.deliver(subject_of(durable), case.message(app, actors))
+
+    assert f"{durable}: " in caplog.text and "will be delivered again" in caplog.text
+    assert await stored(app) == before and app.dead_letters() == []
+    await case.world(app, actors)
+    acted = app.sent()
+    await app.deliver(subject_of(durable), case.message(app, actors), attempt=2)
+    assert await stored(app) != before or app.sent() > acted
+
+
+async def stored(app: Harness) -> Any:
+    """The app's rows, or for a site (which has no database) the files it wrote."""
+    if hasattr(app.app, "db"):
+        return await app.stored()
+    work = site_folder(app) / "jobs"
+    return sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.exists() else []

@@ -1,0 +1,271 @@
+"""The kit's one edge, on a probe service: what becomes of a message when its handler succeeds, fails, waits or is
+handed something malformed; what a request's reply says; the attempt a delivery is.
+
+The test broker delivers each message once; a later delivery is simulated with the attempt count JetStream puts in
+its ack subject. Redelivery itself is tested against a real nats-server in tests/integration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+from faststream import Context
+from sqlmodel import Field, SQLModel, select
+
+from contracts import messages as m
+from contracts.catalog import EVENT_SUBJECTS
+from contracts.envelope import Envelope
+from service_kit.app import ServiceSettings, service_app
+from service_kit.edge import Conflict, Delivery, DeliveryInfo, NotYetKnown, Refused, Retry
+from service_kit.wiring import Consumer, Outlet, Request, Wiring
+from service_kit.work import UnitOfWork
+from tests.support.service import Harness, running
+
+SUBJECT = EVENT_SUBJECTS[m.BenchmarkApproved]
+
+
+class ProbeRow(SQLModel, table=True):
+    __tablename__ = "probe_row"
+    key: str = Field(primary_key=True)
+
+
+@dataclass
+class Probe:
+    """What the probe's handlers saw, and what they are told to raise."""
+
+    deliveries: list[DeliveryInfo] = field(default_factory=list)
+    raise_: Exception | None = None
+
+
+ProbeDep = Annotated[Probe, Context("probe")]
+
+
+async def note(approved: Envelope[m.BenchmarkApproved], uow: UnitOfWork, probe: ProbeDep, delivery: Delivery) -> None:
+    """Stores a row and stages an event, then raises what it is told to: both must vanish when it does."""
+    probe.deliveries.append(delivery)
+    uow.session.add(ProbeRow(key=approved.data.benchmark_id))
+    uow.emit(m.AssociationRequested(benchmark_id=approved.data.benchmark_id, kind=m.EntityKind.MODEL,
+                                    entity_id="model-1", requested_by="probe"))
+    if probe.raise_ is not None:
+        raise probe.raise_
+
+
+async def approve(command: Envelope[m.ApproveBenchmark], uow: UnitOfWork, probe: ProbeDep,
+                  delivery: Delivery) -> m.CommandReply:
+    probe.deliveries.append(delivery)
+    uow.session.add(ProbeRow(key=command.data.benchmark_id))
+    if probe.raise_ is not None:
+        raise probe.raise_
+    return m.CommandReply(ok=True, message=f"done {command.data.benchmark_id}")
+
+
+async def count(query: Envelope[m.ShowLeaderboard], uow: UnitOfWork, probe: ProbeDep,
+                delivery: Delivery) -> m.CommandReply:
+    probe.deliveries.append(delivery)
+    rows = (await uow.session.exec(select(ProbeRow))).all()
+    return m.CommandReply(ok=True, message=f"{len(rows)} rows")
+
+
+async def strays(approved: Envelope[m.ModelRegistered], uow: UnitOfWork) -> None:
+    """Emits what the probe does not declare it publishes."""
+    uow.emit(m.LeaderboardUpdated(benchmark_id="b", primary_metric="auc", metrics=("auc",), rows=()))
+
+
+RETRY = Retry(failures=3, waits=5)
+WIRING = Wiring(owner="probe", source="service:probe", retry=RETRY,
+                consumers=(Consumer(note), Consumer(strays)), requests=(Request(approve), Request(count)),
+                publishes=(Outlet.event(m.AssociationRequested),))
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+async def service(tmp_path: Path, probe: Probe) -> AsyncIterator[Harness]:
+    settings = ServiceSettings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'probe.db'}")
+    async with running(service_app(WIRING, settings, [ProbeRow.__table__], context={"probe": probe})) as harness:
+        yield harness
+
+
+def approved(benchmark_id: str = "b1") -> Envelope[m.BenchmarkApproved]:
+    return Envelope.wrap(m.BenchmarkApproved(benchmark_id=benchmark_id, approved_by="operator"), source="x")
+
+
+async def rows(service: Harness) -> list[tuple[object, ...]]:
+    return (await service.stored())["probe_row"]
+
+
+# --- durable consumers ------------------------------------------------------------------------------------------
+
+
+async def test_a_handled_message_commits_its_rows_and_its_events_together(service, probe):
+    await service.deliver(SUBJECT, approved(), msg_id="m-1")
+
+    assert await rows(service) == [("b1",)]
+    assert [e.benchmark_id for e in service.events(m.AssociationRequested)] == ["b1"]
+    [seen] = probe.deliveries
+    assert (seen.attempt, seen.subject, seen.message_id) == (1, SUBJECT, "m-1")
+
+
+async def test_a_message_delivered_twice_is_handled_once(service, probe):
+    message = approved()
+    await service.deliver(SUBJECT, message)
+    await service.deliver(SUBJECT, message, attempt=2)  # the ack was lost: the server delivers it again
+
+    assert len(probe.deliveries) == 1
+    assert len(service.events(m.AssociationRequested)) == 1
+
+
+async def test_a_malformed_message_is_dead_lettered_at_once_naming_the_field_and_never_handled(service, probe):
+    raw = approved().model_dump(mode="json")
+    raw["data"]["benchmark_id"] = "Not An Id"
+
+    await service.deliver(SUBJECT, json.dumps(raw).encode(), msg_id="bad-1")
+
+    [letter] = service.dead_letters()
+    assert (letter.consumer, letter.subject, letter.message_id, letter.deliveries) == (
+        "probe-benchmark-approved", SUBJECT, "bad-1", 1)
+    assert letter.error.startswith("invalid BenchmarkApproved: data.benchmark_id: String should match pattern")
+    assert probe.deliveries == [] and await rows(service) == []
+
+
+async def test_a_body_that_is_not_json_is_dead_lettered_at_once(service, probe):
+    await service.deliver(SUBJECT, b"\xff not json")
+
+    [letter] = service.dead_letters()
+    assert letter.error.startswith("invalid BenchmarkApproved: (message): Invalid JSON")
+    assert probe.deliveries == []
+
+
+async def test_a_failure_rolls_back_and_is_retried_with_backoff_then_dead_lettered(service, probe, caplog):
+    probe.raise_ = RuntimeError("the disk is full")
+    message = approved()
+
+    with caplog.at_level(logging.WARNING, logger="service_kit.edge"):
+        for attempt in range(1, RETRY.failures):
+            await service.deliver(SUBJECT, message, msg_id="m-1", attempt=attempt)
+            assert service.dead_letters() == [] and f"attempt {attempt} of {RETRY.failures}" in caplog.text
+        assert "delivered again in 0.50 s (attempt 2 of 3)" in caplog.text
+        await service.deliver(SUBJECT, message, msg_id="m-1", attempt=RETRY.failures)
+
+    [letter] = service.dead_letters()
+    assert (letter.deliveries, letter.error) == (RETRY.failures, "RuntimeError: the disk is full")
+    assert await rows(service) == [] and service.events(m.AssociationRequested) == []
+
+
+async def test_a_message_about_something_not_known_yet_waits_longer_than_a_failure(service, probe, caplog):
+    probe.raise_ = NotYetKnown("benchmark b1 is not registered here yet")
+    message = approved()
+
+    with caplog.at_level(logging.WARNING, logger="service_kit.edge"):
+        await service.deliver(SUBJECT, message, attempt=RETRY.failures)
+    assert service.dead_letters() == [] and "attempt 3 of 5" in caplog.text
+    await service.deliver(SUBJECT, message, attempt=RETRY.waits)
+
+    [letter] = service.dead_letters()
+    assert letter.error == "still unknown after 5 tries: benchmark b1 is not registered here yet"
+    assert await rows(service) == []
+
+
+async def test_a_refusal_is_dead_lettered_at_once(service, probe):
+    probe.raise_ = Refused("this can never be done")
+
+    await service.deliver(SUBJECT, approved())
+
+    [letter] = service.dead_letters()
+    assert (letter.deliveries, letter.error) == (1, "this can never be done")
+
+
+async def test_a_delivery_past_the_last_attempt_is_dead_lettered_without_running(service, probe):
+    """The server allows one delivery more than the edge uses: a process died during the last attempt."""
+    await service.deliver(SUBJECT, approved(), attempt=RETRY.attempts + 1)
+
+    [letter] = service.dead_letters()
+    assert letter.deliveries == RETRY.attempts + 1 and "a process stopped during the last" in letter.error
+    assert probe.deliveries == []
+
+
+async def test_staging_on_a_subject_the_service_does_not_declare_fails_and_changes_nothing(service):
+    await service.deliver(EVENT_SUBJECTS[m.ModelRegistered], Envelope.wrap(m.ModelRegistered(
+        model_id="m", owner_id="o", name="m", image=m.ImageRef(digest="sha256:" + "1" * 64, name="m")), source="x"),
+        attempt=RETRY.failures)
+
+    [letter] = service.dead_letters()
+    assert letter.error == "LookupError: probe does not declare that it publishes on assay.v1.evt.leaderboard.updated"
+    assert service.events(m.LeaderboardUpdated) == []
+
+
+def test_the_server_allows_one_delivery_more_than_the_edge_uses() -> None:
+    [consumer] = [c for c in WIRING.consumers if c.handle is note]
+    assert RETRY.max_deliver == max(RETRY.failures, RETRY.waits) + 1
+    assert WIRING.durables() == {"probe-benchmark-approved": "EVENTS", "probe-model-registered": "EVENTS"}
+    assert consumer.address == SUBJECT
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+
+
+def command(benchmark_id: str = "b1") -> Envelope[m.ApproveBenchmark]:
+    return Envelope.wrap(m.ApproveBenchmark(benchmark_id=benchmark_id), source="actor:x")
+
+
+@pytest.mark.parametrize(("raised", "reply"), [
+    (Refused("actor x has role site; this command needs operator"),
+     {"ok": False, "retry": False, "message": "actor x has role site; this command needs operator"}),
+    (NotYetKnown("key k belongs to no registered actor"),
+     {"ok": False, "retry": True, "message": "key k belongs to no registered actor"}),
+    (Conflict("a racing replica"), {"ok": False, "retry": True, "message": "a concurrent change conflicted; retrying"}),
+    (KeyError("bug"), {"ok": False, "retry": False,
+                       "message": "probe failed to handle it; nothing was changed; see the service log"}),
+])
+async def test_a_refused_or_failed_command_replies_why_and_changes_nothing(service, probe, raised, reply):
+    probe.raise_ = raised
+
+    assert await service.ask(command()) == reply
+    assert await rows(service) == []
+
+
+async def test_a_command_sent_again_is_done_once_and_says_so(service, probe):
+    sent = command()
+    first, again = await service.ask(sent), await service.ask(sent)
+
+    assert first == {"ok": True, "retry": False, "message": "done b1"}
+    assert again == {"ok": True, "retry": False, "message": "already done (the same command)"}
+    assert len(probe.deliveries) == 1
+
+
+async def test_a_refused_command_may_be_sent_again_once_it_can_be_done(service, probe):
+    probe.raise_ = NotYetKnown("not yet")
+    sent = command()
+    assert (await service.ask(sent))["retry"] is True
+
+    probe.raise_ = None
+    assert await service.ask(sent) == {"ok": True, "retry": False, "message": "done b1"}
+
+
+async def test_a_malformed_command_is_refused_naming_the_field(service, probe):
+    raw = command().model_dump(mode="json")
+    del raw["data"]["benchmark_id"]
+
+    reply = await service.ask(json.dumps(raw).encode(), m.ApproveBenchmark)
+
+    assert reply == {"ok": False, "retry": False,
+                     "message": "invalid ApproveBenchmark: data.benchmark_id: Field required"}
+    assert probe.deliveries == []
+
+
+async def test_a_query_changes_nothing_and_is_answered_every_time(service, probe):
+    query = Envelope.wrap(m.ShowLeaderboard(benchmark_id="b"), source="user:x")
+    await service.ask(command())
+
+    assert [(await service.ask(query))["message"] for _ in range(2)] == ["1 rows", "1 rows"]
+    assert [d.attempt for d in probe.deliveries] == [1, 1, 1]
+    assert len((await service.stored())["inbox"]) == 1  # the command's only
