@@ -14,13 +14,14 @@ demo *ARGS:
 up:
     {{bin}}/assay up
 
-# the whole test suite: unit, service, integration (real nats-server, Docker, PostgreSQL) and end to end
+# the whole test suite: unit, service, integration (real nats-server, Docker, PostgreSQL) and end to end, on two
+# workers (most of the integration layer waits on containers and servers); pytest arguments go through
 test *ARGS:
-    {{bin}}/python -m pytest -q -p no:cacheprovider {{ARGS}}
+    {{bin}}/python -m pytest -q -p no:cacheprovider -n 2 {{ARGS}}
 
-# the fast part: no Docker, no PostgreSQL
-test-fast:
-    {{bin}}/python -m pytest -q -m "not docker and not postgres"
+# the fast part: no Docker, no PostgreSQL; takes pytest arguments too (just test-fast tests/service -x)
+test-fast *ARGS:
+    {{bin}}/python -m pytest -q -p no:cacheprovider -m "not docker and not postgres" {{ARGS}}
 
 # speed benchmarks; writes bench-results/*.json and BENCHMARKS.md
 bench *ARGS:

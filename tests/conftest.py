@@ -98,8 +98,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
+def postgres_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """Base URL (no database) of a throwaway PostgreSQL cluster with trust auth on loopback."""
+    from _pytest.mark.expression import Expression
+
+    selected = request.config.option.markexpr
+    if selected and not Expression.compile(selected).evaluate(lambda name: name == "postgres"):
+        pytest.fail(f"a test without the postgres marker started PostgreSQL under -m {selected!r}: mark it")
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     require(bool(bins), "PostgreSQL server binaries (apt-get install postgresql)")
     bindir = bins[-1].parent

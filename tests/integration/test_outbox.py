@@ -25,7 +25,7 @@ def relay(db: Database, broker: NatsBroker) -> Relay:
     return Relay(db, WIRING.declare(broker, units=None).publish)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
     url = (await new_database(request.getfixturevalue("postgres_server")) if request.param == "postgres"
            else f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")

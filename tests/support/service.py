@@ -72,7 +72,7 @@ class Harness:
             body, subject = request, REQUEST_SUBJECTS[payload]
         else:
             body, subject = request.model_dump_json().encode(), REQUEST_SUBJECTS[type(request.data)]
-        reply = await self.broker.request(body, subject)
+        reply = await self.broker.request(body, subject, timeout=30)  # a loaded machine is slow, never wrong
         await self.settle()
         return dict(json.loads(reply.body))
 

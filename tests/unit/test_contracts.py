@@ -80,3 +80,19 @@ def test_a_benchmark_whose_primary_metric_is_undeclared_is_refused() -> None:
 def test_the_committed_json_schema_matches_the_models() -> None:
     committed = {p.name: p.read_text() for p in SCHEMA_DIR.glob("*.json")}
     assert committed == schemas(), "a message model changed: run `just schema` and commit contracts/schema/"
+
+
+def test_an_actor_key_must_be_a_raw_ed25519_public_key() -> None:
+    with pytest.raises(ValidationError, match="not a raw Ed25519 public key"):
+        m.RegisterActor(actor_id="x", role=m.Role.SITE, public_key="!" * 43, display_name="x")
+
+
+def test_a_durable_consumer_is_named_after_its_owner_and_what_it_reads() -> None:
+    from contracts.subjects import durable, evt, matches, results
+
+    assert durable("registry", evt("benchmark", "approved")) == "registry-benchmark-approved"
+    assert durable("leaderboard", "assay.v1.results.*") == "leaderboard-results"
+    assert durable("site-hospital-a", jobs("hospital-a")) == "site-hospital-a-jobs"
+    assert matches("assay.v1.jobs.*", jobs("a")) and not matches("assay.v1.jobs.*", "assay.v1.jobs.a.b")
+    assert matches("assay.v1.dlq.>", "assay.v1.dlq.a-b") and not matches("assay.v1.dlq.>", "assay.v1.dlq")
+    assert matches(results("a"), results("a")) and not matches(results("a"), results("b"))

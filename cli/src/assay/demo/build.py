@@ -5,6 +5,7 @@ No registry is needed: when the base is missing it is made from Debian packages 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -65,14 +66,22 @@ def debian_mirror(apt_dir: Path = APT_DIR) -> str:
 
 
 def ensure_base_image(client: docker.DockerClient, on_step: OnStep | None = None, name: str = BASE_IMAGE) -> str:
-    """The id of the Python + numpy base image, importing it from Debian packages if absent."""
+    """The id of the Python + numpy base image, importing it from Debian packages if absent.
+
+    Processes that need it at the same time (two demos, parallel tests) make it once: the others wait for it.
+    """
     step = on_step or _silent
-    try:
-        image_id = client.images.get(name).id
-        step(f"base image {name} present")
-        return image_id
-    except ImageNotFound:
-        pass
+    with open(Path(tempfile.gettempdir(), "assay-base-image.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            image_id = client.images.get(name).id
+            step(f"base image {name} present")
+            return image_id
+        except ImageNotFound:
+            return _make_base_image(client, step, name)
+
+
+def _make_base_image(client: docker.DockerClient, step: OnStep, name: str) -> str:
     if os.geteuid() != 0:
         raise ImageBuildError(
             f"base image {name} is missing and making it needs root (debootstrap); as root run "

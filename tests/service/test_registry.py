@@ -1,0 +1,107 @@
+"""The registry under the test broker: who may register what, what each registration announces, what it refuses."""
+
+from __future__ import annotations
+
+from contracts import messages as m
+from tests.support.service import Actors, Harness
+
+DIGEST = "sha256:" + "1" * 64
+IMAGE = m.ImageRef(digest=DIGEST, name="img")
+SPEC = m.BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE, reference_model=IMAGE, evaluator=IMAGE,
+                       metrics=(m.MetricSpec(name="auc"),), primary_metric="auc")
+
+
+async def enrol(registry: Harness, actors: Actors, name: str, role: m.Role) -> dict[str, object]:
+    return await registry.ask(actors.sign("operator", m.RegisterActor(
+        actor_id=name, role=role, public_key=actors.key(name).public_key, display_name=name)))
+
+
+async def test_the_operator_is_enrolled_from_configuration_and_announced(registry, actors):
+    [operator] = registry.events(m.ActorRegistered)
+    assert (operator.actor_id, operator.role, operator.public_key) == (
+        "operator", m.Role.OPERATOR, actors.key("operator").public_key)
+
+
+async def test_an_enrolled_actor_is_announced_once_and_enrolling_it_again_changes_nothing(registry, actors):
+    first = await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
+    again = await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
+
+    assert (first["message"], again["message"]) == ("registered model_owner vendor", "actor vendor is already registered")
+    assert [e.actor_id for e in registry.events(m.ActorRegistered)] == ["operator", "vendor"]
+
+
+async def test_an_actor_id_or_a_key_already_taken_is_refused(registry, actors):
+    await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
+
+    taken_id = await registry.ask(actors.sign("operator", m.RegisterActor(
+        actor_id="vendor", role=m.Role.MODEL_OWNER, public_key=actors.key("other").public_key, display_name="x")))
+    taken_key = await registry.ask(actors.sign("operator", m.RegisterActor(
+        actor_id="vendor-2", role=m.Role.MODEL_OWNER, public_key=actors.key("vendor").public_key, display_name="x")))
+
+    assert taken_id["message"] == "actor_id 'vendor' is taken by another key or role; choose another id"
+    assert taken_key["message"] == "public_key is already enrolled as actor vendor; every actor has its own key"
+    assert len(registry.events(m.ActorRegistered)) == 2
+
+
+async def test_a_registered_benchmark_is_announced_in_development_and_its_id_is_then_taken(registry, actors):
+    await enrol(registry, actors, "owner", m.Role.BENCHMARK_OWNER)
+
+    first = await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
+    again = await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
+
+    assert first["ok"] and again == {"ok": False, "retry": False,
+                                     "message": "benchmark_id 'bm' already exists; choose another id"}
+    [registered] = registry.events(m.BenchmarkRegistered)
+    assert (registered.owner_id, registered.benchmark) == ("owner", SPEC)
+    details = m.BenchmarkDetails.model_validate(await registry.ask(actors.sign("x", m.GetBenchmark(benchmark_id="bm"))))
+    assert (details.owner_id, details.status, details.benchmark) == ("owner", "DEVELOPMENT", SPEC)
+
+
+async def test_an_approved_benchmark_is_in_operation(registry, actors):
+    await enrol(registry, actors, "owner", m.Role.BENCHMARK_OWNER)
+    await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
+
+    await registry.learn(m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"), source="service:approval")
+
+    details = await registry.ask(actors.sign("x", m.GetBenchmark(benchmark_id="bm")))
+    assert details["status"] == "OPERATION"
+
+
+async def test_a_registered_model_is_announced_with_its_image_digest(registry, actors):
+    await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
+
+    reply = await registry.ask(actors.sign("vendor", m.RegisterModel(model_id="model-1", name="Model", image=IMAGE)))
+
+    assert reply["message"] == f"model model-1 registered as {DIGEST}"
+    [model] = registry.events(m.ModelRegistered)
+    assert (model.model_id, model.owner_id, model.image) == ("model-1", "vendor", IMAGE)
+
+
+def dataset(**changes: object) -> m.RegisterDataset:
+    return m.RegisterDataset(dataset_id="ds-1", benchmark_id="bm", name="ds", content_hash="sha256:" + "d" * 64,
+                             case_count=40, statistics={"cases": 40}, preparator_digest=DIGEST).model_copy(update=changes)
+
+
+async def test_a_dataset_prepared_with_the_benchmarks_preparator_is_announced_as_metadata_only(registry, actors):
+    await enrol(registry, actors, "owner", m.Role.BENCHMARK_OWNER)
+    await enrol(registry, actors, "hospital", m.Role.SITE)
+    await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
+
+    reply = await registry.ask(actors.sign("hospital", dataset()))
+
+    assert reply["message"] == "dataset ds-1 registered (metadata only)"
+    [registered] = registry.events(m.DatasetRegistered)
+    assert (registered.site_id, registered.case_count, registered.statistics) == ("hospital", 40, {"cases": 40})
+
+
+async def test_a_dataset_for_an_unknown_benchmark_waits_and_one_from_another_preparator_is_refused(registry, actors):
+    await enrol(registry, actors, "owner", m.Role.BENCHMARK_OWNER)
+    await enrol(registry, actors, "hospital", m.Role.SITE)
+
+    early = await registry.ask(actors.sign("hospital", dataset()))
+    await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
+    other = await registry.ask(actors.sign("hospital", dataset(preparator_digest="sha256:" + "9" * 64)))
+
+    assert (early["retry"], early["message"]) == (True, "benchmark 'bm' is not registered")
+    assert other["message"].startswith("preparator_digest sha256:999") and "prepare the data with" in other["message"]
+    assert registry.events(m.DatasetRegistered) == []

@@ -1,0 +1,81 @@
+"""Scheduling under the test broker: each approved (model, dataset) pair of an approved benchmark becomes one job,
+announced and sent, signed, to its site's queue, whichever event completes the pair and however often it comes."""
+
+from __future__ import annotations
+
+from contracts import messages as m
+from contracts import subjects
+from contracts.envelope import Envelope
+from contracts.signing import verify
+from tests.support.service import Harness
+
+IMAGE = m.ImageRef(digest="sha256:" + "1" * 64, name="prep")
+EVALUATOR = m.ImageRef(digest="sha256:" + "2" * 64, name="ev")
+SPEC = m.BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE, reference_model=IMAGE,
+                       evaluator=EVALUATOR, metrics=(m.MetricSpec(name="auc"),), primary_metric="auc")
+
+
+def model(model_id: str, digest_char: str = "3") -> m.ModelRegistered:
+    return m.ModelRegistered(model_id=model_id, owner_id="vendor", name=model_id,
+                             image=m.ImageRef(digest="sha256:" + digest_char * 64, name=model_id))
+
+
+def dataset(dataset_id: str, site_id: str) -> m.DatasetRegistered:
+    return m.DatasetRegistered(dataset_id=dataset_id, site_id=site_id, benchmark_id="bm", name=dataset_id,
+                               content_hash="sha256:" + "d" * 64, case_count=40, statistics={})
+
+
+def member(kind: m.EntityKind, entity_id: str) -> m.AssociationApproved:
+    return m.AssociationApproved(benchmark_id="bm", kind=kind, entity_id=entity_id, approved_by="owner")
+
+
+async def learn(scheduling: Harness, *events: m.Payload) -> None:
+    for event in events:
+        await scheduling.learn(event)
+
+
+def jobs_sent(scheduling: Harness) -> list[Envelope[m.JobSpec]]:
+    return [Envelope[m.JobSpec].model_validate(sent) for sent in scheduling.published(subjects.JOBS_ALL)]
+
+
+async def test_every_approved_pair_becomes_one_announced_job_signed_for_its_site(scheduling, actors):
+    await learn(scheduling, m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC),
+                m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"), model("model-1"),
+                dataset("ds-a", "site-a"), dataset("ds-b", "site-b"), member(m.EntityKind.MODEL, "model-1"),
+                member(m.EntityKind.DATASET, "ds-a"), member(m.EntityKind.DATASET, "ds-b"))
+
+    sent = jobs_sent(scheduling)
+    assert sorted((job.data.site_id, job.data.binding.dataset_id) for job in sent) == [("site-a", "ds-a"),
+                                                                                        ("site-b", "ds-b")]
+    for job in sent:
+        verify(job, actors.key("scheduling").public_key)
+        assert job.id == job.data.job_id
+        assert (job.data.binding.model_image, job.data.binding.evaluator_image, job.data.binding.case_count) == (
+            "sha256:" + "3" * 64, EVALUATOR.digest, 40)
+    assert sorted(e.job.job_id for e in scheduling.events(m.JobScheduled)) == sorted(j.id for j in sent)
+
+
+async def test_a_pair_is_planned_once_whichever_event_completes_it_and_however_often(scheduling, actors):
+    events = (m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC), member(m.EntityKind.MODEL, "model-1"),
+              dataset("ds-a", "site-a"), member(m.EntityKind.DATASET, "ds-a"), model("model-1"),
+              m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"))
+    await learn(scheduling, *events)
+    await learn(scheduling, *events)  # announced again, under new envelope ids
+
+    assert len(jobs_sent(scheduling)) == 1 and len(scheduling.events(m.JobScheduled)) == 1
+
+
+async def test_nothing_is_planned_for_a_benchmark_the_operator_has_not_approved(scheduling):
+    await learn(scheduling, m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC), model("model-1"),
+                dataset("ds-a", "site-a"), member(m.EntityKind.MODEL, "model-1"), member(m.EntityKind.DATASET, "ds-a"))
+
+    assert jobs_sent(scheduling) == [] and scheduling.events(m.JobScheduled) == []
+
+
+async def test_a_model_or_dataset_not_approved_for_the_benchmark_gets_no_job(scheduling):
+    await learn(scheduling, m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC),
+                m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"), model("model-1"), model("model-2", "4"),
+                dataset("ds-a", "site-a"), dataset("ds-b", "site-b"), member(m.EntityKind.MODEL, "model-1"),
+                member(m.EntityKind.DATASET, "ds-a"))
+
+    assert [(j.data.binding.model_id, j.data.binding.dataset_id) for j in jobs_sent(scheduling)] == [("model-1", "ds-a")]

@@ -1,0 +1,100 @@
+"""The site worker under the test broker, with fake containers: a job the scheduler signed runs and its signed
+result leaves on the site's subject; anything else is refused before a container starts, with its reason."""
+
+from __future__ import annotations
+
+import json
+
+from contracts import messages as m
+from contracts import subjects
+from contracts.envelope import Envelope
+from contracts.signing import verify
+from site_worker.containers import RunOutcome
+from site_worker.datasets import content_hash
+from tests.service.conftest import SITE_METRICS
+from tests.support.federation import EVALUATOR, MODEL, make_dataset
+from tests.support.service import Actors, Harness
+
+JOBS = subjects.jobs("site-a")
+
+
+def prepare(site: Harness, dataset_id: str = "ds-a") -> str:
+    """A prepared dataset at the site; its content hash."""
+    root = site.broker.context.get("site").settings.datasets_file.parent
+    folder = root / "datasets" / dataset_id
+    make_dataset(folder)
+    (root / "datasets.json").write_text(json.dumps({dataset_id: str(folder)}))
+    return content_hash(folder / "data", folder / "labels")
+
+
+def job(dataset_hash: str, **changes: object) -> m.JobSpec:
+    binding = m.JobBinding(benchmark_id="bm", model_id="model-1", dataset_id="ds-a", model_image=MODEL,
+                           evaluator_image=EVALUATOR, dataset_hash=dataset_hash, case_count=2)
+    planned = m.JobSpec(job_id="job-1", site_id="site-a", binding=binding,
+                        metrics=(m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity")))
+    return planned.model_copy(update=changes)
+
+
+def signed(actors: Actors, planned: m.JobSpec, by: str = "scheduling") -> Envelope[m.JobSpec]:
+    return actors.key(by).sign(Envelope.wrap(planned, source="service:scheduling", id=planned.job_id))
+
+
+async def test_a_signed_job_runs_and_its_signed_result_leaves_on_the_sites_subject(site, actors, runner):
+    planned = job(prepare(site))
+
+    await site.deliver(JOBS, signed(actors, planned))
+
+    [sent] = site.published(subjects.results("site-a"))
+    result = Envelope[m.SiteResult].model_validate(sent)
+    verify(result, actors.key("site-a").public_key)
+    assert (result.id, result.data.metrics, result.data.binding) == ("result-job-1", SITE_METRICS, planned.binding)
+    assert [spec.task for spec in runner.specs] == ["infer", "evaluate"]
+
+
+async def test_a_job_not_signed_by_the_scheduler_is_dead_lettered_and_never_run(site, actors, runner):
+    await site.deliver(JOBS, signed(actors, job(prepare(site)), by="mallory"), msg_id="job-1")
+
+    [letter] = site.dead_letters()
+    assert (letter.consumer, letter.message_id, letter.deliveries) == ("site-site-a-jobs", "job-1", 1)
+    assert letter.error.startswith("refused, not a valid signed job: signed with key")
+    assert runner.specs == [] and site.published(subjects.results("site-a")) == []
+
+
+async def test_a_job_for_another_site_or_an_unprepared_dataset_is_refused_before_any_container(site, actors, runner):
+    digest = prepare(site)
+    await site.deliver(JOBS, signed(actors, job(digest, site_id="site-b")))
+    await site.deliver(JOBS, signed(actors, job(digest, binding=job(digest).binding.model_copy(
+        update={"dataset_id": "ds-z"}))))
+
+    assert [letter.error for letter in site.dead_letters()] == [
+        "job job-1 is addressed to site site-b, not site-a", "dataset ds-z is not prepared at site site-a"]
+    assert runner.specs == []
+
+
+async def test_a_failed_container_is_tried_again_and_dead_lettered_after_the_last_attempt(site, actors, runner):
+    runner.script("evaluate", *[RunOutcome(exit_code=1, log_tail="patient 17: bad")] * 3)
+    message = signed(actors, job(prepare(site)))
+
+    for attempt in (1, 2):
+        await site.deliver(JOBS, message, attempt=attempt)
+        assert site.dead_letters() == []
+    await site.deliver(JOBS, message, attempt=3)
+
+    [letter] = site.dead_letters()
+    assert letter.deliveries == 3 and letter.error.startswith("RunFailed: the evaluator failed (exit code 1)")
+    assert "patient 17" not in letter.error  # the container's log stays at the site
+    assert site.published(subjects.results("site-a")) == []
+
+
+async def test_a_job_delivered_after_a_worker_died_in_its_last_attempt_is_dead_lettered_unrun(site, actors, runner):
+    await site.deliver(JOBS, signed(actors, job(prepare(site))), attempt=4)
+
+    [letter] = site.dead_letters()
+    assert "more than the 3 attempts allowed" in letter.error and runner.specs == []
+
+
+def test_the_worker_keeps_its_lease_alive_well_inside_the_ack_wait() -> None:
+    from site_worker.config import Settings
+
+    defaults = {name: field.default for name, field in Settings.model_fields.items() if not field.is_required()}
+    assert defaults["heartbeat_s"] * 2 <= defaults["ack_wait_s"]
