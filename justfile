@@ -14,8 +14,7 @@ demo *ARGS:
 up:
     {{bin}}/assay up
 
-# the whole test suite: unit, service, integration (real nats-server, Docker, PostgreSQL) and end to end, on two
-# workers (most of the integration layer waits on containers and servers); pytest arguments go through
+# the whole suite: unit, service, integration (real nats-server, Docker, PostgreSQL), e2e; two workers; pytest args
 test *ARGS:
     {{bin}}/python -m pytest -q -p no:cacheprovider -n 2 {{ARGS}}
 

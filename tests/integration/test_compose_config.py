@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_the_site_worker_gets_the_environment_assay_up_gives_it(tmp_path: Path) 
     assert worker["secrets"] == ["site_key"] and given["ASSAY_SITE_KEY_FILE"] == "/run/secrets/site_key"
 
 
-def test_every_assay_container_runs_the_one_image_as_a_non_root_user() -> None:
+def test_every_assay_container_runs_an_image_of_the_one_dockerfile_with_its_extras_as_a_non_root_user() -> None:
     dockerfile = (COMPOSE / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", dockerfile, re.M)
     assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
@@ -142,9 +143,15 @@ def test_every_assay_container_runs_the_one_image_as_a_non_root_user() -> None:
     for source in re.findall(r"^COPY (?!--from)(\S+) ", dockerfile, re.M):
         assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is not in the repository"
     assay = {**{n: CENTRAL["services"][n] for n in [*SERVICES, "provision"]}, "site": SITE_FILE["services"]["worker"]}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for name, spec in assay.items():
-        assert spec["build"] == {"context": "..", "dockerfile": "compose/Dockerfile"}, name
+        build = spec["build"]
+        assert (build["context"], build["dockerfile"]) == ("..", "compose/Dockerfile"), name
+        wanted = "site" if name == "site" else "central"
+        assert build["args"]["ASSAY_EXTRAS"] == wanted and wanted in extras, name
         assert spec.get("user") is None, f"{name} must keep the image's non-root user"
+    assert SITE_FILE["services"]["worker"]["build"]["args"]["ASSAY_MODULES"] == "site_worker.main"
+    assert re.search(r"^ARG ASSAY_EXTRAS=central$", dockerfile, re.M) and 'pip install ".[${ASSAY_EXTRAS}]"' in dockerfile
     assert assay["provision"]["entrypoint"] == ["assay", "provision"]
     assert urlsplit(interpolate(assay["provision"]["environment"]["ASSAY_NATS_URL"],
                                 env_file(".env.example"))).username == "provision"

