@@ -17,6 +17,7 @@ from tests.support.federation import fake_containers
 from tests.support.service import Actors, Harness, running
 
 SITE_METRICS = {"auc": 0.91, "sensitivity": 0.8}
+APPS = ("registry", "approval", "scheduling", "leaderboard", "site")
 
 
 def database(tmp_path: Path, name: str) -> str:
@@ -81,31 +82,15 @@ async def app(request: pytest.FixtureRequest, tmp_path: Path, actors: Actors,
         yield harness
 
 
-@pytest.fixture
-async def registry(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-    async with started("registry", tmp_path, actors, runner) as harness:
-        yield harness
+def started_as(name: str):  # type: ignore[no-untyped-def]
+    """A fixture that starts the app `name` for a test."""
+
+    @pytest.fixture(name=name)
+    async def fixture(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
+        async with started(name, tmp_path, actors, runner) as harness:
+            yield harness
+
+    return fixture
 
 
-@pytest.fixture
-async def approval(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-    async with started("approval", tmp_path, actors, runner) as harness:
-        yield harness
-
-
-@pytest.fixture
-async def scheduling(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-    async with started("scheduling", tmp_path, actors, runner) as harness:
-        yield harness
-
-
-@pytest.fixture
-async def leaderboard(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-    async with started("leaderboard", tmp_path, actors, runner) as harness:
-        yield harness
-
-
-@pytest.fixture
-async def site(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-    async with started("site", tmp_path, actors, runner) as harness:
-        yield harness
+registry, approval, scheduling, leaderboard, site = map(started_as, APPS)

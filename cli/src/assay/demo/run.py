@@ -78,7 +78,6 @@ async def wait_for_results(nats_url: str, expected: int, console: Console, timeo
 def run_demo(base: Home, console: Console, *, keep: bool = False,
              on_board: Callable[[Leaderboard], None] | None = None) -> int:
     from assay.demo.build import build_demo_images
-    from assay.demo.data import describe_sites, write_site_raw
 
     home = Home(base.root / "demo")
     if home.platform_file.exists():
@@ -92,43 +91,14 @@ def run_demo(base: Home, console: Console, *, keep: bool = False,
         images = build_demo_images(docker.from_env(), home.root / "build",
                                    on_step=lambda s: console.print(f"  [dim]·[/dim] {s}"))
         console.rule("[bold]2. Keys for every actor")
-        for name in (OPERATOR, OWNER, *sorted(set(MODEL_OWNERS.values())), *SITES):
-            assay(console, home, "keys", "new", name)
-        for site in SITES:
-            assay(console, home, "site", "add", site)
+        make_keys(console, home)
         console.rule("[bold]3. The platform: nats-server, four services, three site workers")
         platform.start()
-        console.rule("[bold]4. The operator enrols the actors")
-        assay(console, home, "actor", "register", OWNER, "--role", "benchmark_owner", "--as", OPERATOR)
-        for owner in sorted(set(MODEL_OWNERS.values())):
-            assay(console, home, "actor", "register", owner, "--role", "model_owner", "--as", OPERATOR)
-        for site in SITES:
-            assay(console, home, "actor", "register", site, "--role", "site", "--as", OPERATOR)
-        console.rule("[bold]5. The committee defines the benchmark; the operator approves it")
-        spec_file = home.root / "benchmark.json"
-        spec_file.write_text(json.dumps(benchmark_spec("assay-demo/model-reference:1"), indent=2))
-        assay(console, home, "benchmark", "register", str(spec_file), "--as", OWNER)
-        assay(console, home, "benchmark", "approve", BENCHMARK, "--as", OPERATOR)
-        console.rule("[bold]6. Model owners register their images by digest and ask to join")
-        for model, owner in MODEL_OWNERS.items():
-            assay(console, home, "model", "register", model, "--image", f"assay-demo/model-{model}:1", "--as", owner)
-            assay(console, home, "association", "request", BENCHMARK, "--model", model, "--as", owner)
-            assay(console, home, "association", "approve", BENCHMARK, "--model", model, "--as", OWNER)
-        console.rule("[bold]7. Each hospital prepares its data locally and registers metadata only")
-        for index, (summary, site) in enumerate(zip(describe_sites(), SITES, strict=True)):
-            raw = home.root / "hospital-data" / site
-            write_site_raw(index, raw)
-            console.print(f"  [dim]·[/dim] {site} holds {summary.cases} cases, {summary.prevalence:.0%} malignant, "
-                          f"in {raw}")
-            dataset = f"{site}-wdbc"
-            assay(console, home, "dataset", "prepare", dataset, "--benchmark", BENCHMARK, "--site", site,
-                  "--raw", str(raw))
-            assay(console, home, "dataset", "register", dataset, "--as", site)
-            assay(console, home, "association", "request", BENCHMARK, "--dataset", dataset, "--as", site)
-            assay(console, home, "association", "approve", BENCHMARK, "--dataset", dataset, "--as", OWNER)
+        for title, step in STEPS:
+            console.rule(f"[bold]{title}")
+            step(console, home)
         console.rule("[bold]8. Jobs run at the sites; signed results reach the leaderboard")
-        expected = len(MODEL_OWNERS) * len(SITES)
-        board = asyncio.run(wait_for_results(platform.nats_url, expected, console))
+        board = asyncio.run(wait_for_results(platform.nats_url, len(MODEL_OWNERS) * len(SITES), console))
         assay(console, home, "leaderboard", "show", BENCHMARK)
         if on_board is not None:
             on_board(board)
@@ -142,3 +112,56 @@ def run_demo(base: Home, console: Console, *, keep: bool = False,
         return 1
     finally:
         platform.stop()
+
+
+def make_keys(console: Console, home: Home) -> None:
+    for name in (OPERATOR, OWNER, *sorted(set(MODEL_OWNERS.values())), *SITES):
+        assay(console, home, "keys", "new", name)
+    for site in SITES:
+        assay(console, home, "site", "add", site)
+
+
+def enrol_actors(console: Console, home: Home) -> None:
+    assay(console, home, "actor", "register", OWNER, "--role", "benchmark_owner", "--as", OPERATOR)
+    for owner in sorted(set(MODEL_OWNERS.values())):
+        assay(console, home, "actor", "register", owner, "--role", "model_owner", "--as", OPERATOR)
+    for site in SITES:
+        assay(console, home, "actor", "register", site, "--role", "site", "--as", OPERATOR)
+
+
+def define_benchmark(console: Console, home: Home) -> None:
+    spec_file = home.root / "benchmark.json"
+    spec_file.write_text(json.dumps(benchmark_spec("assay-demo/model-reference:1"), indent=2))
+    assay(console, home, "benchmark", "register", str(spec_file), "--as", OWNER)
+    assay(console, home, "benchmark", "approve", BENCHMARK, "--as", OPERATOR)
+
+
+def join_models(console: Console, home: Home) -> None:
+    for model, owner in MODEL_OWNERS.items():
+        assay(console, home, "model", "register", model, "--image", f"assay-demo/model-{model}:1", "--as", owner)
+        assay(console, home, "association", "request", BENCHMARK, "--model", model, "--as", owner)
+        assay(console, home, "association", "approve", BENCHMARK, "--model", model, "--as", OWNER)
+
+
+def join_datasets(console: Console, home: Home) -> None:
+    from assay.demo.data import describe_sites, write_site_raw
+
+    for index, (summary, site) in enumerate(zip(describe_sites(), SITES, strict=True)):
+        raw = home.root / "hospital-data" / site
+        write_site_raw(index, raw)
+        console.print(f"  [dim]·[/dim] {site} holds {summary.cases} cases, {summary.prevalence:.0%} malignant, "
+                      f"in {raw}")
+        dataset = f"{site}-wdbc"
+        assay(console, home, "dataset", "prepare", dataset, "--benchmark", BENCHMARK, "--site", site,
+              "--raw", str(raw))
+        assay(console, home, "dataset", "register", dataset, "--as", site)
+        assay(console, home, "association", "request", BENCHMARK, "--dataset", dataset, "--as", site)
+        assay(console, home, "association", "approve", BENCHMARK, "--dataset", dataset, "--as", OWNER)
+
+
+STEPS: tuple[tuple[str, Callable[[Console, Home], None]], ...] = (
+    ("4. The operator enrols the actors", enrol_actors),
+    ("5. The committee defines the benchmark; the operator approves it", define_benchmark),
+    ("6. Model owners register their images by digest and ask to join", join_models),
+    ("7. Each hospital prepares its data locally and registers metadata only", join_datasets),
+)
