@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
 from faststream import BaseMiddleware, Depends
-from faststream.exceptions import NackMessage
+from faststream.exceptions import HandlerException, NackMessage
 from faststream.message import StreamMessage
 from faststream.nats.annotations import NatsMessage
 from nats.errors import NotJSMessageError
@@ -148,6 +148,8 @@ class Edge:
             return await self.dead_letter(route, delivery, f"invalid {route.payload.__name__}: {describe(exc)}")
         try:
             await self.run(route, call_next, msg, context)
+        except HandlerException:  # the handler settled the message itself (faststream's AckMessage and kin)
+            raise
         except Refused as exc:
             await self.dead_letter(route, delivery, str(exc))
         except NotYetKnown as exc:
@@ -187,6 +189,8 @@ class Edge:
             return CommandReply(ok=False, message=f"invalid {route.payload.__name__}: {describe(exc)}")
         try:
             return await self.run(route, call_next, msg, context)  # type: ignore[no-any-return]
+        except HandlerException:
+            raise
         except NotYetKnown as exc:
             return CommandReply(ok=False, message=str(exc), retry=True)
         except Refused as exc:
