@@ -203,11 +203,11 @@ async def test_staging_on_a_subject_the_service_does_not_declare_fails_and_chang
     assert service.events(m.LeaderboardUpdated) == []
 
 
-def test_the_server_allows_one_delivery_more_than_the_edge_uses() -> None:
-    [consumer] = [c for c in WIRING.consumers if c.handle is note]
-    assert RETRY.max_deliver == max(RETRY.failures, RETRY.waits) + 1
-    assert WIRING.durables() == {"probe-benchmark-approved": "EVENTS", "probe-model-registered": "EVENTS"}
-    assert consumer.address == SUBJECT
+async def test_each_durable_the_server_makes_allows_one_delivery_more_than_the_edge_uses(service):
+    durables = {sub.config.durable_name: sub.config for sub in service.broker.subscribers if sub.config.durable_name}
+
+    assert set(durables) == set(WIRING.durables()) == {"probe-benchmark-approved", "probe-model-registered"}
+    assert {config.max_deliver for config in durables.values()} == {max(RETRY.failures, RETRY.waits) + 1}
 
 
 # --- requests ---------------------------------------------------------------------------------------------------

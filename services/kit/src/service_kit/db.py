@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,6 +15,8 @@ from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from service_kit.edge import Conflict
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -59,6 +62,8 @@ class Database:
                 async with session.begin():
                     yield session
         except IntegrityError as exc:
+            log.warning("a transaction was rolled back on a constraint (a racing replica or command, or a bug): %s",
+                        exc.orig)
             raise Conflict(f"a concurrent change took the same key: {exc.orig}") from exc
         if notify:
             for hook in self.committed:

@@ -10,13 +10,13 @@ with a delay, a dead letter or a command's reply. Nothing is dropped silently an
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
 from faststream import BaseMiddleware, Depends
-from faststream.exceptions import HandlerException, NackMessage
+from faststream.exceptions import NackMessage
 from faststream.message import StreamMessage
 from faststream.nats.annotations import NatsMessage
 from nats.errors import NotJSMessageError
@@ -52,7 +52,7 @@ def delivery_of(message: NatsMessage) -> DeliveryInfo:
     raw = message.raw_message
     try:
         attempt = raw.metadata.num_delivered or 1
-    except NotJSMessageError:  # core NATS, and faststream's TestNatsBroker
+    except NotJSMessageError:  # a request on core NATS; a test broker's message without a JetStream ack subject
         attempt = 1
     return DeliveryInfo(attempt, raw.subject, message.headers.get("Nats-Msg-Id", message.message_id))
 
@@ -62,13 +62,17 @@ Delivery = Annotated[DeliveryInfo, Depends(delivery_of)]
 
 @dataclass(frozen=True)
 class Retry:
-    """How often a consumer tries: `failures` times for a handler that fails, `waits` times (with longer delays)
-    for a message about something not known yet. The server allows one delivery more than that, so a process that
-    dies during the last attempt is followed by one that dead-letters the message instead of the server dropping it.
+    """How often a consumer tries: `failures` times for a handler that fails (waiting `base_s`, then twice as long
+    each time, up to `cap_s`), `waits` times for a message about something not known yet (up to `wait_cap_s`). The
+    server allows one delivery more than that, so a process that dies during the last attempt is followed by one
+    that dead-letters the message instead of the server dropping it.
     """
 
     failures: int = 10
     waits: int = 1000
+    base_s: float = 0.25
+    cap_s: float = 15.0
+    wait_cap_s: float = 60.0
 
     @property
     def attempts(self) -> int:
@@ -78,19 +82,18 @@ class Retry:
     def max_deliver(self) -> int:
         return self.attempts + 1
 
-    @staticmethod
-    def backoff_s(attempt: int, cap_s: float = 15.0) -> float:
-        return min(0.25 * 2 ** (min(attempt, 20) - 1), cap_s)
+    def delay_s(self, attempt: int, *, waiting: bool = False) -> float:
+        return min(self.base_s * 2 ** (min(attempt, 20) - 1), self.wait_cap_s if waiting else self.cap_s)
 
 
-class Unit(Protocol):
+class Inbox(Protocol):
     async def first_time(self, consumer: str, body: bytes) -> bool: ...
 
 
-class Units(Protocol):
+class Transactions(Protocol):
     """Where the edge opens a handler's unit of work: a transaction that commits when the handler returns."""
 
-    def transaction(self) -> AbstractAsyncContextManager[Unit]: ...
+    def transaction(self) -> AbstractAsyncContextManager[Inbox]: ...
 
 
 class DeadLetters(Protocol):
@@ -108,89 +111,86 @@ class Route:
     dead_letters: DeadLetters | None = None
 
     def expect(self, body: bytes) -> None:
-        """ValidationError unless `body` is an envelope of this route's payload."""
+        """ValidationError unless `body` is an envelope of this route's payload. faststream validates the handler's
+        arguments again; checking here first is what tells a malformed message from a handler's own error."""
         Envelope[self.payload].model_validate_json(body)  # type: ignore[name-defined]
 
 
 @dataclass(frozen=True)
 class Edge:
-    """The middleware of one app (`router` middlewares): `routes` by subscribed subject, `units` None at a site."""
+    """The middleware of one subscriber (its router's): `units` is None where there is no database (a site).
 
-    routes: Mapping[str, Route]
-    units: Units | None
+    Handlers never settle a message themselves: whatever they raise is an outcome the edge decides.
+    """
+
+    route: Route
+    units: Transactions | None
     retry: Retry
     source: str
 
     def __call__(self, msg: Any, /, *, context: Any) -> BaseMiddleware:
         return _Scope(msg, context=context, edge=self)
 
-    async def run(self, route: Route, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any],
-                  context: Any) -> Any:
+    async def run(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> Any:
         """The handler, in its unit of work; the duplicate of a processed message is not handled again."""
         if self.units is None:
             return await call_next(msg)
         async with self.units.transaction() as unit:
-            if route.inbox and not await unit.first_time(route.consumer, msg.body):
-                return CommandReply(ok=True, message="already done (the same command)") if route.answers else None
+            if self.route.inbox and not await unit.first_time(self.route.consumer, msg.body):
+                return CommandReply(ok=True, message="already done (the same command)") if self.route.answers else None
             with context.scope("uow", unit):
                 return await call_next(msg)
 
-    async def consume(self, route: Route, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any],
-                      context: Any) -> None:
+    async def consume(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> None:
         """Returning acks; NackMessage asks for a later delivery."""
-        delivery = delivery_of(msg)  # type: ignore[arg-type]
+        delivery, name = delivery_of(msg), self.route.payload.__name__  # type: ignore[arg-type]
         if delivery.attempt > self.retry.attempts:
-            return await self.dead_letter(route, delivery, f"delivered {delivery.attempt} times, more than the "
+            return await self.dead_letter(delivery, f"delivered {delivery.attempt} times, more than the "
                                           f"{self.retry.attempts} attempts allowed: a process stopped during the last")
         try:
-            route.expect(msg.body)
+            self.route.expect(msg.body)
         except ValidationError as exc:
-            return await self.dead_letter(route, delivery, f"invalid {route.payload.__name__}: {describe(exc)}")
+            return await self.dead_letter(delivery, f"invalid {name}: {describe(exc)}")
         try:
-            await self.run(route, call_next, msg, context)
-        except HandlerException:  # the handler settled the message itself (faststream's AckMessage and kin)
-            raise
+            await self.run(call_next, msg, context)
         except Refused as exc:
-            await self.dead_letter(route, delivery, str(exc))
+            await self.dead_letter(delivery, str(exc))
         except NotYetKnown as exc:
-            self.again(route, delivery, exc, self.retry.waits, Retry.backoff_s(delivery.attempt, cap_s=60.0))
-            await self.dead_letter(route, delivery, f"still unknown after {delivery.attempt} tries: {exc}")
+            if delivery.attempt < self.retry.waits:
+                raise self.later(delivery, exc, self.retry.waits, self.retry.delay_s(delivery.attempt, waiting=True))
+            await self.dead_letter(delivery, f"still unknown after {delivery.attempt} tries: {exc}")
         except Exception as exc:  # a failure that may pass: tried again with backoff, then dead-lettered
-            log.warning("%s failed on %s (attempt %d)", route.consumer, delivery.message_id, delivery.attempt,
-                        exc_info=exc)
-            self.again(route, delivery, exc, self.retry.failures, Retry.backoff_s(delivery.attempt))
-            await self.dead_letter(route, delivery, f"{type(exc).__name__}: {exc}")
+            if delivery.attempt < self.retry.failures:
+                raise self.later(delivery, exc, self.retry.failures, self.retry.delay_s(delivery.attempt), trace=True)
+            await self.dead_letter(delivery, f"{type(exc).__name__}: {exc}", exc)
 
-    @staticmethod
-    def again(route: Route, delivery: DeliveryInfo, exc: Exception, attempts: int, delay_s: float) -> None:
-        """Nack for a later delivery, unless this was the last attempt."""
-        if delivery.attempt < attempts:
-            log.warning("%s: %s will be delivered again in %.2f s (attempt %d of %d): %s", route.consumer,
-                        delivery.message_id, delay_s, delivery.attempt, attempts, exc)
-            raise NackMessage(delay=delay_s)
+    def later(self, delivery: DeliveryInfo, exc: Exception, attempts: int, delay_s: float, *,
+              trace: bool = False) -> NackMessage:
+        """The nack that has the server deliver the message again after `delay_s`, said in the log once."""
+        log.warning("%s: %s will be delivered again in %.2f s (attempt %d of %d): %s", self.route.consumer,
+                    delivery.message_id, delay_s, delivery.attempt, attempts, exc, exc_info=exc if trace else None)
+        return NackMessage(delay=delay_s)
 
-    async def dead_letter(self, route: Route, delivery: DeliveryInfo, error: str) -> None:
+    async def dead_letter(self, delivery: DeliveryInfo, error: str, exc: Exception | None = None) -> None:
         """Record the message and why on `assay.v1.dlq.<consumer>`; the caller then acks it."""
         log.error("dead-lettering %s on %s after %d deliveries: %s", delivery.message_id, delivery.subject,
-                  delivery.attempt, error)
-        letter = Envelope.wrap(DeadLetter(consumer=route.consumer, subject=delivery.subject,
+                  delivery.attempt, error, exc_info=exc)
+        if self.route.dead_letters is None:
+            raise RuntimeError(f"{self.route.consumer} has no dead-letter publisher")
+        letter = Envelope.wrap(DeadLetter(consumer=self.route.consumer, subject=delivery.subject,
                                           message_id=delivery.message_id, deliveries=delivery.attempt,
                                           error=error[:4000]), source=self.source)
-        assert route.dead_letters is not None, f"{route.consumer} has no dead-letter publisher"
-        await route.dead_letters.publish(letter.model_dump_json().encode(), headers={
-            "Nats-Msg-Id": f"dlq:{route.consumer}:{delivery.message_id}", "content-type": "application/json"})
+        await self.route.dead_letters.publish(letter.model_dump_json().encode(), headers={
+            "Nats-Msg-Id": f"dlq:{self.route.consumer}:{delivery.message_id}", "content-type": "application/json"})
 
-    async def answer(self, route: Route, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any],
-                     context: Any) -> Payload:
+    async def answer(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> Payload:
         """A request's reply: what the handler returns, or why nothing was done."""
         try:
-            route.expect(msg.body)
+            self.route.expect(msg.body)
         except ValidationError as exc:
-            return CommandReply(ok=False, message=f"invalid {route.payload.__name__}: {describe(exc)}")
+            return CommandReply(ok=False, message=f"invalid {self.route.payload.__name__}: {describe(exc)}")
         try:
-            return await self.run(route, call_next, msg, context)  # type: ignore[no-any-return]
-        except HandlerException:
-            raise
+            return await self.run(call_next, msg, context)  # type: ignore[no-any-return]
         except NotYetKnown as exc:
             return CommandReply(ok=False, message=str(exc), retry=True)
         except Refused as exc:
@@ -198,8 +198,8 @@ class Edge:
         except Conflict:
             return CommandReply(ok=False, message="a concurrent change conflicted; retrying", retry=True)
         except Exception:
-            log.exception("%s failed to handle %s", route.consumer, route.payload.__name__)
-            return CommandReply(ok=False, message=f"{route.consumer} failed to handle it; nothing was changed; "
+            log.exception("%s failed to handle %s", self.route.consumer, self.route.payload.__name__)
+            return CommandReply(ok=False, message=f"{self.route.consumer} failed to handle it; nothing was changed; "
                                 "see the service log")
 
 
@@ -209,7 +209,6 @@ class _Scope(BaseMiddleware):
         self.edge = edge
 
     async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]) -> Any:
-        route = self.edge.routes[self.context.get_local("handler_").subject.template]
-        if route.answers:
-            return await self.edge.answer(route, call_next, msg, self.context)
-        return await self.edge.consume(route, call_next, msg, self.context)
+        if self.edge.route.answers:
+            return await self.edge.answer(call_next, msg, self.context)
+        return await self.edge.consume(call_next, msg, self.context)

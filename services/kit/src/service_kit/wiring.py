@@ -23,7 +23,7 @@ from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS, REQUEST_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.messages import DeadLetter
 from contracts.streams import PUBLISH_TIMEOUT_S
-from service_kit.edge import Edge, Retry, Route, Units
+from service_kit.edge import Edge, Retry, Route, Transactions
 
 Handler = Callable[..., Awaitable[Any]]
 ACK_WAIT_S = 30.0
@@ -80,6 +80,10 @@ class Outlet:
         return cls(EVENT_SUBJECTS[payload], payload)
 
 
+def undeclared(owner: str, subject: str) -> LookupError:
+    return LookupError(f"{owner} does not declare that it publishes on {subject}")
+
+
 class Outlets:
     """The app's publishers by subject: the only way out, for the outbox relay and the site's results alike."""
 
@@ -90,7 +94,7 @@ class Outlets:
         for pattern, publisher in self._publishers.items():
             if subjects.matches(pattern, subject):
                 return publisher
-        raise LookupError(f"{self._owner} does not declare that it publishes on {subject}")
+        raise undeclared(self._owner, subject)
 
     async def publish(self, subject: str, body: bytes, message_id: str) -> None:
         """Publish stored bytes with `Nats-Msg-Id`, so a resend inside the duplicate window is dropped."""
@@ -111,33 +115,40 @@ class Wiring:
         """Each durable consumer's name and its stream: the app is up once they all exist."""
         return {subjects.durable(self.owner, c.address): subjects.stream_of(c.address) for c in self.consumers}
 
-    def declares(self, subject: str) -> bool:
-        return any(subjects.matches(outlet.subject, subject) for outlet in self.publishes)
+    def require(self, subject: str) -> None:
+        """LookupError unless the app declares that it publishes on `subject`."""
+        if not any(subjects.matches(outlet.subject, subject) for outlet in self.publishes):
+            raise undeclared(self.owner, subject)
 
-    def declare(self, broker: NatsBroker, units: Units | None) -> Outlets:
-        router = NatsRouter()
-        publishers = {o.subject: self._publisher(router, o.subject, o.payload) for o in self.publishes}
-        routes: dict[str, Route] = {}
+    def declare(self, broker: NatsBroker, units: Transactions | None) -> Outlets:
+        """A subscriber for each consumer and request, each behind its own Edge, and the declared publishers."""
+        addresses = [c.address for c in self.consumers] + [REQUEST_SUBJECTS[r.payload] for r in self.requests]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"{self.owner} subscribes to a subject twice; one subject, one handler: {addresses}")
+        publishers = {o.subject: self._publisher(broker, o.subject, o.payload) for o in self.publishes}
         for consumer in self.consumers:
             name = subjects.durable(self.owner, consumer.address)
-            letters = self._publisher(router, subjects.dead_letter(name), DeadLetter, title=f"{name}:DeadLetter")
-            routes[consumer.address] = Route(name, consumer.payload, dead_letters=letters)
-            router.subscriber(
-                consumer.address, stream=JStream(subjects.stream_of(consumer.address), declare=False), durable=name,
-                pull_sub=PullSub(batch_size=consumer.batch, timeout=1.0), title=name,
+            letters = self._publisher(broker, subjects.dead_letter(name), DeadLetter, title=f"{name}:DeadLetter")
+            self._subscribe(
+                broker, Edge(Route(name, consumer.payload, dead_letters=letters), units, self.retry, self.source),
+                consumer.address, consumer.handle, stream=JStream(subjects.stream_of(consumer.address), declare=False),
+                durable=name, title=name, pull_sub=PullSub(batch_size=consumer.batch, timeout=1.0),
                 config=ConsumerConfig(max_deliver=self.retry.max_deliver, ack_wait=consumer.ack_wait_s),
-                ack_policy=AckPolicy.NACK_ON_ERROR,
-            )(consumer.handle)
+                ack_policy=AckPolicy.NACK_ON_ERROR)
         for request in self.requests:
-            subject = REQUEST_SUBJECTS[request.payload]
-            routes[subject] = Route(self.owner, request.payload, answers=True,
-                                    inbox=request.payload not in QUERY_SUBJECTS)
-            router.subscriber(subject, queue=self.owner, title=f"{self.owner}:{request.payload.__name__}")(
-                request.handle)
-        broker.include_router(router, middlewares=[Edge(routes, units, self.retry, self.source)])
+            route = Route(self.owner, request.payload, answers=True, inbox=request.payload not in QUERY_SUBJECTS)
+            self._subscribe(broker, Edge(route, units, self.retry, self.source), REQUEST_SUBJECTS[request.payload],
+                            request.handle, queue=self.owner, title=f"{self.owner}:{request.payload.__name__}")
         return Outlets(self.owner, publishers)
 
-    def _publisher(self, router: NatsRouter, subject: str, payload: type[Payload], title: str = "") -> LogicPublisher:
-        return router.publisher(subject, stream=JStream(subjects.stream_of(subject), declare=False),
+    @staticmethod
+    def _subscribe(broker: NatsBroker, edge: Edge, subject: str, handle: Handler, **options: Any) -> None:
+        """One subscriber; a router of its own carries its Edge, so the edge knows its route without asking."""
+        router = NatsRouter()
+        router.subscriber(subject, **options)(handle)
+        broker.include_router(router, middlewares=[edge])
+
+    def _publisher(self, broker: NatsBroker, subject: str, payload: type[Payload], title: str = "") -> LogicPublisher:
+        return broker.publisher(subject, stream=JStream(subjects.stream_of(subject), declare=False),
                                 schema=Envelope[payload],  # type: ignore[valid-type]
                                 title=title or f"{self.owner}:{payload.__name__}", timeout=PUBLISH_TIMEOUT_S)

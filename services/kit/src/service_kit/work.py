@@ -39,8 +39,7 @@ class Transaction:
 
     def send(self, subject: str, envelope: Envelope[P]) -> None:
         """Stage any message (a signed job, say) on a declared subject."""
-        if not self._wiring.declares(subject):
-            raise LookupError(f"{self._wiring.owner} does not declare that it publishes on {subject}")
+        self._wiring.require(subject)
         stage(self.session, subject, envelope)
 
 
