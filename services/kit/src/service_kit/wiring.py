@@ -33,10 +33,10 @@ def payload_of(handle: Handler) -> type[Payload]:
     """X, for a handler whose first parameter is annotated `Envelope[X]`."""
     first = next(iter(inspect.signature(handle).parameters))
     envelope = typing.get_type_hints(handle)[first]
-    args = getattr(envelope, "__pydantic_generic_metadata__", {}).get("args", ())
-    if getattr(envelope, "__pydantic_generic_metadata__", {}).get("origin") is not Envelope or not args:
+    generic = getattr(envelope, "__pydantic_generic_metadata__", None) or {}
+    if generic.get("origin") is not Envelope or not generic.get("args"):
         raise TypeError(f"{handle.__name__}: its first parameter must be annotated Envelope[<payload>]")
-    return args[0]  # type: ignore[no-any-return]
+    return generic["args"][0]  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
