@@ -135,7 +135,7 @@ BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE,
 
 
 def job(job_id: str, model_id: str, site_id: str, cases: int) -> JobSpec:
-    return JobSpec(job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
+    return JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
         benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}", model_image=digest("a"),
         evaluator_image=digest("b"), dataset_hash=digest("c"), case_count=cases))
 

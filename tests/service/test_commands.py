@@ -80,9 +80,9 @@ async def enrol(service: Harness, actors: Actors, name: str, role: m.Role) -> No
 
 async def unchanged(service: Harness, ask: Callable[[], Any]) -> dict[str, Any]:
     """The reply to `ask()`, after checking it changed no row and published nothing."""
-    before = (await service.stored(), service.sent())
+    before = (await service.state(), service.sent())
     reply = await ask()
-    assert (await service.stored(), service.sent()) == before, "a refusal must change nothing"
+    assert (await service.state(), service.sent()) == before, "a refusal must change nothing"
     return dict(reply)
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -242,13 +243,35 @@ async def test_a_command_sent_again_is_done_once_and_says_so(service, probe):
     assert len(probe.deliveries) == 1
 
 
-async def test_a_refused_command_may_be_sent_again_once_it_can_be_done(service, probe):
-    probe.raise_ = NotYetKnown("not yet")
+async def test_a_refused_command_is_never_applied_later_but_a_new_one_is(service, probe):
+    """An approval refused because its request did not exist yet must not go through when resent later."""
+    probe.raise_ = NotYetKnown("the request does not exist yet")
     sent = command()
     assert (await service.ask(sent))["retry"] is True
 
     probe.raise_ = None
-    assert await service.ask(sent) == {"ok": True, "retry": False, "message": "done b1"}
+    replayed = await service.ask(sent)
+    assert (replayed["ok"], replayed["message"]) == (False, (
+        "this command was refused when it was first sent, and a command is never applied later than it was first "
+        "seen; sign and send a new one"))
+    assert await rows(service) == []
+    assert await service.ask(command()) == {"ok": True, "retry": False, "message": "done b1"}  # a new envelope
+
+
+@pytest.mark.parametrize("skew", [timedelta(minutes=-6), timedelta(minutes=6), timedelta(days=-365 * 27)])
+async def test_a_command_signed_outside_the_window_is_refused_and_changes_nothing(service, probe, skew):
+    sent = command().model_copy(update={"time": datetime.now(UTC) + skew})
+
+    reply = await service.ask(sent)
+
+    assert reply["ok"] is False and "more than 5 minutes from this service's time" in reply["message"]
+    assert "a replay, or a wrong clock" in reply["message"] and probe.deliveries == []
+
+
+async def test_a_command_signed_inside_the_window_is_done(service, probe):
+    sent = command().model_copy(update={"time": datetime.now(UTC) - timedelta(minutes=4)})
+
+    assert (await service.ask(sent))["ok"] is True
 
 
 async def test_a_malformed_command_is_refused_naming_the_field(service, probe):

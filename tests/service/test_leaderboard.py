@@ -26,7 +26,7 @@ BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE,
 
 
 def job(job_id: str, model_id: str, site_id: str, cases: int) -> JobSpec:
-    return JobSpec(job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
+    return JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
         benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}", model_image="sha256:" + "a" * 64,
         evaluator_image="sha256:" + "b" * 64, dataset_hash="sha256:" + "c" * 64, case_count=cases))
 

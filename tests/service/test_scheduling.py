@@ -3,6 +3,8 @@ announced and sent, signed, to its site's queue, whichever event completes the p
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from contracts import messages as m
 from contracts import subjects
 from contracts.envelope import Envelope
@@ -50,6 +52,7 @@ async def test_every_approved_pair_becomes_one_announced_job_signed_for_its_site
     for job in sent:
         verify(job, actors.key("scheduling").public_key)
         assert job.id == job.data.job_id
+        assert timedelta(days=29) < job.data.expires_at - datetime.now(UTC) <= timedelta(days=30)  # the default
         assert (job.data.binding.model_image, job.data.binding.evaluator_image, job.data.binding.case_count) == (
             "sha256:" + "3" * 64, EVALUATOR.digest, 40)
     assert sorted(e.job.job_id for e in scheduling.events(m.JobScheduled)) == sorted(j.id for j in sent)

@@ -3,6 +3,8 @@ result leaves on the site's subject; anything else is refused before a container
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import json
 import logging
 
@@ -31,7 +33,7 @@ def prepare(site: Harness, dataset_id: str = "ds-a") -> str:
 def job(dataset_hash: str, **changes: object) -> m.JobSpec:
     binding = m.JobBinding(benchmark_id="bm", model_id="model-1", dataset_id="ds-a", model_image=MODEL,
                            evaluator_image=EVALUATOR, dataset_hash=dataset_hash, case_count=2)
-    planned = m.JobSpec(job_id="job-1", site_id="site-a", binding=binding,
+    planned = m.JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id="job-1", site_id="site-a", binding=binding,
                         metrics=(m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity")))
     return planned.model_copy(update=changes)
 
@@ -87,6 +89,28 @@ async def test_a_failed_container_is_tried_again_and_dead_lettered_after_the_las
     assert letter.deliveries == 3 and letter.error.startswith("RunFailed: the evaluator failed (exit code 1)")
     assert "patient 17" not in letter.error  # the container's log stays at the site
     assert site.published(subjects.results("site-a")) == []
+
+
+async def test_a_job_that_ran_is_never_run_again_however_it_comes_back(site, actors, runner):
+    planned = job(prepare(site))
+    await site.deliver(JOBS, signed(actors, planned))
+
+    await site.deliver(JOBS, signed(actors, planned), msg_id="replayed-under-a-new-id")
+
+    [letter] = site.dead_letters()
+    assert letter.error.startswith("job job-1 already ran at this site (its result result-job-1 left at ")
+    assert [spec.task for spec in runner.specs] == ["infer", "evaluate"]
+    assert len(site.published(subjects.results("site-a"))) == 1
+
+
+async def test_an_expired_job_is_refused_before_any_container(site, actors, runner):
+    expired = job(prepare(site), expires_at=datetime.now(UTC) - timedelta(seconds=1))
+
+    await site.deliver(JOBS, signed(actors, expired))
+
+    [letter] = site.dead_letters()
+    assert letter.error.startswith("job job-1 expired at ") and letter.error.endswith("; it is not run")
+    assert runner.specs == []
 
 
 async def test_a_job_delivered_after_a_worker_died_in_its_last_attempt_is_dead_lettered_unrun(site, actors, runner):

@@ -99,6 +99,10 @@ class Harness:
         """How many messages the app has published in all."""
         return sum(len(publisher.mock.call_args_list) for publisher in self.broker.publishers)
 
+    async def state(self) -> dict[str, list[tuple[Any, ...]]]:
+        """What handlers change: every row but the inbox's (which remembers what was seen, refusals too)."""
+        return {table: rows for table, rows in (await self.stored()).items() if table != "inbox"}
+
     async def stored(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table the app owns: what a refusal must leave as it was."""
         assert isinstance(self.app, ServiceApp)

@@ -32,7 +32,7 @@ def benchmark(*, higher_is_better: bool = True) -> BenchmarkSpec:
     )
 
 
-JOB = JobSpec(job_id="job-1", site_id="site-a", metrics=benchmark().metrics, binding=JobBinding(
+JOB = JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id="job-1", site_id="site-a", metrics=benchmark().metrics, binding=JobBinding(
     benchmark_id="bm", model_id="model-1", dataset_id="data-a", model_image=digest("a"), evaluator_image=digest("b"),
     dataset_hash=digest("c"), case_count=100))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import json
 from pathlib import Path
 
@@ -18,7 +20,7 @@ DECLARED = (m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity"))
 def job_for(dataset_hash: str, **binding: object) -> m.JobSpec:
     bound = m.JobBinding(benchmark_id="b", model_id="mod", dataset_id="ds", model_image=MODEL,
                          evaluator_image=EVALUATOR, dataset_hash=dataset_hash, case_count=2)
-    return m.JobSpec(job_id="job-1", site_id="s", binding=bound.model_copy(update=binding), metrics=DECLARED)
+    return m.JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id="job-1", site_id="s", binding=bound.model_copy(update=binding), metrics=DECLARED)
 
 
 def test_only_declared_finite_metrics_within_bounds_may_leave() -> None:

@@ -18,13 +18,19 @@ class CommandFailed(Exception):
     """The platform refused a command; the message says why and what to do."""
 
 
+def signed(payload: Payload, actor: str, key: KeyPair | None) -> bytes:
+    envelope = Envelope.wrap(payload, source=f"actor:{actor}")
+    return (key.sign(envelope) if key is not None else envelope).model_dump_json().encode()
+
+
 async def request(nats_url: str, payload: Payload, *, actor: str, key: KeyPair | None = None,
                   patience_s: float = 20.0) -> dict[str, Any]:
-    """Send one command or query; return the reply. The same envelope (same id) is resent on retry."""
-    envelope = Envelope.wrap(payload, source=f"actor:{actor}")
-    if key is not None:
-        envelope = key.sign(envelope)
-    body = envelope.model_dump_json().encode()
+    """Send one command or query; return the reply, retrying while the services catch up.
+
+    When nobody answered (or the answer was lost) the same envelope goes again: a command already done says so. When
+    the service refused it for now (`retry`), a new envelope is signed: a refused command is never applied later.
+    """
+    body = signed(payload, actor, key)
     subject = REQUEST_SUBJECTS[type(payload)]
     nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
     try:
@@ -36,6 +42,9 @@ async def request(nats_url: str, payload: Payload, *, actor: str, key: KeyPair |
                 reply = json.loads(msg.data)
             except (NoRespondersError, NatsTimeout):
                 reply = {"ok": False, "retry": True, "message": f"no service answers on {subject}; is `assay up` running?"}
+            else:
+                if reply.get("retry"):
+                    body = signed(payload, actor, key)
             if reply.get("ok", True) or not reply.get("retry") or loop.time() > deadline:
                 break
             await asyncio.sleep(delay)

@@ -232,6 +232,8 @@ class JobSpec(Payload):
     site_id: Id
     binding: JobBinding
     metrics: tuple[MetricSpec, ...]
+    expires_at: datetime = Field(description="a site never starts the job after this time; a captured job cannot be "
+                                             "replayed later")
 
 
 class JobScheduled(Payload):

@@ -28,6 +28,7 @@ from site_worker.containers import ContainerRunner, Limits
 from site_worker.execution import JobRefused, execute
 
 log = logging.getLogger("site_worker")
+FINISHED = "finished"  # in a job's folder: the site's record that the job ran and its result left
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ async def run_and_publish(job: JobSpec, site: Site) -> None:
     settings = site.settings
     if job.site_id != settings.site_id:
         raise JobRefused(f"job {job.job_id} is addressed to site {job.site_id}, not {settings.site_id}")
+    if job.expires_at <= utcnow():
+        raise JobRefused(f"job {job.job_id} expired at {job.expires_at.isoformat(timespec='seconds')}; it is not run")
+    finished = settings.work_dir / job.job_id / FINISHED
+    if finished.exists():
+        raise JobRefused(f"job {job.job_id} already ran at this site ({finished.read_text().strip()}); a job runs "
+                         "once per site, so this delivery is a replay or a redelivery after its result left")
     datasets = json.loads(settings.datasets_file.read_text()) if settings.datasets_file.exists() else {}
     if job.binding.dataset_id not in datasets:
         raise JobRefused(f"dataset {job.binding.dataset_id} is not prepared at site {settings.site_id}")
@@ -82,6 +89,7 @@ async def run_and_publish(job: JobSpec, site: Site) -> None:
     # (the leaderboard counts each job once however often a re-run publishes)
     await site.outlets.publish(subjects.results(settings.site_id), body,
                                f"{signed.id}:{hashlib.sha256(body).hexdigest()[:32]}")
+    finished.write_text(f"its result {signed.id} left at {result.finished_at.isoformat(timespec='seconds')}\n")
     log.info("job %s done: %s", job.job_id, metrics)
 
 

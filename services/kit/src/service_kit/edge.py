@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol
 
 from faststream import BaseMiddleware, Depends
@@ -22,7 +23,7 @@ from faststream.nats.annotations import NatsMessage
 from nats.errors import NotJSMessageError
 from pydantic import ValidationError
 
-from contracts.envelope import Envelope, Payload, describe
+from contracts.envelope import Envelope, Payload, describe, utcnow
 from contracts.messages import CommandReply, DeadLetter
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class Retry:
 class Inbox(Protocol):
     async def first_time(self, consumer: str, body: bytes) -> bool: ...
 
+    async def seen(self, consumer: str, body: bytes) -> bool: ...
+
 
 class Transactions(Protocol):
     """Where the edge opens a handler's unit of work: a transaction that commits when the handler returns."""
@@ -110,10 +113,15 @@ class Route:
     inbox: bool = True              # False for queries, which change nothing
     dead_letters: DeadLetters | None = None
 
-    def expect(self, body: bytes) -> None:
-        """ValidationError unless `body` is an envelope of this route's payload. faststream validates the handler's
-        arguments again; checking here first is what tells a malformed message from a handler's own error."""
-        Envelope[self.payload].model_validate_json(body)  # type: ignore[name-defined]
+    def expect(self, body: bytes) -> Envelope[Payload]:
+        """The envelope in `body`, or ValidationError unless it is one of this route's payload. faststream validates
+        the handler's arguments again; checking here first tells a malformed message from a handler's own error."""
+        return Envelope[self.payload].model_validate_json(body)  # type: ignore[name-defined, no-any-return]
+
+    @property
+    def refusals(self) -> str:
+        """Where the commands it refused are remembered, so none is applied later than it was first seen."""
+        return f"{self.consumer}-refused"
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,9 @@ class Edge:
         async with self.units.transaction() as unit:
             if self.route.inbox and not await unit.first_time(self.route.consumer, msg.body):
                 return CommandReply(ok=True, message="already done (the same command)") if self.route.answers else None
+            if self.route.answers and self.route.inbox and await unit.seen(self.route.refusals, msg.body):
+                raise Refused("this command was refused when it was first sent, and a command is never applied "
+                              "later than it was first seen; sign and send a new one")
             with context.scope("uow", unit):
                 return await call_next(msg)
 
@@ -184,23 +195,44 @@ class Edge:
             "Nats-Msg-Id": f"dlq:{self.route.consumer}:{delivery.message_id}", "content-type": "application/json"})
 
     async def answer(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> Payload:
-        """A request's reply: what the handler returns, or why nothing was done."""
+        """A request's reply: what the handler returns, or why nothing was done. A command is refused outside its
+        time window, and one that is refused is remembered as such: it can never succeed later."""
         try:
-            self.route.expect(msg.body)
+            envelope = self.route.expect(msg.body)
         except ValidationError as exc:
             return CommandReply(ok=False, message=f"invalid {self.route.payload.__name__}: {describe(exc)}")
+        command = self.route.inbox
+        if command and (late := outside_window(envelope, utcnow())):
+            return CommandReply(ok=False, message=late)
         try:
             return await self.run(call_next, msg, context)  # type: ignore[no-any-return]
         except NotYetKnown as exc:
-            return CommandReply(ok=False, message=str(exc), retry=True)
+            reply = CommandReply(ok=False, message=str(exc), retry=True)
         except Refused as exc:
-            return CommandReply(ok=False, message=str(exc))
+            reply = CommandReply(ok=False, message=str(exc))
         except Conflict:
-            return CommandReply(ok=False, message="a concurrent change conflicted; retrying", retry=True)
+            reply = CommandReply(ok=False, message="a concurrent change conflicted; retrying", retry=True)
         except Exception:
             log.exception("%s failed to handle %s", self.route.consumer, self.route.payload.__name__)
-            return CommandReply(ok=False, message=f"{self.route.consumer} failed to handle it; nothing was changed; "
-                                "see the service log")
+            reply = CommandReply(ok=False, message=f"{self.route.consumer} failed to handle it; nothing was changed; "
+                                 "see the service log")
+        if command and self.units is not None:
+            async with self.units.transaction() as unit:
+                await unit.first_time(self.route.refusals, msg.body)
+        return reply
+
+
+COMMAND_WINDOW = timedelta(minutes=5)  # how far a command's signed time may be from this service's clock
+
+
+def outside_window(envelope: Envelope[Payload], now: datetime) -> str | None:
+    """Why a command signed at `envelope.time` is too old (a replay) or too far ahead (a wrong clock), if it is."""
+    signed = envelope.time if envelope.time.tzinfo else envelope.time.replace(tzinfo=UTC)
+    if abs(now - signed) <= COMMAND_WINDOW:
+        return None
+    return (f"the command was signed at {signed.isoformat(timespec='seconds')}, more than "
+            f"{int(COMMAND_WINDOW.total_seconds() // 60)} minutes from this service's time "
+            f"{now.isoformat(timespec='seconds')}: a replay, or a wrong clock; check the clock and send a new command")
 
 
 class _Scope(BaseMiddleware):

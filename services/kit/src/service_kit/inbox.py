@@ -18,14 +18,20 @@ class ProcessedMessage(SQLModel, table=True):
     processed_at: datetime = Field(default_factory=utcnow)
 
 
-async def first_time(session: AsyncSession, consumer: str, body: bytes) -> bool:
-    """True (and remembered) the first time; False for a message this consumer already processed.
+def digest(body: bytes) -> str:
+    """How a message is known: the digest of its bytes, so a forgery that reuses a genuine envelope id blocks nothing
+    (and every valid id fits the column)."""
+    return hashlib.sha256(body).hexdigest()
 
-    A message is known by the digest of its bytes: a forgery that reuses a genuine envelope id blocks nothing.
-    """
-    digest = hashlib.sha256(body).hexdigest()
-    if await session.get(ProcessedMessage, (consumer, digest)) is not None:
+
+async def seen(session: AsyncSession, consumer: str, body: bytes) -> bool:
+    return await session.get(ProcessedMessage, (consumer, digest(body))) is not None
+
+
+async def first_time(session: AsyncSession, consumer: str, body: bytes) -> bool:
+    """True (and remembered) the first time; False for a message this consumer already processed."""
+    if await seen(session, consumer, body):
         return False
-    session.add(ProcessedMessage(consumer=consumer, message_id=digest))
+    session.add(ProcessedMessage(consumer=consumer, message_id=digest(body)))
     await session.flush()  # a concurrent replica that got here first makes this fail: the message is redelivered
     return True

@@ -13,7 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from contracts.catalog import EVENT_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from service_kit.db import Database
-from service_kit.inbox import first_time
+from service_kit.inbox import first_time, seen
 from service_kit.outbox import stage
 from service_kit.wiring import Wiring
 
@@ -30,6 +30,9 @@ class Transaction:
 
     async def first_time(self, consumer: str, body: bytes) -> bool:
         return await first_time(self.session, consumer, body)
+
+    async def seen(self, consumer: str, body: bytes) -> bool:
+        return await seen(self.session, consumer, body)
 
     def emit(self, payload: P, *, id: str | None = None) -> Envelope[P]:
         """Stage an event on its subject; it is published once the transaction commits."""

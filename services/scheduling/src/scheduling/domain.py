@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 
 from contracts.messages import BenchmarkSpec, JobBinding, JobSpec
 
@@ -24,7 +25,7 @@ def job_id(benchmark_id: str, model_digest: str, evaluator: str, dataset_hash: s
 
 
 def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[PlannedDataset],
-              existing: set[str]) -> list[JobSpec]:
+              existing: set[str], expires_at: datetime) -> list[JobSpec]:
     """The jobs still missing: `models` maps approved model ids to their image digests."""
     jobs = []
     for model_id, digest in sorted(models.items()):
@@ -36,5 +37,6 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
             binding = JobBinding(benchmark_id=benchmark.benchmark_id, model_id=model_id, dataset_id=ds.dataset_id,
                                  model_image=digest, evaluator_image=benchmark.evaluator.digest,
                                  dataset_hash=ds.content_hash, case_count=ds.case_count)
-            jobs.append(JobSpec(job_id=jid, site_id=ds.site_id, binding=binding, metrics=benchmark.metrics))
+            jobs.append(JobSpec(job_id=jid, site_id=ds.site_id, binding=binding, metrics=benchmark.metrics,
+                                expires_at=expires_at))
     return jobs
