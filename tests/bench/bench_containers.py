@@ -69,7 +69,8 @@ def trivial_job(image: str, dataset: Path) -> JobSpec:
     (labels / "case-0.json").write_text('{"y": 1}')
     binding = JobBinding(benchmark_id="bench", model_id="trivial", dataset_id="ds", model_image=image,
                          evaluator_image=image, dataset_hash=content_hash(data, labels), case_count=1)
-    return JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id="job-bench-containers", site_id="site", binding=binding, metrics=(MetricSpec(name="auc"),))
+    return JobSpec(job_id="job-bench-containers", site_id="site", binding=binding, metrics=(MetricSpec(name="auc"),),
+                   expires_at=datetime(2100, 1, 1, tzinfo=UTC))
 
 
 def paired_ratio(values: list[float], baseline: list[float]) -> float:

@@ -67,7 +67,7 @@ async def test_the_leaderboard_prints_as_json_and_refusals_say_why(nats_url: str
 
         shown = await asyncio.to_thread(assay, tmp_path, "leaderboard", "show", "bench", "--json")
         assert shown.returncode == 0, shown.stderr
-        board = m.LeaderboardUpdated.model_validate_json(shown.stdout)
+        board = m.Leaderboard.model_validate_json(shown.stdout)
         assert board.rows[0].site_values == {"site-a": {"auc": 0.8, "sensitivity": 0.6}}
 
         table = await asyncio.to_thread(assay, tmp_path, "leaderboard", "show", "bench")

@@ -32,6 +32,8 @@ from contracts.streams import ensure_streams
 from leaderboard.config import Settings
 from leaderboard.main import create_app
 
+LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
+
 WAIT_S = 15.0  # an upper bound for an awaited event, never a pause
 
 
@@ -135,7 +137,7 @@ BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE,
 
 
 def job(job_id: str, model_id: str, site_id: str, cases: int) -> JobSpec:
-    return JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
+    return JobSpec(expires_at=LATER, job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
         benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}", model_image=digest("a"),
         evaluator_image=digest("b"), dataset_hash=digest("c"), case_count=cases))
 
@@ -170,10 +172,11 @@ async def announce_world(bus: Bus) -> None:
 
 
 async def accepted(bus: Bus, envelope: Envelope[SiteResult]) -> Leaderboard:
-    """Send a valid result and return the board it produced."""
+    """Send a valid result and return the board once it has been counted."""
     await bus.send_result(envelope)
     await bus.next_event(ResultAccepted, lambda e: e.job_id == envelope.data.job_id)
-    return Leaderboard.model_validate((await bus.next_event(LeaderboardUpdated)).data.model_dump())
+    await bus.next_event(LeaderboardUpdated, lambda e: e.model_id == envelope.data.binding.model_id)
+    return await bus.board()
 
 
 # --- behaviour ----------------------------------------------------------------------------------------------------

@@ -78,3 +78,28 @@ async def test_a_rolled_back_change_stages_no_event(db: Database) -> None:
             raise RuntimeError("the state change failed")
     async with db.transaction() as session:
         assert (await session.exec(select(OutboxMessage))).all() == []
+
+
+async def test_a_message_the_server_can_never_take_is_set_aside_and_the_rest_still_leave(
+        db: Database, nats_url: str) -> None:
+    async with db.transaction() as session:
+        session.add(OutboxMessage(message_id="too-big", subject="assay.v1.evt.benchmark.approved",
+                                  body=b'{"x": "' + b"a" * (2 << 20) + b'"}'))  # 2 MiB: the server takes 1 MiB
+        Transaction(session, WIRING).emit(EVENT)
+    put_aside: list[tuple[str, str]] = []
+
+    async def note(row: OutboxMessage, reason: str) -> None:
+        put_aside.append((row.message_id, reason))
+
+    broker = NatsBroker(nats_url, logger=None)
+    outbox = Relay(db, WIRING.declare(broker, units=None).publish, set_aside=note)
+    await broker.start()
+    assert await outbox.flush() == 1
+    assert await outbox.flush() == 0  # set aside for good: not tried again
+    await broker.stop()
+    assert await stored_events(nats_url) == 1
+    [(message_id, reason)] = put_aside
+    assert message_id == "too-big" and reason.startswith("the server refused it for good (MaxPayloadError")
+    async with db.transaction() as session:
+        row = (await session.exec(select(OutboxMessage).where(OutboxMessage.message_id == "too-big"))).one()
+    assert row.published_at is None and row.set_aside == reason

@@ -23,6 +23,8 @@ from site_worker.datasets import content_hash
 from tests.support.federation import EVALUATOR, MODEL, PREPARATOR, make_dataset
 from tests.support.service import Actors, Harness
 
+LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
+
 IMAGE = m.ImageRef(digest=PREPARATOR, name="prep")
 SPEC = m.BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE, reference_model=IMAGE,
                        evaluator=m.ImageRef(digest=EVALUATOR, name="ev"),
@@ -31,7 +33,7 @@ DATASET_HASH = "sha256:" + "d" * 64
 
 
 def job(dataset_hash: str = DATASET_HASH) -> m.JobSpec:
-    return m.JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id="job-1", site_id="site-a", metrics=SPEC.metrics, binding=m.JobBinding(
+    return m.JobSpec(expires_at=LATER, job_id="job-1", site_id="site-a", metrics=SPEC.metrics, binding=m.JobBinding(
         benchmark_id="bm", model_id="model-1", dataset_id="ds-a", model_image=MODEL, evaluator_image=EVALUATOR,
         dataset_hash=dataset_hash, case_count=2))
 

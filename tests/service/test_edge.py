@@ -75,7 +75,8 @@ async def count(query: Envelope[m.ShowLeaderboard], uow: UnitOfWork, probe: Prob
 
 async def strays(approved: Envelope[m.ModelRegistered], uow: UnitOfWork) -> None:
     """Emits what the probe does not declare it publishes."""
-    uow.emit(m.LeaderboardUpdated(benchmark_id="b", primary_metric="auc", metrics=("auc",), rows=()))
+    uow.emit(m.LeaderboardUpdated(benchmark_id="b", primary_metric="auc", models=1, model_id="m", rank=1,
+                                   pooled={"auc": 0.5}, case_count=1, sites=1))
 
 
 RETRY = Retry(failures=3, waits=5)

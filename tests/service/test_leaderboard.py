@@ -18,6 +18,8 @@ from contracts.messages import (
 from contracts.signing import KeyPair, metrics_hash
 from tests.support.service import Actors, Harness
 
+LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
+
 SITES = ("site-a", "site-b")
 IMAGE = ImageRef(digest="sha256:" + "1" * 64, name="img")
 BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE, reference_model=IMAGE,
@@ -26,7 +28,7 @@ BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE,
 
 
 def job(job_id: str, model_id: str, site_id: str, cases: int) -> JobSpec:
-    return JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
+    return JobSpec(expires_at=LATER, job_id=job_id, site_id=site_id, metrics=BENCHMARK.metrics, binding=JobBinding(
         benchmark_id="bm", model_id=model_id, dataset_id=f"data-{site_id}", model_image="sha256:" + "a" * 64,
         evaluator_image="sha256:" + "b" * 64, dataset_hash="sha256:" + "c" * 64, case_count=cases))
 
@@ -72,10 +74,23 @@ async def test_an_accepted_result_announces_its_acceptance_and_the_board_it_make
     assert accepted.binding == JOBS["job-1"].binding
     [updated] = leaderboard.events(LeaderboardUpdated)
     shown = await board(leaderboard)
-    assert updated.model_dump() == shown.model_dump()
     (row,) = shown.rows
     assert (row.rank, row.model_id, row.case_count, row.sites) == (1, "model-1", 300, 1)
     assert row.site_values == {"site-a": {"auc": 0.83, "brier": 0.1}}
+    assert (updated.model_id, updated.rank, updated.pooled, updated.case_count, updated.sites, updated.models) == (
+        "model-1", 1, row.pooled, 300, 1, 1)
+
+
+async def test_the_event_that_announces_a_new_board_does_not_grow_with_the_board(leaderboard, actors):
+    """A board of many models and sites is a query; what is announced is one model's standing."""
+    await learn_world(leaderboard, actors)
+    for job_id, auc in (("job-1", 0.9), ("job-2", 0.5), ("job-3", 0.85)):
+        await send(leaderboard, site_result(actors, job_id, auc))
+
+    sizes = [len(sent["data"].__repr__()) for sent in leaderboard.published("assay.v1.evt.leaderboard.updated")]
+    last = leaderboard.events(LeaderboardUpdated)[-1]
+    assert (last.model_id, last.rank, last.models, set(last.pooled)) == ("model-2", 1, 2, {"auc", "brier"})
+    assert max(sizes) - min(sizes) < 40  # the same few fields each time, while the board grew
 
 
 async def test_results_from_two_sites_are_pooled_by_cases_and_models_ranked(leaderboard, actors):

@@ -18,6 +18,8 @@ from tests.service.conftest import SITE_METRICS
 from tests.support.federation import EVALUATOR, MODEL, make_dataset
 from tests.support.service import Actors, Harness
 
+LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
+
 JOBS = subjects.jobs("site-a")
 
 
@@ -33,7 +35,7 @@ def prepare(site: Harness, dataset_id: str = "ds-a") -> str:
 def job(dataset_hash: str, **changes: object) -> m.JobSpec:
     binding = m.JobBinding(benchmark_id="bm", model_id="model-1", dataset_id="ds-a", model_image=MODEL,
                            evaluator_image=EVALUATOR, dataset_hash=dataset_hash, case_count=2)
-    planned = m.JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id="job-1", site_id="site-a", binding=binding,
+    planned = m.JobSpec(expires_at=LATER, job_id="job-1", site_id="site-a", binding=binding,
                         metrics=(m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity")))
     return planned.model_copy(update=changes)
 

@@ -151,8 +151,8 @@ class Federation:
         await self.send(m.ApproveAssociation(benchmark_id=benchmark_id, kind=m.EntityKind.DATASET,
                                              entity_id=dataset_id), "owner")
 
-    async def board(self, benchmark_id: str = "bench") -> m.LeaderboardUpdated:
-        return m.LeaderboardUpdated.model_validate(await self.send(m.ShowLeaderboard(benchmark_id=benchmark_id), None))
+    async def board(self, benchmark_id: str = "bench") -> m.Leaderboard:
+        return m.Leaderboard.model_validate(await self.send(m.ShowLeaderboard(benchmark_id=benchmark_id), None))
 
 
 async def next_events(nats_url: str, subject: str, count: int, timeout_s: float = 30) -> list[dict[str, Any]]:

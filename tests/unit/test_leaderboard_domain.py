@@ -15,6 +15,8 @@ from leaderboard.domain import (
     Check, Score, Signer, Verdict, aggregate, check_binding, check_origin, competition_ranks,
 )
 
+LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
+
 SITE_A, SITE_B = KeyPair.generate(), KeyPair.generate()
 OTHER_DIGEST = "sha256:" + "f" * 64
 
@@ -32,7 +34,7 @@ def benchmark(*, higher_is_better: bool = True) -> BenchmarkSpec:
     )
 
 
-JOB = JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id="job-1", site_id="site-a", metrics=benchmark().metrics, binding=JobBinding(
+JOB = JobSpec(expires_at=LATER, job_id="job-1", site_id="site-a", metrics=benchmark().metrics, binding=JobBinding(
     benchmark_id="bm", model_id="model-1", dataset_id="data-a", model_image=digest("a"), evaluator_image=digest("b"),
     dataset_hash=digest("c"), case_count=100))
 

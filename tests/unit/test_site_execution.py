@@ -14,13 +14,15 @@ from site_worker.containers import Limits
 from site_worker.execution import JobRefused, RunFailed, execute, validate_metrics
 from tests.support.federation import EVALUATOR, MODEL, fake_containers, make_dataset
 
+LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
+
 DECLARED = (m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity"))
 
 
 def job_for(dataset_hash: str, **binding: object) -> m.JobSpec:
     bound = m.JobBinding(benchmark_id="b", model_id="mod", dataset_id="ds", model_image=MODEL,
                          evaluator_image=EVALUATOR, dataset_hash=dataset_hash, case_count=2)
-    return m.JobSpec(expires_at=datetime(2100, 1, 1, tzinfo=UTC), job_id="job-1", site_id="s", binding=bound.model_copy(update=binding), metrics=DECLARED)
+    return m.JobSpec(expires_at=LATER, job_id="job-1", site_id="s", binding=bound.model_copy(update=binding), metrics=DECLARED)
 
 
 def test_only_declared_finite_metrics_within_bounds_may_leave() -> None:

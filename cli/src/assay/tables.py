@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from contracts.messages import Board
+from contracts.messages import Leaderboard
 
 
-def leaderboard_table(board: Board) -> Table:
+def leaderboard_table(board: Leaderboard) -> Table:
     sites = sorted({s for row in board.rows for s in row.site_values})
     table = Table(title=f"Leaderboard {board.benchmark_id} (ranked by pooled {board.primary_metric})")
     table.add_column("rank", justify="right")

@@ -279,25 +279,30 @@ class LeaderboardRow(Payload):
     sites: int
 
 
-class Board(Payload):
-    """A benchmark's board: every model's per-site and pooled values, ranked by the primary metric."""
+class Leaderboard(Payload):
+    """The reply to ShowLeaderboard: a benchmark's board, every model's per-site and pooled values, ranked by the
+    primary metric."""
 
+    TYPE: ClassVar[str] = "assay.v1.Leaderboard"
     benchmark_id: Id
     primary_metric: str
     metrics: tuple[str, ...]
     rows: tuple[LeaderboardRow, ...]
 
 
-class Leaderboard(Board):
-    """The reply to ShowLeaderboard: the board as it stands."""
-
-    TYPE: ClassVar[str] = "assay.v1.Leaderboard"
-
-
-class LeaderboardUpdated(Board):
-    """Announced after each accepted result: the board it produced."""
+class LeaderboardUpdated(Payload):
+    """Announced after each accepted result: where the model it counted for now stands. Its size does not grow with
+    the board (a model's pooled values, one per declared metric); the whole board is the ShowLeaderboard query."""
 
     TYPE: ClassVar[str] = "assay.v1.LeaderboardUpdated"
+    benchmark_id: Id
+    primary_metric: str
+    models: int = Field(description="how many models the board ranks now")
+    model_id: Id
+    rank: int
+    pooled: dict[str, float]
+    case_count: int
+    sites: int
 
 
 class DeadLetter(Payload):

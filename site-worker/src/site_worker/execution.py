@@ -69,8 +69,8 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
         Mount(evaluation, "/assay/out", writable=True)))), "the evaluator", job_dir)
     try:
         raw = json.loads((evaluation / "metrics.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise RunFailed(f"the evaluator wrote no readable /assay/out/metrics.json: {exc}") from exc
+    except (OSError, ValueError):  # the error would quote what the evaluator wrote: it stays here
+        raise RunFailed("/assay/out/metrics.json: the evaluator wrote no file of UTF-8 JSON") from None
     metrics = validate_metrics(raw, job.metrics)
     cases = evaluation / "cases.jsonl"
     case_count = sum(1 for line in cases.read_text().splitlines() if line.strip()) if cases.exists() else 0

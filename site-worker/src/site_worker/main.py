@@ -103,7 +103,7 @@ def wiring(site_id: str, *, worker_id: str, max_deliver: int, ack_wait_s: float)
         consumers=(Consumer(run_job, subject=subjects.jobs(site_id), ack_wait_s=ack_wait_s, batch=1),),
         publishes=(Outlet(subjects.results(site_id), SiteResult),),
         # a container that failed is tried again after 2 s, then 4 s: long enough for a busy engine to recover
-        retry=Retry(failures=max_deliver, waits=0, base_s=2.0, cap_s=30.0),
+        retry=Retry(failures=max_deliver, waits=0, base_s=2.0, cap_s=30.0), outbox=False,
     )
 
 

@@ -44,7 +44,12 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
     broker = NatsBroker(settings.nats_url, middlewares=nats_middlewares(wiring.owner, settings.otlp_endpoint),
                         logger=None, context=ContextRepo(dict(context or {})))
     db = Database(make_engine(settings.database_url))
-    relay = Relay(db, wiring.declare(broker, Units(db, wiring)).publish)
+    outlets = wiring.declare(broker, Units(db, wiring))
+
+    async def set_aside(row: OutboxMessage, reason: str) -> None:
+        await outlets.dead_letter(wiring.outbox_consumer, row.subject, row.message_id, 1, reason)
+
+    relay = Relay(db, outlets.publish, set_aside=set_aside)
     app = ServiceApp(broker)
     app.db, app.relay, app.wiring = db, relay, wiring
     tasks: list[asyncio.Task[None]] = []

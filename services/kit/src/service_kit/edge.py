@@ -24,7 +24,7 @@ from nats.errors import NotJSMessageError
 from pydantic import ValidationError
 
 from contracts.envelope import Envelope, Payload, describe, utcnow
-from contracts.messages import CommandReply, DeadLetter
+from contracts.messages import CommandReply
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ class Transactions(Protocol):
 
 
 class DeadLetters(Protocol):
-    async def publish(self, message: Any, *, headers: dict[str, str]) -> Any: ...
+    """Where what a consumer gives up on goes: `assay.v1.dlq.<consumer>`, with the reason."""
+
+    async def dead_letter(self, consumer: str, subject: str, message_id: str, deliveries: int, error: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,6 @@ class Route:
     payload: type[Payload]
     answers: bool = False           # a request: every outcome is a reply
     inbox: bool = True              # False for queries, which change nothing
-    dead_letters: DeadLetters | None = None
 
     def expect(self, body: bytes) -> Envelope[Payload]:
         """The envelope in `body`, or ValidationError unless it is one of this route's payload. faststream validates
@@ -134,7 +135,7 @@ class Edge:
     route: Route
     units: Transactions | None
     retry: Retry
-    source: str
+    letters: DeadLetters
 
     def __call__(self, msg: Any, /, *, context: Any) -> BaseMiddleware:
         return _Scope(msg, context=context, edge=self)
@@ -186,13 +187,8 @@ class Edge:
         """Record the message and why on `assay.v1.dlq.<consumer>`; the caller then acks it."""
         log.error("dead-lettering %s on %s after %d deliveries: %s", delivery.message_id, delivery.subject,
                   delivery.attempt, error, exc_info=exc)
-        if self.route.dead_letters is None:
-            raise RuntimeError(f"{self.route.consumer} has no dead-letter publisher")
-        letter = Envelope.wrap(DeadLetter(consumer=self.route.consumer, subject=delivery.subject,
-                                          message_id=delivery.message_id, deliveries=delivery.attempt,
-                                          error=error[:4000]), source=self.source)
-        await self.route.dead_letters.publish(letter.model_dump_json().encode(), headers={
-            "Nats-Msg-Id": f"dlq:{self.route.consumer}:{delivery.message_id}", "content-type": "application/json"})
+        await self.letters.dead_letter(self.route.consumer, delivery.subject, delivery.message_id, delivery.attempt,
+                                       error)
 
     async def answer(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> Payload:
         """A request's reply: what the handler returns, or why nothing was done. A command is refused outside its

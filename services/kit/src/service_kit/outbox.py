@@ -9,6 +9,8 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from collections.abc import Awaitable, Callable
+from nats.errors import MaxPayloadError
+from nats.js.errors import BadRequestError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from sqlalchemy import update
@@ -30,6 +32,7 @@ class OutboxMessage(SQLModel, table=True):
     trace_headers: str = "{}"  # the trace context of the transaction that staged it, so the trace goes on
     created_at: datetime = Field(default_factory=utcnow)
     published_at: datetime | None = Field(default=None, index=True)
+    set_aside: str | None = Field(default=None, max_length=1000)  # why the server can never take it: not retried
 
 
 def stage(session: AsyncSession, subject: str, envelope: Envelope[P]) -> None:
@@ -40,13 +43,23 @@ def stage(session: AsyncSession, subject: str, envelope: Envelope[P]) -> None:
                               trace_headers=json.dumps(carrier)))
 
 
+# what the server answers for a message it can never store (too large for it): set aside, not retried forever
+REFUSED_BY_SERVER: tuple[type[Exception], ...] = (MaxPayloadError, BadRequestError)
+SetAside = Callable[[OutboxMessage, str], Awaitable[None]]
+
+
 class Relay:
-    """Publishes staged messages in order; safe to run in several replicas (the server drops duplicates by id)."""
+    """Publishes staged messages in order; safe to run in several replicas (the server drops duplicates by id).
+
+    A message the server refuses for good is set aside with the reason (`set_aside` says so, a dead letter in a
+    service), so the messages behind it still leave.
+    """
 
     def __init__(self, db: Any, publish: Callable[[str, bytes, str], Awaitable[None]], *,
-                 poll_s: float = 1.0, batch: int = 256) -> None:
+                 set_aside: SetAside | None = None, poll_s: float = 1.0, batch: int = 256) -> None:
         self._db = db
         self._publish = publish  # Outlets.publish: subject, body, Nats-Msg-Id
+        self._set_aside = set_aside
         self._poll_s = poll_s
         self._batch = batch
         self._wake = asyncio.Event()
@@ -68,7 +81,8 @@ class Relay:
         while True:
             async with self._db.transaction(notify=False) as session:  # notify would wake the relay itself
                 rows = (await session.exec(
-                    select(OutboxMessage).where(col(OutboxMessage.published_at).is_(None))
+                    select(OutboxMessage).where(col(OutboxMessage.published_at).is_(None),
+                                                col(OutboxMessage.set_aside).is_(None))
                     .order_by(col(OutboxMessage.seq)).limit(self._batch)
                 )).all()
             published: list[int] = []
@@ -77,6 +91,10 @@ class Relay:
                     token = otel_context.attach(propagate.extract(json.loads(row.trace_headers)))
                     try:  # published as part of the trace that staged it, not as a new one
                         await self._publish(row.subject, row.body, row.message_id)
+                    except REFUSED_BY_SERVER as exc:
+                        await self._put_aside(row, f"the server refused it for good ({type(exc).__name__}: {exc}); "
+                                                   f"{len(row.body)} bytes on {row.subject}")
+                        continue
                     finally:
                         otel_context.detach(token)
                     published.append(row.seq)  # type: ignore[arg-type]
@@ -88,6 +106,14 @@ class Relay:
             total += len(published)
             if len(rows) < self._batch:
                 return total
+
+    async def _put_aside(self, row: OutboxMessage, reason: str) -> None:
+        log.error("outbox: %s (%s) set aside: %s", row.message_id, row.subject, reason)
+        async with self._db.transaction(notify=False) as session:
+            await session.exec(update(OutboxMessage).where(col(OutboxMessage.seq) == row.seq)
+                               .values(set_aside=reason[:1000]))
+        if self._set_aside is not None:
+            await self._set_aside(row, reason)
 
     async def run(self) -> None:
         """Publish until stop(); a flush is never cancelled halfway (that would strand a database transaction)."""

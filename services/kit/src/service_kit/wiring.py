@@ -85,10 +85,11 @@ def undeclared(owner: str, subject: str) -> LookupError:
 
 
 class Outlets:
-    """The app's publishers by subject: the only way out, for the outbox relay and the site's results alike."""
+    """The app's publishers by subject: the only way out, for the outbox relay, the site's results and the dead
+    letters of every consumer alike."""
 
-    def __init__(self, owner: str, publishers: dict[str, LogicPublisher]) -> None:
-        self._owner, self._publishers = owner, publishers
+    def __init__(self, owner: str, source: str, publishers: dict[str, LogicPublisher]) -> None:
+        self._owner, self._source, self._publishers = owner, source, publishers
 
     def find(self, subject: str) -> LogicPublisher:
         for pattern, publisher in self._publishers.items():
@@ -101,6 +102,13 @@ class Outlets:
         await self.find(subject).publish(body, subject=subject, timeout=PUBLISH_TIMEOUT_S, headers={
             "Nats-Msg-Id": message_id, "content-type": "application/json"})
 
+    async def dead_letter(self, consumer: str, subject: str, message_id: str, deliveries: int, error: str) -> None:
+        """What `consumer` gave up on, and why, on `assay.v1.dlq.<consumer>`: one letter per message."""
+        letter = Envelope.wrap(DeadLetter(consumer=consumer, subject=subject, message_id=message_id,
+                                          deliveries=deliveries, error=error[:4000]), source=self._source)
+        await self.publish(subjects.dead_letter(consumer), letter.model_dump_json().encode(),
+                           f"dlq:{consumer}:{message_id}")
+
 
 @dataclass(frozen=True)
 class Wiring:
@@ -110,6 +118,11 @@ class Wiring:
     requests: tuple[Request, ...] = ()
     publishes: tuple[Outlet, ...] = ()
     retry: Retry = Retry()
+    outbox: bool = True               # it relays an outbox, and dead-letters what the server refuses for good
+
+    @property
+    def outbox_consumer(self) -> str:
+        return f"{self.owner}-outbox"
 
     def durables(self) -> dict[str, str]:
         """Each durable consumer's name and its stream: the app is up once they all exist."""
@@ -126,20 +139,23 @@ class Wiring:
         if len(set(addresses)) != len(addresses):
             raise ValueError(f"{self.owner} subscribes to a subject twice; one subject, one handler: {addresses}")
         publishers = {o.subject: self._publisher(broker, o.subject, o.payload) for o in self.publishes}
-        for consumer in self.consumers:
-            name = subjects.durable(self.owner, consumer.address)
-            letters = self._publisher(broker, subjects.dead_letter(name), DeadLetter, title=f"{name}:DeadLetter")
+        letters = [subjects.durable(self.owner, c.address) for c in self.consumers]
+        for consumer in letters + ([self.outbox_consumer] if self.outbox else []):
+            publishers[subjects.dead_letter(consumer)] = self._publisher(
+                broker, subjects.dead_letter(consumer), DeadLetter, title=f"{consumer}:DeadLetter")
+        outlets = Outlets(self.owner, self.source, publishers)
+        for consumer, name in zip(self.consumers, letters, strict=True):
             self._subscribe(
-                broker, Edge(Route(name, consumer.payload, dead_letters=letters), units, self.retry, self.source),
+                broker, Edge(Route(name, consumer.payload), units, self.retry, outlets),
                 consumer.address, consumer.handle, stream=JStream(subjects.stream_of(consumer.address), declare=False),
                 durable=name, title=name, pull_sub=PullSub(batch_size=consumer.batch, timeout=1.0),
                 config=ConsumerConfig(max_deliver=self.retry.max_deliver, ack_wait=consumer.ack_wait_s),
                 ack_policy=AckPolicy.NACK_ON_ERROR)
         for request in self.requests:
             route = Route(self.owner, request.payload, answers=True, inbox=request.payload not in QUERY_SUBJECTS)
-            self._subscribe(broker, Edge(route, units, self.retry, self.source), REQUEST_SUBJECTS[request.payload],
+            self._subscribe(broker, Edge(route, units, self.retry, outlets), REQUEST_SUBJECTS[request.payload],
                             request.handle, queue=self.owner, title=f"{self.owner}:{request.payload.__name__}")
-        return Outlets(self.owner, publishers)
+        return outlets
 
     @staticmethod
     def _subscribe(broker: NatsBroker, edge: Edge, subject: str, handle: Handler, **options: Any) -> None:

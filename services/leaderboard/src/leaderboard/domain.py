@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from contracts import subjects
 from contracts.envelope import Envelope
-from contracts.messages import BenchmarkSpec, JobSpec, Leaderboard, LeaderboardRow, Role, SiteResult
+from contracts.messages import BenchmarkSpec, JobSpec, Leaderboard, LeaderboardRow, LeaderboardUpdated, Role, SiteResult
 from contracts.metrics import MetricNamesRefused, MetricsRefused, MetricValueRefused, checked_metrics
 from contracts.signing import SignatureError, metrics_hash, verify
 
@@ -187,3 +187,11 @@ def aggregate(benchmark: BenchmarkSpec, scores: Iterable[Score]) -> Leaderboard:
     rows.sort(key=lambda row: (row.rank, row.model_id))
     return Leaderboard(benchmark_id=benchmark.benchmark_id, primary_metric=primary.name, metrics=names,
                        rows=tuple(rows))
+
+
+def standing(board: Leaderboard, model_id: str) -> LeaderboardUpdated:
+    """What the board says of one model, as the bounded event that announces its change."""
+    row = next(row for row in board.rows if row.model_id == model_id)
+    return LeaderboardUpdated(benchmark_id=board.benchmark_id, primary_metric=board.primary_metric,
+                              models=len(board.rows), model_id=row.model_id, rank=row.rank, pooled=row.pooled,
+                              case_count=row.case_count, sites=row.sites)

@@ -66,7 +66,7 @@ async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery:
     uow.emit(ResultAccepted(job_id=site_result.job_id, site_id=site_result.site_id, binding=site_result.binding,
                             metrics=dict(site_result.metrics)))
     board = domain.aggregate(benchmark, await store.scores(benchmark.benchmark_id))
-    uow.emit(LeaderboardUpdated.model_validate(board.model_dump()))
+    uow.emit(domain.standing(board, site_result.binding.model_id))
 
 
 async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork) -> Leaderboard:
