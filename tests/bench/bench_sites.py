@@ -54,6 +54,9 @@ class NoopRunner:
     def image_id(self, ref: str) -> str | None:
         return ref
 
+    def remove_leftovers(self) -> list[str]:
+        return []
+
     def run(self, spec: RunSpec) -> RunOutcome:
         if spec.task == "infer":
             job = spec.env["ASSAY_JOB_ID"]

@@ -309,3 +309,24 @@ def test_a_container_that_fails_to_start_is_reported_and_removed(client, runner,
 
     assert broken.id in str(refused.value) and "infer" in str(refused.value)
     assert client.containers.list(all=True, filters={"ancestor": broken.id}) == []
+
+
+def test_a_restarted_worker_removes_the_containers_its_killed_run_left_running(client, probe):
+    mine = client.containers.run(probe, ["sleep"], detach=True, network_mode="none",
+                                 labels={"assay.worker": "site-a/worker-1"})
+    another = client.containers.run(probe, ["sleep"], detach=True, network_mode="none",
+                                    labels={"assay.worker": "site-a/worker-2"})  # the same site's other worker
+    try:
+        removed = DockerRunner(client, worker="site-a/worker-1").remove_leftovers()
+
+        assert removed == [mine.id]
+        with pytest.raises(docker.errors.NotFound):
+            mine.reload()
+        another.reload()
+        assert another.status == "running"
+    finally:
+        for container in (mine, another):
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass

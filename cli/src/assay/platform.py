@@ -1,8 +1,10 @@
-"""`assay up`: an embedded nats-server, the four services and one worker per site, each its own process."""
+"""`assay up`: an embedded nats-server, the four services and one worker per site, each its own process, under a
+supervisor that restarts what crashes; one platform per state folder."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib
 import json
 import os
@@ -11,16 +13,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import nats
+from contracts.signing import KeyPair
+from contracts.streams import ensure_streams
 from pydantic_settings import BaseSettings
 
 from assay.home import Home
-from contracts.signing import KeyPair
-from contracts.streams import ensure_streams
+from assay.supervisor import Supervisor, reap
 
 SERVICES = ("registry", "approval", "scheduling", "leaderboard")
 
@@ -56,14 +61,37 @@ def read_ports_file(folder: Path) -> str:
 class Platform:
     home: Home
     on_step: Callable[[str], None] = lambda _msg: None
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nats_url: str = ""
+    supervisor: Supervisor = field(init=False)
+    _lock: IO[str] | None = field(default=None, init=False)
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.home.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.home.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                            start_new_session=True)
+    def __post_init__(self) -> None:
+        self.supervisor = Supervisor(self.home.logs, self.on_step)
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes]]:
+        return {name: c.proc for name, c in self.supervisor.children.items() if c.proc is not None}
+
+    def _take_the_folder(self) -> None:
+        """One platform per state folder: a second one would run a second nats-server on the same storage."""
+        self.home.root.mkdir(parents=True, exist_ok=True)
+        lock = (self.home.root / "platform.lock").open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            running = json.loads(self.home.platform_file.read_text()) if self.home.platform_file.exists() else {}
+            raise RuntimeError(f"a platform already runs on {self.home.root} (assay up, pid {running.get('pid', '?')});"
+                               " stop it (Ctrl-C) before starting another") from None
+        self._lock = lock
+        if self.home.platform_file.exists():  # its supervisor was killed: what it left running goes first
+            stale = json.loads(self.home.platform_file.read_text()).get("pids", {})
+            if stopped := reap(stale):
+                self.on_step(f"stopped {', '.join(stopped)}, left running by a platform that was killed")
+            self.home.platform_file.unlink()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], *, restartable: bool = True) -> None:
+        self.supervisor.spawn(name, argv, env, restartable=restartable)
 
     def start_nats(self) -> str:
         store = self.home.root / "nats"
@@ -74,7 +102,7 @@ class Platform:
         # fsync every write: results and the event history must survive a power cut
         conf.write_text(f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n')
         self._spawn("nats", [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", "-1",
-                             "--ports_file_dir", str(store)], {})
+                             "--ports_file_dir", str(store)], {}, restartable=False)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             self.nats_url = read_ports_file(store)
@@ -155,41 +183,58 @@ class Platform:
             self._spawn(f"site-{site_id}", [sys.executable, "-m", "assay.serve", "site"], self.site_env(site_id))
 
     def start(self) -> str:
+        self._take_the_folder()
         (self.home.root / "services").mkdir(parents=True, exist_ok=True)
-        if not self.home.key_file("scheduling").exists():
-            KeyPair.generate().save(self.home.key_file("scheduling"))
-        self.home.public_key("operator")  # fails early, with the command to fix it
-        self.start_nats()
-        self.on_step(f"nats-server on {self.nats_url} (JetStream in {self.home.root / 'nats'})")
         try:
+            if not self.home.key_file("scheduling").exists():
+                KeyPair.generate().save(self.home.key_file("scheduling"))
+            self.home.public_key("operator")  # fails early, with the command to fix it
+            self.start_nats()
+            self.on_step(f"nats-server on {self.nats_url} (JetStream in {self.home.root / 'nats'})")
             asyncio.run(self._provision_and_wait())
         except BaseException:
             self.stop()
             raise
-        self.home.platform_file.write_text(json.dumps({"nats_url": self.nats_url, "pid": os.getpid()}))
+        self.home.platform_file.write_text(json.dumps({"nats_url": self.nats_url, "pid": os.getpid(),
+                                                       "pids": self.supervisor.pids()}))
         return self.nats_url
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the workers and services (they drain and close), then the bus; SIGKILL what hangs."""
-        order = [n for n in self.procs if n != "nats"] + (["nats"] if "nats" in self.procs else [])
-        for group in (order[:-1], order[-1:]):
-            for name in group:
-                if self.procs[name].poll() is None:
-                    self.procs[name].send_signal(signal.SIGTERM)
-            for name in group:
-                try:
-                    self.procs[name].wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.procs[name].kill()
-                    self.procs[name].wait()
+        names = list(self.supervisor.children)
+        self.supervisor.stop([n for n in names if n != "nats"], timeout_s)
+        self.supervisor.stop(["nats"], timeout_s)
         self.home.platform_file.unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def wait(self) -> None:
-        """Block until Ctrl-C or until a process dies."""
+        """Keep every process running until Ctrl-C, SIGTERM or SIGHUP; restart what crashes, with backoff."""
         try:
-            while all(p.poll() is None for p in self.procs.values()):
-                time.sleep(0.5)
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            raise RuntimeError(f"{', '.join(dead)} stopped; see {self.home.logs}")
+            with stopping_signals():
+                while True:
+                    self.supervisor.watch()
+                    pids = self.supervisor.pids()
+                    self.home.platform_file.write_text(json.dumps({"nats_url": self.nats_url, "pid": os.getpid(),
+                                                                   "pids": pids}))
+                    time.sleep(0.5)
         finally:
             self.stop()
+
+
+class Stop(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: stop as Ctrl-C does."""
+
+
+@contextmanager
+def stopping_signals() -> Iterator[None]:
+    def stop(signum: int, _frame: object) -> None:
+        raise Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

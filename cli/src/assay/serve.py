@@ -17,7 +17,8 @@ def main(kind: str) -> None:
         from site_worker.containers import DockerRunner
         from site_worker.main import create_app
 
-        app = create_app(Settings(), DockerRunner(docker.from_env()))  # type: ignore[call-arg]
+        settings = Settings()  # type: ignore[call-arg]
+        app = create_app(settings, DockerRunner(docker.from_env(), worker=f"{settings.site_id}/{settings.worker_id}"))
     else:
         app = importlib.import_module(f"{kind}.main").create_app()
     asyncio.run(app.run())

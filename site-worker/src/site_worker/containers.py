@@ -90,6 +90,10 @@ class ContainerRunner(Protocol):
 
     def run(self, spec: RunSpec) -> RunOutcome: ...
 
+    def remove_leftovers(self) -> list[str]:
+        """Remove the containers a killed run of this worker left running; the ids removed."""
+        ...
+
 
 def require_image_id(spec: RunSpec) -> None:
     """Images run by digest only: a tag can be moved to other content between check and run."""
@@ -98,7 +102,7 @@ def require_image_id(spec: RunSpec) -> None:
         raise ContainerError(spec.image, spec.task, reason)
 
 
-def sandbox_kwargs(spec: RunSpec, user: str) -> dict[str, Any]:
+def sandbox_kwargs(spec: RunSpec, user: str, worker: str = "") -> dict[str, Any]:
     """The docker SDK `containers.create` arguments for one sandboxed run."""
     require_image_id(spec)
     env = dict(spec.env)
@@ -123,7 +127,7 @@ def sandbox_kwargs(spec: RunSpec, user: str) -> dict[str, Any]:
             DockerMount(target=m.target, source=str(m.source.absolute()), type="bind", read_only=not m.writable)
             for m in spec.mounts
         ],
-        "labels": {"assay.task": spec.task},
+        "labels": {"assay.task": spec.task, "assay.worker": worker},
     }
     if spec.gpus:
         kwargs["device_requests"] = [DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
@@ -140,10 +144,23 @@ def _parse_user(user: str) -> tuple[int, int]:
 class DockerRunner:
     """Runs a RunSpec on the local Docker engine, inside the sandbox, and always cleans up."""
 
-    def __init__(self, client: docker.DockerClient, user: str = "65534:65534") -> None:
+    def __init__(self, client: docker.DockerClient, user: str = "65534:65534", worker: str = "") -> None:
+        """`worker` labels its containers (`<site>/<worker id>`), so a restarted worker finds what it left running."""
         self._client = client
         self._user = user
         self._uid, self._gid = _parse_user(user)
+        self._worker = worker
+
+    def remove_leftovers(self) -> list[str]:
+        if not self._worker:
+            return []
+        leftovers = self._client.containers.list(all=True, filters={"label": f"assay.worker={self._worker}"})
+        for container in leftovers:
+            try:
+                container.remove(force=True)
+            except NotFound:
+                pass
+        return [container.id for container in leftovers]
 
     def image_id(self, ref: str) -> str | None:
         try:
@@ -161,7 +178,7 @@ class DockerRunner:
         self._hand_writable_mounts_to_user(spec.mounts)
         container = None
         try:
-            container = self._client.containers.create(**sandbox_kwargs(spec, self._user))
+            container = self._client.containers.create(**sandbox_kwargs(spec, self._user, self._worker))
             container.start()
             exit_code, timed_out = self._wait(container, spec.limits.timeout_s)
             container.reload()
@@ -237,6 +254,9 @@ class FakeRunner:
 
     def image_id(self, ref: str) -> str | None:
         return self._images.get(ref)
+
+    def remove_leftovers(self) -> list[str]:
+        return []
 
     def run(self, spec: RunSpec) -> RunOutcome:
         require_image_id(spec)

@@ -119,4 +119,12 @@ def create_app(settings: Settings, runner: ContainerRunner) -> FastStream:
     broker = NatsBroker(settings.nats_url, logger=None, context=context,
                         middlewares=nats_middlewares(f"site-worker-{settings.site_id}", settings.otlp_endpoint))
     context.set_global("site", Site(settings, key, runner, plan.declare(broker, units=None), plan.source))
-    return FastStream(broker)
+    app = FastStream(broker)
+
+    @app.on_startup
+    async def remove_leftovers() -> None:
+        """A worker killed mid-job leaves its container running: it goes before any new job starts."""
+        if removed := await asyncio.to_thread(runner.remove_leftovers):
+            log.warning("removed %d container(s) a killed run of this worker left running", len(removed))
+
+    return app
