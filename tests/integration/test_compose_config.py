@@ -86,7 +86,7 @@ def required_variables(name: str) -> set[str]:
 def platform_environment(tmp_path: Path) -> Platform:
     """`assay up`'s Platform, with the keys it reads: the source of truth for what each process needs."""
     home = Home(tmp_path / "home")
-    for name in ("operator", "scheduling", SITE):
+    for name in ("operator", *SERVICES, SITE):
         KeyPair.generate().save(home.key_file(name))
     return Platform(home, nats_url="nats://127.0.0.1:4222")
 
@@ -427,15 +427,16 @@ async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users
         docker_client: Any, tmp_path: Path) -> None:
     pg_hostport, _ = compose_databases
     keys = tmp_path / "keys"
-    for name in ("operator", "scheduling", SITE):
+    for name in ("operator", *SERVICES, SITE):
         KeyPair.generate().save(keys / f"{name}.key")
-    public = {name: (keys / f"{name}.pub").read_text().strip() for name in ("operator", "scheduling")}
-    central_env = {**dotenv, "ASSAY_OPERATOR_PUBLIC_KEY": public["operator"]}
+    public = {name: (keys / f"{name}.pub").read_text().strip() for name in ("operator", *SERVICES)}
+    central_env = {**dotenv, "ASSAY_OPERATOR_PUBLIC_KEY": public["operator"],
+                   "ASSAY_SERVICE_KEYS": json.dumps({name: public[name] for name in SERVICES})}
     site_env = {**env_file("site.env.example"), "ASSAY_CENTRAL_NATS": central_nats.hostport,
                 "ASSAY_SITE_NATS_PASSWORD": dotenv["NATS_SITE_HOSPITAL_A_PASSWORD"],
                 "ASSAY_SCHEDULER_PUBLIC_KEY": public["scheduling"], "ASSAY_SITE_KEY_FILE": str(keys / f"{SITE}.key"),
                 "ASSAY_SITE_DIR": str(tmp_path / "site"), "ASSAY_SITE_WORK_DIR": str(tmp_path / "work")}
-    secret_files = {"/run/secrets/scheduling_key": str(keys / "scheduling.key"),
+    secret_files = {**{f"/run/secrets/{name}_key": str(keys / f"{name}.key") for name in SERVICES},
                     "/run/secrets/site_key": str(keys / f"{SITE}.key")}
 
     def here(spec: dict[str, Any], env: dict[str, str]) -> dict[str, str]:

@@ -31,6 +31,7 @@ from contracts.signing import KeyPair, metrics_hash
 from contracts.streams import ensure_streams
 from leaderboard.config import Settings
 from leaderboard.main import create_app
+from tests.support.service import Actors
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
 
@@ -58,7 +59,8 @@ async def bus(nats_url: str) -> AsyncIterator[Bus]:
 
 @pytest.fixture
 async def leaderboard(bus: Bus, nats_url: str, tmp_path: Path) -> AsyncIterator[None]:
-    settings = Settings(nats_url=nats_url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'leaderboard.db'}")
+    settings = Settings(nats_url=nats_url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'leaderboard.db'}",
+                        **SERVICES.service_settings("leaderboard", tmp_path))
     async with TestApp(create_app(settings)):
         yield
 
@@ -75,7 +77,7 @@ class Bus:
 
     async def announce(self, payload: Payload) -> int:
         """Publish an event as its owning service does; returns its sequence in the EVENTS stream."""
-        envelope = Envelope.wrap(payload, source="service:test")
+        envelope = SERVICES.announce(payload)
         ack = await self.js.publish(EVENT_SUBJECTS[type(payload)], envelope.model_dump_json().encode(),
                                     headers={"Nats-Msg-Id": envelope.id})
         return ack.seq
@@ -130,6 +132,7 @@ class Bus:
 
 
 SITES = {"site-a": KeyPair.generate(), "site-b": KeyPair.generate()}
+SERVICES = Actors()  # the services' keys: the leaderboard checks who published each event
 IMAGE = ImageRef(digest=digest("1"), name="img")
 BENCHMARK = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=IMAGE, reference_model=IMAGE,
                           evaluator=IMAGE, metrics=(MetricSpec(name="auc"), MetricSpec(name="brier")),

@@ -10,6 +10,7 @@ from faststream.nats import NatsBroker
 from sqlmodel import select
 
 from contracts import messages as m
+from contracts.signing import KeyPair
 from service_kit.app import KIT_TABLES
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.outbox import OutboxMessage, Relay
@@ -44,7 +45,7 @@ async def stored_events(nats_url: str) -> int:
 
 async def test_an_event_committed_before_a_crash_is_published_by_the_next_relay(db: Database, nats_url: str) -> None:
     async with db.transaction() as session:
-        Transaction(session, WIRING).emit(EVENT)
+        Transaction(session, WIRING, KeyPair.generate()).emit(EVENT)
     # the process died here: committed, never published
     assert await stored_events(nats_url) == 0
     broker = NatsBroker(nats_url, logger=None)
@@ -57,7 +58,7 @@ async def test_an_event_committed_before_a_crash_is_published_by_the_next_relay(
 
 async def test_a_publish_repeated_after_a_crash_is_stored_once(db: Database, nats_url: str) -> None:
     async with db.transaction() as session:
-        Transaction(session, WIRING).emit(EVENT)
+        Transaction(session, WIRING, KeyPair.generate()).emit(EVENT)
     broker = NatsBroker(nats_url, logger=None)
     outbox = relay(db, broker)
     await broker.start()
@@ -74,7 +75,7 @@ async def test_a_publish_repeated_after_a_crash_is_stored_once(db: Database, nat
 async def test_a_rolled_back_change_stages_no_event(db: Database) -> None:
     with pytest.raises(RuntimeError):
         async with db.transaction() as session:
-            Transaction(session, WIRING).emit(EVENT)
+            Transaction(session, WIRING, KeyPair.generate()).emit(EVENT)
             raise RuntimeError("the state change failed")
     async with db.transaction() as session:
         assert (await session.exec(select(OutboxMessage))).all() == []
@@ -85,7 +86,7 @@ async def test_a_message_the_server_can_never_take_is_set_aside_and_the_rest_sti
     async with db.transaction() as session:
         session.add(OutboxMessage(message_id="too-big", subject="assay.v1.evt.benchmark.approved",
                                   body=b'{"x": "' + b"a" * (2 << 20) + b'"}'))  # 2 MiB: the server takes 1 MiB
-        Transaction(session, WIRING).emit(EVENT)
+        Transaction(session, WIRING, KeyPair.generate()).emit(EVENT)
     put_aside: list[tuple[str, str]] = []
 
     async def note(row: OutboxMessage, reason: str) -> None:

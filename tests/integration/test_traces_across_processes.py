@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from tests.unit.test_tracing import finished, traced_broker
 
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[str]:
     """A bare nats-server on a random loopback port; its log says when it is ready."""
@@ -37,6 +38,7 @@ def nats_server(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
 
 async def test_one_trace_follows_a_message_from_a_client_through_a_service_to_a_site_worker(nats_server: str) -> None:
     spans = InMemorySpanExporter()
@@ -68,8 +70,10 @@ async def test_one_trace_follows_a_message_from_a_client_through_a_service_to_a_
     producers = {s.resource.attributes["service.name"] for s in recorded if s.kind is SpanKind.PRODUCER}
     assert (producers, consumers) == ({"client", "scheduling"}, {"scheduling", "site-worker-hospital-a"})
 
+
 async def test_an_event_relayed_from_the_outbox_continues_the_trace_that_staged_it(nats_url: str, tmp_path: Path) -> None:
     from contracts import messages as m
+    from contracts.signing import KeyPair
     from service_kit.app import KIT_TABLES
     from service_kit.db import Database, create_tables, make_engine
     from service_kit.outbox import Relay
@@ -91,7 +95,8 @@ async def test_an_event_relayed_from_the_outbox_continues_the_trace_that_staged_
     await create_tables(db.engine, KIT_TABLES)
     with relay_provider.get_tracer("test").start_as_current_span("approve benchmark") as command:
         async with db.transaction() as session:
-            Transaction(session, wiring).emit(m.BenchmarkApproved(benchmark_id="b", approved_by="operator"))
+            Transaction(session, wiring, KeyPair.generate()).emit(
+                m.BenchmarkApproved(benchmark_id="b", approved_by="operator"))
     relay = Relay(db, wiring.declare(relay_broker, units=None).publish)
     await consumer_broker.start()
     await relay_broker.start()

@@ -30,38 +30,37 @@ def create(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> Fas
         from registry.config import Settings as RegistrySettings
         from registry.main import create_app as registry
 
-        return registry(RegistrySettings(database_url=database(tmp_path, name),
+        return registry(RegistrySettings(database_url=database(tmp_path, name), **actors.service_settings(name, tmp_path),
                                          operator_public_key=actors.key("operator").public_key))
     if name == "approval":
         from approval.config import Settings as ApprovalSettings
         from approval.main import create_app as approval
 
-        return approval(ApprovalSettings(database_url=database(tmp_path, name)))
+        return approval(ApprovalSettings(database_url=database(tmp_path, name), **actors.service_settings(name, tmp_path)))
     if name == "scheduling":
         from scheduling.config import Settings as SchedulingSettings
         from scheduling.main import create_app as scheduling
 
-        actors.key("scheduling").save(tmp_path / "scheduling.key")
         return scheduling(SchedulingSettings(database_url=database(tmp_path, name),
-                                             key_file=tmp_path / "scheduling.key"))
+                                             **actors.service_settings(name, tmp_path)))
     if name == "leaderboard":
         from leaderboard.config import Settings as LeaderboardSettings
         from leaderboard.main import create_app as leaderboard
 
-        return leaderboard(LeaderboardSettings(database_url=database(tmp_path, name)))
+        return leaderboard(LeaderboardSettings(database_url=database(tmp_path, name),
+                                               **actors.service_settings(name, tmp_path)))
     assert name == "site", name
     from site_worker.config import Settings as SiteSettings
     from site_worker.main import create_app as site
 
-    actors.key("site-a").save(tmp_path / "site-a.key")
-    return site(SiteSettings(site_id="site-a", key_file=tmp_path / "site-a.key",
+    return site(SiteSettings(site_id="site-a", key_file=actors.save("site-a", tmp_path),
                              scheduler_public_key=actors.key("scheduling").public_key,
                              datasets_file=tmp_path / "datasets.json", work_dir=tmp_path / "jobs"), runner)
 
 
 @asynccontextmanager
 async def started(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-    async with running(create(name, tmp_path, actors, runner)) as harness:
+    async with running(create(name, tmp_path, actors, runner), actors) as harness:
         yield harness
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from contracts import messages as m
 from contracts import subjects
+from contracts.catalog import EVENT_PUBLISHERS
 from contracts.envelope import Envelope
 from contracts.signing import metrics_hash
 from scheduling.domain import job_id
@@ -38,8 +39,8 @@ def job(dataset_hash: str = DATASET_HASH) -> m.JobSpec:
         dataset_hash=dataset_hash, case_count=2))
 
 
-def event(payload: m.Payload, source: str = "service:registry") -> Envelope[Any]:
-    return Envelope.wrap(payload, source=source)
+def event(payload: m.Payload) -> Envelope[Any]:
+    return Envelope.wrap(payload, source="unsigned")  # Case.build signs it as its publishing service does
 
 
 def result(actors: Actors) -> Envelope[m.SiteResult]:
@@ -76,13 +77,13 @@ async def all_but_the_dataset_approval(app: Harness, actors: Actors) -> None:
 async def a_planned_job(app: Harness, actors: Actors) -> None:
     await all_but_the_dataset_approval(app, actors)
     await app.learn(m.AssociationApproved(benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a",
-                                          approved_by="owner"), source="service:approval")
+                                          approved_by="owner"))
 
 
 async def leaderboard_world(app: Harness, actors: Actors) -> None:
     await app.learn(actors.registered("site-a", m.Role.SITE))
     await app.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))
-    await app.learn(m.JobScheduled(job=job()), source="service:scheduling")
+    await app.learn(m.JobScheduled(job=job()))
 
 
 def site_folder(app: Harness) -> Path:
@@ -107,6 +108,11 @@ class Case:
     message: Callable[[Harness, Actors], Envelope[Any]]
     waits_without_world: bool = False                      # it refers to the world: NotYetKnown until it is known
 
+    def build(self, app: Harness, actors: Actors) -> Envelope[Any]:
+        """The message, an event signed by the service that publishes it."""
+        envelope = self.message(app, actors)
+        return actors.announce(envelope.data) if type(envelope.data) in EVENT_PUBLISHERS else envelope
+
 
 CASES: dict[tuple[str, str], Case] = {
     ("registry", "registry-benchmark-approved"): Case(
@@ -123,23 +129,22 @@ CASES: dict[tuple[str, str], Case] = {
         nothing, lambda a, x: event(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))),
     ("scheduling", "scheduling-benchmark-approved"): Case(
         lambda a, x: a.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC)),
-        lambda a, x: event(m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"), "service:approval"), True),
+        lambda a, x: event(m.BenchmarkApproved(benchmark_id="bm", approved_by="operator")), True),
     ("scheduling", "scheduling-model-registered"): Case(nothing, lambda a, x: event(m.ModelRegistered(
         model_id="model-1", owner_id="vendor", name="m", image=m.ImageRef(digest=MODEL, name="m")))),
     ("scheduling", "scheduling-dataset-registered"): Case(nothing, lambda a, x: event(m.DatasetRegistered(
         dataset_id="ds-a", site_id="site-a", benchmark_id="bm", name="ds", content_hash=DATASET_HASH, case_count=2,
         statistics={}))),
     ("scheduling", "scheduling-association-approved"): Case(all_but_the_dataset_approval, lambda a, x: event(
-        m.AssociationApproved(benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a", approved_by="owner"),
-        "service:approval")),
+        m.AssociationApproved(benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a", approved_by="owner"))),
     ("scheduling", "scheduling-result-accepted"): Case(a_planned_job, lambda a, x: event(m.ResultAccepted(
         job_id=job_id("bm", MODEL, EVALUATOR, DATASET_HASH, "model-1", "ds-a"), site_id="site-a",
-        binding=job().binding, metrics={"auc": 0.9}), "service:leaderboard")),
+        binding=job().binding, metrics={"auc": 0.9}))),
     ("leaderboard", "leaderboard-actor-registered"): Case(nothing, lambda a, x: event(x.registered("site-a", m.Role.SITE))),
     ("leaderboard", "leaderboard-benchmark-registered"): Case(
         nothing, lambda a, x: event(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))),
     ("leaderboard", "leaderboard-job-scheduled"): Case(
-        nothing, lambda a, x: event(m.JobScheduled(job=job()), "service:scheduling")),
+        nothing, lambda a, x: event(m.JobScheduled(job=job()))),
     ("leaderboard", "leaderboard-results"): Case(leaderboard_world, lambda a, x: result(x), True),
     ("site", "site-site-a-jobs"): Case(prepared_site, signed_job),
 }
@@ -179,7 +184,7 @@ def each(cases: dict[tuple[str, str], Case]) -> pytest.MarkDecorator:
 async def test_a_message_delivered_twice_acts_once(app, actors, durable):
     case = BY_DURABLE[durable]
     await case.world(app, actors)
-    message = case.message(app, actors)
+    message = case.build(app, actors)
     before = await effects(app)
     await app.deliver(subject_of(durable), message)
     once = await effects(app)
@@ -200,7 +205,7 @@ async def test_a_message_delivered_twice_acts_once(app, actors, durable):
 async def test_a_malformed_message_is_dead_lettered_at_once_and_changes_nothing(app, actors, durable):
     case = BY_DURABLE[durable]
     await case.world(app, actors)
-    raw = case.message(app, actors).model_dump(mode="json")
+    raw = case.build(app, actors).model_dump(mode="json")
     first = next(iter(raw["data"]))
     raw["data"][first] = {"not": "this"}
     before = await stored(app)
@@ -209,7 +214,7 @@ async def test_a_malformed_message_is_dead_lettered_at_once_and_changes_nothing(
 
     [letter] = app.dead_letters()
     assert (letter.consumer, letter.message_id, letter.deliveries) == (durable, "malformed-1", 1)
-    assert letter.error.startswith(f"invalid {type(case.message(app, actors).data).__name__}: data.{first}")
+    assert letter.error.startswith(f"invalid {type(case.build(app, actors).data).__name__}: data.{first}")
     assert await stored(app) == before
 
 
@@ -222,13 +227,13 @@ async def test_a_message_about_what_is_not_known_yet_changes_nothing_and_comes_a
     before = await stored(app)
 
     with caplog.at_level(logging.WARNING, logger="service_kit.edge"):
-        await app.deliver(subject_of(durable), case.message(app, actors))
+        await app.deliver(subject_of(durable), case.build(app, actors))
 
     assert f"{durable}: " in caplog.text and "will be delivered again" in caplog.text
     assert await stored(app) == before and app.dead_letters() == []
     await case.world(app, actors)
     known = await effects(app)
-    await app.deliver(subject_of(durable), case.message(app, actors), attempt=2)
+    await app.deliver(subject_of(durable), case.build(app, actors), attempt=2)
     assert await effects(app) != known, "once what it refers to is known, the message acts"
 
 
@@ -243,3 +248,27 @@ async def stored(app: Harness) -> Any:
         return await app.stored()
     work = site_folder(app) / "jobs"
     return sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.exists() else []
+
+
+EVENTS = {key: case for key, case in CASES.items() if key[1] not in ("leaderboard-results", "site-site-a-jobs")}
+
+
+@pytest.mark.parametrize("forger", ["nobody", "an actor", "another service"])
+@each(EVENTS)
+async def test_an_event_not_signed_by_its_publishing_service_is_dead_lettered_and_never_applied(
+        app, actors, durable, forger):
+    case = BY_DURABLE[durable]
+    await case.world(app, actors)
+    genuine = case.build(app, actors)
+    publisher = EVENT_PUBLISHERS[type(genuine.data)]
+    unsigned = genuine.model_copy(update={"signature": None})
+    forged = {"nobody": unsigned, "an actor": actors.key("mallory").sign(unsigned),
+              "another service": actors.key("leaderboard" if publisher != "leaderboard" else "registry").sign(unsigned)}
+    before = await effects(app)
+
+    await app.deliver(subject_of(durable), forged[forger], msg_id="forged-1")
+
+    [letter] = app.dead_letters()
+    assert (letter.message_id, letter.deliveries) == ("forged-1", 1)
+    assert letter.error.startswith(f"a {type(genuine.data).__name__} must be signed by {publisher}: ")
+    assert await effects(app) == (before[0], before[1] + 1)  # the dead letter is all it sent

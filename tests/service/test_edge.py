@@ -26,7 +26,7 @@ from service_kit.app import ServiceSettings, service_app
 from service_kit.edge import Conflict, Delivery, DeliveryInfo, NotYetKnown, Refused, Retry
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import UnitOfWork
-from tests.support.service import Harness, running
+from tests.support.service import Actors, Harness, running
 
 SUBJECT = EVENT_SUBJECTS[m.BenchmarkApproved]
 
@@ -90,15 +90,21 @@ def probe() -> Probe:
     return Probe()
 
 
+ACTORS = Actors()  # the services' keys, the probe's included
+
+
 @pytest.fixture
 async def service(tmp_path: Path, probe: Probe) -> AsyncIterator[Harness]:
-    settings = ServiceSettings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'probe.db'}")
-    async with running(service_app(WIRING, settings, [ProbeRow.__table__], context={"probe": probe})) as harness:
+    settings = ServiceSettings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'probe.db'}",
+                               **ACTORS.service_settings("probe", tmp_path))
+    app = service_app(WIRING, settings, [ProbeRow.__table__], context={"probe": probe})
+    async with running(app, ACTORS) as harness:
         yield harness
 
 
 def approved(benchmark_id: str = "b1") -> Envelope[m.BenchmarkApproved]:
-    return Envelope.wrap(m.BenchmarkApproved(benchmark_id=benchmark_id, approved_by="operator"), source="x")
+    """An approval as the approval service announces it."""
+    return ACTORS.announce(m.BenchmarkApproved(benchmark_id=benchmark_id, approved_by="operator"))
 
 
 async def rows(service: Harness) -> list[tuple[object, ...]]:
@@ -196,8 +202,8 @@ async def test_a_delivery_past_the_last_attempt_is_dead_lettered_without_running
 
 
 async def test_staging_on_a_subject_the_service_does_not_declare_fails_and_changes_nothing(service):
-    await service.deliver(EVENT_SUBJECTS[m.ModelRegistered], Envelope.wrap(m.ModelRegistered(
-        model_id="m", owner_id="o", name="m", image=m.ImageRef(digest="sha256:" + "1" * 64, name="m")), source="x"),
+    await service.deliver(EVENT_SUBJECTS[m.ModelRegistered], ACTORS.announce(m.ModelRegistered(
+        model_id="m", owner_id="o", name="m", image=m.ImageRef(digest="sha256:" + "1" * 64, name="m"))),
         attempt=RETRY.failures)
 
     [letter] = service.dead_letters()

@@ -52,7 +52,7 @@ async def learn_world(leaderboard: Harness, actors: Actors, *, sites: bool = Tru
         await leaderboard.learn(actors.registered(site_id, Role.SITE))
     await leaderboard.learn(BenchmarkRegistered(owner_id="owner", benchmark=BENCHMARK))
     for planned in JOBS.values() if jobs else ():
-        await leaderboard.learn(JobScheduled(job=planned), source="service:scheduling")
+        await leaderboard.learn(JobScheduled(job=planned))
 
 
 async def send(leaderboard: Harness, result: Envelope[SiteResult], *, site_id: str | None = None) -> None:

@@ -61,7 +61,7 @@ async def test_an_approved_benchmark_is_in_operation(registry, actors):
     await enrol(registry, actors, "owner", m.Role.BENCHMARK_OWNER)
     await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
 
-    await registry.learn(m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"), source="service:approval")
+    await registry.learn(m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"))
 
     details = await registry.ask(actors.sign("x", m.GetBenchmark(benchmark_id="bm")))
     assert details["status"] == "OPERATION"

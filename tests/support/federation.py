@@ -19,6 +19,7 @@ from faststream import FastStream
 
 from assay.client import request
 from contracts import messages as m
+from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from site_worker.config import Settings as SiteSettings
 from site_worker.containers import FakeRunner, RunSpec
@@ -81,12 +82,16 @@ class Federation:
         from scheduling.config import Settings as SchedulingSettings
         from scheduling.main import create_app as scheduling
 
-        self.key("scheduling")
-        common = lambda name: {"nats_url": self.nats_url, "database_url": self.database_url(name)}  # noqa: E731
+        keys = {service: self.key(service).public_key for service in SERVICES}
+
+        def common(name: str) -> dict[str, Any]:
+            return {"nats_url": self.nats_url, "database_url": self.database_url(name),
+                    "key_file": self.root / "keys" / f"{name}.key", "service_keys": keys}
+
         self.apps += [
             registry(RegistrySettings(**common("registry"), operator_public_key=self.key("operator").public_key)),
             approval(ApprovalSettings(**common("approval"))),
-            scheduling(SchedulingSettings(**common("scheduling"), key_file=self.root / "keys" / "scheduling.key")),
+            scheduling(SchedulingSettings(**common("scheduling"))),
             leaderboard(LeaderboardSettings(**common("leaderboard"))),
         ]
         for app in self.apps:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from faststream import FastStream, TestApp
@@ -19,7 +20,7 @@ from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from contracts import subjects
-from contracts.catalog import EVENT_SUBJECTS, REQUEST_SUBJECTS
+from contracts.catalog import EVENT_PUBLISHERS, EVENT_SUBJECTS, REQUEST_SUBJECTS, SERVICES
 from contracts.envelope import Envelope, Payload
 from contracts.messages import ActorRegistered, DeadLetter, Role
 from contracts.signing import KeyPair
@@ -43,11 +44,29 @@ class Actors:
     def sign(self, name: str, payload: Payload) -> Envelope[Any]:
         return self.key(name).sign(Envelope.wrap(payload, source=f"actor:{name}"))
 
+    def announce(self, payload: Payload) -> Envelope[Any]:
+        """An event as the one service that publishes it signs it."""
+        service = EVENT_PUBLISHERS[type(payload)]
+        return self.key(service).sign(Envelope.wrap(payload, source=f"service:{service}"))
+
+    def save(self, name: str, folder: Path) -> Path:
+        """The key of `name` as a file, as a service or site is given it."""
+        path = folder / f"{name}.key"
+        if not path.exists():
+            self.key(name).save(path)
+        return path
+
+    def service_settings(self, name: str, folder: Path) -> dict[str, Any]:
+        """What every service is configured with: its own key, and every service's public key."""
+        return {"key_file": self.save(name, folder),
+                "service_keys": {service: self.key(service).public_key for service in SERVICES}}
+
 
 @dataclass
 class Harness:
     app: FastStream
     broker: NatsBroker
+    actors: Actors
 
     async def deliver(self, subject: str, message: Envelope[Any] | bytes, *, msg_id: str | None = None,
                       attempt: int = 1) -> None:
@@ -59,9 +78,9 @@ class Harness:
                                   headers={"Nats-Msg-Id": msg_id or str(uuid.uuid4())})
         await self.settle()
 
-    async def learn(self, payload: Payload, *, source: str = "service:registry") -> Envelope[Any]:
-        """Deliver an event as its owning service publishes it."""
-        envelope = Envelope.wrap(payload, source=source)
+    async def learn(self, payload: Payload) -> Envelope[Any]:
+        """Deliver an event as the service that owns it publishes it: signed with its key."""
+        envelope = self.actors.announce(payload)
         await self.deliver(EVENT_SUBJECTS[type(payload)], envelope)
         return envelope
 
@@ -113,9 +132,9 @@ class Harness:
 
 
 @asynccontextmanager
-async def running(app: FastStream) -> AsyncIterator[Harness]:
+async def running(app: FastStream, actors: Actors) -> AsyncIterator[Harness]:
     """The app started under the test broker: its tables made, its start hooks run, its relay going."""
     async with TestNatsBroker(app.broker, connect_only=True) as broker, TestApp(app):
-        harness = Harness(app, broker)
+        harness = Harness(app, broker, actors)
         await harness.settle()
         yield harness

@@ -50,3 +50,14 @@ def test_a_site_result_travels_on_its_sites_subject_to_the_leaderboard() -> None
     assert site["address"] == "assay.v1.results.{site_id}" and "site_id" in site["parameters"]
     jobs = channels["site-{site_id}-jobs"]
     assert jobs["address"] == "assay.v1.jobs.{site_id}" and payload_of(doc, jobs) == "Envelope[JobSpec]"
+
+
+def test_each_service_declares_exactly_the_events_the_contracts_say_it_publishes() -> None:
+    import importlib
+
+    from contracts.catalog import EVENT_PUBLISHERS, SERVICES
+
+    for service in SERVICES:
+        wiring = importlib.import_module(f"{service}.handlers").WIRING
+        declared = {outlet.payload for outlet in wiring.publishes if outlet.subject in EVENT_SUBJECTS.values()}
+        assert declared == {event for event, publisher in EVENT_PUBLISHERS.items() if publisher == service}, service

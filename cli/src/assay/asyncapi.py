@@ -17,10 +17,9 @@ from pydantic.json_schema import models_json_schema
 
 from contracts import messages as m
 from contracts import subjects
-from contracts.catalog import REPLY_TYPES, REQUEST_SUBJECTS
+from contracts.catalog import REPLY_TYPES, REQUEST_SUBJECTS, SERVICES
 
 DOCUMENT = Path(__file__).resolve().parents[3] / "contracts" / "asyncapi" / "assay.json"
-SERVICES = ("registry", "approval", "scheduling", "leaderboard")
 DESCRIPTION = """Assay on NATS JetStream. Every message is a CloudEvents-named envelope whose `data` is the typed
 payload. Commands and queries are request/reply on `assay.v1.cmd.<service>.<verb>`, signed by the acting actor.
 Events (`assay.v1.evt.<entity>.<fact>`, stream EVENTS), jobs (`assay.v1.jobs.<site_id>`, stream JOBS, signed by the

@@ -255,14 +255,16 @@ def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")]) -
 
 @app.command()
 def up() -> None:
-    """Start the platform on this machine (nats-server, services, site workers); Ctrl-C stops it."""
-    from assay.platform import Platform
+    """Start the platform on this machine (nats-server, services, site workers); Ctrl-C, SIGTERM or SIGHUP stop it."""
+    from assay.platform import Platform, stopping_signals
 
     platform = Platform(_home(), on_step=lambda s: console.print(f"[dim]·[/dim] {s}"))
-    platform.start()
-    console.print(f"[green]Assay is up[/green] on {platform.nats_url}; logs in {_home().logs}. Ctrl-C stops it.")
     try:
-        platform.wait()
+        with stopping_signals():  # from the first moment: a signal while it starts stops it cleanly too
+            platform.start()
+            console.print(f"[green]Assay is up[/green] on {platform.nats_url}; logs in {_home().logs}. "
+                          "Ctrl-C stops it.")
+            platform.wait()
     except KeyboardInterrupt:
         console.print("stopping...")
 

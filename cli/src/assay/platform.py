@@ -26,8 +26,7 @@ from pydantic_settings import BaseSettings
 
 from assay.home import Home
 from assay.supervisor import Supervisor, reap
-
-SERVICES = ("registry", "approval", "scheduling", "leaderboard")
+from contracts.catalog import SERVICES
 
 
 def settings_env(settings: type[BaseSettings], **values: object) -> dict[str, str]:
@@ -36,7 +35,8 @@ def settings_env(settings: type[BaseSettings], **values: object) -> dict[str, st
     if unknown:
         raise KeyError(f"{settings.__module__}.{settings.__name__} has no setting {unknown}")
     prefix = settings.model_config.get("env_prefix", "")
-    return {f"{prefix}{name}".upper(): str(value) for name, value in values.items()}
+    return {f"{prefix}{name}".upper(): json.dumps(value) if isinstance(value, dict) else str(value)
+            for name, value in values.items()}
 
 
 def nats_server_binary() -> str:
@@ -115,11 +115,11 @@ class Platform:
 
     def service_settings(self, name: str) -> tuple[type[BaseSettings], dict[str, object]]:
         values: dict[str, object] = {"nats_url": self.nats_url,
-                                     "database_url": f"sqlite+aiosqlite:///{self.home.root / 'services' / name}.db"}
+                                     "database_url": f"sqlite+aiosqlite:///{self.home.root / 'services' / name}.db",
+                                     "key_file": self.home.key_file(name),
+                                     "service_keys": {service: self.home.public_key(service) for service in SERVICES}}
         if name == "registry":
             values["operator_public_key"] = self.home.public_key("operator")
-        if name == "scheduling":
-            values["key_file"] = self.home.key_file("scheduling")
         return importlib.import_module(f"{name}.config").Settings, values
 
     def service_env(self, name: str) -> dict[str, str]:
@@ -186,8 +186,9 @@ class Platform:
         self._take_the_folder()
         (self.home.root / "services").mkdir(parents=True, exist_ok=True)
         try:
-            if not self.home.key_file("scheduling").exists():
-                KeyPair.generate().save(self.home.key_file("scheduling"))
+            for service in SERVICES:  # each signs what it publishes; the scheduler's key also signs every job
+                if not self.home.key_file(service).exists():
+                    KeyPair.generate().save(self.home.key_file(service))
             self.home.public_key("operator")  # fails early, with the command to fix it
             self.start_nats()
             self.on_step(f"nats-server on {self.nats_url} (JetStream in {self.home.root / 'nats'})")
@@ -195,9 +196,16 @@ class Platform:
         except BaseException:
             self.stop()
             raise
-        self.home.platform_file.write_text(json.dumps({"nats_url": self.nats_url, "pid": os.getpid(),
-                                                       "pids": self.supervisor.pids()}))
+        self._record()
         return self.nats_url
+
+    def _record(self) -> None:
+        """platform.json: where the bus is, and which processes run (for the CLI, and for a platform started after
+        this one was killed); replaced whole, so a reader never sees it half written."""
+        state = {"nats_url": self.nats_url, "pid": os.getpid(), "pids": self.supervisor.pids()}
+        partial = self.home.platform_file.with_suffix(".json.partial")
+        partial.write_text(json.dumps(state))
+        partial.replace(self.home.platform_file)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the workers and services (they drain and close), then the bus; SIGKILL what hangs."""
@@ -213,11 +221,12 @@ class Platform:
         """Keep every process running until Ctrl-C, SIGTERM or SIGHUP; restart what crashes, with backoff."""
         try:
             with stopping_signals():
+                recorded = self.supervisor.pids()
                 while True:
                     self.supervisor.watch()
-                    pids = self.supervisor.pids()
-                    self.home.platform_file.write_text(json.dumps({"nats_url": self.nats_url, "pid": os.getpid(),
-                                                                   "pids": pids}))
+                    if (running := self.supervisor.pids()) != recorded:
+                        self._record()
+                        recorded = running
                     time.sleep(0.5)
         finally:
             self.stop()

@@ -20,6 +20,15 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.LeaderboardUpdated: evt("leaderboard", "updated"),
 }
 
+# the one service that may publish each event: every consumer checks the event is signed by its key
+SERVICES = ("registry", "approval", "scheduling", "leaderboard")
+EVENT_PUBLISHERS: dict[type[Payload], str] = {
+    m.ActorRegistered: "registry", m.BenchmarkRegistered: "registry", m.ModelRegistered: "registry",
+    m.DatasetRegistered: "registry", m.BenchmarkApproved: "approval", m.AssociationRequested: "approval",
+    m.AssociationApproved: "approval", m.JobScheduled: "scheduling", m.ResultAccepted: "leaderboard",
+    m.ResultRejected: "leaderboard", m.LeaderboardUpdated: "leaderboard",
+}
+
 # commands change state; queries only read. Both are request/reply on assay.v1.cmd.<service>.<verb>.
 COMMAND_SUBJECTS: dict[type[Payload], str] = {
     m.RegisterActor: cmd("registry", "register_actor"),

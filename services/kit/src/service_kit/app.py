@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from assay_telemetry import nats_middlewares
+from contracts.catalog import SERVICES
+from contracts.signing import KeyPair
 from faststream import FastStream
 from faststream.context import ContextRepo
 from faststream.nats import NatsBroker
 from pydantic_settings import BaseSettings
 
-from assay_telemetry import nats_middlewares
 from service_kit.actors import KnownActor
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.inbox import ProcessedMessage
 from service_kit.outbox import OutboxMessage, Relay
+from service_kit.trust import Trust
 from service_kit.wiring import Wiring
 from service_kit.work import Units
 
@@ -27,6 +31,18 @@ class ServiceSettings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = "sqlite+aiosqlite:///assay-service.db"
     otlp_endpoint: str | None = None
+    key_file: Path | None = None  # the service's Ed25519 key: it signs every event it publishes
+    service_keys: dict[str, str] = {}  # every service's public key, by name: who may have published each event
+
+    def signer_and_trust(self) -> tuple[KeyPair, Trust]:
+        """The service's key and the keys it checks events with; ValueError naming the setting that is missing."""
+        prefix = str(self.model_config.get("env_prefix", ""))
+        if self.key_file is None:
+            raise ValueError(f"{prefix}KEY_FILE is not set: every service signs the events it publishes")
+        if missing := sorted(set(SERVICES) - set(self.service_keys)):
+            raise ValueError(f"{prefix}SERVICE_KEYS misses the public key of {missing}: a JSON object "
+                             f"{{service: public key}} for each of {list(SERVICES)}")
+        return KeyPair.load(self.key_file), Trust(self.service_keys)
 
 
 class ServiceApp(FastStream):
@@ -35,23 +51,26 @@ class ServiceApp(FastStream):
     db: Database
     relay: Relay
     wiring: Wiring
+    units: Units
 
 
 def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
                 context: Mapping[str, Any] | None = None,
-                on_start: Callable[[Database], Awaitable[None]] | None = None) -> ServiceApp:
-    """`context` holds what handlers ask for by name (a signing key, say); `on_start` runs once the tables exist."""
+                on_start: Callable[[Units], Awaitable[None]] | None = None) -> ServiceApp:
+    """`context` holds what handlers ask for by name (the job terms, say); `on_start` runs once the tables exist."""
+    signer, trust = settings.signer_and_trust()
     broker = NatsBroker(settings.nats_url, middlewares=nats_middlewares(wiring.owner, settings.otlp_endpoint),
                         logger=None, context=ContextRepo(dict(context or {})))
     db = Database(make_engine(settings.database_url))
-    outlets = wiring.declare(broker, Units(db, wiring))
+    units = Units(db, wiring, signer)
+    outlets = wiring.declare(broker, units, trust)
 
     async def set_aside(row: OutboxMessage, reason: str) -> None:
         await outlets.dead_letter(wiring.outbox_consumer, row.subject, row.message_id, 1, reason)
 
     relay = Relay(db, outlets.publish, set_aside=set_aside)
     app = ServiceApp(broker)
-    app.db, app.relay, app.wiring = db, relay, wiring
+    app.db, app.relay, app.wiring, app.units = db, relay, wiring, units
     tasks: list[asyncio.Task[None]] = []
 
     @app.on_startup
@@ -61,7 +80,7 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
     @app.after_startup
     async def start_relay() -> None:
         if on_start is not None:
-            await on_start(db)
+            await on_start(units)
         tasks.append(asyncio.create_task(relay.run(), name=f"{wiring.owner}-outbox-relay"))
 
     @app.on_shutdown

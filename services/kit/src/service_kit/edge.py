@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol
 
+from contracts.envelope import Envelope, Payload, describe, utcnow
+from contracts.messages import CommandReply
 from faststream import BaseMiddleware, Depends
 from faststream.exceptions import NackMessage
 from faststream.message import StreamMessage
 from faststream.nats.annotations import NatsMessage
 from nats.errors import NotJSMessageError
 from pydantic import ValidationError
-
-from contracts.envelope import Envelope, Payload, describe, utcnow
-from contracts.messages import CommandReply
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,12 @@ class Transactions(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Inbox]: ...
 
 
+class Checks(Protocol):
+    """Who may have sent a message (`service_kit.trust.Trust`): Refused when it is not who it must be."""
+
+    def check(self, envelope: Envelope[Payload]) -> None: ...
+
+
 class DeadLetters(Protocol):
     """Where what a consumer gives up on goes: `assay.v1.dlq.<consumer>`, with the reason."""
 
@@ -136,6 +141,7 @@ class Edge:
     units: Transactions | None
     retry: Retry
     letters: DeadLetters
+    trust: Checks | None = None
 
     def __call__(self, msg: Any, /, *, context: Any) -> BaseMiddleware:
         return _Scope(msg, context=context, edge=self)
@@ -160,10 +166,12 @@ class Edge:
             return await self.dead_letter(delivery, f"delivered {delivery.attempt} times, more than the "
                                           f"{self.retry.attempts} attempts allowed: a process stopped during the last")
         try:
-            self.route.expect(msg.body)
+            envelope = self.route.expect(msg.body)
         except ValidationError as exc:
             return await self.dead_letter(delivery, f"invalid {name}: {describe(exc)}")
         try:
+            if self.trust is not None:
+                self.trust.check(envelope)  # before anything changes: a forged event is never applied
             await self.run(call_next, msg, context)
         except Refused as exc:
             await self.dead_letter(delivery, str(exc))

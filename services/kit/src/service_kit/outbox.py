@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from collections.abc import Awaitable, Callable
+from contracts.envelope import Envelope, Payload, utcnow
 from nats.errors import MaxPayloadError
 from nats.js.errors import BadRequestError
 from opentelemetry import context as otel_context
@@ -16,8 +17,6 @@ from opentelemetry import propagate
 from sqlalchemy import update
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
-
-from contracts.envelope import Envelope, Payload, utcnow
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=Payload)

@@ -14,16 +14,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS, REQUEST_SUBJECTS
+from contracts.envelope import Envelope, Payload
+from contracts.messages import DeadLetter
+from contracts.streams import PUBLISH_TIMEOUT_S
 from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsRouter, PullSub
 from faststream.nats.publisher.usecase import LogicPublisher
 
 from contracts import subjects
-from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS, REQUEST_SUBJECTS
-from contracts.envelope import Envelope, Payload
-from contracts.messages import DeadLetter
-from contracts.streams import PUBLISH_TIMEOUT_S
-from service_kit.edge import Edge, Retry, Route, Transactions
+from service_kit.edge import Checks, Edge, Retry, Route, Transactions
 
 Handler = Callable[..., Awaitable[Any]]
 ACK_WAIT_S = 30.0
@@ -133,8 +133,10 @@ class Wiring:
         if not any(subjects.matches(outlet.subject, subject) for outlet in self.publishes):
             raise undeclared(self.owner, subject)
 
-    def declare(self, broker: NatsBroker, units: Transactions | None) -> Outlets:
-        """A subscriber for each consumer and request, each behind its own Edge, and the declared publishers."""
+    def declare(self, broker: NatsBroker, units: Transactions | None, trust: Checks | None = None) -> Outlets:
+        """A subscriber for each consumer and request, each behind its own Edge, and the declared publishers.
+        `trust` checks who signed each event a consumer gets (none at a site, which trusts only the scheduler's
+        signature on its jobs)."""
         addresses = [c.address for c in self.consumers] + [REQUEST_SUBJECTS[r.payload] for r in self.requests]
         if len(set(addresses)) != len(addresses):
             raise ValueError(f"{self.owner} subscribes to a subject twice; one subject, one handler: {addresses}")
@@ -146,7 +148,7 @@ class Wiring:
         outlets = Outlets(self.owner, self.source, publishers)
         for consumer, name in zip(self.consumers, letters, strict=True):
             self._subscribe(
-                broker, Edge(Route(name, consumer.payload), units, self.retry, outlets),
+                broker, Edge(Route(name, consumer.payload), units, self.retry, outlets, trust),
                 consumer.address, consumer.handle, stream=JStream(subjects.stream_of(consumer.address), declare=False),
                 durable=name, title=name, pull_sub=PullSub(batch_size=consumer.batch, timeout=1.0),
                 config=ConsumerConfig(max_deliver=self.retry.max_deliver, ack_wait=consumer.ack_wait_s),

@@ -7,16 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 
+from contracts.catalog import EVENT_SUBJECTS
+from contracts.envelope import Envelope, Payload
+from contracts.signing import KeyPair
 from faststream import Context
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from contracts.catalog import EVENT_SUBJECTS
-from contracts.envelope import Envelope, Payload
 from service_kit.db import Database
 from service_kit.inbox import first_time, seen
 from service_kit.outbox import stage
 from service_kit.wiring import Wiring
-
 
 P = TypeVar("P", bound=Payload)
 
@@ -24,9 +24,10 @@ P = TypeVar("P", bound=Payload)
 class Transaction:
     """One message's unit of work: what `session` changes and what `emit` and `send` stage commit together."""
 
-    def __init__(self, session: AsyncSession, wiring: Wiring) -> None:
+    def __init__(self, session: AsyncSession, wiring: Wiring, signer: KeyPair) -> None:
         self.session = session
         self._wiring = wiring
+        self._signer = signer
 
     async def first_time(self, consumer: str, body: bytes) -> bool:
         return await first_time(self.session, consumer, body)
@@ -35,8 +36,9 @@ class Transaction:
         return await seen(self.session, consumer, body)
 
     def emit(self, payload: P, *, id: str | None = None) -> Envelope[P]:
-        """Stage an event on its subject; it is published once the transaction commits."""
-        envelope = Envelope.wrap(payload, source=self._wiring.source, id=id)
+        """Stage an event on its subject, signed with the service's key; it is published once the transaction
+        commits, and every consumer checks the signature before it changes anything."""
+        envelope = self._signer.sign(Envelope.wrap(payload, source=self._wiring.source, id=id))
         self.send(EVENT_SUBJECTS[type(payload)], envelope)
         return envelope
 
@@ -52,10 +54,10 @@ UnitOfWork = Annotated[Transaction, Context("uow")]
 class Units:
     """Opens a Transaction per message, for the edge."""
 
-    def __init__(self, db: Database, wiring: Wiring) -> None:
-        self.db, self.wiring = db, wiring
+    def __init__(self, db: Database, wiring: Wiring, signer: KeyPair) -> None:
+        self.db, self.wiring, self.signer = db, wiring, signer
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         async with self.db.transaction() as session:
-            yield Transaction(session, self.wiring)
+            yield Transaction(session, self.wiring, self.signer)

@@ -9,8 +9,7 @@ from registry.handlers import WIRING, enrol
 from registry.models import TABLES
 from service_kit.actors import KnownActor
 from service_kit.app import ServiceApp, service_app
-from service_kit.db import Database
-from service_kit.work import Transaction
+from service_kit.work import Units
 
 
 def create_app(settings: Settings | None = None) -> ServiceApp:
@@ -19,11 +18,11 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         raise ValueError("ASSAY_REGISTRY_OPERATOR_PUBLIC_KEY is not set: the registry needs the operator's public key")
     operator_key = check_public_key(settings.operator_public_key)
 
-    async def enrol_operator(db: Database) -> None:
+    async def enrol_operator(units: Units) -> None:
         """The operator is the root of trust: registered from configuration, announced like any actor."""
-        async with db.transaction() as session:
-            if await session.get(KnownActor, settings.operator_id) is None:
-                enrol(Transaction(session, WIRING), settings.operator_id, m.Role.OPERATOR, operator_key, "Operator",
+        async with units.transaction() as uow:
+            if await uow.session.get(KnownActor, settings.operator_id) is None:
+                enrol(uow, settings.operator_id, m.Role.OPERATOR, operator_key, "Operator",
                       event_id=f"actor-registered-{settings.operator_id}")
 
     return service_app(WIRING, settings, TABLES, on_start=enrol_operator)
