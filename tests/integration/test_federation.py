@@ -77,7 +77,8 @@ async def test_a_forgery_that_reuses_a_genuine_result_id_blocks_nothing(federati
     (scheduled,) = await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 1)
     job = m.JobSpec.model_validate(scheduled["data"]["job"])
     perfect = {"auc": 1.0, "sensitivity": 1.0}
-    forged = m.SiteResult(job_id=job.job_id, site_id="site-a", binding=job.binding, metrics=perfect,
+    made_up = federation.key("site-b").sign(Envelope.wrap(job, source="service:scheduling", id=job.job_id))
+    forged = m.SiteResult(job_id=job.job_id, site_id="site-a", binding=job.binding, metrics=perfect, job=made_up,
                           metrics_hash=metrics_hash(perfect), worker_id="mallory", finished_at=utcnow())
     await federation.enrol("site-b", m.Role.SITE)  # another hospital tries to pre-empt site-a's result id
     envelope = federation.key("site-b").sign(Envelope.wrap(forged, source="site:site-a", id=f"result-{job.job_id}"))

@@ -24,7 +24,7 @@ from contracts import subjects
 from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.messages import (
-    ActorRegistered, BenchmarkRegistered, BenchmarkSpec, ImageRef, JobBinding, JobScheduled, JobSpec,
+    ActorRegistered, BenchmarkRegistered, BenchmarkSpec, ImageRef, JobBinding, JobSpec,
     Leaderboard, LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
 )
 from contracts.signing import KeyPair, metrics_hash
@@ -154,7 +154,8 @@ def site_result(job_id: str, auc: float, *, case_count: int | None = None, key: 
     j = JOBS[job_id]
     metrics = {"auc": auc, "brier": 0.1}
     binding = j.binding.model_copy(update={"case_count": case_count or j.binding.case_count})
-    result = SiteResult(job_id=j.job_id, site_id=j.site_id, binding=binding, metrics=metrics,
+    signed_job = SERVICES.key("scheduling").sign(Envelope.wrap(j, source="service:scheduling", id=j.job_id))
+    result = SiteResult(job_id=j.job_id, site_id=j.site_id, binding=binding, metrics=metrics, job=signed_job,
                         metrics_hash=metrics_hash(metrics), worker_id="worker-1", finished_at=datetime.now(UTC))
     return (key or SITES[j.site_id]).sign(Envelope.wrap(result, source=f"site:{j.site_id}"))
 
@@ -166,12 +167,10 @@ def site_registered(site_id: str) -> ActorRegistered:
 
 
 async def announce_world(bus: Bus) -> None:
-    """The registry's and the scheduler's events, each waited for until the leaderboard has learned it."""
+    """The registry's events, each waited for until the leaderboard has learned it (jobs travel in the results)."""
     for site_id in SITES:
         await bus.learned(site_registered(site_id), "leaderboard-actor-registered")
     await bus.learned(BenchmarkRegistered(owner_id="owner", benchmark=BENCHMARK), "leaderboard-benchmark-registered")
-    for j in JOBS.values():
-        await bus.learned(JobScheduled(job=j), "leaderboard-job-scheduled")
 
 
 async def accepted(bus: Bus, envelope: Envelope[SiteResult]) -> Leaderboard:
@@ -202,11 +201,12 @@ async def test_the_same_result_sent_twice_is_counted_once(bus: Bus, leaderboard:
     assert once.rows[0].case_count == 300
 
 
-async def test_a_result_that_arrives_before_its_job_is_accepted_once_the_job_is_known(bus: Bus, leaderboard: None):
+async def test_a_result_that_arrives_before_its_site_is_known_is_acked_parked_and_accepted_once_it_is(
+        bus: Bus, leaderboard: None):
     early = site_result("job-1", 0.75)
 
     seq = await bus.send_result(early)
-    await bus.acked(seq, nak=True)  # refused for now, to be delivered again
+    await bus.acked(seq)  # acknowledged at once: it waits in the leaderboard's store, not in the consumer
     await announce_world(bus)
 
     event = (await bus.next_event(ResultAccepted)).data

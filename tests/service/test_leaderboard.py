@@ -4,15 +4,15 @@ is rejected with its reason and changes nothing; a result about something not kn
 from __future__ import annotations
 
 import json
-import logging
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import text
 
 from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.messages import (
-    BenchmarkRegistered, BenchmarkSpec, CommandReply, ImageRef, JobBinding, JobScheduled, JobSpec, Leaderboard,
+    BenchmarkRegistered, BenchmarkSpec, CommandReply, ImageRef, JobBinding, JobSpec, Leaderboard,
     LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
 )
 from contracts.signing import KeyPair, metrics_hash
@@ -37,22 +37,24 @@ JOBS = {j.job_id: j for j in (job("job-1", "model-1", "site-a", 300), job("job-2
                               job("job-3", "model-2", "site-a", 50))}
 
 
-def site_result(actors: Actors, job_id: str, auc: float, *, key: KeyPair | None = None) -> Envelope[SiteResult]:
-    """A result of one of JOBS, signed by its site (or by `key`)."""
+def site_result(actors: Actors, job_id: str, auc: float, *, key: KeyPair | None = None,
+                job_signer: str = "scheduling") -> Envelope[SiteResult]:
+    """A result of one of JOBS, carrying the job as the scheduler signed it, signed by its site (or by `key`)."""
     planned = JOBS[job_id]
     metrics = {"auc": auc, "brier": 0.1}
+    signed_job = actors.key(job_signer).sign(Envelope.wrap(planned, source="service:scheduling", id=job_id))
     result = SiteResult(job_id=job_id, site_id=planned.site_id, binding=planned.binding, metrics=metrics,
-                        metrics_hash=metrics_hash(metrics), worker_id="worker-1", finished_at=datetime.now(UTC))
+                        metrics_hash=metrics_hash(metrics), worker_id="worker-1", finished_at=datetime.now(UTC),
+                        job=signed_job)
     return (key or actors.key(planned.site_id)).sign(Envelope.wrap(result, source=f"site:{planned.site_id}"))
 
 
-async def learn_world(leaderboard: Harness, actors: Actors, *, sites: bool = True, jobs: bool = True) -> None:
-    """What the registry and the scheduler announce: the sites, the benchmark, the jobs."""
+async def learn_world(leaderboard: Harness, actors: Actors, *, sites: bool = True, benchmark: bool = True) -> None:
+    """What the registry announces: the sites and the benchmark (the jobs travel inside the results)."""
     for site_id in SITES if sites else ():
         await leaderboard.learn(actors.registered(site_id, Role.SITE))
-    await leaderboard.learn(BenchmarkRegistered(owner_id="owner", benchmark=BENCHMARK))
-    for planned in JOBS.values() if jobs else ():
-        await leaderboard.learn(JobScheduled(job=planned))
+    if benchmark:
+        await leaderboard.learn(BenchmarkRegistered(owner_id="owner", benchmark=BENCHMARK))
 
 
 async def send(leaderboard: Harness, result: Envelope[SiteResult], *, site_id: str | None = None) -> None:
@@ -131,13 +133,24 @@ async def test_a_result_signed_by_another_sites_key_is_rejected(leaderboard, act
     assert (await board(leaderboard)).rows == ()
 
 
-async def test_a_forged_result_is_rejected_at_once_even_when_its_job_is_not_known_yet(leaderboard, actors):
-    await learn_world(leaderboard, actors, jobs=False)
+async def test_a_forged_result_is_rejected_at_once_even_when_its_benchmark_is_not_known_yet(leaderboard, actors):
+    await learn_world(leaderboard, actors, benchmark=False)
 
     await send(leaderboard, site_result(actors, "job-1", 0.99, key=actors.key("site-b")))
 
     [rejected] = leaderboard.events(ResultRejected)
     assert rejected.reason.startswith("signer_site: ")
+
+
+async def test_a_result_answering_a_job_the_scheduler_did_not_sign_is_rejected(leaderboard, actors):
+    """A site cannot make up the job it answers: the binding it claims is checked against the scheduler's word."""
+    await learn_world(leaderboard, actors)
+
+    await send(leaderboard, site_result(actors, "job-1", 0.99, job_signer="site-a"))
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert rejected.reason.startswith("job_signature: the job the result carries is not the scheduler's: ")
+    assert (await board(leaderboard)).rows == ()
 
 
 async def test_a_result_published_on_another_sites_subject_is_rejected(leaderboard, actors):
@@ -185,23 +198,47 @@ async def test_a_job_run_twice_and_signed_anew_is_counted_once(leaderboard, acto
     assert (await board(leaderboard)).rows[0].case_count == 300
 
 
-@pytest.mark.parametrize(("known", "why"), [
-    ({"sites": False}, "key ed25519:"), ({"jobs": False}, "job job-1 is not known to the leaderboard yet")])
-async def test_a_result_about_what_is_not_known_yet_is_left_for_a_later_delivery(
-        leaderboard, actors, caplog, known, why):
+@pytest.mark.parametrize("known", [{"sites": False}, {"benchmark": False}])
+async def test_a_result_about_what_is_not_known_yet_is_parked_acked_and_judged_when_it_arrives(
+        leaderboard, actors, known):
     await learn_world(leaderboard, actors, **known)
-    before = await leaderboard.stored()
     result = site_result(actors, "job-1", 0.8)
 
-    with caplog.at_level(logging.WARNING, logger="service_kit.edge"):
-        await send(leaderboard, result)
+    await send(leaderboard, result)  # acknowledged: it holds no consumer capacity while it waits
 
-    assert "will be delivered again" in caplog.text and why in caplog.text
-    assert await leaderboard.stored() == before and leaderboard.events(ResultRejected) == []
+    assert len((await leaderboard.stored())["lb_parked"]) == 1
+    assert leaderboard.events(ResultAccepted) == [] and leaderboard.events(ResultRejected) == []
     assert leaderboard.dead_letters() == []
-    await learn_world(leaderboard, actors)  # the events arrive; the server delivers the result again
-    await send(leaderboard, result)
+    await learn_world(leaderboard, actors)  # the site's key, or the benchmark, arrives
     assert [e.job_id for e in leaderboard.events(ResultAccepted)] == ["job-1"]
+    assert (await leaderboard.stored())["lb_parked"] == []
+
+
+async def test_a_flood_of_results_from_keys_nobody_registered_is_parked_and_the_genuine_one_counted_at_once(
+        leaderboard, actors):
+    await learn_world(leaderboard, actors)
+    for forger in range(50):  # each acknowledged on its first delivery, none waiting in the consumer
+        await send(leaderboard, site_result(actors, "job-1", 1.0, key=actors.key(f"forger-{forger}")))
+
+    await send(leaderboard, site_result(actors, "job-1", 0.8))
+
+    assert [e.metrics["auc"] for e in leaderboard.events(ResultAccepted)] == [0.8]
+    assert len((await leaderboard.stored())["lb_parked"]) == 50
+
+
+async def test_a_parked_result_that_waited_too_long_is_rejected_with_the_reason(leaderboard, actors):
+    await learn_world(leaderboard, actors, sites=False)
+    stranger = actors.key("stranger")
+    await send(leaderboard, site_result(actors, "job-1", 0.9, key=stranger))
+    async with leaderboard.app.db.transaction() as session:  # the result waited past the leaderboard's patience
+        await session.execute(text("UPDATE lb_parked SET parked_at = '2000-01-01 00:00:00'"))
+
+    await send(leaderboard, site_result(actors, "job-3", 0.7, key=stranger))  # the next result sweeps the park
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert rejected.job_id == "job-1"
+    assert rejected.reason.startswith(f"key {stranger.key_id}: not known here after 0:10:00; not counted")
+    assert len((await leaderboard.stored())["lb_parked"]) == 1  # the second one still waits
 
 
 async def test_a_malformed_result_is_dead_lettered_at_once_naming_the_field(leaderboard, actors):

@@ -12,12 +12,12 @@ from contracts.envelope import Envelope
 from contracts.messages import BenchmarkSpec, ImageRef, JobBinding, JobSpec, MetricSpec, Role, SiteResult
 from contracts.signing import KeyPair, metrics_hash
 from leaderboard.domain import (
-    Check, Score, Signer, Verdict, aggregate, check_binding, check_origin, competition_ranks,
+    Check, Score, Signer, Verdict, aggregate, check_binding, check_job, check_origin, competition_ranks,
 )
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
 
-SITE_A, SITE_B = KeyPair.generate(), KeyPair.generate()
+SITE_A, SITE_B, SCHEDULER = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
 OTHER_DIGEST = "sha256:" + "f" * 64
 
 
@@ -42,7 +42,8 @@ JOB = JobSpec(expires_at=LATER, job_id="job-1", site_id="site-a", metrics=benchm
 def result(binding: dict[str, object] | None = None, **changes: object) -> SiteResult:
     metrics = changes.pop("metrics", {"auc": 0.8, "brier": 0.2})
     fields = dict(job_id=JOB.job_id, site_id=JOB.site_id, binding=JOB.binding.model_copy(update=binding or {}),
-                  metrics=metrics, worker_id="worker-1", finished_at=datetime(2026, 1, 1, tzinfo=UTC))
+                  metrics=metrics, worker_id="worker-1", finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+                  job=SCHEDULER.sign(Envelope.wrap(JOB, source="service:scheduling", id=JOB.job_id)))
     fields["metrics_hash"] = metrics_hash(metrics) if all(map(math.isfinite, metrics.values())) else digest("0")
     fields.update(changes)
     return SiteResult(**fields)
@@ -59,9 +60,10 @@ def signer(actor_id: str = "site-a", key: KeyPair = SITE_A, role: str = Role.SIT
 def check_result(envelope: Envelope[SiteResult], *, subject: str, signer: Signer | None,
                  accepted_before: bool = False) -> Verdict:
     """Every check, in the leaderboard's order: who sent it, then what it claims."""
-    origin = check_origin(envelope, subject=subject, signer=signer)
-    if not origin.ok:
-        return origin
+    for verdict in (check_origin(envelope, subject=subject, signer=signer),
+                    check_job(envelope.data, scheduler_key=SCHEDULER.public_key)):
+        if not verdict.ok:
+            return verdict
     return check_binding(envelope.data, job=JOB, benchmark=benchmark(), accepted_before=accepted_before)
 
 
@@ -132,6 +134,14 @@ def test_a_result_published_on_another_sites_subject_is_rejected():
     verdict = check(signed(result()), subject=subjects.results("site-b"))
 
     assert verdict.check is Check.SUBJECT and "assay.v1.results.site-b" in verdict.reason
+
+
+def test_a_result_carrying_a_job_not_signed_by_the_scheduler_is_rejected():
+    made_up = SITE_A.sign(Envelope.wrap(JOB, source="site:site-a", id=JOB.job_id))
+
+    verdict = check(signed(result(job=made_up)))
+
+    assert verdict.check is Check.JOB_SIGNATURE and "not the scheduler's" in verdict.reason
 
 
 def test_a_site_answering_a_job_sent_to_another_site_is_rejected():

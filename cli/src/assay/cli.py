@@ -267,6 +267,8 @@ def up() -> None:
             platform.wait()
     except KeyboardInterrupt:
         console.print("stopping...")
+    finally:
+        platform.stop()  # whenever the signal came: stopping twice is stopping once
 
 
 @app.command()

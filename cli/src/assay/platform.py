@@ -212,8 +212,8 @@ class Platform:
         names = list(self.supervisor.children)
         self.supervisor.stop([n for n in names if n != "nats"], timeout_s)
         self.supervisor.stop(["nats"], timeout_s)
-        self.home.platform_file.unlink(missing_ok=True)
-        if self._lock is not None:
+        if self._lock is not None:  # only the platform that holds the folder speaks for it
+            self.home.platform_file.unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
 

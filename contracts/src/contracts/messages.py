@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
-from contracts.envelope import Payload
+from contracts.envelope import Envelope, Payload
 
 Id = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Digest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
@@ -250,6 +250,8 @@ class SiteResult(Payload):
     binding: JobBinding
     metrics: dict[MetricName, float]
     metrics_hash: Digest
+    job: Envelope[JobSpec] = Field(description="the job as the scheduler signed it: what the result answers, checked "
+                                               "without waiting for any other stream")
     worker_id: Name
     finished_at: datetime
 

@@ -53,7 +53,7 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage) -
         raise JobRefused(f"refused, not a valid signed job: {exc}") from exc
     ticker = asyncio.create_task(heartbeat(message, site.settings.heartbeat_s))
     try:
-        await run_and_publish(job.data, site)
+        await run_and_publish(job, site)
     finally:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -66,8 +66,8 @@ async def heartbeat(message: NatsMessage, every_s: float) -> None:
         await message.in_progress()
 
 
-async def run_and_publish(job: JobSpec, site: Site) -> None:
-    settings = site.settings
+async def run_and_publish(signed_job: Envelope[JobSpec], site: Site) -> None:
+    job, settings = signed_job.data, site.settings
     if job.site_id != settings.site_id:
         raise JobRefused(f"job {job.job_id} is addressed to site {job.site_id}, not {settings.site_id}")
     if job.expires_at <= utcnow():
@@ -82,7 +82,8 @@ async def run_and_publish(job: JobSpec, site: Site) -> None:
     metrics = await asyncio.to_thread(execute, job, Path(datasets[job.binding.dataset_id]), site.runner,
                                       settings.work_dir, Limits(timeout_s=settings.container_timeout_s))
     result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=job.binding, metrics=metrics,
-                        metrics_hash=metrics_hash(metrics), worker_id=settings.worker_id, finished_at=utcnow())
+                        metrics_hash=metrics_hash(metrics), worker_id=settings.worker_id, finished_at=utcnow(),
+                        job=signed_job)
     signed = site.key.sign(Envelope.wrap(result, source=site.source, id=f"result-{job.job_id}"))
     body = signed.model_dump_json().encode()
     # the dedupe id covers the signed bytes: nobody can pre-empt it by publishing a forgery with a guessed id

@@ -60,7 +60,7 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
     """`context` holds what handlers ask for by name (the job terms, say); `on_start` runs once the tables exist."""
     signer, trust = settings.signer_and_trust()
     broker = NatsBroker(settings.nats_url, middlewares=nats_middlewares(wiring.owner, settings.otlp_endpoint),
-                        logger=None, context=ContextRepo(dict(context or {})))
+                        logger=None, context=ContextRepo({"trust": trust, **(context or {})}))
     db = Database(make_engine(settings.database_url))
     units = Units(db, wiring, signer)
     outlets = wiring.declare(broker, units, trust)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
-
 from service_kit.app import ServiceSettings
 
 
@@ -11,3 +10,4 @@ class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ASSAY_LEADERBOARD_")
 
     database_url: str = "sqlite+aiosqlite:///assay-leaderboard.db"
+    park_minutes: float = 10.0  # how long a result waits for its site's key or benchmark before it is rejected

@@ -13,11 +13,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from contracts import subjects
 from contracts.envelope import Envelope
-from contracts.messages import BenchmarkSpec, JobSpec, Leaderboard, LeaderboardRow, LeaderboardUpdated, Role, SiteResult
-from contracts.metrics import MetricNamesRefused, MetricsRefused, MetricValueRefused, checked_metrics
+from contracts.messages import (
+    BenchmarkSpec,
+    JobSpec,
+    Leaderboard,
+    LeaderboardRow,
+    LeaderboardUpdated,
+    Role,
+    SiteResult,
+)
+from contracts.metrics import (
+    MetricNamesRefused,
+    MetricsRefused,
+    MetricValueRefused,
+    checked_metrics,
+)
 from contracts.signing import SignatureError, metrics_hash, verify
+
+from contracts import subjects
 
 # pooled values are weighted means: two models with the same site values may differ in the last bits
 TIE_REL_TOL = 1e-9
@@ -30,6 +44,7 @@ class Check(StrEnum):
     SIGNER_ROLE = "signer_role"
     SIGNER_SITE = "signer_site"
     SUBJECT = "subject"
+    JOB_SIGNATURE = "job_signature"
     JOB_SITE = "job_site"
     BINDING = "binding"
     METRIC_NAMES = "metric_names"
@@ -86,6 +101,15 @@ def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer
     if subject != expected:
         return Verdict.reject(Check.SUBJECT,
                               f"published on {subject}, but a result of site {result.site_id} travels on {expected}")
+    return ACCEPTED
+
+
+def check_job(result: SiteResult, *, scheduler_key: str) -> Verdict:
+    """The job the result answers is one the scheduler signed: its binding is the scheduler's word, not the site's."""
+    try:
+        verify(result.job, scheduler_key)
+    except SignatureError as exc:
+        return Verdict.reject(Check.JOB_SIGNATURE, f"the job the result carries is not the scheduler's: {exc}")
     return ACCEPTED
 
 

@@ -3,70 +3,114 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated
 
-from contracts import subjects
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, utcnow
 from contracts.messages import (
-    ActorRegistered, BenchmarkRegistered, JobScheduled, Leaderboard, LeaderboardUpdated, ResultAccepted,
-    ResultRejected, ShowLeaderboard, SiteResult,
+    ActorRegistered,
+    BenchmarkRegistered,
+    Leaderboard,
+    LeaderboardUpdated,
+    ResultAccepted,
+    ResultRejected,
+    ShowLeaderboard,
+    SiteResult,
 )
-from leaderboard import domain
-from leaderboard.store import Store
+from faststream import Context
 from service_kit.actors import remember_actor
 from service_kit.edge import Delivery, NotYetKnown
+from service_kit.trust import Trust
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
-from service_kit.work import UnitOfWork
+from service_kit.work import Transaction, UnitOfWork
+
+from contracts import subjects
+from leaderboard import domain
+from leaderboard.store import Store
 
 log = logging.getLogger(__name__)
 
 SERVICE = "leaderboard"
 
 
-async def learn_actor(registered: Envelope[ActorRegistered], uow: UnitOfWork) -> None:
+@dataclass(frozen=True)
+class ParkingTerms:
+    wait: timedelta  # how long a result may wait for its site's key or its benchmark
+
+
+Parking = Annotated[ParkingTerms, Context("parking")]
+Trusted = Annotated[Trust, Context("trust")]  # every service's public key; the scheduler's signs the jobs
+
+
+async def learn_actor(registered: Envelope[ActorRegistered], uow: UnitOfWork, trust: Trusted) -> None:
+    """Learn a key, and judge the results that waited for it."""
     await remember_actor(uow.session, registered.data)
+    await release(Store(uow.session), uow, f"key {registered.data.key_id}", trust)
 
 
-async def learn_benchmark(registered: Envelope[BenchmarkRegistered], uow: UnitOfWork) -> None:
-    await Store(uow.session).remember_benchmark(registered.data)
+async def learn_benchmark(registered: Envelope[BenchmarkRegistered], uow: UnitOfWork, trust: Trusted) -> None:
+    """Learn a benchmark, and judge the results that waited for it."""
+    store = Store(uow.session)
+    await store.remember_benchmark(registered.data)
+    await release(store, uow, f"benchmark {registered.data.benchmark.benchmark_id}", trust)
 
 
-async def learn_job(scheduled: Envelope[JobScheduled], uow: UnitOfWork) -> None:
-    await Store(uow.session).remember_job(scheduled.data.job)
-
-
-async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery: Delivery) -> None:
+async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery: Delivery, trust: Trusted,
+                        park: Parking) -> None:
     """Verify, then store and re-rank; a result that fails a check is rejected with the reason, never retried.
 
-    A result whose signer, job or benchmark this service has not heard of yet raises NotYetKnown: the events
-    may still be on their way, so it is delivered again with backoff and finally dead-lettered.
+    A result carries the job the scheduler signed, so it never waits for another stream. One whose site's key or
+    benchmark this service has not heard of yet is parked, acknowledged, and judged when that arrives (or rejected
+    once it has waited `park.wait`): it never holds the consumer, however many come.
     """
-    store, site_result = Store(uow.session), result.data
+    store = Store(uow.session)
+    await judge(store, uow, result, delivery.subject, trust)
+    for stale, _, waited in await store.unpark(parked_before=utcnow() - park.wait):
+        reject(uow, stale, f"{waited}: not known here after {park.wait}; not counted (register it, then re-send)")
+
+
+async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], subject: str, trust: Trust) -> None:
+    site_result = result.data
     signer = None
     if result.signature is not None:
-        signer = await store.signer(result.signature.key_id)
-        if signer is None:
-            raise NotYetKnown(f"key {result.signature.key_id} belongs to no actor the leaderboard knows yet")
-    verdict = domain.check_origin(result, subject=delivery.subject, signer=signer)
+        waiting_for = f"key {result.signature.key_id}"
+        if (signer := await store.signer(result.signature.key_id)) is None:
+            await store.hold(waiting_for)  # then look again: the key may have arrived meanwhile
+            if (signer := await store.signer(result.signature.key_id)) is None:
+                return await store.park(result, subject, waiting_for)
+    verdict = domain.check_origin(result, subject=subject, signer=signer)
     if verdict.ok:
-        job = await store.job(site_result.job_id)
-        if job is None:
-            raise NotYetKnown(f"job {site_result.job_id} is not known to the leaderboard yet")
-        benchmark = await store.benchmark(job.binding.benchmark_id, lock=True)
-        if benchmark is None:
-            raise NotYetKnown(f"benchmark {job.binding.benchmark_id} is not known to the leaderboard yet")
+        verdict = domain.check_job(site_result, scheduler_key=trust.keys["scheduling"])
+    if verdict.ok:
+        job = site_result.job.data
+        waiting_for = f"benchmark {job.binding.benchmark_id}"
+        if (benchmark := await store.benchmark(job.binding.benchmark_id, lock=True)) is None:
+            await store.hold(waiting_for)
+            if (benchmark := await store.benchmark(job.binding.benchmark_id, lock=True)) is None:
+                return await store.park(result, subject, waiting_for)
         verdict = domain.check_binding(site_result, job=job, benchmark=benchmark,
                                        accepted_before=await store.has_result(job.job_id))
     if not verdict.ok:
-        log.warning("rejected result %s of job %s from site %s: %s",
-                    result.id, site_result.job_id, site_result.site_id, verdict.reason)
-        uow.emit(ResultRejected(message_id=result.id, site_id=site_result.site_id, job_id=site_result.job_id,
-                                reason=verdict.reason))
-        return
+        return reject(uow, result, verdict.reason)
     await store.record(result)
     uow.emit(ResultAccepted(job_id=site_result.job_id, site_id=site_result.site_id, binding=site_result.binding,
                             metrics=dict(site_result.metrics)))
     board = domain.aggregate(benchmark, await store.scores(benchmark.benchmark_id))
     uow.emit(domain.standing(board, site_result.binding.model_id))
+
+
+async def release(store: Store, uow: Transaction, waiting_for: str, trust: Trust) -> None:
+    await store.hold(waiting_for)
+    for parked, subject, _ in await store.unpark(waiting_for=waiting_for):
+        await judge(store, uow, parked, subject, trust)
+
+
+def reject(uow: Transaction, result: Envelope[SiteResult], reason: str) -> None:
+    log.warning("rejected result %s of job %s from site %s: %s", result.id, result.data.job_id,
+                result.data.site_id, reason)
+    uow.emit(ResultRejected(message_id=result.id, site_id=result.data.site_id, job_id=result.data.job_id,
+                            reason=reason))
 
 
 async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork) -> Leaderboard:
@@ -80,8 +124,7 @@ async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork) ->
 
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
-    consumers=(Consumer(learn_actor), Consumer(learn_benchmark), Consumer(learn_job),
-               Consumer(record_result, subject=subjects.RESULTS_ALL)),
+    consumers=(Consumer(learn_actor), Consumer(learn_benchmark), Consumer(record_result, subject=subjects.RESULTS_ALL)),
     requests=(Request(show_leaderboard),),
     publishes=tuple(Outlet.event(e) for e in (ResultAccepted, ResultRejected, LeaderboardUpdated)),
 )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from leaderboard.config import Settings
-from leaderboard.handlers import WIRING
-from leaderboard.models import TABLES
+from datetime import timedelta
+
 from service_kit.app import ServiceApp, service_app
+
+from leaderboard.config import Settings
+from leaderboard.handlers import WIRING, ParkingTerms
+from leaderboard.models import TABLES
 
 
 def create_app(settings: Settings | None = None) -> ServiceApp:
-    return service_app(WIRING, settings or Settings(), TABLES)
+    settings = settings or Settings()
+    parking = ParkingTerms(wait=timedelta(minutes=settings.park_minutes))
+    return service_app(WIRING, settings, TABLES, context={"parking": parking})

@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from contracts.envelope import utcnow
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
-
-from contracts.envelope import utcnow
 
 
 class KnownBenchmark(SQLModel, table=True):
@@ -18,11 +17,16 @@ class KnownBenchmark(SQLModel, table=True):
     spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))  # a BenchmarkSpec
 
 
-class KnownJob(SQLModel, table=True):
-    __tablename__ = "lb_job"
-    job_id: str = Field(primary_key=True, max_length=64)
-    benchmark_id: str = Field(index=True, max_length=64)
-    spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))  # a JobSpec, as the scheduler planned it
+class ParkedResult(SQLModel, table=True):
+    """A result about something not known here yet (its site's key, its benchmark): kept, acknowledged, and judged
+    when what it waits for arrives, or rejected once it has waited too long. It never holds the consumer."""
+
+    __tablename__ = "lb_parked"
+    digest: str = Field(primary_key=True, max_length=64)
+    waiting_for: str = Field(index=True, max_length=200)
+    subject: str = Field(max_length=256)
+    body: bytes
+    parked_at: datetime = Field(default_factory=utcnow, index=True)
 
 
 class AcceptedResult(SQLModel, table=True):
@@ -43,4 +47,4 @@ class AcceptedResult(SQLModel, table=True):
     accepted_at: datetime = Field(default_factory=utcnow)
 
 
-TABLES = [KnownBenchmark.__table__, KnownJob.__table__, AcceptedResult.__table__]  # type: ignore[attr-defined]
+TABLES = [KnownBenchmark.__table__, ParkedResult.__table__, AcceptedResult.__table__]  # type: ignore[attr-defined]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from contracts.envelope import Envelope
+from contracts.messages import BenchmarkRegistered, BenchmarkSpec, SiteResult
+from service_kit.actors import KnownActor
+from service_kit.inbox import digest
+from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from contracts.envelope import Envelope
-from contracts.messages import BenchmarkRegistered, BenchmarkSpec, JobSpec, SiteResult
 from leaderboard.domain import Score, Signer
-from leaderboard.models import AcceptedResult, KnownBenchmark, KnownJob
-from service_kit.actors import KnownActor
+from leaderboard.models import AcceptedResult, KnownBenchmark, ParkedResult
 
 
 class Store:
@@ -23,19 +27,36 @@ class Store:
             self.session.add(KnownBenchmark(benchmark_id=spec.benchmark_id, owner_id=event.owner_id,
                                             spec=spec.model_dump(mode="json")))
 
-    async def remember_job(self, job: JobSpec) -> None:
-        if await self.session.get(KnownJob, job.job_id) is None:
-            self.session.add(KnownJob(job_id=job.job_id, benchmark_id=job.binding.benchmark_id,
-                                      spec=job.model_dump(mode="json")))
-
     async def benchmark(self, benchmark_id: str, *, lock: bool = False) -> BenchmarkSpec | None:
         """`lock`: hold the row until commit, so replicas re-rank one benchmark one result at a time."""
         row = await self.session.get(KnownBenchmark, benchmark_id, with_for_update=lock)
         return None if row is None else BenchmarkSpec.model_validate(row.spec)
 
-    async def job(self, job_id: str) -> JobSpec | None:
-        row = await self.session.get(KnownJob, job_id)
-        return None if row is None else JobSpec.model_validate(row.spec)
+    async def hold(self, waiting_for: str) -> None:
+        """Serialise, until commit, the transactions that park and release results waiting for the same thing, so a
+        result parked while its key arrives is never left behind (PostgreSQL runs them side by side; SQLite one at a
+        time already)."""
+        if self.session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+            await self.session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": waiting_for})
+
+    async def park(self, result: Envelope[SiteResult], subject: str, waiting_for: str) -> None:
+        body = result.model_dump_json().encode()
+        if await self.session.get(ParkedResult, digest(body)) is None:
+            self.session.add(ParkedResult(digest=digest(body), waiting_for=waiting_for, subject=subject, body=body))
+
+    async def unpark(self, *, waiting_for: str | None = None,
+                     parked_before: datetime | None = None) -> list[tuple[Envelope[SiteResult], str, str]]:
+        """The parked results waiting for `waiting_for`, or parked before `parked_before`, taken out of the park:
+        each with the subject it came on and what it waited for."""
+        query = select(ParkedResult).order_by(col(ParkedResult.parked_at))
+        if waiting_for is not None:
+            query = query.where(ParkedResult.waiting_for == waiting_for)
+        if parked_before is not None:
+            query = query.where(col(ParkedResult.parked_at) < parked_before)
+        rows = (await self.session.exec(query)).all()
+        for row in rows:
+            await self.session.delete(row)
+        return [(Envelope[SiteResult].model_validate_json(row.body), row.subject, row.waiting_for) for row in rows]
 
     async def signer(self, key_id: str) -> Signer | None:
         actor = (await self.session.exec(select(KnownActor).where(KnownActor.key_id == key_id))).first()
