@@ -40,5 +40,5 @@ async def test_an_event_too_large_for_its_stream_is_set_aside_and_later_events_s
         await fed.stop()
 
     assert letter["data"]["subject"] == subjects.evt("benchmark", "registered")
-    assert letter["data"]["error"].startswith("the server refused it for good (BadRequestError")
+    assert letter["data"]["error"].startswith("the server refused it for good (BadRequestError"), letter["data"]["error"]
     assert model["data"]["model_id"] == "after"  # staged after the one set aside, and it left

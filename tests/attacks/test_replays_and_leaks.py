@@ -191,7 +191,8 @@ async def test_a_leaking_evaluators_labels_are_in_no_message_on_any_stream(feder
     for name, folder in folders.items():
         digest = patients(folder, raw=name == "as-text")
         await federation.send(m.RegisterDataset(dataset_id=name, benchmark_id="bench", name=name, content_hash=digest,
-                                                case_count=2, preparator_digest=PREPARATOR), "site-a")
+                                                case_count=2, statistics={"cases": 2},
+                                                preparator_digest=PREPARATOR), "site-a")
         await federation.send(m.RequestAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id=name),
                               "site-a")
         await federation.send(m.ApproveAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id=name),

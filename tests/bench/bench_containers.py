@@ -7,13 +7,12 @@ and through the docker SDK's `containers.run(remove=True)`; the variants are int
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 

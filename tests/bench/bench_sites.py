@@ -155,7 +155,7 @@ async def setup(nats_url: str, home: Home, sites: list[Site], models: list[str])
 
     async def join_dataset(site: Site) -> None:
         await send(m.RegisterDataset(dataset_id=site.dataset_id, benchmark_id=BENCHMARK, name=site.dataset_id,
-                                     content_hash=site.content_hash, case_count=CASES,
+                                     content_hash=site.content_hash, case_count=CASES, statistics={"cases": CASES},
                                      preparator_digest=spec.preparator.digest), site.site_id, site.key)
         await send(m.RequestAssociation(benchmark_id=BENCHMARK, kind=m.EntityKind.DATASET,
                                         entity_id=site.dataset_id), site.site_id, site.key)

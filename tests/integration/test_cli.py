@@ -90,3 +90,40 @@ def test_names_that_would_escape_the_state_folder_are_refused(tmp_path: Path) ->
         assert refused.returncode == 1, args
         assert "must match" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "outside.key").exists()
+
+
+def test_a_service_that_cannot_reach_nats_says_why_without_the_password_and_one_missing_a_setting_says_which(
+        tmp_path: Path) -> None:
+    keys = {name: KeyPair.generate() for name in ("registry", "approval", "scheduling", "leaderboard")}
+    keys["registry"].save(tmp_path / "registry.key")
+    env = {**os.environ, "ASSAY_REGISTRY_NATS_URL": "nats://registry:s3cret@127.0.0.1:1",
+           "ASSAY_REGISTRY_OPERATOR_PUBLIC_KEY": KeyPair.generate().public_key,
+           "ASSAY_REGISTRY_KEY_FILE": str(tmp_path / "registry.key"),
+           "ASSAY_REGISTRY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}",
+           "ASSAY_REGISTRY_SERVICE_KEYS": json.dumps({name: key.public_key for name, key in keys.items()})}
+    service = subprocess.Popen([sys.executable, "-m", "assay.serve", "registry"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert service.stdout is not None
+        said = ""
+        while "cannot reach NATS" not in said:
+            line = service.stdout.readline()
+            assert line, "the service exited instead of saying why it waits"
+            said = line
+    finally:
+        service.kill()
+        service.wait()
+    assert "registry cannot reach NATS at nats://127.0.0.1:1: ConnectionRefusedError" in said
+    assert "s3cret" not in said
+
+    missing = subprocess.run([sys.executable, "-m", "assay.serve", "registry"], capture_output=True, text=True,
+                             timeout=60, env={**env, "ASSAY_REGISTRY_SERVICE_KEYS": "{}"})
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "registry cannot start: ASSAY_REGISTRY_SERVICE_KEYS misses the public key of" in missing.stderr
+
+
+def test_provision_against_an_unreachable_server_says_so_and_shows_no_password(tmp_path: Path) -> None:
+    refused = assay(tmp_path, "provision", "--nats-url", "nats://provision:s3cret@127.0.0.1:1")
+
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "cannot connect to NATS at nats://127.0.0.1:1" in refused.stderr and "s3cret" not in refused.stderr

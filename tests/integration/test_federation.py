@@ -10,8 +10,7 @@ import nats
 import pytest
 
 from contracts import messages as m
-from contracts.envelope import Envelope
-from contracts.envelope import utcnow
+from contracts.envelope import Envelope, utcnow
 from contracts.signing import metrics_hash
 from site_worker.containers import RunOutcome
 from tests.conftest import new_database

@@ -24,8 +24,20 @@ from contracts import subjects
 from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.messages import (
-    ActorRegistered, BenchmarkRegistered, BenchmarkSpec, ImageRef, JobBinding, JobSpec,
-    Leaderboard, LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
+    ActorRegistered,
+    BenchmarkRegistered,
+    BenchmarkSpec,
+    ImageRef,
+    JobBinding,
+    JobSpec,
+    Leaderboard,
+    LeaderboardUpdated,
+    MetricSpec,
+    ResultAccepted,
+    ResultRejected,
+    Role,
+    ShowLeaderboard,
+    SiteResult,
 )
 from contracts.signing import KeyPair, metrics_hash
 from contracts.streams import ensure_streams

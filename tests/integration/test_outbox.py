@@ -104,3 +104,26 @@ async def test_a_message_the_server_can_never_take_is_set_aside_and_the_rest_sti
     async with db.transaction() as session:
         row = (await session.exec(select(OutboxMessage).where(OutboxMessage.message_id == "too-big"))).one()
     assert row.published_at is None and row.set_aside == reason
+
+
+async def test_what_was_published_a_week_ago_and_ids_processed_a_month_ago_are_forgotten(db: Database) -> None:
+    from datetime import timedelta
+
+    from contracts.envelope import utcnow
+    from service_kit.inbox import ProcessedMessage, first_time
+
+    now = utcnow()
+    async with db.transaction() as session:
+        Transaction(session, WIRING, KeyPair.generate()).emit(EVENT)  # still pending: kept however old
+        session.add(OutboxMessage(message_id="old", subject="s", body=b"{}", published_at=now - timedelta(days=8)))
+        session.add(OutboxMessage(message_id="recent", subject="s", body=b"{}", published_at=now - timedelta(days=1)))
+        session.add(ProcessedMessage(consumer="c", message_id="old", processed_at=now - timedelta(days=31)))
+        assert await first_time(session, "c", b"a message seen today")
+
+    await Relay(db, WIRING.declare(NatsBroker("nats://127.0.0.1:1", logger=None), units=None).publish).prune(now)
+
+    async with db.transaction() as session:
+        kept = sorted(row.message_id for row in (await session.exec(select(OutboxMessage))).all())
+        processed = [row.message_id for row in (await session.exec(select(ProcessedMessage))).all()]
+    assert len(kept) == 2 and "old" not in kept and "recent" in kept
+    assert processed and "old" not in processed

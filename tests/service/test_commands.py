@@ -45,7 +45,8 @@ CASES = {
     "RegisterModel": Case("registry", lambda a: m.RegisterModel(model_id="model-1", name="Model", image=IMAGE),
                           (m.Role.MODEL_OWNER,), "image.digest", "latest"),
     "RegisterDataset": Case("registry", lambda a: m.RegisterDataset(
-        dataset_id="ds-1", benchmark_id="bm", name="ds", content_hash=DIGEST, case_count=2, preparator_digest=DIGEST),
+        dataset_id="ds-1", benchmark_id="bm", name="ds", content_hash=DIGEST, case_count=2, statistics={"cases": 2},
+        preparator_digest=DIGEST),
         (m.Role.SITE,), "case_count", 0),
     "GetBenchmark": Case("registry", lambda a: m.GetBenchmark(benchmark_id="bm"), (), "benchmark_id", "a.>"),
     "ApproveBenchmark": Case("approval", lambda a: m.ApproveBenchmark(benchmark_id="bm"), (m.Role.OPERATOR,),

@@ -12,8 +12,20 @@ from sqlalchemy import text
 from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.messages import (
-    BenchmarkRegistered, BenchmarkSpec, CommandReply, ImageRef, JobBinding, JobSpec, Leaderboard,
-    LeaderboardUpdated, MetricSpec, ResultAccepted, ResultRejected, Role, ShowLeaderboard, SiteResult,
+    BenchmarkRegistered,
+    BenchmarkSpec,
+    CommandReply,
+    ImageRef,
+    JobBinding,
+    JobSpec,
+    Leaderboard,
+    LeaderboardUpdated,
+    MetricSpec,
+    ResultAccepted,
+    ResultRejected,
+    Role,
+    ShowLeaderboard,
+    SiteResult,
 )
 from contracts.signing import KeyPair, metrics_hash
 from tests.support.service import Actors, Harness

@@ -3,10 +3,9 @@ result leaves on the site's subject; anything else is refused before a container
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 
 from contracts import messages as m
 from contracts import subjects

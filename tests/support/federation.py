@@ -150,7 +150,8 @@ class Federation:
         known = json.loads(datasets_file.read_text()) if datasets_file.exists() else {}
         datasets_file.write_text(json.dumps({**known, dataset_id: str(folder)}))
         await self.send(m.RegisterDataset(dataset_id=dataset_id, benchmark_id=benchmark_id, name=dataset_id,
-                                          content_hash=digest, case_count=2, preparator_digest=PREPARATOR), site)
+                                          content_hash=digest, case_count=2, statistics={"cases": 2},
+                                          preparator_digest=PREPARATOR), site)
         await self.send(m.RequestAssociation(benchmark_id=benchmark_id, kind=m.EntityKind.DATASET,
                                              entity_id=dataset_id), site)
         await self.send(m.ApproveAssociation(benchmark_id=benchmark_id, kind=m.EntityKind.DATASET,

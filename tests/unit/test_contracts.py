@@ -96,3 +96,13 @@ def test_a_durable_consumer_is_named_after_its_owner_and_what_it_reads() -> None
     assert matches("assay.v1.jobs.*", jobs("a")) and not matches("assay.v1.jobs.*", "assay.v1.jobs.a.b")
     assert matches("assay.v1.dlq.>", "assay.v1.dlq.a-b") and not matches("assay.v1.dlq.>", "assay.v1.dlq")
     assert matches(results("a"), results("a")) and not matches(results("a"), results("b"))
+
+
+def test_a_dataset_registers_the_cases_its_preparator_reported_and_no_absurd_count() -> None:
+    register = dict(dataset_id="d", benchmark_id="b", name="d", content_hash="sha256:" + "d" * 64,
+                    preparator_digest="sha256:" + "e" * 64)
+    assert m.RegisterDataset(**register, case_count=141, statistics={"cases": 141}).case_count == 141
+    with pytest.raises(ValidationError, match=r"case_count 100000 is not the count the preparator reported \(statis"):
+        m.RegisterDataset(**register, case_count=100_000, statistics={"cases": 141})
+    with pytest.raises(ValidationError, match="less than or equal to 100000000"):
+        m.RegisterDataset(**register, case_count=10**12, statistics={"cases": 10**12})

@@ -12,7 +12,15 @@ from contracts.envelope import Envelope
 from contracts.messages import BenchmarkSpec, ImageRef, JobBinding, JobSpec, MetricSpec, Role, SiteResult
 from contracts.signing import KeyPair, metrics_hash
 from leaderboard.domain import (
-    Check, Score, Signer, Verdict, aggregate, check_binding, check_job, check_origin, competition_ranks,
+    Check,
+    Score,
+    Signer,
+    Verdict,
+    aggregate,
+    check_binding,
+    check_job,
+    check_origin,
+    competition_ranks,
 )
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire

@@ -237,20 +237,27 @@ def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")]) -
     import nats
 
     from contracts.streams import STREAMS, ensure_streams
+    from service_kit.connection import where
 
     async def run() -> None:
-        nc = await nats.connect(nats_url)
+        errors: list[str] = []
+
+        async def note(exc: Exception) -> None:
+            errors.append(str(exc) or type(exc).__name__)
+
+        try:
+            nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1,
+                                    error_cb=note)
+        except Exception as exc:
+            raise ConnectionError(f"cannot connect to NATS at {where(nats_url)}: {errors[-1] if errors else exc}; "
+                                  "check the address, the user and the password") from None
         try:
             await ensure_streams(nc.jetstream())
         finally:
             await nc.close()
 
     asyncio.run(run())
-    from urllib.parse import urlsplit
-
-    where = urlsplit(nats_url)
-    shown = f"{where.scheme}://{where.hostname}:{where.port}"  # never the credentials in the URL
-    console.print(f"[green]ok[/green] streams {', '.join(str(c.name) for c in STREAMS)} on {shown}")
+    console.print(f"[green]ok[/green] streams {', '.join(str(c.name) for c in STREAMS)} on {where(nats_url)}")
 
 
 @app.command()

@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 import nats
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from contracts.catalog import REQUEST_SUBJECTS
 from contracts.envelope import Envelope, Payload

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import IO
 
 import nats
-from contracts.signing import KeyPair
-from contracts.streams import ensure_streams
 from pydantic_settings import BaseSettings
 
 from assay.home import Home
 from assay.supervisor import Supervisor, reap
 from contracts.catalog import SERVICES
+from contracts.signing import KeyPair
+from contracts.streams import ensure_streams
 
 
 def settings_env(settings: type[BaseSettings], **values: object) -> dict[str, str]:

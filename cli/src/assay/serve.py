@@ -6,10 +6,20 @@ import asyncio
 import importlib
 import logging
 import sys
+from typing import Any
 
 
 def main(kind: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        app = build(kind)
+    except (ValueError, OSError) as exc:  # a setting missing or wrong (pydantic's errors are ValueErrors): say which
+        logging.getLogger("assay.serve").error("%s cannot start: %s", kind, exc)
+        raise SystemExit(2) from None
+    asyncio.run(app.run())
+
+
+def build(kind: str) -> Any:
     if kind == "site":
         import docker
 
@@ -18,10 +28,8 @@ def main(kind: str) -> None:
         from site_worker.main import create_app
 
         settings = Settings()  # type: ignore[call-arg]
-        app = create_app(settings, DockerRunner(docker.from_env(), worker=f"{settings.site_id}/{settings.worker_id}"))
-    else:
-        app = importlib.import_module(f"{kind}.main").create_app()
-    asyncio.run(app.run())
+        return create_app(settings, DockerRunner(docker.from_env(), worker=f"{settings.site_id}/{settings.worker_id}"))
+    return importlib.import_module(f"{kind}.main").create_app()
 
 
 if __name__ == "__main__":

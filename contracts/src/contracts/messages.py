@@ -96,15 +96,27 @@ class RegisterModel(Payload):
     image: ImageRef
 
 
+MAX_CASES = 100_000_000  # more cases than any hospital's dataset holds: a count above it is a mistake or a lie
+
+
 class RegisterDataset(Payload):
     TYPE: ClassVar[str] = "assay.v1.RegisterDataset"
     dataset_id: Id
     benchmark_id: Id
     name: Name
     content_hash: Digest
-    case_count: int = Field(ge=1)
-    statistics: dict[MetricName, float] = Field(default_factory=dict, max_length=64)
+    case_count: int = Field(ge=1, le=MAX_CASES)
+    statistics: dict[MetricName, float] = Field(max_length=64, description="the preparator's report; its `cases` "
+                                                                            "is the case count")
     preparator_digest: Digest
+
+    @model_validator(mode="after")
+    def _cases_as_the_preparator_reported(self) -> RegisterDataset:
+        reported = self.statistics.get("cases")
+        if reported != self.case_count:
+            raise ValueError(f"case_count {self.case_count} is not the count the preparator reported "
+                             f"(statistics.cases {reported}); register what `assay dataset prepare` wrote")
+        return self
 
 
 class RequestAssociation(Payload):

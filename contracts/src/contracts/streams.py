@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from contracts import subjects as s
@@ -13,15 +13,25 @@ DUPLICATE_WINDOW_S = 120.0
 # for a server that fsyncs every write under load (a timeout re-runs finished jobs and republishes outbox batches)
 PUBLISH_TIMEOUT_S = 10.0
 
+DAY_S = 24 * 3600.0
+# Sized for a federation's lifetime, by message count (a byte limit would reserve that much disk on every server):
+# an event or a result is 1-3 KiB, so 20 million of them are tens of GiB. EVENTS and RESULTS are the history the
+# board is rebuilt and checked from, so nothing is ever dropped from them: a full stream refuses new messages,
+# which every publisher retries and says so, for an operator to act on. A job waits at most the scheduler's
+# job_ttl_days (30 by default); a dead letter is kept half a year.
 STREAMS: tuple[StreamConfig, ...] = (
     StreamConfig(name=s.EVENTS_STREAM, subjects=[s.EVENTS_ALL], storage=StorageType.FILE,
-                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S),
+                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S,
+                 max_msgs=20_000_000, discard=DiscardPolicy.NEW),
     StreamConfig(name=s.JOBS_STREAM, subjects=[s.JOBS_ALL], storage=StorageType.FILE,
-                 retention=RetentionPolicy.WORK_QUEUE, duplicate_window=DUPLICATE_WINDOW_S),
+                 retention=RetentionPolicy.WORK_QUEUE, duplicate_window=DUPLICATE_WINDOW_S,
+                 max_age=31 * DAY_S, max_msgs=5_000_000, discard=DiscardPolicy.NEW),
     StreamConfig(name=s.RESULTS_STREAM, subjects=[s.RESULTS_ALL], storage=StorageType.FILE,
-                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S),
+                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S,
+                 max_msgs=20_000_000, discard=DiscardPolicy.NEW),
     StreamConfig(name=s.DEAD_LETTERS_STREAM, subjects=[s.DEAD_LETTERS_ALL], storage=StorageType.FILE,
-                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S),
+                 retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S,
+                 max_age=183 * DAY_S, max_msgs=1_000_000, discard=DiscardPolicy.OLD),
 )
 
 

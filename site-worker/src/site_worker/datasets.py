@@ -12,7 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from site_worker.containers import ContainerError, ContainerRunner, Limits, Mount, RunSpec
+from site_worker.containers import (
+    ContainerError,
+    ContainerRunner,
+    Limits,
+    Mount,
+    RunSpec,
+)
 
 CHUNK = 1 << 20
 STATISTICS_FILE = "statistics.json"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from contracts.envelope import Envelope, Payload
-from contracts.messages import ActorRegistered, Role
-from contracts.signing import SignatureError, verify
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from contracts.envelope import Envelope, Payload
+from contracts.messages import ActorRegistered, Role
+from contracts.signing import SignatureError, verify
 from service_kit.edge import NotYetKnown, Refused
 
 P = TypeVar("P", bound=Payload)

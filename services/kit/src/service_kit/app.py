@@ -8,15 +8,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from assay_telemetry import nats_middlewares
-from contracts.catalog import SERVICES
-from contracts.signing import KeyPair
 from faststream import FastStream
 from faststream.context import ContextRepo
 from faststream.nats import NatsBroker
 from pydantic_settings import BaseSettings
 
+from assay_telemetry import nats_middlewares
+from contracts.catalog import SERVICES
+from contracts.signing import KeyPair
 from service_kit.actors import KnownActor
+from service_kit.connection import connection_options
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.inbox import ProcessedMessage
 from service_kit.outbox import OutboxMessage, Relay
@@ -60,7 +61,8 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
     """`context` holds what handlers ask for by name (the job terms, say); `on_start` runs once the tables exist."""
     signer, trust = settings.signer_and_trust()
     broker = NatsBroker(settings.nats_url, middlewares=nats_middlewares(wiring.owner, settings.otlp_endpoint),
-                        logger=None, context=ContextRepo({"trust": trust, **(context or {})}))
+                        logger=None, context=ContextRepo({"trust": trust, **(context or {})}),
+                        **connection_options(wiring.owner, settings.nats_url))
     db = Database(make_engine(settings.database_url))
     units = Units(db, wiring, signer)
     outlets = wiring.declare(broker, units, trust)

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol
 
-from contracts.envelope import Envelope, Payload, describe, utcnow
-from contracts.messages import CommandReply
 from faststream import BaseMiddleware, Depends
 from faststream.exceptions import NackMessage
 from faststream.message import StreamMessage
 from faststream.nats.annotations import NatsMessage
 from nats.errors import NotJSMessageError
 from pydantic import ValidationError
+
+from contracts.envelope import Envelope, Payload, describe, utcnow
+from contracts.messages import CommandReply
 
 log = logging.getLogger(__name__)
 

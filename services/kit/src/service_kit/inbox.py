@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
-from contracts.envelope import utcnow
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+from contracts.envelope import utcnow
 
 
 class ProcessedMessage(SQLModel, table=True):

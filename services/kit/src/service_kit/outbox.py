@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from contracts.envelope import Envelope, Payload, utcnow
 from nats.errors import MaxPayloadError
 from nats.js.errors import BadRequestError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+from contracts.envelope import Envelope, Payload, utcnow
+from service_kit.inbox import ProcessedMessage
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=Payload)
@@ -42,9 +45,18 @@ def stage(session: AsyncSession, subject: str, envelope: Envelope[P]) -> None:
                               trace_headers=json.dumps(carrier)))
 
 
-# what the server answers for a message it can never store (too large for it): set aside, not retried forever
-REFUSED_BY_SERVER: tuple[type[Exception], ...] = (MaxPayloadError, BadRequestError)
 SetAside = Callable[[OutboxMessage, str], Awaitable[None]]
+KEEP_PUBLISHED = timedelta(days=7)
+KEEP_PROCESSED = timedelta(days=30)
+PRUNE_EVERY_S = 3600.0
+TOO_LARGE_FOR_THE_STREAM = 10054  # JetStream's "message size exceeds maximum allowed"
+
+
+def refused_for_good(exc: Exception) -> bool:
+    """The server can never store this message (too large for it or its stream): set it aside, do not retry it.
+    A full stream (10077) or an absent server is not this: those are retried, and the relay says so."""
+    return isinstance(exc, MaxPayloadError) or (isinstance(exc, BadRequestError)
+                                                and exc.err_code == TOO_LARGE_FOR_THE_STREAM)
 
 
 class Relay:
@@ -90,7 +102,9 @@ class Relay:
                     token = otel_context.attach(propagate.extract(json.loads(row.trace_headers)))
                     try:  # published as part of the trace that staged it, not as a new one
                         await self._publish(row.subject, row.body, row.message_id)
-                    except REFUSED_BY_SERVER as exc:
+                    except (MaxPayloadError, BadRequestError) as exc:
+                        if not refused_for_good(exc):
+                            raise
                         await self._put_aside(row, f"the server refused it for good ({type(exc).__name__}: {exc}); "
                                                    f"{len(row.body)} bytes on {row.subject}")
                         continue
@@ -114,12 +128,23 @@ class Relay:
         if self._set_aside is not None:
             await self._set_aside(row, reason)
 
+    async def prune(self, now: datetime) -> None:
+        """Forget what no longer matters: published rows after a week, processed ids after KEEP_PROCESSED (a
+        redelivery comes within hours; a command older than its window is refused by its time anyway)."""
+        async with self._db.transaction(notify=False) as session:
+            await session.exec(delete(OutboxMessage).where(col(OutboxMessage.published_at) < now - KEEP_PUBLISHED))
+            await session.exec(delete(ProcessedMessage).where(col(ProcessedMessage.processed_at) < now - KEEP_PROCESSED))
+
     async def run(self) -> None:
         """Publish until stop(); a flush is never cancelled halfway (that would strand a database transaction)."""
+        pruned = 0.0
         while not self._stopping:
             self._wake.clear()
             try:
                 await self.flush()
+                if time.monotonic() - pruned > PRUNE_EVERY_S:
+                    await self.prune(utcnow())
+                    pruned = time.monotonic()
             except Exception:  # the bus may be briefly away: rows stay pending and are retried
                 log.exception("outbox relay could not publish; will retry")
             if self._stopping:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from contracts.catalog import EVENT_PUBLISHERS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import SignatureError, check_public_key, verify
-
 from service_kit.edge import Refused
 
 

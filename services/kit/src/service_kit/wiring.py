@@ -14,15 +14,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS, REQUEST_SUBJECTS
-from contracts.envelope import Envelope, Payload
-from contracts.messages import DeadLetter
-from contracts.streams import PUBLISH_TIMEOUT_S
 from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsRouter, PullSub
 from faststream.nats.publisher.usecase import LogicPublisher
 
 from contracts import subjects
+from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS, REQUEST_SUBJECTS
+from contracts.envelope import Envelope, Payload
+from contracts.messages import DeadLetter
+from contracts.streams import PUBLISH_TIMEOUT_S
 from service_kit.edge import Checks, Edge, Retry, Route, Transactions
 
 Handler = Callable[..., Awaitable[Any]]

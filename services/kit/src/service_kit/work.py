@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 
-from contracts.catalog import EVENT_SUBJECTS
-from contracts.envelope import Envelope, Payload
-from contracts.signing import KeyPair
 from faststream import Context
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from contracts.catalog import EVENT_SUBJECTS
+from contracts.envelope import Envelope, Payload
+from contracts.signing import KeyPair
 from service_kit.db import Database
 from service_kit.inbox import first_time, seen
 from service_kit.outbox import stage

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.messages import (
     BenchmarkSpec,
@@ -30,8 +31,6 @@ from contracts.metrics import (
     checked_metrics,
 )
 from contracts.signing import SignatureError, metrics_hash, verify
-
-from contracts import subjects
 
 # pooled values are weighted means: two models with the same site values may differ in the last bits
 TIE_REL_TOL = 1e-9

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
 
+from faststream import Context
+
+from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.messages import (
     ActorRegistered,
@@ -18,16 +21,13 @@ from contracts.messages import (
     ShowLeaderboard,
     SiteResult,
 )
-from faststream import Context
+from leaderboard import domain
+from leaderboard.store import Store
 from service_kit.actors import remember_actor
 from service_kit.edge import Delivery, NotYetKnown
 from service_kit.trust import Trust
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
-
-from contracts import subjects
-from leaderboard import domain
-from leaderboard.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from service_kit.app import ServiceApp, service_app
-
 from leaderboard.config import Settings
 from leaderboard.handlers import WIRING, ParkingTerms
 from leaderboard.models import TABLES
+from service_kit.app import ServiceApp, service_app
 
 
 def create_app(settings: Settings | None = None) -> ServiceApp:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from contracts.envelope import utcnow
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
+
+from contracts.envelope import utcnow
 
 
 class KnownBenchmark(SQLModel, table=True):

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from contracts.envelope import Envelope
-from contracts.messages import BenchmarkRegistered, BenchmarkSpec, SiteResult
-from service_kit.actors import KnownActor
-from service_kit.inbox import digest
 from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from contracts.envelope import Envelope
+from contracts.messages import BenchmarkRegistered, BenchmarkSpec, SiteResult
 from leaderboard.domain import Score, Signer
 from leaderboard.models import AcceptedResult, KnownBenchmark, ParkedResult
+from service_kit.actors import KnownActor
+from service_kit.inbox import digest
 
 
 class Store:

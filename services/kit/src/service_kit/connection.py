@@ -1,0 +1,32 @@
+"""How every long-running process holds its NATS connection: it never gives up (the bus may be away for a while),
+and it says in its log, each time, why it cannot reach the server, never with the credentials in the URL."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+log = logging.getLogger("service_kit.connection")
+
+
+def where(url: str) -> str:
+    """`url` without its user and password."""
+    parts = urlsplit(url.split(",")[0])
+    return f"{parts.scheme}://{parts.hostname}:{parts.port}"
+
+
+def connection_options(owner: str, url: str) -> dict[str, Any]:
+    """nats-py options for `owner`'s broker: endless reconnects, each failure and recovery logged."""
+
+    async def failed(exc: Exception) -> None:
+        log.error("%s cannot reach NATS at %s: %s: %s; trying again", owner, where(url), type(exc).__name__, exc)
+
+    async def lost() -> None:
+        log.warning("%s lost its connection to NATS at %s; reconnecting", owner, where(url))
+
+    async def back() -> None:
+        log.info("%s is connected to NATS at %s again", owner, where(url))
+
+    return {"error_cb": failed, "disconnected_cb": lost, "reconnected_cb": back, "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 2, "connect_timeout": 5}
