@@ -68,7 +68,7 @@ def gone(pids: dict[str, int], timeout_s: float = 20) -> list[str]:
 
 def events_of(home: Path, subject: str) -> list[dict[str, object]]:
     async def read() -> list[dict[str, object]]:
-        nc = await nats.connect(json.loads((home / "platform.json").read_text())["nats_url"])
+        nc = await nats.connect(json.loads((home / "platform.json").read_text())["admin_url"])
         js = nc.jetstream()
         info = await js.stream_info(subjects.EVENTS_STREAM)
         found = []

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from contracts import messages as m
 from contracts.signing import KeyPair
@@ -36,8 +37,10 @@ def test_assay_up_starts_every_process_and_ctrl_c_stops_them_all(tmp_path: Path)
             assert up.poll() is None, up.stdout.read() if up.stdout else ""
             assert time.monotonic() < deadline, "assay up did not come up"
             time.sleep(0.1)
-        url = json.loads((tmp_path / "platform.json").read_text())["nats_url"]
-        assert url.startswith("nats://127.0.0.1:") and not url.endswith(":4222")
+        url = urlsplit(json.loads((tmp_path / "platform.json").read_text())["nats_url"])
+        assert (url.hostname, url.username) == ("127.0.0.1", "cli") and url.port != 4222  # a random port, a user
+        assert (tmp_path / "platform.json").stat().st_mode & 0o777 == 0o600, "it holds passwords"
+        assert (tmp_path / "nats" / "nats.conf").stat().st_mode & 0o777 == 0o600
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=60)
     finally:

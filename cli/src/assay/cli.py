@@ -264,12 +264,13 @@ def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")]) -
 def up() -> None:
     """Start the platform on this machine (nats-server, services, site workers); Ctrl-C, SIGTERM or SIGHUP stop it."""
     from assay.platform import Platform, stopping_signals
+    from service_kit.connection import where
 
     platform = Platform(_home(), on_step=lambda s: console.print(f"[dim]·[/dim] {s}"))
     try:
         with stopping_signals():  # from the first moment: a signal while it starts stops it cleanly too
             platform.start()
-            console.print(f"[green]Assay is up[/green] on {platform.nats_url}; logs in {_home().logs}. "
+            console.print(f"[green]Assay is up[/green] on {where(platform.nats_url)}; logs in {_home().logs}. "
                           "Ctrl-C stops it.")
             platform.wait()
     except KeyboardInterrupt:

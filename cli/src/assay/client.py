@@ -13,6 +13,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from contracts.catalog import REQUEST_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
+from service_kit.connection import inbox_of
 
 
 class CommandFailed(Exception):
@@ -33,7 +34,7 @@ async def request(nats_url: str, payload: Payload, *, actor: str, key: KeyPair |
     """
     body = signed(payload, actor, key)
     subject = REQUEST_SUBJECTS[type(payload)]
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, inbox_prefix=inbox_of(nats_url))
     try:
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + patience_s, 0.1

@@ -22,11 +22,13 @@ from typing import IO
 import nats
 from pydantic_settings import BaseSettings
 
+from assay.access import ADMIN, CLI, Access
 from assay.home import Home
 from assay.supervisor import Supervisor, reap
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from contracts.streams import ensure_streams
+from service_kit.connection import where
 
 
 def settings_env(settings: type[BaseSettings], **values: object) -> dict[str, str]:
@@ -46,6 +48,13 @@ def nats_server_binary() -> str:
     return found
 
 
+def private(path: Path, text: str) -> None:
+    """Write `text` readable by this user only: it holds passwords."""
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(text)
+
+
 def read_ports_file(folder: Path) -> str:
     """The client URL from nats-server's ports file in `folder`, or "" while it is absent or half written
     (the server writes it just after "Server is ready")."""
@@ -61,8 +70,10 @@ def read_ports_file(folder: Path) -> str:
 class Platform:
     home: Home
     on_step: Callable[[str], None] = lambda _msg: None
-    nats_url: str = ""
+    nats_url: str = ""  # the supervisor's own URL: every right on the bus, for provisioning and for tools
     supervisor: Supervisor = field(init=False)
+    access: Access | None = field(default=None, init=False)
+    hostport: str = field(default="", init=False)
     _lock: IO[str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -98,23 +109,29 @@ class Platform:
         store.mkdir(parents=True, exist_ok=True)
         for stale in store.glob("*.ports"):
             stale.unlink()
-        conf = store / "nats.conf"
-        # fsync every write: results and the event history must survive a power cut
-        conf.write_text(f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n')
-        self._spawn("nats", [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", "-1",
+        self.access = Access.new(self.home.sites())
+        # fsync every write: results and the event history must survive a power cut; one user per process
+        private(store / "nats.conf", f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
+                                     + self.access.config())
+        self._spawn("nats", [nats_server_binary(), "-c", str(store / "nats.conf"), "-a", "127.0.0.1", "-p", "-1",
                              "--ports_file_dir", str(store)], {}, restartable=False)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            self.nats_url = read_ports_file(store)
-            if self.nats_url:
+            if listening := read_ports_file(store):
+                self.hostport = listening.removeprefix("nats://")
+                self.nats_url = self.url_for(ADMIN)
                 return self.nats_url
             if self.procs["nats"].poll() is not None:
                 break
             time.sleep(0.02)
         raise RuntimeError(f"nats-server did not start; see {self.home.logs / 'nats.log'}")
 
+    def url_for(self, user: str) -> str:
+        """The URL a process connects with: as its own user, when this platform made the server."""
+        return self.access.url(user, self.hostport) if self.access is not None else self.nats_url
+
     def service_settings(self, name: str) -> tuple[type[BaseSettings], dict[str, object]]:
-        values: dict[str, object] = {"nats_url": self.nats_url,
+        values: dict[str, object] = {"nats_url": self.url_for(name),
                                      "database_url": f"sqlite+aiosqlite:///{self.home.root / 'services' / name}.db",
                                      "key_file": self.home.key_file(name),
                                      "service_keys": {service: self.home.public_key(service) for service in SERVICES}}
@@ -128,7 +145,7 @@ class Platform:
 
     def site_settings(self, site_id: str) -> dict[str, object]:
         site_dir = self.home.site_dir(site_id)
-        return {"site_id": site_id, "nats_url": self.nats_url, "key_file": self.home.key_file(site_id),
+        return {"site_id": site_id, "nats_url": self.url_for(f"site-{site_id}"), "key_file": self.home.key_file(site_id),
                 "scheduler_public_key": self.home.public_key("scheduling"),
                 "datasets_file": self.home.datasets_file(site_id), "work_dir": site_dir / "jobs"}
 
@@ -191,7 +208,7 @@ class Platform:
                     KeyPair.generate().save(self.home.key_file(service))
             self.home.public_key("operator")  # fails early, with the command to fix it
             self.start_nats()
-            self.on_step(f"nats-server on {self.nats_url} (JetStream in {self.home.root / 'nats'})")
+            self.on_step(f"nats-server on {where(self.nats_url)}, a user and password for each process (JetStream in {self.home.root / 'nats'})")
             asyncio.run(self._provision_and_wait())
         except BaseException:
             self.stop()
@@ -202,9 +219,10 @@ class Platform:
     def _record(self) -> None:
         """platform.json: where the bus is, and which processes run (for the CLI, and for a platform started after
         this one was killed); replaced whole, so a reader never sees it half written."""
-        state = {"nats_url": self.nats_url, "pid": os.getpid(), "pids": self.supervisor.pids()}
+        state = {"nats_url": self.url_for(CLI), "admin_url": self.nats_url, "pid": os.getpid(),
+                 "pids": self.supervisor.pids()}
         partial = self.home.platform_file.with_suffix(".json.partial")
-        partial.write_text(json.dumps(state))
+        private(partial, json.dumps(state))
         partial.replace(self.home.platform_file)
 
     def stop(self, timeout_s: float = 15.0) -> None:

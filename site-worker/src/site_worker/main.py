@@ -21,7 +21,7 @@ from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.messages import JobSpec, SiteResult
 from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
-from service_kit.connection import connection_options
+from service_kit.connection import connection_options, inbox_of
 from service_kit.edge import Retry
 from service_kit.wiring import Consumer, Outlet, Outlets, Wiring
 from site_worker.config import Settings
@@ -121,7 +121,8 @@ def create_app(settings: Settings, runner: ContainerRunner) -> FastStream:
     broker = NatsBroker(settings.nats_url, logger=None, context=context,
                         middlewares=nats_middlewares(f"site-worker-{settings.site_id}", settings.otlp_endpoint),
                         **connection_options(plan.owner, settings.nats_url))
-    context.set_global("site", Site(settings, key, runner, plan.declare(broker, units=None), plan.source))
+    outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url))
+    context.set_global("site", Site(settings, key, runner, outlets, plan.source))
     app = FastStream(broker)
 
     @app.on_startup

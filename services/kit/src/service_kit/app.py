@@ -17,7 +17,7 @@ from assay_telemetry import nats_middlewares
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from service_kit.actors import KnownActor
-from service_kit.connection import connection_options
+from service_kit.connection import connection_options, inbox_of
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.inbox import ProcessedMessage
 from service_kit.outbox import OutboxMessage, Relay
@@ -65,7 +65,7 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
                         **connection_options(wiring.owner, settings.nats_url))
     db = Database(make_engine(settings.database_url))
     units = Units(db, wiring, signer)
-    outlets = wiring.declare(broker, units, trust)
+    outlets = wiring.declare(broker, units, trust, inbox=inbox_of(settings.nats_url))
 
     async def set_aside(row: OutboxMessage, reason: str) -> None:
         await outlets.dead_letter(wiring.outbox_consumer, row.subject, row.message_id, 1, reason)

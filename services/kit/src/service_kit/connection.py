@@ -16,6 +16,13 @@ def where(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port}"
 
 
+def inbox_of(url: str) -> str:
+    """Where the replies to a connection come: `_INBOX.<user>` when the URL names a user (the server lets each user
+    read only its own), nats-py's `_INBOX` otherwise."""
+    user = urlsplit(url.split(",")[0]).username
+    return f"_INBOX.{user}" if user else "_INBOX"
+
+
 def connection_options(owner: str, url: str) -> dict[str, Any]:
     """nats-py options for `owner`'s broker: endless reconnects, each failure and recovery logged."""
 
@@ -29,4 +36,4 @@ def connection_options(owner: str, url: str) -> dict[str, Any]:
         log.info("%s is connected to NATS at %s again", owner, where(url))
 
     return {"error_cb": failed, "disconnected_cb": lost, "reconnected_cb": back, "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 2, "connect_timeout": 5}
+            "reconnect_time_wait": 2, "connect_timeout": 5, "inbox_prefix": inbox_of(url)}

@@ -133,10 +133,11 @@ class Wiring:
         if not any(subjects.matches(outlet.subject, subject) for outlet in self.publishes):
             raise undeclared(self.owner, subject)
 
-    def declare(self, broker: NatsBroker, units: Transactions | None, trust: Checks | None = None) -> Outlets:
+    def declare(self, broker: NatsBroker, units: Transactions | None, trust: Checks | None = None,
+                inbox: str = "_INBOX") -> Outlets:
         """A subscriber for each consumer and request, each behind its own Edge, and the declared publishers.
         `trust` checks who signed each event a consumer gets (none at a site, which trusts only the scheduler's
-        signature on its jobs)."""
+        signature on its jobs); `inbox` is where the server delivers what a consumer pulls (its user's own)."""
         addresses = [c.address for c in self.consumers] + [REQUEST_SUBJECTS[r.payload] for r in self.requests]
         if len(set(addresses)) != len(addresses):
             raise ValueError(f"{self.owner} subscribes to a subject twice; one subject, one handler: {addresses}")
@@ -151,6 +152,7 @@ class Wiring:
                 broker, Edge(Route(name, consumer.payload), units, self.retry, outlets, trust),
                 consumer.address, consumer.handle, stream=JStream(subjects.stream_of(consumer.address), declare=False),
                 durable=name, title=name, pull_sub=PullSub(batch_size=consumer.batch, timeout=1.0),
+                inbox_prefix=f"{inbox}.".encode(),
                 config=ConsumerConfig(max_deliver=self.retry.max_deliver, ack_wait=consumer.ack_wait_s),
                 ack_policy=AckPolicy.NACK_ON_ERROR)
         for request in self.requests:

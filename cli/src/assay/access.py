@@ -1,0 +1,67 @@
+"""Who may do what on the bus of `assay up`: one NATS user per process, each allowed only what it does, as in
+compose/nats/nats.conf. Passwords are new at every start and never leave the state folder (mode 0600). Each user's
+replies come to an inbox of its own (`_INBOX.<user>.`), so no process reads another's jobs or answers."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+
+from contracts import subjects
+from contracts.catalog import SERVICES
+
+ADMIN, CLI = "supervisor", "cli"  # the supervisor provisions the streams and watches readiness; the CLI commands
+
+
+def consuming(stream: str) -> list[str]:
+    """The JetStream API a durable pull consumer on `stream` uses."""
+    return [f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>", f"$JS.ACK.{stream}.>"]
+
+
+def service_permissions(service: str) -> dict[str, object]:
+    publish = ["assay.v1.evt.>", "assay.v1.dlq.*", *consuming(subjects.EVENTS_STREAM)]
+    if service == "scheduling":
+        publish.append(subjects.JOBS_ALL)  # the only publisher of jobs
+    if service == "leaderboard":
+        publish += consuming(subjects.RESULTS_STREAM)  # the only reader of results
+    return {"publish": publish, "subscribe": [subjects.cmd(service, ">"), f"_INBOX.{service}.>"],
+            "allow_responses": True}
+
+
+def site_permissions(site_id: str) -> dict[str, object]:
+    durable = subjects.durable(f"site-{site_id}", subjects.jobs(site_id))
+    return {"publish": [f"$JS.API.CONSUMER.CREATE.JOBS.{durable}.{subjects.jobs(site_id)}",
+                        f"$JS.API.CONSUMER.INFO.JOBS.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.JOBS.{durable}",
+                        f"$JS.ACK.JOBS.{durable}.>", subjects.results(site_id), subjects.dead_letter(durable),
+                        "$JS.API.INFO"],
+            "subscribe": [f"_INBOX.site-{site_id}.>"]}
+
+
+@dataclass(frozen=True)
+class Access:
+    passwords: dict[str, str]  # user -> password
+
+    @classmethod
+    def new(cls, sites: list[str]) -> Access:
+        users = [ADMIN, CLI, *SERVICES, *(f"site-{site}" for site in sites)]
+        return cls({user: secrets.token_urlsafe(24) for user in users})
+
+    def url(self, user: str, hostport: str) -> str:
+        return f"nats://{user}:{self.passwords[user]}@{hostport}"
+
+    def permissions(self, user: str) -> dict[str, object]:
+        if user == ADMIN:
+            return {"publish": [">"], "subscribe": [">"]}
+        if user == CLI:
+            return {"publish": ["assay.v1.cmd.>"], "subscribe": [f"_INBOX.{CLI}.>", subjects.EVENTS_ALL]}
+        if user in SERVICES:
+            return service_permissions(user)
+        return site_permissions(user.removeprefix("site-"))
+
+    def config(self) -> str:
+        """The `authorization` block of nats-server's configuration."""
+        users = [{"user": user, "password": password, "permissions": self.permissions(user)}
+                 for user, password in self.passwords.items()]
+        return "authorization {\n  users: " + json.dumps(users, indent=2) + "\n}\n"
