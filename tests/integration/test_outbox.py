@@ -127,3 +127,23 @@ async def test_what_was_published_a_week_ago_and_ids_processed_a_month_ago_are_f
         processed = [row.message_id for row in (await session.exec(select(ProcessedMessage))).all()]
     assert len(kept) == 2 and "old" not in kept and "recent" in kept
     assert processed and "old" not in processed
+
+
+async def test_the_longest_valid_envelope_id_fits_the_outbox_and_the_inbox(db: Database) -> None:
+    """varchar(128) on PostgreSQL refuses what is longer: the longest id an envelope may carry must fit both tables,
+    as must the longest consumer name (`<consumer>-refused`, for the commands a consumer refused)."""
+    from contracts.envelope import Envelope
+    from contracts.subjects import durable, jobs
+    from service_kit.inbox import ProcessedMessage, first_time
+
+    longest = "i" * next(rule.max_length for rule in Envelope.model_fields["id"].metadata if hasattr(rule, "max_length"))
+    envelope = Envelope.wrap(EVENT, source="service:approval", id=longest)
+    site = "s" * 63  # the longest id the contracts allow
+    consumer = durable(f"site-{site}", jobs(site)) + "-refused"
+    async with db.transaction() as session:
+        session.add(OutboxMessage(message_id=envelope.id, subject="assay.v1.evt.benchmark.approved",
+                                  body=envelope.model_dump_json().encode()))
+        assert await first_time(session, consumer, envelope.model_dump_json().encode())
+    async with db.transaction() as session:
+        assert (await session.exec(select(OutboxMessage.message_id))).one() == longest
+        assert (await session.exec(select(ProcessedMessage.consumer))).one() == consumer
