@@ -89,5 +89,6 @@ async def test_a_phantom_site_with_a_huge_job_does_not_move_the_board(federation
 
     registered = await next_events(federation.nats_url, subjects.dead_letter("leaderboard-actor-registered"), 1)
     assert "must be signed by registry" in registered[0]["data"]["error"]
-    # the phantom's result waits, acknowledged, for a key nobody registered (and carries a job no scheduler signed)
+    [rejected] = await next_events(federation.nats_url, subjects.evt("result", "rejected"), 1)
+    assert rejected["data"]["reason"].startswith("job_signature: the job the result carries is not the scheduler's")
     assert await federation.board() == before  # the phantom's 100,000 cases count for nothing

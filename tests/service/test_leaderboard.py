@@ -226,16 +226,31 @@ async def test_a_result_about_what_is_not_known_yet_is_parked_acked_and_judged_w
     assert (await leaderboard.stored())["lb_parked"] == []
 
 
-async def test_a_flood_of_results_from_keys_nobody_registered_is_parked_and_the_genuine_one_counted_at_once(
+async def test_a_flood_of_results_from_keys_nobody_registered_is_rejected_at_once_and_the_genuine_one_counted(
         leaderboard, actors):
     await learn_world(leaderboard, actors)
-    for forger in range(50):  # each acknowledged on its first delivery, none waiting in the consumer
-        await send(leaderboard, site_result(actors, "job-1", 1.0, key=actors.key(f"forger-{forger}")))
+    forgers = [actors.key(f"forger-{n}") for n in range(50)]
+    for forger in forgers:  # each settled on its first delivery, none waiting in the consumer or in the park
+        await send(leaderboard, site_result(actors, "job-1", 1.0, key=forger))
 
     await send(leaderboard, site_result(actors, "job-1", 0.8))
 
     assert [e.metrics["auc"] for e in leaderboard.events(ResultAccepted)] == [0.8]
-    assert len((await leaderboard.stored())["lb_parked"]) == 50
+    assert [e.reason for e in leaderboard.events(ResultRejected)] == [
+        f"signature: key {forger.key_id} belongs to no registered actor, so not to site site-a" for forger in forgers]
+    assert (await leaderboard.stored())["lb_parked"] == []
+
+
+async def test_a_result_whose_job_the_scheduler_did_not_sign_is_rejected_at_once_even_from_an_unknown_site(
+        leaderboard, actors):
+    """Nothing a forger makes up can wait in the park: only a job the scheduler signed may wait for its site."""
+    await learn_world(leaderboard, actors, sites=False)
+
+    await send(leaderboard, site_result(actors, "job-1", 0.99, key=actors.key("stranger"), job_signer="stranger"))
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert rejected.reason.startswith("job_signature: ")
+    assert (await leaderboard.stored())["lb_parked"] == []
 
 
 async def test_a_parked_result_that_waited_too_long_is_rejected_with_the_reason(leaderboard, actors):

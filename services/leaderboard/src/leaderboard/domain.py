@@ -85,7 +85,8 @@ def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer
         return Verdict.reject(Check.SIGNATURE, "the result is not signed; a site signs every result with its key")
     key_id = envelope.signature.key_id
     if signer is None:
-        return Verdict.reject(Check.SIGNATURE, f"key {key_id} belongs to no registered actor")
+        return Verdict.reject(Check.SIGNATURE,
+                              f"key {key_id} belongs to no registered actor, so not to site {result.site_id}")
     try:
         verify(envelope, signer.public_key)
     except SignatureError as exc:

@@ -60,9 +60,9 @@ async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery:
                         park: Parking) -> None:
     """Verify, then store and re-rank; a result that fails a check is rejected with the reason, never retried.
 
-    A result carries the job the scheduler signed, so it never waits for another stream. One whose site's key or
-    benchmark this service has not heard of yet is parked, acknowledged, and judged when that arrives (or rejected
-    once it has waited `park.wait`): it never holds the consumer, however many come.
+    A result carries the job the scheduler signed, so it never waits for another stream. One answering a genuine job
+    whose site or benchmark this service has not heard of yet is parked, acknowledged, and judged when that arrives
+    (or rejected once it has waited `park.wait`): it never holds the consumer, however many come.
     """
     store = Store(uow.session)
     await judge(store, uow, result, delivery.subject, trust)
@@ -71,17 +71,21 @@ async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery:
 
 
 async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], subject: str, trust: Trust) -> None:
+    """Reject at once whatever can be judged now: the job must be the scheduler's (its key is known from the start),
+    and a key that is not the registered key of the site the result names is refused. Only a genuine job whose site
+    or benchmark this service has not heard of yet waits, parked."""
     site_result = result.data
+    verdict = domain.check_job(site_result, scheduler_key=trust.keys["scheduling"])
     signer = None
-    if result.signature is not None:
+    if verdict.ok and result.signature is not None:
         waiting_for = f"key {result.signature.key_id}"
-        if (signer := await store.signer(result.signature.key_id)) is None:
+        signer = await store.signer(result.signature.key_id)
+        if signer is None and not await store.knows(site_result.site_id):
             await store.hold(waiting_for)  # then look again: the key may have arrived meanwhile
             if (signer := await store.signer(result.signature.key_id)) is None:
                 return await store.park(result, subject, waiting_for)
-    verdict = domain.check_origin(result, subject=subject, signer=signer)
     if verdict.ok:
-        verdict = domain.check_job(site_result, scheduler_key=trust.keys["scheduling"])
+        verdict = domain.check_origin(result, subject=subject, signer=signer)
     if verdict.ok:
         job = site_result.job.data
         waiting_for = f"benchmark {job.binding.benchmark_id}"

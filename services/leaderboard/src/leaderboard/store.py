@@ -63,6 +63,10 @@ class Store:
         return None if actor is None else Signer(actor_id=actor.actor_id, role=actor.role,
                                                  public_key=actor.public_key)
 
+    async def knows(self, actor_id: str) -> bool:
+        """Whether `actor_id` is registered here (with the one key it may sign with: the first registration wins)."""
+        return await self.session.get(KnownActor, actor_id) is not None
+
     async def has_result(self, job_id: str) -> bool:
         return await self.session.get(AcceptedResult, job_id) is not None
 
