@@ -74,3 +74,9 @@ def test_demo_leaderboard_matches_metrics_computed_independently(tmp_path: Path,
     for site in SITES:
         for job_dir in (home.site_dir(site) / "jobs").iterdir():
             assert not (job_dir / "predictions" / "labels.csv").exists()
+    # what the sites prepared and what their containers wrote (labels, predictions, per-case scores, failure logs)
+    # is readable by the site's own user (and its sandbox's) only
+    kept = [path for site in SITES for folder in ("datasets", "jobs")
+            for path in (home.site_dir(site) / folder).rglob("*")]
+    assert any(path.name == "cases.jsonl" for path in kept) and any(path.name == "labels.csv" for path in kept)
+    assert {str(path): oct(path.stat().st_mode & 0o777) for path in kept if path.stat().st_mode & 0o077} == {}

@@ -47,6 +47,13 @@ elif task == "write":
     except OSError as error:
         print("cannot write:", error)
         sys.exit(3)
+elif task == "spread":  # what a careless (or hostile) container leaves: open modes, a link out
+    os.umask(0)
+    os.makedirs("/assay/out/open/deeper", mode=0o777)
+    with open("/assay/out/open/deeper/scores.csv", "w") as stream:
+        stream.write("case_id,score")
+    os.chmod("/assay/out/open/deeper/scores.csv", 0o666)
+    os.symlink("/etc/passwd", "/assay/out/link")
 elif task == "threads":
     stop, started = threading.Event(), 0
     try:
@@ -269,6 +276,19 @@ def test_a_container_writes_its_writable_mount_as_the_sandbox_user(runner, probe
     assert outcome.ok, outcome.log_tail
     assert (out / "result").read_text() == "written from inside"
     assert ((out / "result").stat().st_uid, (out / "result").stat().st_gid) == (65534, 65534)
+
+
+def test_what_a_container_wrote_is_readable_by_its_owner_only_whatever_modes_it_gave(runner, probe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    outcome = probe_run(runner, probe, "spread", Mount(out, "/assay/out", writable=True))
+
+    assert outcome.ok, outcome.log_tail
+    modes = {str(p.relative_to(out)): p.lstat().st_mode & 0o777 for p in out.rglob("*") if not p.is_symlink()}
+    assert modes == {"open": 0o700, "open/deeper": 0o700, "open/deeper/scores.csv": 0o600}
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert (out / "link").is_symlink() and Path("/etc/passwd").stat().st_mode & 0o777 == 0o644  # not followed
 
 
 def test_a_container_cannot_start_more_processes_than_its_pids_limit(runner, probe):

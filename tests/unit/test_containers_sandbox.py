@@ -7,12 +7,15 @@ from docker.types import DeviceRequest
 
 from site_worker.containers import (
     ContainerError,
+    DockerRunner,
     FakeRunner,
     Limits,
     Mount,
     RunOutcome,
     RunSpec,
     sandbox_kwargs,
+    sandbox_user,
+    seal,
 )
 
 IMAGE = "sha256:" + "ab" * 32
@@ -131,3 +134,39 @@ def test_an_action_that_raises_fails_like_a_crashing_container():
     outcome = runner.run(spec(image=image, mounts=()))
 
     assert not outcome.ok and "ZeroDivisionError" in outcome.log_tail
+
+
+@pytest.mark.parametrize(("euid", "egid", "expected"), [(0, 0, "65534:65534"), (1000, 1001, "1000:1001")])
+def test_a_container_runs_as_the_workers_own_user_and_never_as_root(monkeypatch, euid, egid, expected):
+    monkeypatch.setattr("os.geteuid", lambda: euid)
+    monkeypatch.setattr("os.getegid", lambda: egid)
+
+    assert sandbox_user() == expected
+
+
+def test_a_worker_that_is_not_root_cannot_hand_its_outputs_to_another_user(monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+
+    with pytest.raises(ValueError, match="only when the worker runs as root or as that user"):
+        DockerRunner(client=None, user="65534:65534")  # type: ignore[arg-type]
+
+
+def test_sealing_leaves_every_file_to_its_owner_and_follows_no_link(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the container's")
+    outside.chmod(0o644)
+    out = tmp_path / "out"
+    (out / "a" / "b").mkdir(parents=True)
+    (out / "a" / "b" / "scores.csv").write_text("case_id,score")
+    for path, mode in ((out, 0o777), (out / "a", 0o777), (out / "a" / "b", 0o755), (out / "a/b/scores.csv", 0o666)):
+        path.chmod(mode)
+    (out / "link").symlink_to(outside)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    (out / "a" / "dirlink").symlink_to(elsewhere)
+
+    seal(out)
+
+    modes = {str(p.relative_to(out)): p.lstat().st_mode & 0o777 for p in (out, *out.rglob("*")) if not p.is_symlink()}
+    assert modes == {".": 0o700, "a": 0o700, "a/b": 0o700, "a/b/scores.csv": 0o600}
+    assert outside.stat().st_mode & 0o777 == 0o644 and elsewhere.stat().st_mode & 0o777 == 0o755

@@ -93,3 +93,41 @@ def test_a_failed_containers_log_stays_at_the_site(tmp_path: Path) -> None:
         execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
     assert "Jane Doe" not in str(failed.value) and "exit code 3" in str(failed.value)
     assert "Jane Doe" in (tmp_path / "work" / "job-1" / "failure.log").read_text()
+
+
+@pytest.mark.parametrize("trick", ["link", "pipe", "huge"])
+def test_what_an_evaluator_leaves_in_place_of_its_metrics_is_read_as_nothing(tmp_path: Path, trick: str) -> None:
+    """A link to a file of the site's, a pipe that would block the worker for ever, a file too large to hold."""
+    import os
+
+    digest = make_dataset(tmp_path / "ds")
+    runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
+    secret = tmp_path / "ds" / "labels" / "labels.csv"
+
+    def evaluate(spec):  # type: ignore[no-untyped-def]
+        out = spec.source_of("/assay/out")
+        if trick == "link":
+            (out / "metrics.json").symlink_to(secret)
+        elif trick == "pipe":
+            os.mkfifo(out / "metrics.json")
+        else:
+            (out / "metrics.json").write_text('{"metrics": {"auc": 0.8, "sensitivity": 0.5}}' + " " * (1 << 20))
+
+    runner.on("evaluate", evaluate)
+    with pytest.raises(RunFailed, match=r"/assay/out/metrics.json(: the evaluator wrote no regular file| is over)"):
+        execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
+
+
+def test_cases_written_as_a_link_are_not_counted(tmp_path: Path) -> None:
+    digest = make_dataset(tmp_path / "ds")
+    runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
+    secret = tmp_path / "ds" / "labels" / "labels.csv"  # its lines would be counted, and the count would leave
+
+    def evaluate(spec):  # type: ignore[no-untyped-def]
+        out = spec.source_of("/assay/out")
+        (out / "metrics.json").write_text('{"metrics": {"auc": 0.8, "sensitivity": 0.5}}')
+        (out / "cases.jsonl").symlink_to(secret)
+
+    runner.on("evaluate", evaluate)
+    with pytest.raises(JobRefused, match="scored 0 cases"):
+        execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())

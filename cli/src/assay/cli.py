@@ -186,6 +186,7 @@ def dataset_prepare(dataset_id: str, benchmark: Annotated[str, typer.Option()], 
 
     spec = m.BenchmarkSpec.model_validate(_send(m.GetBenchmark(benchmark_id=benchmark), None)["benchmark"])
     home = _home()
+    os.umask(0o077)  # the prepared cases are readable by this user (and the sandbox's) only
     out = home.dataset_dir(site, dataset_id)
     if out.exists():
         say_error(f"{out} exists; choose another dataset id or remove it")

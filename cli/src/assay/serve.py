@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -28,6 +29,7 @@ def build(kind: str) -> Any:
         from site_worker.main import create_app
 
         settings = Settings()  # type: ignore[call-arg]
+        os.umask(0o077)  # what the worker writes (job records, failure logs with patient data) is its own alone
         return create_app(settings, DockerRunner(docker.from_env(), worker=f"{settings.site_id}/{settings.worker_id}"))
     return importlib.import_module(f"{kind}.main").create_app()
 

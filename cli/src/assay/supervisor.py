@@ -18,6 +18,11 @@ RESTART_WINDOW_S = 120.0
 PR_SET_PDEATHSIG = 1
 
 
+def private(path: str, flags: int) -> int:
+    """Open a log readable by this user only: a site's log may name its cases' files and its datasets."""
+    return os.open(path, flags, 0o600)
+
+
 def die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
     """Ask the kernel to SIGTERM this child when the supervisor dies, so none is orphaned."""
     if sys.platform.startswith("linux"):
@@ -47,7 +52,7 @@ class Supervisor:
     def spawn(self, name: str, argv: list[str], env: dict[str, str], *, restartable: bool = True) -> None:
         child = self.children.setdefault(name, Child(name, argv, env, restartable))
         self.logs.mkdir(parents=True, exist_ok=True)
-        with (self.logs / f"{name}.log").open("ab") as log:  # the child holds its own copy of the descriptor
+        with open(self.logs / f"{name}.log", "ab", opener=private) as log:  # the child keeps its own descriptor
             child.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                           start_new_session=True, preexec_fn=die_with_parent)
         child.due = None

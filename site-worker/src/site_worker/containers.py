@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import docker
 import requests
@@ -134,6 +135,41 @@ def sandbox_kwargs(spec: RunSpec, user: str, worker: str = "") -> dict[str, Any]
     return kwargs
 
 
+def sandbox_user() -> str:
+    """Who a container runs as: the worker's own user, so what it reads and writes is the worker's alone; the
+    unprivileged 65534 (nobody) when the worker is root, never root itself."""
+    return "65534:65534" if os.geteuid() == 0 else f"{os.geteuid()}:{os.getegid()}"
+
+
+def _tree(folder: Path) -> Iterable[tuple[str, bool]]:
+    """Every path under `folder` (itself first), and whether it is a folder; links are not followed."""
+    yield str(folder), True
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        yield from ((os.path.join(top, name), name in dirs and not os.path.islink(os.path.join(top, name)))
+                    for name in (*dirs, *files))
+
+
+def seal(folder: Path) -> None:
+    """Make what a container wrote in `folder` readable by its owner only: files 0600, folders 0700, whatever mode
+    the container gave them. Symbolic links are neither followed nor changed."""
+    for path, is_folder in _tree(folder):
+        if not os.path.islink(path):
+            os.chmod(path, 0o700 if is_folder else 0o600)
+
+
+def open_output(path: Path) -> BinaryIO | None:
+    """A file a container wrote, open for reading; None unless it is a regular file. A link is not followed and a
+    pipe does not block: what a hostile container leaves makes the worker read nothing but its own output."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
 def _parse_user(user: str) -> tuple[int, int]:
     uid, _, gid = user.partition(":")
     if not uid.isdigit() or not (gid or uid).isdigit():
@@ -144,11 +180,16 @@ def _parse_user(user: str) -> tuple[int, int]:
 class DockerRunner:
     """Runs a RunSpec on the local Docker engine, inside the sandbox, and always cleans up."""
 
-    def __init__(self, client: docker.DockerClient, user: str = "65534:65534", worker: str = "") -> None:
-        """`worker` labels its containers (`<site>/<worker id>`), so a restarted worker finds what it left running."""
+    def __init__(self, client: docker.DockerClient, user: str | None = None, worker: str = "") -> None:
+        """`user` is who containers run as (`sandbox_user()` unless given; another user than the worker's own needs a
+        worker running as root, to hand the output folders over). `worker` labels its containers (`<site>/<worker
+        id>`), so a restarted worker finds what it left running."""
         self._client = client
-        self._user = user
-        self._uid, self._gid = _parse_user(user)
+        self._user = user or sandbox_user()
+        self._uid, self._gid = _parse_user(self._user)
+        if os.geteuid() not in (0, self._uid):
+            raise ValueError(f"containers can run as {self._user} only when the worker runs as root or as that user; "
+                             f"this worker is uid {os.geteuid()}: leave the container user unset")
         self._worker = worker
 
     def remove_leftovers(self) -> list[str]:
@@ -197,6 +238,9 @@ class DockerRunner:
                     container.remove(force=True)
                 except NotFound:
                     pass
+            for mount in spec.mounts:  # the container is gone: nothing it wrote stays readable by other users
+                if mount.writable:
+                    seal(mount.source)
 
     @staticmethod
     def _wait(container: Any, timeout_s: float) -> tuple[int, bool]:
@@ -211,15 +255,15 @@ class DockerRunner:
             return int(container.wait()["StatusCode"]), True
 
     def _hand_writable_mounts_to_user(self, mounts: Iterable[Mount]) -> None:
-        """The container user must be able to write its output mounts; as root we chown them."""
+        """The container user must be able to write its output mounts, and no one else: a worker that is not root
+        runs containers as itself; as root we hand them to the sandbox user."""
         for mount in mounts:
             if not mount.writable:
                 continue
-            if os.geteuid() != 0:
-                mount.source.chmod(0o777)  # cannot chown: open the output directory instead
-                continue
-            for path in (mount.source, *mount.source.rglob("*")):
-                os.chown(path, self._uid, self._gid, follow_symlinks=False)
+            if os.geteuid() == 0:
+                for path, _ in _tree(mount.source):
+                    os.chown(path, self._uid, self._gid, follow_symlinks=False)
+            mount.source.chmod(0o700)
 
 
 TaskAction = Callable[[RunSpec], None]

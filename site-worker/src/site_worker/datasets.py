@@ -18,10 +18,12 @@ from site_worker.containers import (
     Limits,
     Mount,
     RunSpec,
+    open_output,
 )
 
 CHUNK = 1 << 20
 STATISTICS_FILE = "statistics.json"
+MAX_STATISTICS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,15 @@ def _read_statistics(path: Path, image: str) -> dict[str, float]:
     def bad(reason: str) -> ContainerError:
         return ContainerError(image, "statistics", f"{path.name} {reason}")
 
-    if not path.is_file():
-        raise bad("was not written to /assay/out")
+    stream = open_output(path)
+    if stream is None:
+        raise bad("was not written to /assay/out as a regular file")
+    with stream:
+        content = stream.read(MAX_STATISTICS_BYTES + 1)
+    if len(content) > MAX_STATISTICS_BYTES:
+        raise bad(f"is over {MAX_STATISTICS_BYTES} bytes; statistics are a few numbers")
     try:
-        loaded = json.loads(path.read_text())
+        loaded = json.loads(content.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise bad(f"is not valid JSON: {error}") from error
     if not isinstance(loaded, dict):

@@ -9,8 +9,11 @@ from pathlib import Path
 from contracts.messages import JobSpec, MetricSpec
 from contracts.metrics import MetricNamesRefused, MetricsRefused, checked_metrics
 from service_kit.edge import Refused
-from site_worker.containers import ContainerRunner, Limits, Mount, RunOutcome, RunSpec
+from site_worker.containers import ContainerRunner, Limits, Mount, RunOutcome, RunSpec, open_output
 from site_worker.datasets import content_hash
+
+
+MAX_METRICS_BYTES = 1 << 20
 
 
 class JobRefused(Refused):
@@ -35,6 +38,30 @@ def validate_metrics(raw: object, declared: tuple[MetricSpec, ...]) -> dict[str,
                         f"{refused.missing}; only {refused.declared} may leave the site") from None
     except MetricsRefused as refused:
         raise RunFailed(f"metrics.json: {refused}") from None
+
+
+def _metrics_written(path: Path) -> object:
+    """The evaluator's metrics.json, parsed; the error never quotes what it wrote (it stays here)."""
+    stream = open_output(path)
+    if stream is None:
+        raise RunFailed("/assay/out/metrics.json: the evaluator wrote no regular file there")
+    with stream:
+        content = stream.read(MAX_METRICS_BYTES + 1)
+    if len(content) > MAX_METRICS_BYTES:
+        raise RunFailed(f"/assay/out/metrics.json is over {MAX_METRICS_BYTES} bytes; metrics are a few numbers")
+    try:
+        return json.loads(content.decode("utf-8"))
+    except ValueError:
+        raise RunFailed("/assay/out/metrics.json: the evaluator wrote no file of UTF-8 JSON") from None
+
+
+def _lines_written(path: Path) -> int:
+    """How many non-blank lines the evaluator wrote to `path` (0 when it wrote no regular file there)."""
+    stream = open_output(path)
+    if stream is None:
+        return 0
+    with stream:
+        return sum(1 for line in stream if line.strip())
 
 
 def _check(outcome: RunOutcome, what: str, job_dir: Path) -> None:
@@ -67,13 +94,8 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     _check(runner.run(RunSpec(image=bound.evaluator_image, task="evaluate", env=env, limits=limits, mounts=(
         Mount(predictions, "/assay/predictions"), Mount(labels, "/assay/labels"),
         Mount(evaluation, "/assay/out", writable=True)))), "the evaluator", job_dir)
-    try:
-        raw = json.loads((evaluation / "metrics.json").read_text())
-    except (OSError, ValueError):  # the error would quote what the evaluator wrote: it stays here
-        raise RunFailed("/assay/out/metrics.json: the evaluator wrote no file of UTF-8 JSON") from None
-    metrics = validate_metrics(raw, job.metrics)
-    cases = evaluation / "cases.jsonl"
-    case_count = sum(1 for line in cases.read_text().splitlines() if line.strip()) if cases.exists() else 0
+    metrics = validate_metrics(_metrics_written(evaluation / "metrics.json"), job.metrics)
+    case_count = _lines_written(evaluation / "cases.jsonl")
     if case_count != bound.case_count:
         raise JobRefused(f"the evaluator scored {case_count} cases in /assay/out/cases.jsonl; "
                          f"dataset {bound.dataset_id} was registered with {bound.case_count}")
