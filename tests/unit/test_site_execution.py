@@ -131,3 +131,16 @@ def test_cases_written_as_a_link_are_not_counted(tmp_path: Path) -> None:
     runner.on("evaluate", evaluate)
     with pytest.raises(JobRefused, match="scored 0 cases"):
         execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
+
+
+def test_a_dataset_the_worker_cannot_read_is_refused_with_what_to_do(tmp_path: Path, monkeypatch) -> None:
+    import site_worker.execution as execution
+
+    def denied(*_folders: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ds" / "labels" / "labels.csv"))
+
+    monkeypatch.setattr(execution, "content_hash", denied)
+    runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
+    with pytest.raises(JobRefused, match=r"dataset ds in .* is not readable by this worker .*chown -R \d+:\d+ "):
+        execute(job_for("sha256:" + "0" * 64), tmp_path / "ds", runner, tmp_path / "work", Limits())
+    assert runner.specs == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -76,7 +77,13 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     the containers run, and the evaluator must have scored exactly the registered cases."""
     data, labels = dataset_dir / "data", dataset_dir / "labels"
     bound = job.binding
-    if content_hash(data, labels) != bound.dataset_hash:
+    try:
+        found = content_hash(data, labels)
+    except PermissionError:
+        raise JobRefused(f"dataset {bound.dataset_id} in {dataset_dir} is not readable by this worker (uid "
+                         f"{os.geteuid()}), nor by its containers, which run as it: give the folder to it "
+                         f"(chown -R {os.geteuid()}:{os.getegid()} {dataset_dir})") from None
+    if found != bound.dataset_hash:
         raise JobRefused(f"dataset {bound.dataset_id} no longer matches its registered hash {bound.dataset_hash}")
     for image in (bound.model_image, bound.evaluator_image):
         if runner.image_id(image) != image:
