@@ -5,15 +5,19 @@ twice, no process is left behind, and each is said."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nats
+import pytest
 
 from contracts import subjects
 from contracts.signing import KeyPair
@@ -27,11 +31,11 @@ def assay(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 class Up:
     """One `assay up`, its output read as it comes."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, **env: str) -> None:
         self.home = home
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "assay", "--home", str(home), "up"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "COLUMNS": "200"})
+                                     env={**os.environ, "COLUMNS": "200", **env})
         self.lines: list[str] = []
 
     def until(self, text: str, timeout_s: float = 90) -> None:
@@ -120,6 +124,70 @@ def test_a_platform_survives_its_operator(tmp_path: Path) -> None:
         assert gone(children) == []
     finally:
         again.proc.kill()
+
+
+def wait_for(what: Callable[[], int], at_least: int, timeout_s: float = 300) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (found := what()) < at_least:
+        assert time.monotonic() < deadline, f"only {found} of {at_least} after {timeout_s:.0f} s"
+        time.sleep(0.05)
+    return found
+
+
+@pytest.mark.docker
+def test_a_whole_benchmark_run_survives_a_killed_service_and_a_killed_supervisor(tmp_path: Path,
+                                                                                 docker_client: Any) -> None:
+    """The demo's benchmark (3 models x 3 hospitals, real containers) through `assay up`: the scheduler is killed
+    while the hospitals join, and the supervisor with SIGKILL once the first result is in; started again, every
+    job is run and counted exactly once."""
+    from rich.console import Console
+
+    from assay.demo.build import build_demo_images
+    from assay.demo.run import MODEL_OWNERS, SITES, STEPS, make_keys
+    from assay.home import Home
+
+    home, quiet = Home(tmp_path), Console(file=io.StringIO(), width=200)
+    build_demo_images(docker_client, tmp_path / "build")
+    make_keys(quiet, home)
+    expected = len(MODEL_OWNERS) * len(SITES)
+    fast = {"ASSAY_SITE_ACK_WAIT_S": "5", "ASSAY_SITE_HEARTBEAT_S": "1"}  # a job the crash cut short comes back soon
+
+    def accepted() -> list[dict[str, Any]]:
+        return events_of(tmp_path, subjects.evt("result", "accepted"))
+
+    first = Up(tmp_path, **fast)
+    try:
+        first.until("Assay is up")
+        *setup, (_, join_datasets) = STEPS
+        for _, step in setup:
+            step(quiet, home)
+        os.kill(first.pids()["scheduling"], signal.SIGKILL)
+        first.until("scheduling restarted")
+        join_datasets(quiet, home)  # the restarted scheduler plans every job from here
+        before = wait_for(lambda: len(accepted()), 1)  # at least this many were in when it was killed
+        children = first.pids()
+        first.proc.kill()
+        first.proc.wait()
+        assert gone(children) == []
+    finally:
+        first.proc.kill()
+
+    again = Up(tmp_path, **fast)
+    try:
+        again.until("Assay is up")
+        wait_for(lambda: len(accepted()), expected)
+        board = assay(tmp_path, "leaderboard", "show", "breast-cancer-dx")
+        time.sleep(2)  # anything that would be counted twice has had its chance
+        results, jobs = accepted(), events_of(tmp_path, subjects.evt("job", "scheduled"))
+    finally:
+        again.proc.send_signal(signal.SIGINT)
+        again.proc.wait(60)
+
+    print(f"\n{before} of {expected} results were in when the supervisor was killed")
+    assert before < expected, "the supervisor was killed after the run, not during it"
+    assert sorted(r["data"]["job_id"] for r in results) == sorted(j["data"]["job"]["job_id"] for j in jobs)
+    assert len(results) == len(jobs) == expected  # every job planned once, run, and counted once
+    assert board.returncode == 0 and all(site in board.stdout for site in SITES), board.stdout + board.stderr
 
 
 def test_sighup_stops_the_platform_as_ctrl_c_does(tmp_path: Path) -> None:
