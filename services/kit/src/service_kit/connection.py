@@ -3,6 +3,7 @@ and it says in its log, each time, why it cannot reach the server, never with th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,11 +30,20 @@ def connection_options(owner: str, url: str) -> dict[str, Any]:
     async def failed(exc: Exception) -> None:
         log.error("%s cannot reach NATS at %s: %s: %s; trying again", owner, where(url), type(exc).__name__, exc)
 
+    closing = False  # nats-py calls disconnected_cb on close() too, just before closed_cb: no warning for that
+
     async def lost() -> None:
-        log.warning("%s lost its connection to NATS at %s; reconnecting", owner, where(url))
+        def warn() -> None:
+            if not closing:
+                log.warning("%s lost its connection to NATS at %s; reconnecting", owner, where(url))
+        asyncio.get_running_loop().call_soon(warn)
+
+    async def closed() -> None:
+        nonlocal closing
+        closing = True
 
     async def back() -> None:
         log.info("%s is connected to NATS at %s again", owner, where(url))
 
-    return {"error_cb": failed, "disconnected_cb": lost, "reconnected_cb": back, "max_reconnect_attempts": -1,
+    return {"error_cb": failed, "disconnected_cb": lost, "closed_cb": closed, "reconnected_cb": back, "max_reconnect_attempts": -1,
             "reconnect_time_wait": 2, "connect_timeout": 5, "inbox_prefix": inbox_of(url)}
