@@ -5,7 +5,6 @@ and changes nothing: no job is planned, the board does not move."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import nats
 import pytest
@@ -18,14 +17,6 @@ from contracts.signing import KeyPair, metrics_hash
 from tests.support.federation import EVALUATOR, MODEL, Federation, fake_containers, next_events
 
 METRICS = {"auc": 0.7, "sensitivity": 0.6}
-
-
-@pytest.fixture
-async def federation(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
-    await fed.start_services()
-    yield fed
-    await fed.stop()
 
 
 async def publish(nats_url: str, *envelopes: Envelope[m.Payload]) -> None:

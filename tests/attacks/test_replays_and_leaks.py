@@ -25,14 +25,6 @@ METRICS = {"auc": 0.9, "sensitivity": 0.8}
 SECRETS = ("patient-jane-doe-4471", "patient-john-roe-9052")  # case ids no message may ever carry off the site
 
 
-@pytest.fixture
-async def federation(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
-    await fed.start_services()
-    yield fed
-    await fed.stop()
-
-
 async def every_message(nats_url: str) -> list[bytes]:
     """Every message every stream holds, headers and body."""
     nc = await nats.connect(nats_url)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import nats
 import pytest
@@ -21,14 +20,6 @@ from tests.support.federation import Federation, fake_containers, next_events
 FORGED = 2_000
 METRICS = {"auc": 0.7, "sensitivity": 0.6}
 PERFECT = {"auc": 1.0, "sensitivity": 1.0}
-
-
-@pytest.fixture
-async def federation(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
-    await fed.start_services()
-    yield fed
-    await fed.stop()
 
 
 def forgeries(genuine: Envelope[m.SiteResult]) -> list[Envelope[m.SiteResult]]:
