@@ -157,9 +157,25 @@ def seal(folder: Path) -> None:
             os.chmod(path, 0o700 if is_folder else 0o600)
 
 
+class OutputRefused(Exception):
+    """What a container left where a file of its output should be cannot be read as that file."""
+
+
+def read_output(path: Path, limit: int = 1 << 20) -> bytes:
+    """A small file a container wrote, whole. A link is not followed and a pipe does not block: what a hostile
+    container leaves makes the worker read nothing but its own output."""
+    stream = open_output(path)
+    if stream is None:
+        raise OutputRefused("is not a regular file: it was not written, or it is a link or a pipe")
+    with stream:
+        content = stream.read(limit + 1)
+    if len(content) > limit:
+        raise OutputRefused(f"is over {limit} bytes")
+    return content
+
+
 def open_output(path: Path) -> BinaryIO | None:
-    """A file a container wrote, open for reading; None unless it is a regular file. A link is not followed and a
-    pipe does not block: what a hostile container leaves makes the worker read nothing but its own output."""
+    """A file a container wrote, open for reading; None unless it is a regular file (see `read_output`)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:

@@ -17,13 +17,13 @@ from site_worker.containers import (
     ContainerRunner,
     Limits,
     Mount,
+    OutputRefused,
     RunSpec,
-    open_output,
+    read_output,
 )
 
 CHUNK = 1 << 20
 STATISTICS_FILE = "statistics.json"
-MAX_STATISTICS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,10 @@ def _read_statistics(path: Path, image: str) -> dict[str, float]:
     def bad(reason: str) -> ContainerError:
         return ContainerError(image, "statistics", f"{path.name} {reason}")
 
-    stream = open_output(path)
-    if stream is None:
-        raise bad("was not written to /assay/out as a regular file")
-    with stream:
-        content = stream.read(MAX_STATISTICS_BYTES + 1)
-    if len(content) > MAX_STATISTICS_BYTES:
-        raise bad(f"is over {MAX_STATISTICS_BYTES} bytes; statistics are a few numbers")
     try:
-        loaded = json.loads(content.decode("utf-8"))
+        loaded = json.loads(read_output(path).decode("utf-8"))
+    except OutputRefused as refused:
+        raise bad(f"in /assay/out {refused}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise bad(f"is not valid JSON: {error}") from error
     if not isinstance(loaded, dict):

@@ -10,11 +10,17 @@ from pathlib import Path
 from contracts.messages import JobSpec, MetricSpec
 from contracts.metrics import MetricNamesRefused, MetricsRefused, checked_metrics
 from service_kit.edge import Refused
-from site_worker.containers import ContainerRunner, Limits, Mount, RunOutcome, RunSpec, open_output
+from site_worker.containers import (
+    ContainerRunner,
+    Limits,
+    Mount,
+    OutputRefused,
+    RunOutcome,
+    RunSpec,
+    open_output,
+    read_output,
+)
 from site_worker.datasets import content_hash
-
-
-MAX_METRICS_BYTES = 1 << 20
 
 
 class JobRefused(Refused):
@@ -43,15 +49,10 @@ def validate_metrics(raw: object, declared: tuple[MetricSpec, ...]) -> dict[str,
 
 def _metrics_written(path: Path) -> object:
     """The evaluator's metrics.json, parsed; the error never quotes what it wrote (it stays here)."""
-    stream = open_output(path)
-    if stream is None:
-        raise RunFailed("/assay/out/metrics.json: the evaluator wrote no regular file there")
-    with stream:
-        content = stream.read(MAX_METRICS_BYTES + 1)
-    if len(content) > MAX_METRICS_BYTES:
-        raise RunFailed(f"/assay/out/metrics.json is over {MAX_METRICS_BYTES} bytes; metrics are a few numbers")
     try:
-        return json.loads(content.decode("utf-8"))
+        return json.loads(read_output(path).decode("utf-8"))
+    except OutputRefused as refused:
+        raise RunFailed(f"/assay/out/metrics.json {refused}") from None
     except ValueError:
         raise RunFailed("/assay/out/metrics.json: the evaluator wrote no file of UTF-8 JSON") from None
 
