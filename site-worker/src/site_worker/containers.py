@@ -11,17 +11,25 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import docker
 import requests
 from docker.errors import APIError, ImageNotFound, NotFound
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
+
+from site_worker.watch import Watch, over_limits
 
 IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 LOG_TAIL_LINES = 40
+LOG_TAIL_BYTES = 64 << 10  # the engine splits a long line into 16 KiB entries: 40 of them would be 640 KiB
+# What the engine keeps of a container's output on the host's disk: at most two files of 1 MiB (the one written and
+# the one before, so the tail is never a freshly rotated, nearly empty file). Without this a model that floods its
+# output fills the disk until the container is removed.
+LOG_OPTIONS = {"max-size": "1m", "max-file": "2"}
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,10 @@ class Mount:
 class Limits:
     memory: str = "2g"
     nano_cpus: int = 2_000_000_000
-    pids: int = 256
+    pids: int = 256  # processes and threads
     timeout_s: float = 600.0
+    output_bytes: int = 256 << 20  # in all writable mounts together
+    output_files: int = 10_000  # entries (files, folders, links) in all writable mounts together
 
 
 @dataclass(frozen=True)
@@ -56,24 +66,107 @@ class RunSpec:
         raise KeyError(f"task {self.task!r} has no mount at {target}")
 
 
+class Failure(StrEnum):
+    """Why a run failed. All but EXIT_CODE are limits the container reached: it would reach them again."""
+
+    TIMED_OUT = "timed_out"
+    OUT_OF_MEMORY = "out_of_memory"
+    TOO_MANY_PROCESSES = "too_many_processes"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    TOO_MANY_FILES = "too_many_files"
+    EXIT_CODE = "exit_code"
+
+    @property
+    def recurs(self) -> bool:
+        return self is not Failure.EXIT_CODE
+
+
+KILLED = 128 + 9  # the exit code of a container ended by SIGKILL (a timeout, the OOM killer, the output watch)
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n:,} bytes"
+
+
+def describe(failure: Failure, limits: Limits | None = None, exit_code: int = 1, where: str = "its output") -> str:
+    """A failure in a person's words, with the limit it reached when `limits` is known."""
+    if failure is Failure.EXIT_CODE:
+        return f"exit code {exit_code}"
+    if limits is None:
+        return {
+            Failure.TIMED_OUT: "timed out",
+            Failure.OUT_OF_MEMORY: "killed for exceeding its memory limit",
+            Failure.TOO_MANY_PROCESSES: "reached its limit of processes",
+            Failure.OUTPUT_TOO_LARGE: f"wrote more than its limit of bytes to {where}",
+            Failure.TOO_MANY_FILES: f"wrote more than its limit of files to {where}",
+        }[failure]
+    return {
+        Failure.TIMED_OUT: f"timed out after {limits.timeout_s:g} s",
+        Failure.OUT_OF_MEMORY: f"killed for exceeding its memory limit of {limits.memory}",
+        Failure.TOO_MANY_PROCESSES: f"reached its limit of {limits.pids} processes",
+        Failure.OUTPUT_TOO_LARGE: f"wrote more than {_size(limits.output_bytes)} to {where}",
+        Failure.TOO_MANY_FILES: f"wrote more than {limits.output_files:,} files to {where}",
+    }[failure]
+
+
+def classify(exit_code: int, timed_out: bool, oom_killed: bool, refused_forks: int, over: str | None) -> Failure | None:
+    """What failed a run, the cause before its consequence: output over its limits fails even a clean exit (and the
+    watch's kill is why it exited); the OOM killer and refused forks explain a crash or a hang. Refused forks fail
+    only a run that failed: a thread pool may meet the pids limit and carry on."""
+    if over is not None:
+        return Failure.OUTPUT_TOO_LARGE if over == "bytes" else Failure.TOO_MANY_FILES
+    if oom_killed:
+        return Failure.OUT_OF_MEMORY
+    if refused_forks and (exit_code != 0 or timed_out):
+        return Failure.TOO_MANY_PROCESSES
+    if timed_out:
+        return Failure.TIMED_OUT
+    return Failure.EXIT_CODE if exit_code != 0 else None
+
+
 @dataclass(frozen=True)
 class RunOutcome:
+    """How a run ended. `failure` is derived from the other fields when not given (out of memory, then timed out,
+    then a non-zero exit code), and `reason` from `failure`."""
+
     exit_code: int
     log_tail: str
     timed_out: bool = False
     oom_killed: bool = False
+    failure: Failure | None = None
+    reason: str = ""  # the failure in a person's words, with the limit it reached; see `why`
+
+    def __post_init__(self) -> None:
+        failure = self.failure or classify(self.exit_code, self.timed_out, self.oom_killed, 0, None)
+        object.__setattr__(self, "failure", failure)
+        object.__setattr__(self, "timed_out", self.timed_out or failure is Failure.TIMED_OUT)
+        object.__setattr__(self, "oom_killed", self.oom_killed or failure is Failure.OUT_OF_MEMORY)
+        if failure is not None and not self.reason:
+            object.__setattr__(self, "reason", describe(failure, exit_code=self.exit_code))
+
+    @classmethod
+    def failed(cls, failure: Failure, limits: Limits | None = None, log_tail: str = "", where: str = "/assay/out",
+               exit_code: int | None = None) -> RunOutcome:
+        """The outcome a run that failed this way has, in the words DockerRunner uses (a test's scripted failure)."""
+        code = exit_code if exit_code is not None else 1 if failure is Failure.EXIT_CODE else KILLED
+        return cls(exit_code=code, log_tail=log_tail, failure=failure,
+                   reason=describe(failure, limits, code, where))
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out and not self.oom_killed
+        return self.failure is None
+
+    @property
+    def recurs(self) -> bool:
+        """The run reached one of its limits: running it again would fail the same way, so it is not retried."""
+        return self.failure is not None and self.failure.recurs
 
     @property
     def why(self) -> str:
-        if self.timed_out:
-            return "timed out"
-        if self.oom_killed:
-            return "killed for exceeding its memory limit"
-        return f"exit code {self.exit_code}"
+        return self.reason if self.failure is not None else f"exit code {self.exit_code}"
 
 
 class ContainerError(Exception):
@@ -124,11 +217,15 @@ def sandbox_kwargs(spec: RunSpec, user: str, worker: str = "") -> dict[str, Any]
         "memswap_limit": spec.limits.memory,  # no swap: over the limit is an OOM kill, not a crawl
         "nano_cpus": spec.limits.nano_cpus,
         "pids_limit": spec.limits.pids,
+        # No file (in /tmp too) may grow past the output limit: the kernel refuses the write, a hard stop the output
+        # watch, which polls, is not. One byte more, so that a file stopped there is over the limit and reported so.
+        "ulimits": [Ulimit(name="fsize", soft=spec.limits.output_bytes + 1, hard=spec.limits.output_bytes + 1)],
         "mounts": [
             DockerMount(target=m.target, source=str(m.source.absolute()), type="bind", read_only=not m.writable)
             for m in spec.mounts
         ],
         "labels": {"assay.task": spec.task, "assay.worker": worker},
+        "log_config": LogConfig(type=LogConfig.types.JSON, config=dict(LOG_OPTIONS)),
     }
     if spec.gpus:
         kwargs["device_requests"] = [DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
@@ -186,6 +283,15 @@ def open_output(path: Path) -> BinaryIO | None:
     return os.fdopen(fd, "rb")
 
 
+def tail_of(logs: bytes) -> str:
+    """The end of a container's log, at most LOG_TAIL_BYTES: a single huge line does not make a huge tail."""
+    return logs[-LOG_TAIL_BYTES:].decode("utf-8", errors="replace")
+
+
+def _written_to(spec: RunSpec) -> str:
+    return " and ".join(m.target for m in spec.mounts if m.writable) or "its output"
+
+
 def _parse_user(user: str) -> tuple[int, int]:
     uid, _, gid = user.partition(":")
     if not uid.isdigit() or not (gid or uid).isdigit():
@@ -233,19 +339,17 @@ class DockerRunner:
             if not mount.source.is_dir():
                 raise ContainerError(spec.image, spec.task, f"mount source {mount.source} is not a directory")
         self._hand_writable_mounts_to_user(spec.mounts)
+        limits, outputs = spec.limits, [m.source for m in spec.mounts if m.writable]
         container = None
         try:
             container = self._client.containers.create(**sandbox_kwargs(spec, self._user, self._worker))
             container.start()
-            exit_code, timed_out = self._wait(container, spec.limits.timeout_s)
             container.reload()
-            logs = container.logs(stdout=True, stderr=True, tail=LOG_TAIL_LINES)
-            return RunOutcome(
-                exit_code=exit_code,
-                log_tail=logs.decode("utf-8", errors="replace"),
-                timed_out=timed_out,
-                oom_killed=bool(container.attrs["State"].get("OOMKilled", False)),
-            )
+            with Watch(container, outputs, limits.output_bytes, limits.output_files) as watch:
+                exit_code, timed_out = self._wait(container, limits.timeout_s)
+            container.reload()
+            oom_killed = bool(container.attrs["State"].get("OOMKilled", False))
+            log_tail = tail_of(container.logs(stdout=True, stderr=True, tail=LOG_TAIL_LINES))
         except APIError as error:
             raise ContainerError(spec.image, spec.task, f"the engine refused: {error.explanation or error}") from error
         finally:
@@ -254,21 +358,32 @@ class DockerRunner:
                     container.remove(force=True)
                 except NotFound:
                     pass
-            for mount in spec.mounts:  # the container is gone: nothing it wrote stays readable by other users
-                if mount.writable:
-                    seal(mount.source)
+            for folder in outputs:  # the container is gone: nothing it wrote stays readable by other users
+                seal(folder)
+        # What it left is measured again now that nothing writes: a run that exits between two walks is not spared.
+        over = watch.over or over_limits(outputs, limits.output_bytes, limits.output_files)
+        failure = classify(exit_code, timed_out, oom_killed, watch.refused_forks, over)
+        reason = ""
+        if failure is not None:
+            reason = describe(failure, limits, exit_code, _written_to(spec))
+            if timed_out and failure is not Failure.TIMED_OUT:
+                reason += f", and timed out after {limits.timeout_s:g} s"
+        return RunOutcome(exit_code=exit_code, log_tail=log_tail, timed_out=timed_out, oom_killed=oom_killed,
+                          failure=failure, reason=reason)
 
     @staticmethod
     def _wait(container: Any, timeout_s: float) -> tuple[int, bool]:
+        """The exit code, and whether the container was killed (SIGKILL: a SIGTERM can be ignored) for running past
+        `timeout_s`."""
         try:
             return int(container.wait(timeout=timeout_s)["StatusCode"]), False
         except requests.exceptions.RequestException:
             # The SDK reports a wait timeout as a read timeout; the engine says whether it still runs.
             container.reload()
-            if container.status != "running":
-                raise
-            container.kill()
-            return int(container.wait()["StatusCode"]), True
+            if container.status == "running":
+                container.kill()
+                return int(container.wait()["StatusCode"]), True
+            return int(container.wait()["StatusCode"]), False  # it ended just as the time ran out
 
     def _hand_writable_mounts_to_user(self, mounts: Iterable[Mount]) -> None:
         """The container user must be able to write its output mounts, and no one else: a worker that is not root
@@ -288,14 +403,15 @@ TaskAction = Callable[[RunSpec], None]
 class FakeRunner:
     """A test double: records every spec, runs a python action per task, returns scripted outcomes.
 
-    An action that raises is reported like a crashing container: exit code 1, the error as log.
+    An action that raises is reported like a crashing container: exit code 1, the error as log. A scripted `Failure`
+    becomes the outcome DockerRunner reports for it, in its words, with the limits of the spec that ran.
     """
 
     def __init__(self, images: Iterable[str] = ()) -> None:
         self.specs: list[RunSpec] = []
         self._images: dict[str, str] = {}
         self._actions: dict[str, TaskAction] = {}
-        self._outcomes: dict[str, list[RunOutcome]] = {}
+        self._outcomes: dict[str, list[RunOutcome | Failure]] = {}
         for ref in images:
             self.add_image(ref)
 
@@ -308,8 +424,9 @@ class FakeRunner:
     def on(self, task: str, action: TaskAction) -> None:
         self._actions[task] = action
 
-    def script(self, task: str, *outcomes: RunOutcome) -> None:
-        """Return these outcomes, in order, for the next runs of `task` (then success)."""
+    def script(self, task: str, *outcomes: RunOutcome | Failure) -> None:
+        """Return these outcomes, in order, for the next runs of `task` (then success); a `Failure` stands for
+        `RunOutcome.failed(failure, spec.limits)`."""
         self._outcomes.setdefault(task, []).extend(outcomes)
 
     def image_id(self, ref: str) -> str | None:
@@ -330,4 +447,7 @@ class FakeRunner:
             except Exception as error:  # a crash inside the "container" is the container's failure
                 return RunOutcome(exit_code=1, log_tail=f"{type(error).__name__}: {error}")
         queued = self._outcomes.get(spec.task)
-        return queued.pop(0) if queued else RunOutcome(exit_code=0, log_tail="")
+        outcome = queued.pop(0) if queued else RunOutcome(exit_code=0, log_tail="")
+        if isinstance(outcome, Failure):
+            return RunOutcome.failed(outcome, spec.limits, where=_written_to(spec))
+        return outcome

@@ -24,6 +24,8 @@ from site_worker.containers import (
 
 CHUNK = 1 << 20
 STATISTICS_FILE = "statistics.json"
+# A site prepares its own data with the benchmark's preparator, once, watching: hours, and as much as its cases take
+PREPARE_LIMITS = Limits(timeout_s=6 * 3600.0, output_bytes=1 << 40, output_files=50_000_000)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def prepare_dataset(
     preparator_image: str,
     raw_dir: Path,
     out_dir: Path,
-    limits: Limits = Limits(),
+    limits: Limits = PREPARE_LIMITS,
 ) -> PreparedDataset:
     """Run the preparator's `prepare`, `sanity_check` and `statistics` tasks into `out_dir`.
 
