@@ -26,6 +26,7 @@ from contracts.signing import KeyPair
 from site_worker.config import Settings as SiteSettings
 from site_worker.containers import RunOutcome, RunSpec
 from site_worker.datasets import content_hash
+from tests.support.federation import AUTO_RELEASE
 
 BENCHMARK = "bench-throughput"
 OPERATOR, OWNER, VENDOR = "operator", "committee", "vendor"
@@ -98,8 +99,10 @@ def make_sites(home: Home, count: int, nats_url: str) -> list[Site]:
         dataset_id = f"{site_id}-ds"
         datasets_file = root / "datasets.json"
         datasets_file.write_text(json.dumps({dataset_id: str(root / "ds")}))
+        (root / "policy.toml").write_text(AUTO_RELEASE)
         settings = SiteSettings(site_id=site_id, key_file=home.key_file(site_id), scheduler_public_key=scheduler_key,
-                                nats_url=nats_url, datasets_file=datasets_file, work_dir=root / "jobs")
+                                nats_url=nats_url, datasets_file=datasets_file, work_dir=root / "jobs",
+                                state_dir=root, policy_file=root / "policy.toml")
         sites.append(Site(site_id, key, dataset_id, content_hash(data, labels), settings))
     return sites
 

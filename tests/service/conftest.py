@@ -53,9 +53,13 @@ def create(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> Fas
     from site_worker.config import Settings as SiteSettings
     from site_worker.main import create_app as site
 
+    policy = tmp_path / "policy.toml"
+    if not policy.exists():  # these tests' site releases what passes its checks; test_site_review holds
+        policy.write_text('[release]\nrule = "auto"\n')
     return site(SiteSettings(site_id="site-a", key_file=actors.save("site-a", tmp_path),
                              scheduler_public_key=actors.key("scheduling").public_key,
-                             datasets_file=tmp_path / "datasets.json", work_dir=tmp_path / "jobs"), runner)
+                             datasets_file=tmp_path / "datasets.json", work_dir=tmp_path / "jobs",
+                             state_dir=tmp_path / "state", policy_file=policy), runner)
 
 
 @asynccontextmanager

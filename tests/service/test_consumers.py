@@ -81,6 +81,18 @@ async def a_planned_job(app: Harness, actors: Actors) -> None:
                                           approved_by="owner"))
 
 
+async def a_job_of_a_known_site(app: Harness, actors: Actors) -> None:
+    await a_planned_job(app, actors)
+    await app.learn(actors.registered("site-a", m.Role.SITE))
+
+
+def report(actors: Actors) -> Envelope[m.SiteReport]:
+    planned = job_id("bm", MODEL, EVALUATOR, DATASET_HASH, "model-1", "ds-a")
+    return actors.key("site-a").sign(Envelope.wrap(m.SiteReport(
+        job_id=planned, site_id="site-a", state=m.JobState.REFUSED, reason="the site's policy accepts benchmarks []",
+        worker_id="worker-1", at=datetime.now(UTC)), source="site:site-a/worker-1"))
+
+
 async def leaderboard_world(app: Harness, actors: Actors) -> None:
     await app.learn(actors.registered("site-a", m.Role.SITE))
     await app.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))
@@ -137,6 +149,9 @@ CASES: dict[tuple[str, str], Case] = {
         statistics={}))),
     ("scheduling", "scheduling-association-approved"): Case(all_but_the_dataset_approval, lambda a, x: event(
         m.AssociationApproved(benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a", approved_by="owner"))),
+    ("scheduling", "scheduling-actor-registered"): Case(
+        nothing, lambda a, x: event(x.registered("site-a", m.Role.SITE))),
+    ("scheduling", "scheduling-reports"): Case(a_job_of_a_known_site, lambda a, x: report(x), True),
     ("scheduling", "scheduling-result-accepted"): Case(a_planned_job, lambda a, x: event(m.ResultAccepted(
         job_id=job_id("bm", MODEL, EVALUATOR, DATASET_HASH, "model-1", "ds-a"), site_id="site-a",
         binding=job().binding, metrics={"auc": 0.9}))),
@@ -163,6 +178,8 @@ def subject_of(durable: str) -> str:
         return subjects.jobs("site-a")
     if durable == "leaderboard-results":
         return subjects.results("site-a")
+    if durable == "scheduling-reports":
+        return subjects.reports("site-a")
     entity, _, fact = durable.split("-", 1)[1].rpartition("-")
     return subjects.evt(entity, fact)
 
@@ -249,7 +266,8 @@ async def stored(app: Harness) -> Any:
     return sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.exists() else []
 
 
-EVENTS = {key: case for key, case in CASES.items() if key[1] not in ("leaderboard-results", "site-site-a-jobs")}
+EVENTS = {key: case for key, case in CASES.items()
+          if key[1] not in ("leaderboard-results", "site-site-a-jobs", "scheduling-reports")}
 
 
 @pytest.mark.parametrize("forger", ["nobody", "an actor", "another service"])

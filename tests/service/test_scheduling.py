@@ -82,3 +82,65 @@ async def test_a_model_or_dataset_not_approved_for_the_benchmark_gets_no_job(sch
                 member(m.EntityKind.DATASET, "ds-a"))
 
     assert [(j.data.binding.model_id, j.data.binding.dataset_id) for j in jobs_sent(scheduling)] == [("model-1", "ds-a")]
+
+
+async def planned_job(scheduling: Harness) -> m.JobSpec:
+    await learn(scheduling, m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC),
+                m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"), model("model-1"),
+                dataset("ds-a", "site-a"), member(m.EntityKind.MODEL, "model-1"), member(m.EntityKind.DATASET, "ds-a"))
+    [sent] = jobs_sent(scheduling)
+    return sent.data
+
+
+def report(actors, job_id: str, state: m.JobState = m.JobState.REFUSED, by: str = "site-a", site: str = "site-a",
+           reason: str = "the site's policy accepts benchmarks ['other'], not bm; nothing was run",
+           ) -> Envelope[m.SiteReport]:
+    return actors.key(by).sign(Envelope.wrap(m.SiteReport(job_id=job_id, site_id=site, state=state, reason=reason,
+                                                          worker_id="worker-1", at=datetime.now(UTC)),
+                                             source=f"site:{site}/worker-1"))
+
+
+async def test_what_a_site_reports_of_its_job_becomes_the_jobs_state_with_the_reason(scheduling, actors):
+    planned = await planned_job(scheduling)
+    await scheduling.learn(actors.registered("site-a", m.Role.SITE))
+
+    await scheduling.deliver(subjects.reports("site-a"), report(actors, planned.job_id))
+
+    [changed] = scheduling.events(m.JobStateChanged)
+    assert (changed.job_id, changed.state, changed.model_id) == (planned.job_id, m.JobState.REFUSED, "model-1")
+    listed = m.JobList.model_validate(await scheduling.ask(actors.sign("anyone", m.ListJobs(site_id="site-a"))))
+    [status] = listed.jobs
+    assert (status.state, status.reason) == (m.JobState.REFUSED, changed.reason)
+    details = m.JobDetails.model_validate(await scheduling.ask(actors.sign("anyone", m.GetJob(job_id=planned.job_id))))
+    assert details.job == planned and details.job.model_owner == "vendor"
+    done = await scheduling.ask(actors.sign("x", m.ListJobs(state=m.JobState.DONE)))
+    assert m.JobList.model_validate(done).jobs == ()
+
+
+async def test_a_report_not_from_the_jobs_own_site_changes_nothing(scheduling, actors):
+    planned = await planned_job(scheduling)
+    for site in ("site-a", "site-b"):
+        await scheduling.learn(actors.registered(site, m.Role.SITE))
+    before = await scheduling.state()
+
+    await scheduling.deliver(subjects.reports("site-b"), report(actors, planned.job_id, by="site-b", site="site-b"))
+    await scheduling.deliver(subjects.reports("site-a"), report(actors, planned.job_id, by="site-b"))
+    await scheduling.deliver(subjects.reports("site-b"), report(actors, planned.job_id))
+
+    assert [letter.error for letter in scheduling.dead_letters()] == [
+        f"site site-b reports on job {planned.job_id}, which was never sent to it",
+        "a report naming site site-a is signed by site-b",
+        "a report naming site site-a came on assay.v1.reports.site-b; each site reports on its own"]
+    assert await scheduling.state() == before and scheduling.events(m.JobStateChanged) == []
+
+
+async def test_a_job_whose_result_is_on_the_board_stays_done_whatever_a_site_says_later(scheduling, actors):
+    planned = await planned_job(scheduling)
+    await scheduling.learn(actors.registered("site-a", m.Role.SITE))
+    await scheduling.learn(m.ResultAccepted(job_id=planned.job_id, site_id="site-a", binding=planned.binding,
+                                            metrics={"auc": 0.9}))
+
+    await scheduling.deliver(subjects.reports("site-a"), report(actors, planned.job_id, m.JobState.FAILED))
+
+    details = m.JobDetails.model_validate(await scheduling.ask(actors.sign("anyone", m.GetJob(job_id=planned.job_id))))
+    assert details.status.state is m.JobState.DONE and scheduling.events(m.JobStateChanged) == []

@@ -99,7 +99,7 @@ async def test_a_job_that_ran_is_never_run_again_however_it_comes_back(site, act
     await site.deliver(JOBS, signed(actors, planned), msg_id="replayed-under-a-new-id")
 
     [letter] = site.dead_letters()
-    assert letter.error.startswith("job job-1 already ran at this site (its result result-job-1 left at ")
+    assert letter.error.startswith("job job-1 already ran at this site (its result was kept at ")
     assert [spec.task for spec in runner.specs] == ["infer", "evaluate"]
     assert len(site.published(subjects.results("site-a"))) == 1
 

@@ -25,22 +25,31 @@ def job_for(dataset_hash: str, **binding: object) -> m.JobSpec:
 
 
 def test_only_declared_finite_metrics_within_bounds_may_leave() -> None:
-    assert validate_metrics({"metrics": {"auc": 0.9, "sensitivity": 1}}, DECLARED) == {"auc": 0.9, "sensitivity": 1.0}
+    assert validate_metrics({"metrics": {"auc": 0.9, "sensitivity": 1}}, DECLARED).leaving == {"auc": 0.9,
+                                                                                              "sensitivity": 1.0}
     for raw, reason in [
-        ({"metrics": {"auc": 0.9, "sensitivity": 1, "patient_42": 1}}, r"1 undeclared metric\(s\)"),
-        ({"metrics": {"auc": 0.9}}, r"misses \['sensitivity'\]"),
+        ({"metrics": {"auc": 0.9}}, r"misses the declared metric\(s\) \['sensitivity'\]"),
         ({"metrics": {"auc": float("nan"), "sensitivity": 1}}, "'auc' must be a finite number"),
         ({"metrics": {"auc": 1.5, "sensitivity": 1}}, r"'auc' must be within its declared range \[0.0, 1.0\]"),
         ({"metrics": {"auc": True, "sensitivity": 1}}, "finite number"),
         ({"auc": 0.9}, "must be"),
     ]:
-        with pytest.raises(RunFailed, match=reason):
+        with pytest.raises(RunFailed, match=reason) as refused:
             validate_metrics(raw, DECLARED)
+        assert refused.value.recurs  # the same output fails the same way: never tried again
+
+
+def test_undeclared_metrics_stay_at_the_site_and_the_declared_ones_leave() -> None:
+    written = {"metrics": {"auc": 0.9, "sensitivity": 1, "patient_42": 1, "auc_by_age": 0.7}}
+
+    metrics = validate_metrics(written, DECLARED)
+
+    assert metrics.leaving == {"auc": 0.9, "sensitivity": 1.0} and metrics.kept == ("auc_by_age", "patient_42")
 
 
 def test_a_refused_metric_names_the_rule_never_the_value_the_evaluator_wrote() -> None:
     for raw in ({"metrics": {"auc": "patient Jane Doe", "sensitivity": 1}},
-                {"metrics": {"auc": 0.5, "sensitivity": 1, "Jane Doe": 1}}):
+                {"metrics": {"auc": 0.5, "Jane Doe": 1}}):
         with pytest.raises(RunFailed) as refused:
             validate_metrics(raw, DECLARED)
         assert "Jane Doe" not in str(refused.value)
@@ -50,7 +59,7 @@ def test_the_model_never_sees_the_labels_and_the_evaluator_does(tmp_path: Path) 
     digest = make_dataset(tmp_path / "ds")
     runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
     metrics = execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
-    assert metrics == {"auc": 0.8, "sensitivity": 0.5}
+    assert metrics.leaving == {"auc": 0.8, "sensitivity": 0.5}
     infer, evaluate = runner.specs
     assert {mt.target for mt in infer.mounts} == {"/assay/data", "/assay/out"}
     assert [mt.target for mt in infer.mounts if mt.writable] == ["/assay/out"]
@@ -79,7 +88,7 @@ def test_an_image_missing_at_the_site_is_refused(tmp_path: Path) -> None:
 def test_a_result_over_other_cases_than_registered_is_refused(tmp_path: Path) -> None:
     digest = make_dataset(tmp_path / "ds")
     job = job_for(digest, case_count=3)  # registered with 3 cases, the evaluator scored 2
-    with pytest.raises(JobRefused, match="scored 2 cases"):
+    with pytest.raises(RunFailed, match="scored 2 cases"):
         execute(job, tmp_path / "ds", fake_containers({"auc": 0.8, "sensitivity": 0.5}), tmp_path / "work", Limits())
 
 
@@ -131,7 +140,7 @@ def test_cases_written_as_a_link_are_not_counted(tmp_path: Path) -> None:
         (out / "cases.jsonl").symlink_to(secret)
 
     runner.on("evaluate", evaluate)
-    with pytest.raises(JobRefused, match="scored 0 cases"):
+    with pytest.raises(RunFailed, match="scored 0 cases"):
         execute(job_for(digest), tmp_path / "ds", runner, tmp_path / "work", Limits())
 
 

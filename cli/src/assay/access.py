@@ -14,16 +14,21 @@ from contracts.catalog import SERVICES
 ADMIN, CLI = "supervisor", "cli"  # the supervisor provisions the streams and watches readiness; the CLI commands
 
 
-def consuming(stream: str) -> list[str]:
-    """The JetStream API a durable pull consumer on `stream` uses."""
-    return [f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
-            f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>", f"$JS.ACK.{stream}.>"]
+def consuming(stream: str, durable: str | None = None) -> list[str]:
+    """The JetStream API a durable pull consumer on `stream` uses (any durable, or only the one named)."""
+    if durable is None:
+        return [f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+                f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>", f"$JS.ACK.{stream}.>"]
+    return [f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>", f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+            f"$JS.API.CONSUMER.INFO.{stream}.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.>"]
 
 
 def service_permissions(service: str) -> dict[str, object]:
     publish = ["assay.v1.evt.>", "assay.v1.dlq.*", *consuming(subjects.EVENTS_STREAM)]
     if service == "scheduling":
         publish.append(subjects.JOBS_ALL)  # the only publisher of jobs
+        publish += consuming(subjects.RESULTS_STREAM, subjects.durable(service, subjects.REPORTS_ALL))  # sites' reports
     if service == "leaderboard":
         publish += consuming(subjects.RESULTS_STREAM)  # the only reader of results
     return {"publish": publish, "subscribe": [subjects.cmd(service, ">"), f"_INBOX.{service}.>"],
@@ -34,7 +39,8 @@ def site_permissions(site_id: str) -> dict[str, object]:
     durable = subjects.durable(f"site-{site_id}", subjects.jobs(site_id))
     return {"publish": [f"$JS.API.CONSUMER.CREATE.JOBS.{durable}.{subjects.jobs(site_id)}",
                         f"$JS.API.CONSUMER.INFO.JOBS.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.JOBS.{durable}",
-                        f"$JS.ACK.JOBS.{durable}.>", subjects.results(site_id), subjects.dead_letter(durable),
+                        f"$JS.ACK.JOBS.{durable}.>", subjects.results(site_id), subjects.reports(site_id),
+                        subjects.dead_letter(durable),
                         "$JS.API.INFO"],
             "subscribe": [f"_INBOX.site-{site_id}.>"]}
 

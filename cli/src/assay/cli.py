@@ -11,7 +11,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from assay.audit_cli import audit_app
 from assay.home import Home
+from assay.site_cli import policy_app, results_app
 from contracts import messages as m
 
 app = typer.Typer(help="Assay: federated benchmarking for medical AI.", no_args_is_help=True, add_completion=False)
@@ -24,10 +26,12 @@ association_app = typer.Typer(help="Join a benchmark: request (owner) and approv
                               no_args_is_help=True)
 site_app = typer.Typer(help="Site workers.", no_args_is_help=True)
 leaderboard_app = typer.Typer(help="Results.", no_args_is_help=True)
+job_app = typer.Typer(help="Where each job stands (everyone).", no_args_is_help=True)
 for sub, name in ((keys_app, "keys"), (actor_app, "actor"), (benchmark_app, "benchmark"), (model_app, "model"),
                   (dataset_app, "dataset"), (association_app, "association"), (site_app, "site"),
-                  (leaderboard_app, "leaderboard")):
+                  (leaderboard_app, "leaderboard"), (job_app, "job"), (results_app, "results"), (audit_app, "audit")):
     app.add_typer(sub, name=name)
+site_app.add_typer(policy_app, name="policy")
 
 console = Console()
 err = Console(stderr=True)
@@ -166,13 +170,43 @@ def association_approve(benchmark_id: str, actor: As, model: Annotated[str | Non
 
 
 @site_app.command("add")
-def site_add(site_id: str) -> None:
+def site_add(site_id: str,
+             policy: Annotated[Path | None, typer.Option(help="the site's policy (TOML)")] = None) -> None:
     """Make this installation run a worker for SITE_ID (its key: keys/SITE_ID.key)."""
+    from assay.site_cli import policy_set
+
     home = _home()
     home.key(site_id)
     home.site_dir(site_id).mkdir(parents=True, exist_ok=True)
     (home.site_dir(site_id) / "site.json").write_text(json.dumps({"site_id": site_id}))
-    console.print(f"[green]ok[/green] site {site_id}: its worker starts with `assay up`")
+    if policy is not None:
+        policy_set(site_id, policy)
+    held = "" if home.policy_file(site_id).exists() else " (no policy given: every result is held for review)"
+    console.print(f"[green]ok[/green] site {site_id}: its worker starts with `assay up`{held}")
+
+
+@job_app.command("list")
+def job_list(benchmark: Annotated[str | None, typer.Option()] = None, site: Annotated[str | None, typer.Option()] = None,
+             state_: Annotated[m.JobState | None, typer.Option("--state")] = None,
+             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The jobs the scheduler planned, newest first, with what their sites reported."""
+    from assay.tables import jobs_table
+
+    reply = m.JobList.model_validate(_send(m.ListJobs(benchmark_id=benchmark, site_id=site, state=state_), None))
+    if as_json:
+        print(reply.model_dump_json(indent=2))
+    else:
+        console.print(jobs_table(reply))
+
+
+@job_app.command("show")
+def job_show(job_id: str) -> None:
+    """One job: its state and reason, and what it asks of its site."""
+    details = m.JobDetails.model_validate(_send(m.GetJob(job_id=job_id), None))
+    status = details.status
+    console.print(f"job {job_id}: [bold]{status.state.value}[/bold] since {status.updated_at:%Y-%m-%d %H:%M:%S}"
+                  + (f": {status.reason}" if status.reason else ""))
+    console.print_json(details.job.model_dump_json())
 
 
 @dataset_app.command("prepare")

@@ -50,6 +50,10 @@ class Home:
     def sites(self) -> list[str]:
         return sorted(p.parent.name for p in (self.root / "sites").glob("*/site.json"))
 
+    def policy_file(self, site_id: str) -> Path:
+        """The site's policy (`assay site policy set`); where there is none, the worker holds every result."""
+        return self.site_dir(site_id) / "policy.toml"
+
     def datasets_file(self, site_id: str) -> Path:
         return self.site_dir(site_id) / "datasets.json"
 

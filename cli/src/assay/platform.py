@@ -147,7 +147,8 @@ class Platform:
         site_dir = self.home.site_dir(site_id)
         return {"site_id": site_id, "nats_url": self.url_for(f"site-{site_id}"), "key_file": self.home.key_file(site_id),
                 "scheduler_public_key": self.home.public_key("scheduling"),
-                "datasets_file": self.home.datasets_file(site_id), "work_dir": site_dir / "jobs"}
+                "datasets_file": self.home.datasets_file(site_id), "work_dir": site_dir / "jobs",
+                "state_dir": site_dir, "policy_file": self.home.policy_file(site_id)}
 
     def site_env(self, site_id: str) -> dict[str, str]:
         from site_worker.config import Settings

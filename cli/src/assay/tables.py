@@ -1,10 +1,44 @@
-"""Readable leaderboard tables."""
+"""Readable tables: the leaderboard, the jobs."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from rich.table import Table
 
-from contracts.messages import Leaderboard
+from contracts.messages import JobList, JobState, Leaderboard
+
+STATE_STYLES = {JobState.DONE: "green", JobState.HELD: "yellow", JobState.REFUSED: "red", JobState.FAILED: "red",
+                JobState.DECLINED: "magenta", JobState.SCHEDULED: "cyan"}
+
+
+def short_id(job_id: str) -> str:
+    """Enough of a job id to name it: every command that takes a job id takes a unique start of one."""
+    return job_id[:13]
+
+
+def when(moment: datetime) -> str:
+    local = moment.astimezone()
+    return local.strftime("%H:%M:%S" if local.date() == datetime.now().astimezone().date() else "%Y-%m-%d %H:%M")
+
+
+def jobs_table(jobs: JobList) -> Table:
+    table = Table(title=f"{len(jobs.jobs)} job(s), newest first", caption="job ids shortened: any unique start works")
+    table.add_column("job", no_wrap=True)
+    for column in ("model", "site"):
+        table.add_column(column, overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("since", no_wrap=True)
+    table.add_column("reason", overflow="fold", ratio=1)
+    benchmarks = {job.benchmark_id for job in jobs.jobs}
+    if len(benchmarks) == 1:
+        table.title = f"{table.title}: benchmark {benchmarks.pop()}"
+    for job in jobs.jobs:
+        style = STATE_STYLES.get(job.state, "")
+        model = job.model_id if table.title.endswith(job.benchmark_id) else f"{job.benchmark_id}/{job.model_id}"
+        table.add_row(short_id(job.job_id), model, job.site_id, f"[{style}]{job.state.value}[/{style}]",
+                      when(job.updated_at), job.reason or "")
+    return table
 
 
 def leaderboard_table(board: Leaderboard) -> Table:

@@ -15,6 +15,7 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.AssociationRequested: evt("association", "requested"),
     m.AssociationApproved: evt("association", "approved"),
     m.JobScheduled: evt("job", "scheduled"),
+    m.JobStateChanged: evt("job", "state_changed"),
     m.ResultAccepted: evt("result", "accepted"),
     m.ResultRejected: evt("result", "rejected"),
     m.LeaderboardUpdated: evt("leaderboard", "updated"),
@@ -25,7 +26,8 @@ SERVICES = ("registry", "approval", "scheduling", "leaderboard")
 EVENT_PUBLISHERS: dict[type[Payload], str] = {
     m.ActorRegistered: "registry", m.BenchmarkRegistered: "registry", m.ModelRegistered: "registry",
     m.DatasetRegistered: "registry", m.BenchmarkApproved: "approval", m.AssociationRequested: "approval",
-    m.AssociationApproved: "approval", m.JobScheduled: "scheduling", m.ResultAccepted: "leaderboard",
+    m.AssociationApproved: "approval", m.JobScheduled: "scheduling", m.JobStateChanged: "scheduling",
+    m.ResultAccepted: "leaderboard",
     m.ResultRejected: "leaderboard", m.LeaderboardUpdated: "leaderboard",
 }
 
@@ -42,6 +44,8 @@ COMMAND_SUBJECTS: dict[type[Payload], str] = {
 QUERY_SUBJECTS: dict[type[Payload], str] = {
     m.GetBenchmark: cmd("registry", "get_benchmark"),
     m.ShowLeaderboard: cmd("leaderboard", "show"),
+    m.ListJobs: cmd("scheduling", "list_jobs"),
+    m.GetJob: cmd("scheduling", "get_job"),
 }
 REQUEST_SUBJECTS: dict[type[Payload], str] = {**COMMAND_SUBJECTS, **QUERY_SUBJECTS}
 
@@ -50,4 +54,6 @@ REPLY_TYPES: dict[type[Payload], type[Payload]] = {
     **{command: m.CommandReply for command in COMMAND_SUBJECTS},
     m.GetBenchmark: m.BenchmarkDetails,
     m.ShowLeaderboard: m.Leaderboard,
+    m.ListJobs: m.JobList,
+    m.GetJob: m.JobDetails,
 }

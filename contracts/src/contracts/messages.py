@@ -29,6 +29,20 @@ class EntityKind(StrEnum):
     DATASET = "dataset"
 
 
+class JobState(StrEnum):
+    """Where a job stands. A site reports REFUSED, FAILED, HELD and DECLINED; an accepted result makes it DONE."""
+
+    SCHEDULED = "SCHEDULED"
+    REFUSED = "REFUSED"    # the site would not run it (its policy, a wrong image, changed data): never retried
+    FAILED = "FAILED"      # it ran and failed for good (timed out, out of memory, output rejected, out of attempts)
+    HELD = "HELD"          # it ran; its result waits at the site for the data owner's review
+    DECLINED = "DECLINED"  # the data owner did not release its result; nothing of it left the site
+    DONE = "DONE"          # its result is on the board
+
+
+SITE_STATES = (JobState.REFUSED, JobState.FAILED, JobState.HELD, JobState.DECLINED)
+
+
 class ImageRef(Payload):
     digest: Digest = Field(description="the image id (sha256 of its config): images are run by digest, never by tag")
     name: Name = Field(description="a human name such as the tag it was built as; informative only")
@@ -41,6 +55,17 @@ class MetricSpec(Payload):
     higher_is_better: bool = True
 
 
+class RunLimits(Payload):
+    """What each of a benchmark's containers may use at a site; a site refuses a job that asks for more than its
+    policy allows (it never runs it with less than asked)."""
+
+    timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600, description="wall time of one container")
+    memory_mb: int = Field(default=2048, ge=64, le=4 * 1024 * 1024)
+    cpus: float = Field(default=2.0, gt=0, le=1024)
+    gpus: int = Field(default=0, ge=0, le=64, description="whole devices, for the model's container only")
+    output_mb: int = Field(default=256, ge=1, le=1024 * 1024, description="what a container may write in all")
+
+
 class BenchmarkSpec(Payload):
     benchmark_id: Id
     name: Name
@@ -50,6 +75,7 @@ class BenchmarkSpec(Payload):
     evaluator: ImageRef
     metrics: tuple[MetricSpec, ...] = Field(min_length=1, max_length=32)
     primary_metric: MetricName
+    limits: RunLimits = Field(default_factory=RunLimits, description="what each container of its jobs may use")
 
     @model_validator(mode="after")
     def _primary_is_declared(self) -> BenchmarkSpec:
@@ -144,6 +170,21 @@ class GetBenchmark(Payload):
 class ShowLeaderboard(Payload):
     TYPE: ClassVar[str] = "assay.v1.ShowLeaderboard"
     benchmark_id: Id
+
+
+class ListJobs(Payload):
+    """The jobs the scheduler planned, newest first, narrowed by any of the filters."""
+
+    TYPE: ClassVar[str] = "assay.v1.ListJobs"
+    benchmark_id: Id | None = None
+    site_id: Id | None = None
+    state: JobState | None = None
+    limit: int = Field(default=200, ge=1, le=1000)
+
+
+class GetJob(Payload):
+    TYPE: ClassVar[str] = "assay.v1.GetJob"
+    job_id: Id
 
 
 class CommandReply(Payload):
@@ -246,6 +287,9 @@ class JobSpec(Payload):
     metrics: tuple[MetricSpec, ...]
     expires_at: datetime = Field(description="a site never starts the job after this time; a captured job cannot be "
                                              "replayed later")
+    model_owner: Id | None = Field(default=None, description="who registered the model: a site's policy may accept "
+                                                             "only some owners")
+    limits: RunLimits = Field(default_factory=RunLimits, description="the benchmark's limits for each container")
 
 
 class JobScheduled(Payload):
@@ -266,6 +310,38 @@ class SiteResult(Payload):
                                                "without waiting for any other stream")
     worker_id: Name
     finished_at: datetime
+
+
+class SiteReport(Payload):
+    """What a site says about a job it does not (or not yet) answer with a result, on `assay.v1.reports.<site>`;
+    signed by the site. The reason is the site's words: it never quotes what a container wrote."""
+
+    TYPE: ClassVar[str] = "assay.v1.SiteReport"
+    job_id: Id
+    site_id: Id
+    state: JobState
+    reason: str = Field(max_length=2000)
+    worker_id: Name
+    at: datetime
+
+    @field_validator("state")
+    @classmethod
+    def _a_site_state(cls, state: JobState) -> JobState:
+        if state not in SITE_STATES:
+            raise ValueError(f"a site reports one of {[s.value for s in SITE_STATES]}, not {state.value}")
+        return state
+
+
+class JobStateChanged(Payload):
+    """A job's state as the scheduler now records it, after its site reported it."""
+
+    TYPE: ClassVar[str] = "assay.v1.JobStateChanged"
+    job_id: Id
+    site_id: Id
+    benchmark_id: Id
+    model_id: Id
+    state: JobState
+    reason: str
 
 
 class ResultAccepted(Payload):
@@ -319,6 +395,32 @@ class LeaderboardUpdated(Payload):
     sites: int
 
 
+class JobStatus(Payload):
+    job_id: Id
+    benchmark_id: Id
+    model_id: Id
+    dataset_id: Id
+    site_id: Id
+    state: JobState
+    reason: str = Field(default="", description="why it is in this state, as its site reported it")
+    updated_at: datetime
+
+
+class JobList(Payload):
+    """The reply to ListJobs."""
+
+    TYPE: ClassVar[str] = "assay.v1.JobList"
+    jobs: tuple[JobStatus, ...]
+
+
+class JobDetails(Payload):
+    """The reply to GetJob: where it stands and what it asks of its site."""
+
+    TYPE: ClassVar[str] = "assay.v1.JobDetails"
+    status: JobStatus
+    job: JobSpec
+
+
 class DeadLetter(Payload):
     """A message a consumer gave up on, on `assay.v1.dlq.<consumer>`: why, and after how many deliveries."""
 
@@ -334,10 +436,11 @@ COMMANDS: tuple[type[Payload], ...] = (
     RegisterActor, RegisterBenchmark, ApproveBenchmark, RegisterModel, RegisterDataset,
     RequestAssociation, ApproveAssociation,
 )
-QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard)
-REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard)
+QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, GetJob)
+REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails)
 EVENTS: tuple[type[Payload], ...] = (
     ActorRegistered, BenchmarkRegistered, BenchmarkApproved, ModelRegistered, DatasetRegistered,
-    AssociationRequested, AssociationApproved, JobScheduled, ResultAccepted, ResultRejected, LeaderboardUpdated,
+    AssociationRequested, AssociationApproved, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected,
+    LeaderboardUpdated,
 )
-WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, DeadLetter)
+WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, SiteReport, DeadLetter)

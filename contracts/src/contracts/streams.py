@@ -26,7 +26,7 @@ STREAMS: tuple[StreamConfig, ...] = (
     StreamConfig(name=s.JOBS_STREAM, subjects=[s.JOBS_ALL], storage=StorageType.FILE,
                  retention=RetentionPolicy.WORK_QUEUE, duplicate_window=DUPLICATE_WINDOW_S,
                  max_age=31 * DAY_S, max_msgs=5_000_000, discard=DiscardPolicy.NEW),
-    StreamConfig(name=s.RESULTS_STREAM, subjects=[s.RESULTS_ALL], storage=StorageType.FILE,
+    StreamConfig(name=s.RESULTS_STREAM, subjects=[s.RESULTS_ALL, s.REPORTS_ALL], storage=StorageType.FILE,
                  retention=RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW_S,
                  max_msgs=20_000_000, discard=DiscardPolicy.NEW),
     StreamConfig(name=s.DEAD_LETTERS_STREAM, subjects=[s.DEAD_LETTERS_ALL], storage=StorageType.FILE,

@@ -13,6 +13,7 @@ DEAD_LETTERS_STREAM = "DEAD_LETTERS"
 EVENTS_ALL = f"{PREFIX}.evt.>"
 JOBS_ALL = f"{PREFIX}.jobs.*"
 RESULTS_ALL = f"{PREFIX}.results.*"
+REPORTS_ALL = f"{PREFIX}.reports.*"
 DEAD_LETTERS_ALL = f"{PREFIX}.dlq.>"
 
 _TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -46,6 +47,11 @@ def results(site_id: str) -> str:
     return f"{PREFIX}.results.{_site(site_id)}"
 
 
+def reports(site_id: str) -> str:
+    """Where a site says what became of a job that has no result (yet): refused, failed, held, declined."""
+    return f"{PREFIX}.reports.{_site(site_id)}"
+
+
 def dead_letter(consumer: str) -> str:
     return f"{PREFIX}.dlq.{consumer}"
 
@@ -74,7 +80,8 @@ def matches(pattern: str, subject: str) -> bool:
 def stream_of(subject: str) -> str:
     """The stream that stores `subject`."""
     kind = subject.removeprefix(PREFIX + ".").split(".", 1)[0]
-    streams = {"evt": EVENTS_STREAM, "jobs": JOBS_STREAM, "results": RESULTS_STREAM, "dlq": DEAD_LETTERS_STREAM}
+    streams = {"evt": EVENTS_STREAM, "jobs": JOBS_STREAM, "results": RESULTS_STREAM, "reports": RESULTS_STREAM,
+               "dlq": DEAD_LETTERS_STREAM}
     if not subject.startswith(PREFIX + ".") or kind not in streams:
         raise ValueError(f"{subject!r} is not stored in any stream")
     return streams[kind]

@@ -8,14 +8,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ASSAY_SITE_")
     site_id: str
-    key_file: Path                      # the site's Ed25519 key: results are signed with it
+    key_file: Path                      # the site's Ed25519 key: results, reports and the audit head are signed with it
     scheduler_public_key: str           # jobs not signed by this key are never run
     nats_url: str = "nats://127.0.0.1:4222"
     datasets_file: Path                 # JSON {dataset_id: prepared dataset folder}, written by `assay dataset prepare`
     work_dir: Path                      # per-job outputs; per-case scores stay here
+    state_dir: Path | None = None       # the held results and the audit log (default: work_dir)
+    policy_file: Path | None = None     # TOML: what may run here and what leaves unreviewed (none: hold every result)
     worker_id: str = "worker-1"
     max_deliver: int = 3
     ack_wait_s: float = 60.0
     heartbeat_s: float = 15.0           # in_progress() while a container runs, well inside ack_wait
-    container_timeout_s: float = 600.0
+    release_every_s: float = 1.0        # how often the worker looks for the data owner's decisions to send
     otlp_endpoint: str | None = None
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir or self.work_dir
+
+    @property
+    def review_file(self) -> Path:
+        return self.state / "review.sqlite"
+
+    @property
+    def audit_file(self) -> Path:
+        return self.state / "audit.jsonl"

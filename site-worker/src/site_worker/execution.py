@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.messages import JobSpec, MetricSpec
@@ -12,6 +13,7 @@ from contracts.metrics import MetricNamesRefused, MetricsRefused, checked_metric
 from service_kit.edge import Refused
 from site_worker.containers import (
     ContainerRunner,
+    Failure,
     Limits,
     Mount,
     OutputRefused,
@@ -28,23 +30,38 @@ class JobRefused(Refused):
 
 
 class RunFailed(Exception):
-    """A container failed, or wrote what may not leave the site; the job may succeed on another attempt."""
+    """A container failed, or wrote what may not leave the site. `recurs`: it will fail the same way again (timed
+    out, out of memory, too many processes, output rejected), so it is not tried again."""
+
+    def __init__(self, reason: str, *, recurs: bool = False) -> None:
+        super().__init__(reason)
+        self.recurs = recurs
 
 
-def validate_metrics(raw: object, declared: tuple[MetricSpec, ...]) -> dict[str, float]:
-    """Only declared numeric metrics may leave: every declared name, a finite number within its bounds, nothing else.
+@dataclass(frozen=True)
+class Metrics:
+    leaving: dict[str, float]    # the declared metrics: what may leave
+    kept: tuple[str, ...] = ()   # the names of what the evaluator wrote besides: they stay at the site
+
+
+def validate_metrics(raw: object, declared: tuple[MetricSpec, ...]) -> Metrics:
+    """Only declared numeric metrics may leave: every declared name, a finite number within its bounds. Whatever else
+    the evaluator wrote stays at the site, named in the site's record.
 
     The refusal names the file, the metric and the rule, never a value the evaluator wrote: it leaves the site.
     """
     if not isinstance(raw, dict) or not isinstance(raw.get("metrics"), dict):
-        raise RunFailed('metrics.json must be {"metrics": {name: number}}')
+        raise RunFailed('metrics.json must be {"metrics": {name: number}}', recurs=True)
+    names = {spec.name for spec in declared}
+    written: dict[str, object] = raw["metrics"]
     try:
-        return checked_metrics(raw["metrics"], declared)
+        leaving = checked_metrics({k: v for k, v in written.items() if k in names}, declared)
     except MetricNamesRefused as refused:
-        raise RunFailed(f"metrics.json has {len(refused.undeclared)} undeclared metric(s) and misses "
-                        f"{refused.missing}; only {refused.declared} may leave the site") from None
+        raise RunFailed(f"metrics.json misses the declared metric(s) {refused.missing}; the benchmark declares "
+                        f"{refused.declared}", recurs=True) from None
     except MetricsRefused as refused:
-        raise RunFailed(f"metrics.json: {refused}") from None
+        raise RunFailed(f"metrics.json: {refused}", recurs=True) from None
+    return Metrics(leaving, tuple(sorted(str(k) for k in written if k not in names)))
 
 
 def _metrics_written(path: Path) -> object:
@@ -52,9 +69,9 @@ def _metrics_written(path: Path) -> object:
     try:
         return json.loads(read_output(path).decode("utf-8"))
     except OutputRefused as refused:
-        raise RunFailed(f"/assay/out/metrics.json {refused}") from None
+        raise RunFailed(f"/assay/out/metrics.json {refused}", recurs=True) from None
     except ValueError:
-        raise RunFailed("/assay/out/metrics.json: the evaluator wrote no file of UTF-8 JSON") from None
+        raise RunFailed("/assay/out/metrics.json: the evaluator wrote no file of UTF-8 JSON", recurs=True) from None
 
 
 def _lines_written(path: Path) -> int:
@@ -69,11 +86,23 @@ def _lines_written(path: Path) -> int:
 def _check(outcome: RunOutcome, what: str, job_dir: Path) -> None:
     """A failure's log may hold patient data: it stays at the site; only the cause travels."""
     if not outcome.ok:
+        if outcome.failure in (Failure.OUTPUT_TOO_LARGE, Failure.TOO_MANY_FILES):
+            for folder in ("predictions", "evaluation"):  # what filled the disk goes now, not at a later clean-up
+                shutil.rmtree(job_dir / folder, ignore_errors=True)
         (job_dir / "failure.log").write_text(outcome.log_tail)
-        raise RunFailed(f"{what} failed ({outcome.why}); its log is kept at the site in jobs/{job_dir.name}/failure.log")
+        raise RunFailed(f"{what} failed ({outcome.why}); its log is kept at the site in "
+                        f"jobs/{job_dir.name}/failure.log", recurs=outcome.recurs)
 
 
-def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: Path, limits: Limits) -> dict[str, float]:
+def dataset_folder(datasets_file: Path, dataset_id: str, site_id: str) -> Path:
+    """Where `assay dataset prepare` put a dataset of this site."""
+    datasets = json.loads(datasets_file.read_text()) if datasets_file.exists() else {}
+    if dataset_id not in datasets:
+        raise JobRefused(f"dataset {dataset_id} is not prepared at site {site_id}")
+    return Path(datasets[dataset_id])
+
+
+def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: Path, limits: Limits) -> Metrics:
     """Run one job; its metrics, once they may leave. Digests and the dataset hash are checked again right before
     the containers run, and the evaluator must have scored exactly the registered cases."""
     data, labels = dataset_dir / "data", dataset_dir / "labels"
@@ -105,6 +134,8 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     metrics = validate_metrics(_metrics_written(evaluation / "metrics.json"), job.metrics)
     case_count = _lines_written(evaluation / "cases.jsonl")
     if case_count != bound.case_count:
-        raise JobRefused(f"the evaluator scored {case_count} cases in /assay/out/cases.jsonl; "
-                         f"dataset {bound.dataset_id} was registered with {bound.case_count}")
+        raise RunFailed(f"the evaluator scored {case_count} cases in /assay/out/cases.jsonl; "
+                        f"dataset {bound.dataset_id} was registered with {bound.case_count}", recurs=True)
+    if metrics.kept:
+        (job_dir / "kept_at_site.json").write_text(json.dumps({"undeclared_metrics": list(metrics.kept)}))
     return metrics

@@ -1,14 +1,14 @@
-"""The site worker: pulls its site's jobs, runs them in the sandbox, signs and publishes the result, then acks."""
+"""The site worker: pulls its site's jobs, judges them by the site's policy, runs them in the sandbox, keeps each
+result until it may leave, then signs and publishes it; it says what became of every job it did not answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 from faststream import Context, FastStream
@@ -19,17 +19,23 @@ from faststream.nats.annotations import NatsMessage
 from assay_telemetry import nats_middlewares
 from contracts import subjects
 from contracts.envelope import Envelope, utcnow
-from contracts.messages import JobSpec, SiteResult
+from contracts.messages import JobSpec, JobState, SiteReport, SiteResult
 from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
 from service_kit.connection import connection_options, inbox_of
-from service_kit.edge import Retry
+from service_kit.edge import Delivery, Refused, Retry
 from service_kit.wiring import Consumer, Outlet, Outlets, Wiring
+from site_worker.audit import AuditLog, verify_log
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
-from site_worker.execution import JobRefused, execute
+from site_worker.execution import JobRefused, RunFailed, dataset_folder, execute
+from site_worker.policy import PolicyFile, SitePolicy, judge
+from site_worker.review import Decision, Held, Review
 
 log = logging.getLogger("site_worker")
-FINISHED = "finished"  # in a job's folder: the site's record that the job ran and its result left
+
+
+class FailedForGood(Refused):
+    """The job ran and failed in a way that will recur: reported, dead-lettered, never tried again."""
 
 
 @dataclass(frozen=True)
@@ -41,20 +47,43 @@ class Site:
     runner: ContainerRunner
     outlets: Outlets
     source: str
+    policies: PolicyFile
+    review: Review
+    audit: AuditLog
+    sending: asyncio.Lock
 
 
 SiteDep = Annotated[Site, Context("site")]
 
 
-async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage) -> None:
-    """Run a job the scheduler signed, keeping its lease with heartbeats; refuse, at once, one it did not."""
+async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, delivery: Delivery) -> None:
+    """Run a job the scheduler signed, keeping its lease with heartbeats; refuse, at once, one it did not. Whatever
+    keeps a genuine job from a result is reported to the scheduler with its reason."""
     try:
         verify(job, site.settings.scheduler_public_key)
     except SignatureError as exc:
         raise JobRefused(f"refused, not a valid signed job: {exc}") from exc
+    spec = job.data
+    if spec.site_id != site.settings.site_id:
+        raise JobRefused(f"job {spec.job_id} is addressed to site {spec.site_id}, not {site.settings.site_id}")
+    if (kept := site.review.get(spec.job_id)) is not None:
+        raise JobRefused(f"job {spec.job_id} already ran at this site (its result was kept at "
+                         f"{kept.held_at.isoformat(timespec='seconds')}); a job runs once per site, so this delivery "
+                         "is a replay or a redelivery after its result was kept")
     ticker = asyncio.create_task(heartbeat(message, site.settings.heartbeat_s))
     try:
-        await run_and_publish(job, site)
+        await run_and_keep(job, site)
+    except JobRefused as exc:
+        await tell(site, spec, JobState.REFUSED, str(exc))
+        raise
+    except RunFailed as exc:
+        if exc.recurs:
+            await tell(site, spec, JobState.FAILED, f"{exc} (not tried again: it would fail the same way)")
+            raise FailedForGood(str(exc)) from exc
+        if delivery.attempt >= site.settings.max_deliver:
+            tries = f"attempt {delivery.attempt} of {site.settings.max_deliver}"
+            await tell(site, spec, JobState.FAILED, f"{exc} ({tries})")
+        raise
     finally:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -67,43 +96,106 @@ async def heartbeat(message: NatsMessage, every_s: float) -> None:
         await message.in_progress()
 
 
-async def run_and_publish(signed_job: Envelope[JobSpec], site: Site) -> None:
+def limits_of(job: JobSpec) -> Limits:
+    asked = job.limits
+    # a model may write one file per case (and a folder or two): the file count follows the dataset
+    return Limits(memory=f"{asked.memory_mb}m", nano_cpus=int(asked.cpus * 1e9), timeout_s=asked.timeout_s,
+                  output_bytes=asked.output_mb << 20, output_files=max(10_000, 2 * job.binding.case_count + 100))
+
+
+async def run_and_keep(signed_job: Envelope[JobSpec], site: Site) -> None:
+    """Judge the job by the policy, run it, and keep its result: released at once where the policy says so, else
+    held for the data owner (and the scheduler told so)."""
     job, settings = signed_job.data, site.settings
-    if job.site_id != settings.site_id:
-        raise JobRefused(f"job {job.job_id} is addressed to site {job.site_id}, not {settings.site_id}")
+    bound = job.binding
+    await note(site, "job_received", job.job_id, benchmark=bound.benchmark_id, model=bound.model_id,
+               model_owner=job.model_owner, dataset=bound.dataset_id)
     if job.expires_at <= utcnow():
         raise JobRefused(f"job {job.job_id} expired at {job.expires_at.isoformat(timespec='seconds')}; it is not run")
-    finished = settings.work_dir / job.job_id / FINISHED
-    if finished.exists():
-        raise JobRefused(f"job {job.job_id} already ran at this site ({finished.read_text().strip()}); a job runs "
-                         "once per site, so this delivery is a replay or a redelivery after its result left")
-    datasets = json.loads(settings.datasets_file.read_text()) if settings.datasets_file.exists() else {}
-    if job.binding.dataset_id not in datasets:
-        raise JobRefused(f"dataset {job.binding.dataset_id} is not prepared at site {settings.site_id}")
-    metrics = await asyncio.to_thread(execute, job, Path(datasets[job.binding.dataset_id]), site.runner,
-                                      settings.work_dir, Limits(timeout_s=settings.container_timeout_s))
-    result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=job.binding, metrics=metrics,
-                        metrics_hash=metrics_hash(metrics), worker_id=settings.worker_id, finished_at=utcnow(),
-                        job=signed_job)
-    signed = site.key.sign(Envelope.wrap(result, source=site.source, id=f"result-{job.job_id}"))
-    body = signed.model_dump_json().encode()
+    policy = await asyncio.to_thread(policy_in_force, site)
+    if not (verdict := judge(policy, job)):
+        raise JobRefused(f"{verdict.reason}; nothing was run")
+    folder = dataset_folder(settings.datasets_file, bound.dataset_id, settings.site_id)
+    metrics = await asyncio.to_thread(execute, job, folder, site.runner, settings.work_dir, limits_of(job))
+    await note(site, "job_run", job.job_id, model_image=bound.model_image, evaluator_image=bound.evaluator_image,
+               dataset_hash=bound.dataset_hash, cases=bound.case_count, kept_at_site=list(metrics.kept))
+    result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=bound, metrics=metrics.leaving,
+                        metrics_hash=metrics_hash(metrics.leaving), worker_id=settings.worker_id,
+                        finished_at=utcnow(), job=signed_job)
+    hold = policy.holds(bound.benchmark_id)
+    await asyncio.to_thread(site.review.keep, result, release=not hold, by=f"policy {policy.digest[:19]}",
+                            kept={"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}"})
+    if hold:
+        await note(site, "result_held", job.job_id, metrics=sorted(metrics.leaving))
+        await tell(site, job, JobState.HELD, "it ran; its result waits at the site for the data owner's review")
+    else:
+        await note(site, "result_approved", job.job_id, by=f"policy {policy.digest}")
+        await send_decisions(site)
+
+
+async def send_decisions(site: Site) -> int:
+    """Send what was decided and has not left: an approved result, signed once, or the fact that the data owner
+    declined one (with the reason the site gives, never its metrics). Each leaves once however often this runs."""
+    sent = 0
+    async with site.sending:
+        for held in await asyncio.to_thread(site.review.unsent):
+            if held.state is Decision.APPROVED:
+                await publish_result(site, held)
+                await note(site, "result_released", held.job_id, by=held.decided_by,
+                           metrics_hash=held.result.metrics_hash)
+            else:
+                reason = f"the data owner declined to release its result: {held.reason or 'no reason given'}"
+                await tell(site, held.result.job.data, JobState.DECLINED, reason, id=f"declined-{held.job_id}")
+                await note(site, "rejection_sent", held.job_id, by=held.decided_by)
+            await asyncio.to_thread(site.review.sent, held.job_id)
+            sent += 1
+    return sent
+
+
+async def publish_result(site: Site, held: Held) -> None:
+    signed = site.key.sign(Envelope.wrap(held.result, source=site.source, id=f"result-{held.job_id}"))
+    body = (await asyncio.to_thread(site.review.sign_once, held.job_id, signed.model_dump_json())).encode()
     # the dedupe id covers the signed bytes: nobody can pre-empt it by publishing a forgery with a guessed id
     # (the leaderboard counts each job once however often a re-run publishes)
-    await site.outlets.publish(subjects.results(settings.site_id), body,
-                               f"{signed.id}:{hashlib.sha256(body).hexdigest()[:32]}")
-    finished.write_text(f"its result {signed.id} left at {result.finished_at.isoformat(timespec='seconds')}\n")
-    log.info("job %s done: %s", job.job_id, metrics)
+    await site.outlets.publish(subjects.results(site.settings.site_id), body,
+                               f"result-{held.job_id}:{hashlib.sha256(body).hexdigest()[:32]}")
+    log.info("job %s: its result left (%s)", held.job_id, held.result.metrics)
+
+
+async def tell(site: Site, job: JobSpec, state: JobState, reason: str, id: str | None = None) -> None:
+    """Report a job's state to the scheduler, signed; and keep it in the site's audit log."""
+    report = SiteReport(job_id=job.job_id, site_id=site.settings.site_id, state=state, reason=reason[:2000],
+                        worker_id=site.settings.worker_id, at=utcnow())
+    signed = site.key.sign(Envelope.wrap(report, source=site.source, id=id))
+    await site.outlets.publish(subjects.reports(site.settings.site_id), signed.model_dump_json().encode(), signed.id)
+    if state in (JobState.REFUSED, JobState.FAILED):
+        await note(site, f"job_{state.value.lower()}", job.job_id, reason=reason)
+    log.info("job %s: %s (%s)", job.job_id, state.value, reason)
+
+
+async def note(site: Site, kind: str, job_id: str | None = None, **details: object) -> None:
+    await asyncio.to_thread(site.audit.append, kind, job_id, **details)
+
+
+async def send_decisions_forever(site: Site) -> None:
+    """The data owner decides in the CLI, which has no bus: what it decided leaves from here."""
+    while True:
+        await asyncio.sleep(site.settings.release_every_s)
+        try:
+            await send_decisions(site)
+        except Exception as exc:  # the bus is away: the decision stays unsent, and is sent on a later round
+            log.warning("could not send the data owner's decisions yet: %s", exc)
 
 
 def wiring(site_id: str, *, worker_id: str, max_deliver: int, ack_wait_s: float) -> Wiring:
-    """The worker's one consumer (its site's queue, one job at a time) and its one way out (its results).
+    """The worker's one consumer (its site's queue, one job at a time) and its ways out (results, reports).
 
     `site_id` may be `subjects.SITE`, the placeholder the AsyncAPI document shows.
     """
     return Wiring(
         owner=f"site-{site_id}", source=f"site:{site_id}/{worker_id}",
         consumers=(Consumer(run_job, subject=subjects.jobs(site_id), ack_wait_s=ack_wait_s, batch=1),),
-        publishes=(Outlet(subjects.results(site_id), SiteResult),),
+        publishes=(Outlet(subjects.results(site_id), SiteResult), Outlet(subjects.reports(site_id), SiteReport)),
         # a container that failed is tried again after 2 s, then 4 s: long enough for a busy engine to recover
         retry=Retry(failures=max_deliver, waits=0, base_s=2.0, cap_s=30.0), outbox=False,
     )
@@ -115,20 +207,72 @@ def site_wiring(settings: Settings) -> Wiring:
 
 
 def create_app(settings: Settings, runner: ContainerRunner) -> FastStream:
+    os.umask(0o077)  # whatever the worker writes (job folders, held results, the audit log) is its user's alone
     key = KeyPair.load(settings.key_file)
+    policies = PolicyFile(settings.policy_file)
     context = ContextRepo()
     plan = site_wiring(settings)
     broker = NatsBroker(settings.nats_url, logger=None, context=context,
                         middlewares=nats_middlewares(f"site-worker-{settings.site_id}", settings.otlp_endpoint),
                         **connection_options(plan.owner, settings.nats_url))
     outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url))
-    context.set_global("site", Site(settings, key, runner, outlets, plan.source))
+    site = Site(settings, key, runner, outlets, plan.source, policies, Review(settings.review_file),
+                AuditLog(settings.audit_file, key), asyncio.Lock())
+    context.set_global("site", site)
     app = FastStream(broker)
+    tasks: list[asyncio.Task[None]] = []
 
     @app.on_startup
-    async def remove_leftovers() -> None:
-        """A worker killed mid-job leaves its container running: it goes before any new job starts."""
+    async def prepare() -> None:
+        """A worker killed mid-job leaves its container running: it goes before any new job starts. A policy that
+        changed since the last start is in the audit log before any job is judged by it."""
         if removed := await asyncio.to_thread(runner.remove_leftovers):
             log.warning("removed %d container(s) a killed run of this worker left running", len(removed))
+        await asyncio.to_thread(check_audit_log, site)
+        await asyncio.to_thread(policy_in_force, site)
+
+    @app.after_startup
+    async def start_sending() -> None:
+        tasks.append(asyncio.create_task(send_decisions_forever(site)))
+
+    @app.on_shutdown
+    async def stop_sending() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     return app
+
+
+def check_audit_log(site: Site) -> None:
+    """A worker whose audit log was changed behind its back takes no job: what it would add could not be trusted to
+    follow what is there. A crash's half line is repaired by the next entry, and said so."""
+    path = site.settings.audit_file
+    if not path.exists():
+        return
+    verdict = verify_log(path, site.key.public_key)
+    if not verdict.ok and not verdict.crash:
+        raise RuntimeError(f"the site's audit log {path} fails its check: {verdict.problem}. Keep it for the "
+                           "auditor, move it (and audit.head.json) aside, and start again with a new log")
+    if verdict.crash:
+        log.warning("audit log: %s", verdict.problem)
+
+
+def policy_in_force(site: Site) -> SitePolicy:
+    """The site's policy now; a change since the last one the audit log names is logged before any job is judged by
+    it, and a file edited into an invalid state is said (the previous policy stays in force)."""
+    policy = site.policies.fresh()
+    if site.policies.error:
+        log.error("site policy: %s", site.policies.error)
+    if site.policies.logged is None:  # the first look since the start: what the audit log says was in force
+        site.policies.logged = next((str(e.details.get("digest")) for e in reversed(site.audit.entries())
+                                     if e.kind == "policy"), "")
+    last = site.policies.logged
+    if last != policy.digest:
+        found = site.settings.policy_file
+        site.audit.append("policy", None, digest=policy.digest, previous=last,
+                          file=str(found) if found and found.exists() else "(none: the default policy)",
+                          policy=policy.model_dump(mode="json"))
+        site.policies.logged = policy.digest
+    return policy

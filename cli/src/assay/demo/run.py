@@ -25,12 +25,35 @@ from rich.progress import (
 from assay.client import request
 from assay.home import Home
 from assay.platform import Platform
-from contracts.messages import Leaderboard, ShowLeaderboard
+from contracts.messages import JobList, JobState, Leaderboard, ListJobs, ShowLeaderboard
 
 BENCHMARK = "breast-cancer-dx"
 OPERATOR, OWNER = "operator", "committee"
 MODEL_OWNERS = {"reference": "vendor-a", "compact": "vendor-a", "texture": "vendor-b"}
 SITES = ("hospital-a", "hospital-b", "hospital-c")
+REVIEWING = "hospital-a"  # its data owner reviews every result before it leaves; the others release by policy
+POLICIES = {
+    "hospital-a": f"""# hospital-a: only this benchmark, and every result waits for the data owner's review
+benchmarks = ["{BENCHMARK}"]
+
+[limits]
+timeout_s = 600
+memory_mb = 2048
+cpus = 2
+
+[release]
+rule = "hold"
+""",
+    "hospital-b": """# hospital-b: any benchmark it joined; results that pass the checks leave at once
+[release]
+rule = "auto"
+""",
+    "hospital-c": f"""# hospital-c: released without review for this benchmark only
+[release]
+rule = "benchmarks"
+benchmarks = ["{BENCHMARK}"]
+""",
+}
 
 
 class StepFailed(Exception):
@@ -63,21 +86,29 @@ def benchmark_spec(images_models_reference: str) -> dict:  # type: ignore[type-a
     }
 
 
-async def wait_for_results(nats_url: str, expected: int, console: Console, timeout_s: float = 900) -> Leaderboard:
+async def wait_for_results(nats_url: str, expected: int, console: Console, *, held: int = 0,
+                           timeout_s: float = 900) -> Leaderboard:
+    """Until `expected` jobs have their result on the board or, `held` of them, waiting for review at a site."""
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
+    what = "results on the leaderboard" + (" or held for review" if held else "")
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("site jobs: results on the leaderboard", total=expected)
+        task = progress.add_task(f"site jobs: {what}", total=expected)
         deadline = time.monotonic() + timeout_s
         while True:
             board = Leaderboard.model_validate(
                 await request(nats_url, ShowLeaderboard(benchmark_id=BENCHMARK), actor="demo"))
             done = sum(len(row.site_values) for row in board.rows)
+            if held:
+                jobs = JobList.model_validate(await request(nats_url, ListJobs(benchmark_id=BENCHMARK,
+                                                                               state=JobState.HELD), actor="demo"))
+                done += min(len(jobs.jobs), held)
             progress.update(task, completed=done)
             if done >= expected:
                 return board
             if time.monotonic() > deadline:
-                raise StepFailed(f"only {done} of {expected} results after {timeout_s:.0f} s")
+                raise StepFailed(f"only {done} of {expected} {what} after {timeout_s:.0f} s; "
+                                 "`assay job list` says where the others stand")
             await asyncio.sleep(0.5)
 
 
@@ -98,14 +129,20 @@ def run_demo(base: Home, console: Console, *, keep: bool = False,
                                    on_step=lambda s: console.print(f"  [dim]·[/dim] {s}"))
         console.rule("[bold]2. Keys for every actor")
         make_keys(console, home)
-        console.rule("[bold]3. The platform: nats-server, four services, three site workers")
+        console.rule("[bold]3. The platform: nats-server, four services, three site workers, each with its policy")
         platform.start()
         for title, step in STEPS:
             console.rule(f"[bold]{title}")
             step(console, home)
-        console.rule("[bold]8. Jobs run at the sites; signed results reach the leaderboard")
-        board = asyncio.run(wait_for_results(platform.nats_url, len(MODEL_OWNERS) * len(SITES), console))
+        console.rule("[bold]8. Jobs run at the sites; signed results leave by each site's policy")
+        total = len(MODEL_OWNERS) * len(SITES)
+        asyncio.run(wait_for_results(platform.nats_url, total, console, held=len(MODEL_OWNERS)))
+        assay(console, home, "job", "list", "--benchmark", BENCHMARK)
+        console.rule(f"[bold]9. {REVIEWING}'s data owner reviews what would leave, and releases it")
+        review(console, home)
+        board = asyncio.run(wait_for_results(platform.nats_url, total, console))
         assay(console, home, "leaderboard", "show", BENCHMARK)
+        assay(console, home, "audit", "verify", "--site", REVIEWING)
         if on_board is not None:
             on_board(board)
         console.print(f"Models: {', '.join(f'{k} {v[:19]}' for k, v in images.models.items())}")
@@ -124,7 +161,15 @@ def make_keys(console: Console, home: Home) -> None:
     for name in (OPERATOR, OWNER, *sorted(set(MODEL_OWNERS.values())), *SITES):
         assay(console, home, "keys", "new", name)
     for site in SITES:
-        assay(console, home, "site", "add", site)
+        policy = home.root / "policies" / f"{site}.toml"
+        policy.parent.mkdir(exist_ok=True)
+        policy.write_text(POLICIES[site])
+        assay(console, home, "site", "add", site, "--policy", str(policy))
+
+
+def review(console: Console, home: Home) -> None:
+    assay(console, home, "results", "pending", "--site", REVIEWING)
+    assay(console, home, "results", "approve", "--all", "--benchmark", BENCHMARK, "--site", REVIEWING, "--yes")
 
 
 def enrol_actors(console: Console, home: Home) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -25,8 +26,10 @@ def job_id(benchmark_id: str, model_digest: str, evaluator: str, dataset_hash: s
 
 
 def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[PlannedDataset],
-              existing: set[str], expires_at: datetime) -> list[JobSpec]:
-    """The jobs still missing: `models` maps approved model ids to their image digests."""
+              existing: set[str], expires_at: datetime,
+              owners: Mapping[str, str | None] | None = None) -> list[JobSpec]:
+    """The jobs still missing: `models` maps approved model ids to their image digests, `owners` to who registered
+    them (a site's policy may accept only some)."""
     jobs = []
     for model_id, digest in sorted(models.items()):
         for ds in sorted(datasets, key=lambda d: d.dataset_id):
@@ -38,5 +41,6 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
                                  model_image=digest, evaluator_image=benchmark.evaluator.digest,
                                  dataset_hash=ds.content_hash, case_count=ds.case_count)
             jobs.append(JobSpec(job_id=jid, site_id=ds.site_id, binding=binding, metrics=benchmark.metrics,
-                                expires_at=expires_at))
+                                expires_at=expires_at, model_owner=(owners or {}).get(model_id),
+                                limits=benchmark.limits))
     return jobs

@@ -1,9 +1,11 @@
-"""Scheduling handlers: learn from events, and after each, plan and dispatch the benchmark's missing jobs."""
+"""Scheduling handlers: learn from events, and after each, plan and dispatch the benchmark's missing jobs; record
+what sites report of their jobs, and answer where each job stands."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from faststream import Context
@@ -15,10 +17,12 @@ from contracts.envelope import Envelope, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, plan_jobs
 from scheduling.models import Benchmark, Dataset, Job, Member, Model
-from service_kit.edge import NotYetKnown
-from service_kit.wiring import Consumer, Outlet, Wiring
+from service_kit.actors import authenticate, remember_actor
+from service_kit.edge import Delivery, NotYetKnown, Refused
+from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
 
+log = logging.getLogger(__name__)
 SERVICE = "scheduling"
 
 
@@ -44,16 +48,17 @@ async def plan(uow: Transaction, benchmark_id: str, dispatch: Dispatch) -> int:
     members = (await session.exec(select(Member).where(Member.benchmark_id == benchmark_id))).all()
     model_ids = {x.entity_id for x in members if x.kind == "model"}
     dataset_ids = {x.entity_id for x in members if x.kind == "dataset"}
-    models = {x.model_id: x.digest for x in (await session.exec(select(Model))).all() if x.model_id in model_ids}
+    known = [x for x in (await session.exec(select(Model))).all() if x.model_id in model_ids]
+    models, owners = {x.model_id: x.digest for x in known}, {x.model_id: x.owner_id for x in known}
     datasets = [PlannedDataset(d.dataset_id, d.site_id, d.content_hash, d.case_count)
                 for d in (await session.exec(select(Dataset).where(Dataset.benchmark_id == benchmark_id))).all()
                 if d.dataset_id in dataset_ids]
     existing = set((await session.exec(select(Job.job_id).where(Job.benchmark_id == benchmark_id))).all())
     planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, existing,
-                        expires_at=utcnow() + dispatch.ttl)
+                        expires_at=utcnow() + dispatch.ttl, owners=owners)
     for job in planned:
         session.add(Job(job_id=job.job_id, benchmark_id=benchmark_id, model_id=job.binding.model_id,
-                        dataset_id=job.binding.dataset_id, site_id=job.site_id))
+                        dataset_id=job.binding.dataset_id, site_id=job.site_id, spec=job.model_dump(mode="json")))
         uow.emit(m.JobScheduled(job=job), id=f"scheduled-{job.job_id}")
         uow.send(subjects.jobs(job.site_id), dispatch.key.sign(Envelope.wrap(job, source=f"service:{SERVICE}",
                                                                             id=job.job_id)))
@@ -79,7 +84,7 @@ async def learn_approval(approved: Envelope[m.BenchmarkApproved], uow: UnitOfWor
 async def learn_model(registered: Envelope[m.ModelRegistered], uow: UnitOfWork, dispatch: Jobs) -> None:
     model = registered.data
     if await uow.session.get(Model, model.model_id) is None:
-        uow.session.add(Model(model_id=model.model_id, digest=model.image.digest))
+        uow.session.add(Model(model_id=model.model_id, digest=model.image.digest, owner_id=model.owner_id))
     await uow.session.flush()
     for member in (await uow.session.exec(select(Member).where(Member.entity_id == model.model_id))).all():
         await plan(uow, member.benchmark_id, dispatch)
@@ -102,16 +107,78 @@ async def learn_association(approved: Envelope[m.AssociationApproved], uow: Unit
     await plan(uow, member.benchmark_id, dispatch)
 
 
+async def learn_actor(registered: Envelope[m.ActorRegistered], uow: UnitOfWork) -> None:
+    """Sites' keys: what a site reports of its jobs is signed with its own."""
+    await remember_actor(uow.session, registered.data)
+
+
+async def record_report(report: Envelope[m.SiteReport], uow: UnitOfWork, delivery: Delivery) -> None:
+    """A site's word on one of its jobs (refused, failed, held, declined): signed by that site, about a job sent to
+    it, on its own subject. A later word replaces an earlier one; nothing replaces a result on the board."""
+    said = report.data
+    if delivery.subject != subjects.reports(said.site_id):
+        raise Refused(f"a report naming site {said.site_id} came on {delivery.subject}; each site reports on its own")
+    actor = await authenticate(uow.session, report, m.Role.SITE)
+    if actor.actor_id != said.site_id:
+        raise Refused(f"a report naming site {said.site_id} is signed by {actor.actor_id}")
+    job = await uow.session.get(Job, said.job_id, with_for_update=True)
+    if job is None or job.site_id != said.site_id:
+        raise Refused(f"site {said.site_id} reports on job {said.job_id}, which was never sent to it")
+    if job.status == m.JobState.DONE or said.at < _aware(job.updated_at):
+        log.info("job %s is %s since %s: the %s report of %s does not change it", job.job_id, job.status,
+                 job.updated_at, said.state, said.at)
+        return
+    job.status, job.reason, job.updated_at = said.state.value, said.reason, said.at
+    uow.session.add(job)
+    uow.emit(m.JobStateChanged(job_id=job.job_id, site_id=job.site_id, benchmark_id=job.benchmark_id,
+                               model_id=job.model_id, state=said.state, reason=said.reason))
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite gives back a naive time of what was stored as UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def status_of(job: Job) -> m.JobStatus:
+    return m.JobStatus(job_id=job.job_id, benchmark_id=job.benchmark_id, model_id=job.model_id,
+                       dataset_id=job.dataset_id, site_id=job.site_id, state=m.JobState(job.status),
+                       reason=job.reason, updated_at=_aware(job.updated_at))
+
+
+async def list_jobs(query: Envelope[m.ListJobs], uow: UnitOfWork) -> m.JobList:
+    asked = query.data
+    chosen = select(Job)
+    for column, wanted in ((Job.benchmark_id, asked.benchmark_id), (Job.site_id, asked.site_id),
+                           (Job.status, asked.state.value if asked.state else None)):
+        if wanted is not None:
+            chosen = chosen.where(column == wanted)
+    rows = (await uow.session.exec(chosen.order_by(Job.updated_at.desc()).limit(asked.limit))).all()  # type: ignore[attr-defined]
+    return m.JobList(jobs=tuple(status_of(job) for job in rows))
+
+
+async def get_job(query: Envelope[m.GetJob], uow: UnitOfWork) -> m.JobDetails:
+    """A job by its id, or by the unique start of one (the tables show the first characters)."""
+    start = query.data.job_id
+    begins = Job.job_id.startswith(start, autoescape=True)  # type: ignore[attr-defined]
+    found = (await uow.session.exec(select(Job).where(begins).limit(2))).all()
+    if len(found) != 1:
+        more = "more than one job begins with it; give more of its id" if found else "no job has it"
+        raise Refused(f"job {start}: {more}; `assay job list` shows the jobs there are")
+    return m.JobDetails(status=status_of(found[0]), job=m.JobSpec.model_validate(found[0].spec))
+
+
 async def mark_done(accepted: Envelope[m.ResultAccepted], uow: UnitOfWork) -> None:
     job = await uow.session.get(Job, accepted.data.job_id)
     if job is not None:
-        job.status = "DONE"
+        job.status, job.reason, job.updated_at = m.JobState.DONE.value, "", utcnow()
         uow.session.add(job)
 
 
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
-    consumers=tuple(Consumer(handle) for handle in (learn_benchmark, learn_approval, learn_model, learn_dataset,
-                                                     learn_association, mark_done)),
-    publishes=(Outlet.event(m.JobScheduled), Outlet(subjects.JOBS_ALL, m.JobSpec)),
+    consumers=(*(Consumer(handle) for handle in (learn_actor, learn_benchmark, learn_approval, learn_model,
+                                                 learn_dataset, learn_association, mark_done)),
+               Consumer(record_report, subject=subjects.REPORTS_ALL)),
+    requests=(Request(list_jobs), Request(get_job)),
+    publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec)),
 )

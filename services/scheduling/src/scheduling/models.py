@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column
+from datetime import datetime
+
+from sqlalchemy import JSON, Column, DateTime
 from sqlmodel import Field, SQLModel
+
+from contracts.envelope import utcnow
 
 
 class Benchmark(SQLModel, table=True):
@@ -17,6 +21,7 @@ class Model(SQLModel, table=True):
     __tablename__ = "sched_model"
     model_id: str = Field(primary_key=True)
     digest: str
+    owner_id: str | None = None
 
 
 class Dataset(SQLModel, table=True):
@@ -43,8 +48,11 @@ class Job(SQLModel, table=True):
     benchmark_id: str = Field(index=True)
     model_id: str
     dataset_id: str
-    site_id: str
+    site_id: str = Field(index=True)
     status: str = "SCHEDULED"
+    reason: str = ""  # why it is in this state, as its site reported it
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True)))
+    spec: dict = Field(default_factory=dict, sa_column=Column(JSON))  # type: ignore[type-arg]  # the JobSpec sent
 
 
 TABLES = [t.__table__ for t in (Benchmark, Model, Dataset, Member, Job)]  # type: ignore[attr-defined]

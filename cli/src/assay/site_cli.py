@@ -1,0 +1,270 @@
+"""The data owner's commands at the site: its policy (`assay site policy`), and the review of what its results would
+send before anything leaves (`assay results`). They read and write the site's own files; the worker sends what was
+decided."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from assay.home import Home
+
+console = Console()
+err = Console(stderr=True)
+policy_app = typer.Typer(help="What may run on the site's data, and what leaves without review (data owner).",
+                         no_args_is_help=True)
+results_app = typer.Typer(help="Review a site's results before they leave (data owner).", no_args_is_help=True)
+Site = Annotated[str, typer.Option("--site", help="the site whose files these are")]
+
+
+def _home() -> Home:
+    from assay.cli import state
+
+    return state["home"]
+
+
+def fail(message: str) -> typer.Exit:
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(1)
+
+
+def _site_dir(site: str) -> Path:
+    folder = _home().site_dir(site)
+    if not (folder / "site.json").exists():
+        raise fail(f"site {site} is not set up in {folder.parent}; add it with: assay site add {site}")
+    return folder
+
+
+# --- policy --------------------------------------------------------------------------------------------------------
+
+
+@policy_app.command("show")
+def policy_show(site: Site) -> None:
+    """The policy the site's worker applies, and its digest."""
+    from site_worker.policy import PolicyError, load_policy
+
+    path = _home().policy_file(site)
+    _site_dir(site)
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        raise fail(str(exc)) from None
+    where = str(path) if path.exists() else f"no file ({path}): the default policy"
+    table = Table(title=f"site {site}: policy {policy.digest[:19]}…", caption=where, show_header=False)
+    table.add_row("benchmarks", ", ".join(policy.benchmarks))
+    table.add_row("model owners", ", ".join(policy.model_owners))
+    table.add_row("models allowed", ", ".join(policy.models.allow) or "any not denied")
+    table.add_row("models denied", ", ".join(policy.models.deny) or "none")
+    most = policy.limits
+    table.add_row("per container at most", f"{most.timeout_s:g} s, {most.memory_mb} MB, {most.cpus:g} CPUs, "
+                                           f"{most.gpus} GPUs")
+    listed = policy.release.benchmarks
+    rule = policy.release.rule.value + (f" ({', '.join(listed)})" if listed else "")
+    table.add_row("release", rule)
+    console.print(table)
+
+
+@policy_app.command("set")
+def policy_set(site: Site, file: Path) -> None:
+    """Check a policy file and make it the site's; the worker applies it from its next job on."""
+    from site_worker.policy import PolicyError, load_policy
+
+    folder = _site_dir(site)
+    if not file.exists():
+        raise fail(f"{file} does not exist")
+    try:
+        policy = load_policy(file)
+    except PolicyError as exc:
+        raise fail(f"{exc}; the site's policy is unchanged") from None
+    target = _home().policy_file(site)
+    staged = folder / ".policy.toml.new"
+    shutil.copyfile(file, staged)
+    os.replace(staged, target)
+    _audit(site).append("policy_set", None, by=_who(), digest=policy.digest, file=str(file.resolve()))
+    console.print(f"[green]ok[/green] site {site} now applies policy {policy.digest} (from its next job on; the "
+                  "change is in its audit log)")
+
+
+@policy_app.command("check")
+def policy_check(job_id: str, site: Site) -> None:
+    """What the site's policy would do with a job the scheduler planned (the job from `assay job list`)."""
+    from assay.cli import _send
+    from contracts import messages as m
+    from site_worker.policy import PolicyError, judge, load_policy
+
+    _site_dir(site)
+    try:
+        policy = load_policy(_home().policy_file(site))
+    except PolicyError as exc:
+        raise fail(str(exc)) from None
+    details = m.JobDetails.model_validate(_send(m.GetJob(job_id=job_id), None))
+    job = details.job
+    if job.site_id != site:
+        raise fail(f"job {job_id} is for site {job.site_id}, not {site}")
+    verdict = judge(policy, job)
+    colour = "green" if verdict.runs else "red"
+    console.print(f"job {job_id}: benchmark {job.binding.benchmark_id}, model {job.binding.model_id} "
+                  f"({job.model_owner or 'owner not named'}), image {job.binding.model_image}")
+    console.print(f"[{colour}]{'runs' if verdict.runs else 'refused'}[/{colour}]: {verdict.reason}")
+    if not verdict.runs:
+        raise typer.Exit(1)
+
+
+# --- review --------------------------------------------------------------------------------------------------------
+
+
+def _review(site: str):  # type: ignore[no-untyped-def]
+    from site_worker.review import Review
+
+    return Review(_site_dir(site) / "review.sqlite")
+
+
+def _audit(site: str):  # type: ignore[no-untyped-def]
+    from site_worker.audit import AuditLog
+
+    return AuditLog(_site_dir(site) / "audit.jsonl", _home().key(site))
+
+
+def review_table(title: str, rows: list) -> Table:  # type: ignore[type-arg]
+    from assay.tables import short_id, when
+
+    table = Table(title=title, caption="job ids shortened: any unique start works")
+    table.add_column("job", no_wrap=True)
+    for column in ("model", "dataset"):
+        table.add_column(column, overflow="fold")
+    table.add_column("would leave", no_wrap=True)
+    table.add_column("stays here", overflow="fold")
+    table.add_column("held", no_wrap=True)
+    for held in rows:
+        kept = ", ".join(["per-case scores", *held.kept.get("undeclared_metrics", [])])
+        metrics = "\n".join(f"{name} {value:.3f}" for name, value in sorted(held.result.metrics.items()))
+        table.add_row(short_id(held.job_id), held.model_id, held.dataset_id,
+                      f"{metrics}\n{held.result.binding.case_count} cases", kept, when(held.held_at))
+    return table
+
+
+@results_app.command("pending")
+def results_pending(site: Site, benchmark: Annotated[str | None, typer.Option()] = None,
+                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The results held for review: what exactly each would send."""
+    held = _review(site).pending(benchmark)
+    if as_json:
+        print(json.dumps([{"job_id": h.job_id, "leaving": h.leaving, "binding": h.result.binding.model_dump()}
+                          for h in held], indent=2))
+        return
+    console.print(review_table(f"site {site}: {len(held)} result(s) held for review", held))
+    if held:
+        console.print("approve with `assay results approve JOB... --site S` (or --all); reject with "
+                      "`assay results reject JOB... --reason TEXT`")
+
+
+def _resolve(site: str, job_ids: list[str]) -> list[str]:
+    from site_worker.review import ReviewError
+
+    try:
+        return [_review(site).resolve(job_id) for job_id in job_ids]
+    except ReviewError as exc:
+        raise fail(str(exc)) from None
+
+
+@results_app.command("show")
+def results_show(job_id: str, site: Site) -> None:
+    """One kept result: its state, who decided, and exactly what releasing it sends."""
+    [job_id] = _resolve(site, [job_id])
+    held = _review(site).get(job_id)
+    if held is None:
+        raise fail(f"no result of job {job_id} is kept at site {site}; `assay results pending --site {site}` "
+                   "lists them")
+    decided = f" by {held.decided_by} at {held.decided_at:%Y-%m-%d %H:%M:%S}" if held.decided_at else ""
+    unsent = "" if held.state == "held" else "; not sent yet"
+    sent = f"; sent at {held.sent_at:%Y-%m-%d %H:%M:%S}" if held.sent_at else unsent
+    console.print(f"job {job_id}: [bold]{held.state.value}[/bold]{decided}{sent}")
+    if held.reason:
+        console.print(f"reason given: {held.reason}")
+    console.print("releasing it sends the job as the scheduler signed it, this binding and these metrics:")
+    console.print_json(json.dumps({"binding": held.result.binding.model_dump(), **held.leaving,
+                                   "worker_id": held.result.worker_id}))
+    console.print(f"kept at the site: the per-case scores and predictions in {held.kept.get('folder')}"
+                  + (f"; undeclared metrics {held.kept['undeclared_metrics']}" if held.kept.get("undeclared_metrics")
+                     else ""))
+
+
+def _chosen(site: str, job_ids: list[str], everything: bool, benchmark: str | None) -> list[str]:
+    if everything == bool(job_ids):
+        raise fail("name the jobs, or give --all (optionally with --benchmark), not both")
+    if job_ids:
+        return _resolve(site, job_ids)
+    return [held.job_id for held in _review(site).pending(benchmark)]
+
+
+def _confirm(site: str, job_ids: list[str], verb: str, yes: bool) -> None:
+    review = _review(site)
+    rows = [held for job_id in job_ids if (held := review.get(job_id)) is not None]
+    if len(job_ids) > 1 and not yes:
+        console.print(review_table(f"site {site}: {verb} {len(job_ids)} result(s)", rows))
+        if not typer.confirm(f"{verb} these {len(job_ids)} results?"):
+            raise typer.Exit(1)
+
+
+def _who() -> str:
+    return f"{getpass.getuser()} (uid {os.getuid()})"
+
+
+@results_app.command("approve")
+def results_approve(site: Site, job_ids: Annotated[list[str] | None, typer.Argument()] = None,
+                    everything: Annotated[bool, typer.Option("--all", help="every held result")] = False,
+                    benchmark: Annotated[str | None, typer.Option(help="with --all: only this benchmark's")] = None,
+                    yes: Annotated[bool, typer.Option("--yes", "-y", help="no preview or question")] = False) -> None:
+    """Release held results: the worker signs and sends each once."""
+    from site_worker.review import Decision, ReviewError
+
+    chosen = _chosen(site, job_ids or [], everything, benchmark)
+    if not chosen:
+        console.print("no result is held for review")
+        return
+    _confirm(site, chosen, "approve", yes)
+    try:
+        decided = _review(site).decide(chosen, Decision.APPROVED, by=_who())
+    except ReviewError as exc:
+        raise fail(f"{exc}; nothing was approved") from None
+    audit = _audit(site)
+    for held in decided:
+        audit.append("result_approved", held.job_id, by=held.decided_by, metrics_hash=held.result.metrics_hash)
+    console.print(f"[green]ok[/green] approved {len(decided)} result(s); the worker of site {site} sends them")
+
+
+@results_app.command("reject")
+def results_reject(site: Site, reason: Annotated[str, typer.Option(help="sent to the scheduler; never the metrics")],
+                   job_ids: Annotated[list[str] | None, typer.Argument()] = None,
+                   everything: Annotated[bool, typer.Option("--all", help="every held result")] = False,
+                   benchmark: Annotated[str | None, typer.Option(help="with --all: only this benchmark's")] = None,
+                   yes: Annotated[bool, typer.Option("--yes", "-y", help="no preview or question")] = False) -> None:
+    """Decline to release held results: only the fact and your reason leave, never the metrics."""
+    from site_worker.review import Decision, ReviewError
+
+    if not reason.strip():
+        raise fail("--reason must say why (it is what the benchmark's people see)")
+    chosen = _chosen(site, job_ids or [], everything, benchmark)
+    if not chosen:
+        console.print("no result is held for review")
+        return
+    _confirm(site, chosen, "reject", yes)
+    try:
+        decided = _review(site).decide(chosen, Decision.REJECTED, by=_who(), reason=reason.strip()[:500])
+    except ReviewError as exc:
+        raise fail(f"{exc}; nothing was rejected") from None
+    audit = _audit(site)
+    for held in decided:
+        audit.append("result_rejected", held.job_id, by=held.decided_by, reason=held.reason)
+    console.print(f"[green]ok[/green] rejected {len(decided)} result(s); the worker of site {site} says so, without "
+                  "their metrics")

@@ -1,0 +1,72 @@
+"""A site's control on a real nats-server with the four real services: a job its policy refuses is REFUSED in the
+scheduler's record with the site's reason; a held result does not leave until the data owner approves it, survives
+the worker's restart, and once approved it is sent by the restarted worker and counted once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from contracts import messages as m
+from site_worker.audit import verify_log
+from site_worker.review import Decision, Review
+from tests.support.federation import Federation, fake_containers, next_events
+
+METRICS = {"auc": 0.91, "sensitivity": 0.8}
+
+
+async def jobs_until(fed: Federation, done: Callable[[list[m.JobStatus]], bool], timeout_s: float = 60) -> list[m.JobStatus]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = list(m.JobList.model_validate(await fed.send(m.ListJobs(benchmark_id="bench"), None)).jobs)
+        if done(jobs):
+            return jobs
+        assert time.monotonic() < deadline, f"the jobs stand {[(j.site_id, j.state, j.reason) for j in jobs]}"
+        await asyncio.sleep(0.1)
+
+
+def policy(fed: Federation, site: str, text: str) -> None:
+    folder = fed.root / "sites" / site
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "policy.toml").write_text(text)
+
+
+async def test_a_site_refuses_by_policy_and_holds_for_review_and_each_decision_is_seen(
+        nats_url: str, tmp_path: Path) -> None:
+    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
+    await fed.start_services()
+    try:
+        policy(fed, "site-a", '[release]\nrule = "hold"\n')
+        policy(fed, "site-b", 'benchmarks = ["another-benchmark"]\n')
+        site_a = await fed.start_site("site-a", fake_containers(METRICS))
+        await fed.start_site("site-b", fake_containers(METRICS))
+        await fed.benchmark()
+        await fed.model("model-1")
+        await fed.dataset("site-a", "ds-a")
+        await fed.dataset("site-b", "ds-b")
+
+        jobs = await jobs_until(fed, lambda js: sorted(j.state for j in js) == [m.JobState.HELD, m.JobState.REFUSED])
+        refused = next(j for j in jobs if j.site_id == "site-b")
+        assert refused.reason == ("the site's policy accepts benchmarks ['another-benchmark'], not bench; nothing "
+                                  "was run")
+        assert fed.runners["site-b"].specs == []
+        assert (await fed.board()).rows == ()  # the held result has not left
+
+        await site_a.stop()  # the worker goes; what it holds stays
+        fed.apps.remove(site_a)
+        review = Review(fed.root / "sites" / "site-a" / "review.sqlite")
+        [held] = review.pending()
+        review.decide([held.job_id], Decision.APPROVED, by="dr-lee (uid 1000)")
+        await fed.start_site("site-a", fake_containers(METRICS))
+
+        [accepted] = await next_events(nats_url, "assay.v1.evt.result.accepted", 1)
+        assert accepted["data"]["job_id"] == held.job_id
+        await jobs_until(fed, lambda js: {j.site_id: j.state for j in js}["site-a"] is m.JobState.DONE)
+        [row] = (await fed.board()).rows
+        assert row.site_values == {"site-a": METRICS}
+        assert len(fed.runners["site-a"].specs) == 0  # the restarted worker sent it; nothing ran again
+        assert verify_log(fed.root / "sites" / "site-a" / "audit.jsonl", fed.key("site-a").public_key).ok
+    finally:
+        await fed.stop()
