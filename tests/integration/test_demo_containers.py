@@ -305,11 +305,12 @@ def test_a_container_over_its_memory_limit_is_oom_killed(runner, probe):
     assert outcome.oom_killed and not outcome.ok
 
 
-def test_a_container_that_runs_past_its_timeout_is_killed_and_removed(client, runner, probe):
+def test_a_container_that_runs_past_its_timeout_is_killed_and_removed(client, probe):
+    runner = DockerRunner(client, worker="timeout-test/worker-1")  # its own label: other tests run probes meanwhile
     outcome = probe_run(runner, probe, "sleep", limits=Limits(timeout_s=1))
 
     assert outcome.timed_out and not outcome.ok
-    assert client.containers.list(all=True, filters={"ancestor": probe}) == []
+    assert client.containers.list(all=True, filters={"label": "assay.worker=timeout-test/worker-1"}) == []
 
 
 def test_an_image_given_by_tag_or_absent_is_refused(runner, images):

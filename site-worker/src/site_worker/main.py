@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -207,7 +206,6 @@ def site_wiring(settings: Settings) -> Wiring:
 
 
 def create_app(settings: Settings, runner: ContainerRunner) -> FastStream:
-    os.umask(0o077)  # whatever the worker writes (job folders, held results, the audit log) is its user's alone
     key = KeyPair.load(settings.key_file)
     policies = PolicyFile(settings.policy_file)
     context = ContextRepo()

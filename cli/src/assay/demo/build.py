@@ -161,6 +161,7 @@ def _sync_context(source: Path, context: Path, extra: Mapping[str, Path]) -> Pat
         target, content = context / name, path.read_bytes()
         if not target.is_file() or target.read_bytes() != content:
             target.write_bytes(content)
+        target.chmod(0o644)  # COPY keeps the mode: under a umask of 077 the image's user could not read its code
     return context
 
 

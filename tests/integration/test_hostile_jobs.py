@@ -1,0 +1,65 @@
+"""Hostile models as a site worker meets them: each runs as a job's model (`execute`, the real engine, the demo's
+evaluator), fails with the reason a person reads in `assay job list`, is marked as a failure that would recur (so it
+is not tried again), leaves the dataset as it was, and sends nothing: the job raises before any metric is read."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import docker
+import pytest
+
+from assay.demo.build import build_demo_images
+from contracts import messages as m
+from site_worker.containers import DockerRunner, Limits
+from site_worker.datasets import content_hash
+from site_worker.execution import RunFailed, execute
+from tests.support.federation import make_dataset
+from tests.support.hostile import build_hostile_images
+
+pytestmark = pytest.mark.docker
+
+LIMITS = Limits(memory="128m", nano_cpus=1_000_000_000, pids=32, timeout_s=3, output_bytes=10 << 20,
+                output_files=1000)
+# behaviour -> (the start of the reason, whether trying again could help)
+EXPECTED = {
+    "fork_bomb": ("the model failed (reached its limit of 32 processes", True),
+    "memory_hog": ("the model failed (killed for exceeding its memory limit of 128m)", True),
+    "ignore_sigterm_hang": ("the model failed (timed out after 3 s)", True),
+    "log_flood": ("the model failed (timed out after 3 s)", True),
+    "huge_output": ("the model failed (wrote more than 10 MiB to /assay/out)", True),
+    "too_many_files": ("the model failed (wrote more than 1,000 files to /assay/out)", True),
+    "leaky_columns": ("the evaluator failed (exit code 1)", False),
+    "not_numbers": ("the evaluator failed (exit code 1)", False),
+}
+
+
+@pytest.fixture(scope="module")
+def images(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    demo = build_demo_images(docker_client, tmp_path_factory.mktemp("demo-build"))
+    return {**build_hostile_images(docker_client, tuple(EXPECTED)), "evaluator": demo.evaluator}
+
+
+@pytest.mark.parametrize("behaviour", list(EXPECTED))
+def test_a_hostile_model_fails_its_job_with_a_reason_and_changes_nothing(docker_client, images, tmp_path, behaviour):
+    digest = make_dataset(tmp_path / "ds")
+    job = m.JobSpec(job_id="job-1", site_id="site-a", expires_at=datetime(2100, 1, 1, tzinfo=UTC),
+                    metrics=(m.MetricSpec(name="auc"),), binding=m.JobBinding(
+                        benchmark_id="bm", model_id=behaviour.replace("_", "-"), dataset_id="ds",
+                        model_image=images[behaviour], evaluator_image=images["evaluator"], dataset_hash=digest,
+                        case_count=2))
+    runner = DockerRunner(docker_client, worker=f"hostile-jobs/{behaviour}")
+
+    with pytest.raises(RunFailed) as failed:
+        execute(job, tmp_path / "ds", runner, tmp_path / "work", LIMITS)
+
+    reason, recurs = EXPECTED[behaviour]
+    assert str(failed.value).startswith(reason), str(failed.value)
+    assert str(failed.value).endswith("its log is kept at the site in jobs/job-1/failure.log")
+    assert failed.value.recurs is recurs
+    assert content_hash(tmp_path / "ds" / "data", tmp_path / "ds" / "labels") == digest
+    assert (tmp_path / "work" / "job-1" / "failure.log").stat().st_size <= 64 << 10
+    if behaviour in ("huge_output", "too_many_files"):  # what filled the disk is gone at once
+        assert not (tmp_path / "work" / "job-1" / "predictions").exists()
+    assert docker_client.containers.list(all=True, filters={"label": f"assay.worker=hostile-jobs/{behaviour}"}) == []
