@@ -5,8 +5,6 @@ is not tried again), leaves the dataset as it was, and sends nothing: the job ra
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
-
 import docker
 import pytest
 

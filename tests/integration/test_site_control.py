@@ -17,7 +17,8 @@ from tests.support.federation import Federation, fake_containers, next_events
 METRICS = {"auc": 0.91, "sensitivity": 0.8}
 
 
-async def jobs_until(fed: Federation, done: Callable[[list[m.JobStatus]], bool], timeout_s: float = 60) -> list[m.JobStatus]:
+async def jobs_until(fed: Federation, done: Callable[[list[m.JobStatus]], bool],
+                     timeout_s: float = 60) -> list[m.JobStatus]:
     deadline = time.monotonic() + timeout_s
     while True:
         jobs = list(m.JobList.model_validate(await fed.send(m.ListJobs(benchmark_id="bench"), None)).jobs)

@@ -220,51 +220,49 @@ def _who() -> str:
     return f"{getpass.getuser()} (uid {os.getuid()})"
 
 
-@results_app.command("approve")
-def results_approve(site: Site, job_ids: Annotated[list[str] | None, typer.Argument()] = None,
-                    everything: Annotated[bool, typer.Option("--all", help="every held result")] = False,
-                    benchmark: Annotated[str | None, typer.Option(help="with --all: only this benchmark's")] = None,
-                    yes: Annotated[bool, typer.Option("--yes", "-y", help="no preview or question")] = False) -> None:
-    """Release held results: the worker signs and sends each once."""
+def _decide(site: str, job_ids: list[str], everything: bool, benchmark: str | None, yes: bool,
+            verb: str, reason: str | None = None) -> list:  # type: ignore[type-arg]
+    """Approve or reject the chosen held results at once, and log who did: all of them, or none."""
     from site_worker.review import Decision, ReviewError
 
-    chosen = _chosen(site, job_ids or [], everything, benchmark)
+    chosen = _chosen(site, job_ids, everything, benchmark)
     if not chosen:
         console.print("no result is held for review")
-        return
-    _confirm(site, chosen, "approve", yes)
+        return []
+    _confirm(site, chosen, verb, yes)
+    decision = Decision.APPROVED if verb == "approve" else Decision.REJECTED
     try:
-        decided = _review(site).decide(chosen, Decision.APPROVED, by=_who())
+        decided = _review(site).decide(chosen, decision, by=_who(), reason=reason)
     except ReviewError as exc:
-        raise fail(f"{exc}; nothing was approved") from None
+        raise fail(f"{exc}; nothing was {decision.value}") from None
     audit = _audit(site)
     for held in decided:
-        audit.append("result_approved", held.job_id, by=held.decided_by, metrics_hash=held.result.metrics_hash)
-    console.print(f"[green]ok[/green] approved {len(decided)} result(s); the worker of site {site} sends them")
+        audit.append(f"result_{decision.value}", held.job_id, by=held.decided_by,
+                     **({"reason": held.reason} if reason else {"metrics_hash": held.result.metrics_hash}))
+    return decided
+
+
+Jobs = Annotated[list[str] | None, typer.Argument(help="job ids, or unique starts of them")]
+Everything = Annotated[bool, typer.Option("--all", help="every held result")]
+OfBenchmark = Annotated[str | None, typer.Option(help="with --all: only this benchmark's")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="no preview or question")]
+
+
+@results_app.command("approve")
+def results_approve(site: Site, job_ids: Jobs = None, everything: Everything = False, benchmark: OfBenchmark = None,
+                    yes: Yes = False) -> None:
+    """Release held results: the worker signs and sends each once."""
+    if decided := _decide(site, job_ids or [], everything, benchmark, yes, "approve"):
+        console.print(f"[green]ok[/green] approved {len(decided)} result(s); the worker of site {site} sends them")
 
 
 @results_app.command("reject")
 def results_reject(site: Site, reason: Annotated[str, typer.Option(help="sent to the scheduler; never the metrics")],
-                   job_ids: Annotated[list[str] | None, typer.Argument()] = None,
-                   everything: Annotated[bool, typer.Option("--all", help="every held result")] = False,
-                   benchmark: Annotated[str | None, typer.Option(help="with --all: only this benchmark's")] = None,
-                   yes: Annotated[bool, typer.Option("--yes", "-y", help="no preview or question")] = False) -> None:
+                   job_ids: Jobs = None, everything: Everything = False, benchmark: OfBenchmark = None,
+                   yes: Yes = False) -> None:
     """Decline to release held results: only the fact and your reason leave, never the metrics."""
-    from site_worker.review import Decision, ReviewError
-
     if not reason.strip():
         raise fail("--reason must say why (it is what the benchmark's people see)")
-    chosen = _chosen(site, job_ids or [], everything, benchmark)
-    if not chosen:
-        console.print("no result is held for review")
-        return
-    _confirm(site, chosen, "reject", yes)
-    try:
-        decided = _review(site).decide(chosen, Decision.REJECTED, by=_who(), reason=reason.strip()[:500])
-    except ReviewError as exc:
-        raise fail(f"{exc}; nothing was rejected") from None
-    audit = _audit(site)
-    for held in decided:
-        audit.append("result_rejected", held.job_id, by=held.decided_by, reason=held.reason)
-    console.print(f"[green]ok[/green] rejected {len(decided)} result(s); the worker of site {site} says so, without "
-                  "their metrics")
+    if decided := _decide(site, job_ids or [], everything, benchmark, yes, "reject", reason.strip()[:500]):
+        console.print(f"[green]ok[/green] rejected {len(decided)} result(s); the worker of site {site} says so, "
+                      "without their metrics")

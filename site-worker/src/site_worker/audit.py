@@ -306,7 +306,8 @@ def _misplaced(number: int, parsed: list[dict[str, Any] | str], checked: int) ->
         return _fault("out_of_order", f"line {number} holds entry {seq} again (a copy of an earlier entry)", number,
                       raw, checked)
     if number in later:
-        words = f"entries are out of order: line {number} holds entry {seq}, and entry {number} is at line {later[number]}"
+        words = (f"entries are out of order: line {number} holds entry {seq}, and entry {number} is at line "
+                 f"{later[number]}")
         return _fault("out_of_order", words, number, raw, checked)
     gone = f"entry {number} is" if seq == number + 1 else f"entries {number} to {seq - 1} are"
     return _fault("missing", f"{gone} missing, or entries were removed before line {number}", number, raw, checked)
