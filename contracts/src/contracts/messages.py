@@ -421,6 +421,31 @@ class JobDetails(Payload):
     job: JobSpec
 
 
+class Capacity(Payload):
+    """What a site worker can give its jobs at once."""
+
+    cpus: float = Field(ge=0)
+    memory_mb: int = Field(ge=0)
+    gpus: tuple[str, ...] = Field(default=(), description="device ids (as NVML or nvidia-smi name them)")
+
+
+class SiteHeartbeat(Payload):
+    """A site worker's word that it is alive, in the KV bucket `assay-sites` under `<site_id>.<worker_id>`; signed by
+    the site. Silence is read from `at` and `every_s`."""
+
+    TYPE: ClassVar[str] = "assay.v1.SiteHeartbeat"
+    site_id: Id
+    worker_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    version: Name
+    policy_digest: Digest
+    capacity: Capacity
+    free: Capacity = Field(description="what is not given to running jobs now")
+    running: int = Field(ge=0)
+    load: float = Field(ge=0, description="the host's 1-minute load average")
+    every_s: float = Field(gt=0, description="how often it beats: silent after a few missed beats")
+    at: datetime
+
+
 class DeadLetter(Payload):
     """A message a consumer gave up on, on `assay.v1.dlq.<consumer>`: why, and after how many deliveries."""
 
@@ -443,4 +468,4 @@ EVENTS: tuple[type[Payload], ...] = (
     AssociationRequested, AssociationApproved, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected,
     LeaderboardUpdated,
 )
-WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, SiteReport, DeadLetter)
+WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, SiteReport, SiteHeartbeat, DeadLetter)

@@ -9,6 +9,8 @@ EVENTS_STREAM = "EVENTS"
 JOBS_STREAM = "JOBS"
 RESULTS_STREAM = "RESULTS"
 DEAD_LETTERS_STREAM = "DEAD_LETTERS"
+SITES_BUCKET = "assay-sites"    # KV: each site worker's latest SiteHeartbeat, under `<site_id>.<worker_id>`
+IMAGES_BUCKET = "assay-images"  # object store: `docker save` tarballs of images, named by image id
 
 EVENTS_ALL = f"{PREFIX}.evt.>"
 JOBS_ALL = f"{PREFIX}.jobs.*"
