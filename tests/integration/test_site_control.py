@@ -71,3 +71,35 @@ async def test_a_site_refuses_by_policy_and_holds_for_review_and_each_decision_i
         assert verify_log(fed.root / "sites" / "site-a" / "audit.jsonl", fed.key("site-a").public_key).ok
     finally:
         await fed.stop()
+
+
+async def test_a_worker_runs_several_jobs_at_once_within_its_budget(nats_url: str, tmp_path: Path) -> None:
+    """Two models' jobs at one site: each model container waits until the other one runs too, so the jobs finish
+    only if the worker runs them at the same time."""
+    import threading
+
+    from site_worker.containers import RunSpec
+
+    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
+    await fed.start_services()
+    try:
+        both = threading.Barrier(2, timeout=60)
+        runner = fake_containers(METRICS)
+        write_predictions = runner._actions["infer"]
+
+        def infer(spec: RunSpec) -> None:
+            both.wait()  # broken (and the job failed) unless the other model runs meanwhile
+            write_predictions(spec)
+
+        runner.on("infer", infer)
+        await fed.start_site("site-a", runner, max_jobs=2)
+        await fed.benchmark()
+        await fed.model("model-1")
+        await fed.model("model-2")
+        await fed.dataset("site-a", "ds-a")
+
+        accepted = await next_events(nats_url, "assay.v1.evt.result.accepted", 2, timeout_s=90)
+        assert {e["data"]["binding"]["model_id"] for e in accepted} == {"model-1", "model-2"}
+        assert not both.broken
+    finally:
+        await fed.stop()

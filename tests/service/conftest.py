@@ -51,6 +51,7 @@ def create(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> Fas
                                                **actors.service_settings(name, tmp_path)))
     assert name == "site", name
     from site_worker.config import Settings as SiteSettings
+    from site_worker.images import FakeImageStore
     from site_worker.main import create_app as site
 
     policy = tmp_path / "policy.toml"
@@ -59,7 +60,7 @@ def create(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> Fas
     return site(SiteSettings(site_id="site-a", key_file=actors.save("site-a", tmp_path),
                              scheduler_public_key=actors.key("scheduling").public_key,
                              datasets_file=tmp_path / "datasets.json", work_dir=tmp_path / "jobs",
-                             state_dir=tmp_path / "state", policy_file=policy), runner)
+                             state_dir=tmp_path / "state", policy_file=policy), runner, images=FakeImageStore())
 
 
 @asynccontextmanager

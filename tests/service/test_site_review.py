@@ -211,3 +211,30 @@ async def test_a_worker_whose_audit_log_was_edited_takes_no_job(tmp_path, actors
     with pytest.raises(RuntimeError, match=r"audit log .* fails its check: entry 3 .* was changed after it was written"):
         async with started("site", tmp_path, actors, runner):
             pass
+
+
+async def test_a_gpu_job_gets_whole_devices_pinned_by_id_for_its_model_only(tmp_path, actors, runner, monkeypatch):
+    monkeypatch.setenv("ASSAY_SITE_GPUS", "GPU-aaaa,GPU-bbbb")
+    with_policy(tmp_path, '[limits]\ngpus = 2\n[release]\nrule = "auto"\n')
+    async with started("site", tmp_path, actors, runner) as site:
+        planned = job(prepare(site))
+        await site.deliver(JOBS, signed(actors, planned.model_copy(update={
+            "limits": planned.limits.model_copy(update={"gpus": 1})})))
+
+        infer, evaluate = runner.specs
+        assert (infer.gpus, evaluate.gpus) == (("GPU-aaaa",), ())
+        assert len(results(site)) == 1
+        assert site.broker.context.get("site").capacity.ledger.free().gpus == ("GPU-aaaa", "GPU-bbbb")  # given back
+
+
+async def test_a_job_that_asks_more_than_the_worker_has_is_refused_not_queued(tmp_path, actors, runner, monkeypatch):
+    monkeypatch.setenv("ASSAY_SITE_GPUS", "GPU-aaaa")
+    with_policy(tmp_path, '[limits]\ngpus = 4\n[release]\nrule = "auto"\n')
+    async with started("site", tmp_path, actors, runner) as site:
+        planned = job(prepare(site))
+        await site.deliver(JOBS, signed(actors, planned.model_copy(update={
+            "limits": planned.limits.model_copy(update={"gpus": 2})})))
+
+        [report] = reports(site)
+        assert report.state is m.JobState.REFUSED and "asks 2 GPUs; this worker has 1" in report.reason
+        assert runner.specs == []

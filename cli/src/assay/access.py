@@ -35,13 +35,39 @@ def service_permissions(service: str) -> dict[str, object]:
             "allow_responses": True}
 
 
+IMAGES_STREAM = f"OBJ_{subjects.IMAGES_BUCKET}"
+# reading an object: its meta (the last message on its meta subject), then its chunks through an ordered consumer
+# (nats-py looks up which stream holds a subject first: STREAM.NAMES answers stream names, nothing of their content)
+READ_IMAGES = ["$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{IMAGES_STREAM}", f"$JS.API.DIRECT.GET.{IMAGES_STREAM}.>",
+               f"$JS.API.STREAM.MSG.GET.{IMAGES_STREAM}", f"$JS.API.CONSUMER.CREATE.{IMAGES_STREAM}",
+               f"$JS.API.CONSUMER.CREATE.{IMAGES_STREAM}.>", f"$JS.API.CONSUMER.DELETE.{IMAGES_STREAM}.>",
+               f"$JS.FC.{IMAGES_STREAM}.>"]
+# writing one: its chunks and meta, and dropping the chunks of the object it replaces
+WRITE_IMAGES = [f"$O.{subjects.IMAGES_BUCKET}.>", "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{IMAGES_STREAM}",
+                f"$JS.API.DIRECT.GET.{IMAGES_STREAM}.>", f"$JS.API.STREAM.MSG.GET.{IMAGES_STREAM}",
+                f"$JS.API.STREAM.PURGE.{IMAGES_STREAM}"]
+
+
+HEARTBEATS = f"KV_{subjects.SITES_BUCKET}"
+
+
+def heartbeat_rights(site_id: str) -> list[str]:
+    """What a site's NATS user must be allowed to publish to beat: its own keys, and the bucket's info that opening it
+    reads (the replies come to its inbox, which it subscribes to already)."""
+    return [f"$KV.{subjects.SITES_BUCKET}.{subjects.token(site_id, 'site id')}.>", f"$JS.API.STREAM.INFO.{HEARTBEATS}"]
+
+
+# what a reader (`assay sites list`) must be allowed to publish: the bucket's info (its keys) and each key's value
+READ_HEARTBEATS = [f"$JS.API.STREAM.INFO.{HEARTBEATS}", f"$JS.API.STREAM.MSG.GET.{HEARTBEATS}"]
+
+
 def site_permissions(site_id: str) -> dict[str, object]:
     durable = subjects.durable(f"site-{site_id}", subjects.jobs(site_id))
     return {"publish": [f"$JS.API.CONSUMER.CREATE.JOBS.{durable}.{subjects.jobs(site_id)}",
                         f"$JS.API.CONSUMER.INFO.JOBS.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.JOBS.{durable}",
                         f"$JS.ACK.JOBS.{durable}.>", subjects.results(site_id), subjects.reports(site_id),
                         subjects.dead_letter(durable),
-                        "$JS.API.INFO"],
+                        "$JS.API.INFO", *READ_IMAGES, *heartbeat_rights(site_id)],
             "subscribe": [f"_INBOX.site-{site_id}.>"]}
 
 
@@ -61,7 +87,8 @@ class Access:
         if user == ADMIN:
             return {"publish": [">"], "subscribe": [">"]}
         if user == CLI:
-            return {"publish": ["assay.v1.cmd.>"], "subscribe": [f"_INBOX.{CLI}.>", subjects.EVENTS_ALL]}
+            return {"publish": ["assay.v1.cmd.>", *WRITE_IMAGES, *READ_HEARTBEATS],
+                    "subscribe": [f"_INBOX.{CLI}.>", subjects.EVENTS_ALL]}
         if user in SERVICES:
             return service_permissions(user)
         return site_permissions(user.removeprefix("site-"))

@@ -14,6 +14,7 @@ from rich.console import Console
 from assay.audit_cli import audit_app
 from assay.home import Home
 from assay.site_cli import policy_app, results_app
+from assay.sites_cli import sites_list
 from contracts import messages as m
 
 app = typer.Typer(help="Assay: federated benchmarking for medical AI.", no_args_is_help=True, add_completion=False)
@@ -32,6 +33,9 @@ for sub, name in ((keys_app, "keys"), (actor_app, "actor"), (benchmark_app, "ben
                   (leaderboard_app, "leaderboard"), (job_app, "job"), (results_app, "results"), (audit_app, "audit")):
     app.add_typer(sub, name=name)
 site_app.add_typer(policy_app, name="policy")
+sites_app = typer.Typer(help="Site workers' heartbeats: who is online, busy, or silent.", no_args_is_help=True)
+sites_app.command("list")(sites_list)
+app.add_typer(sites_app, name="sites")
 
 console = Console()
 err = Console(stderr=True)
@@ -112,11 +116,16 @@ def benchmark_register(spec_file: Path, actor: As) -> None:
     """Register a benchmark from a JSON spec; images given by tag are pinned to their local image id."""
     from pydantic import ValidationError
 
+    from assay.push import pushed
+
     raw = json.loads(spec_file.read_text())
     for kind in ("preparator", "reference_model", "evaluator"):
         ref = raw.get(kind)
         if isinstance(ref, dict) and "digest" not in ref and "name" in ref:
             ref["digest"] = _image_id(ref["name"])
+        if isinstance(ref, dict) and "archive" not in ref and isinstance(ref.get("digest"), str):
+            if (archive := pushed(_home(), ref["digest"])) is not None:  # pushed from here: sites can fetch it
+                ref["archive"] = archive.model_dump()
     try:
         spec = m.BenchmarkSpec.model_validate(raw)
     except ValidationError as exc:
@@ -138,12 +147,35 @@ def benchmark_show(benchmark_id: str) -> None:
     console.print_json(json.dumps(_send(m.GetBenchmark(benchmark_id=benchmark_id), None)))
 
 
+@model_app.command("push")
+def model_push(image: Annotated[str, typer.Argument(help="local tag or image id")]) -> None:
+    """Upload an image (`docker save`) to the artefact store under its id, for sites that do not have it."""
+    import docker
+
+    from assay.push import push
+
+    digest = _image_id(image)
+    with console.status(f"pushing {image} ({digest[:19]})"):
+        try:
+            archive = asyncio.run(push(_home(), docker.from_env(), digest))
+        except ConnectionError as exc:
+            say_error(str(exc))
+            raise typer.Exit(1) from exc
+    console.print(f"[green]ok[/green] pushed {image}: image {digest}, archive {archive.sha256} ({archive.size:,} "
+                  "bytes); registering it names this archive, and a site that lacks the image fetches it")
+
+
 @model_app.command("register")
 def model_register(model_id: str, image: Annotated[str, typer.Option(help="local tag or image id")], actor: As,
-                   name: Annotated[str | None, typer.Option()] = None) -> None:
-    """Register a model by its image id (a tag is resolved and pinned)."""
-    digest = _image_id(image)
-    _send(m.RegisterModel(model_id=model_id, name=name or image, image=m.ImageRef(digest=digest, name=image)), actor)
+                   name: Annotated[str | None, typer.Option()] = None,
+                   push: Annotated[bool, typer.Option("--push", help="push the image first")] = False) -> None:
+    """Register a model by its image id (a tag is resolved and pinned), with its archive when it was pushed."""
+    from assay.push import image_ref
+
+    if push:
+        model_push(image)
+    ref = image_ref(_home(), _image_id(image), image)
+    _send(m.RegisterModel(model_id=model_id, name=name or image, image=ref), actor)
 
 
 def _entity(model: str | None, dataset: str | None) -> tuple[m.EntityKind, str]:

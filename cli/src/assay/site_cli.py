@@ -67,7 +67,8 @@ def policy_show(site: Site) -> None:
     table.add_row("models denied", ", ".join(policy.models.deny) or "none")
     most = policy.limits
     table.add_row("per container at most", f"{most.timeout_s:g} s, {most.memory_mb} MB, {most.cpus:g} CPUs, "
-                                           f"{most.gpus} GPUs")
+                                           f"{most.gpus} GPUs, {most.output_mb} MB of output")
+    table.add_row("images fetched up to", f"{most.image_mb} MB")
     listed = policy.release.benchmarks
     rule = policy.release.rule.value + (f" ({', '.join(listed)})" if listed else "")
     table.add_row("release", rule)

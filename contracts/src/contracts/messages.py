@@ -43,9 +43,19 @@ class JobState(StrEnum):
 SITE_STATES = (JobState.REFUSED, JobState.FAILED, JobState.HELD, JobState.DECLINED)
 
 
+class Archive(Payload):
+    """An image as `docker save` wrote it, in the artefact store under the image's id: what a site that lacks the
+    image fetches, checks and loads."""
+
+    sha256: Digest = Field(description="of the tarball: a site loads nothing else")
+    size: int = Field(ge=1, description="bytes: a site refuses an image larger than its policy allows before fetching")
+
+
 class ImageRef(Payload):
     digest: Digest = Field(description="the image id (sha256 of its config): images are run by digest, never by tag")
     name: Name = Field(description="a human name such as the tag it was built as; informative only")
+    archive: Archive | None = Field(default=None, description="where it was pushed (`assay model push`); without "
+                                                              "one, a site must have the image already")
 
 
 class MetricSpec(Payload):
@@ -290,6 +300,8 @@ class JobSpec(Payload):
     model_owner: Id | None = Field(default=None, description="who registered the model: a site's policy may accept "
                                                              "only some owners")
     limits: RunLimits = Field(default_factory=RunLimits, description="the benchmark's limits for each container")
+    archives: dict[Digest, Archive] = Field(default_factory=dict, description="the pushed images of the job (model, "
+                                                                             "evaluator) by image id")
 
 
 class JobScheduled(Payload):

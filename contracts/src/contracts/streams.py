@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
 
 from contracts import subjects as s
 
@@ -14,6 +15,7 @@ DUPLICATE_WINDOW_S = 120.0
 PUBLISH_TIMEOUT_S = 10.0
 
 DAY_S = 24 * 3600.0
+HEARTBEAT_BYTES = 16 << 10  # one site worker's signed heartbeat: a few hundred bytes; more is not a heartbeat
 # Sized for a federation's lifetime, by message count (a byte limit would reserve that much disk on every server):
 # an event or a result is 1-3 KiB, so 20 million of them are tens of GiB. EVENTS and RESULTS are the history the
 # board is rebuilt and checked from, so nothing is ever dropped from them: a full stream refuses new messages,
@@ -36,9 +38,22 @@ STREAMS: tuple[StreamConfig, ...] = (
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
-    """Create the streams, or bring an existing one to this configuration."""
+    """Create the streams and the images' object store, or bring an existing one to this configuration."""
     for config in STREAMS:
         try:
             await js.add_stream(config=config)
         except BadRequestError:
             await js.update_stream(config=config)
+    images = ObjectStoreConfig(storage=StorageType.FILE, description="docker save archives, named by image id")
+    await js.create_object_store(s.IMAGES_BUCKET, config=images)
+    await ensure_sites_bucket(js)
+
+
+async def ensure_sites_bucket(js: JetStreamContext) -> KeyValue:
+    """Create the bucket of heartbeats (the latest value per key, on disk), or open the one that is there."""
+    try:
+        return await js.create_key_value(bucket=s.SITES_BUCKET, history=1, storage=StorageType.FILE,
+                                         max_value_size=HEARTBEAT_BYTES,
+                                         description="each site worker's latest signed SiteHeartbeat")
+    except BadRequestError:  # there already, made with another configuration: what it holds reads the same
+        return await js.key_value(s.SITES_BUCKET)

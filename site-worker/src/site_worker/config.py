@@ -17,9 +17,12 @@ class Settings(BaseSettings):
     policy_file: Path | None = None     # TOML: what may run here and what leaves unreviewed (none: hold every result)
     worker_id: str = "worker-1"
     max_deliver: int = 3
+    max_jobs: int = 4                   # jobs taken at once; they run as the CPUs, memory and GPUs allow, fairly
+    gpus: str = "auto"                  # the GPUs jobs may have: "auto" (nvidia-smi / NVML), "" (none), or "0,1"
     ack_wait_s: float = 60.0
     heartbeat_s: float = 15.0           # in_progress() while a container runs, well inside ack_wait
     release_every_s: float = 1.0        # how often the worker looks for the data owner's decisions to send
+    sites_every_s: float = 10.0         # how often it says it is alive (and what it has free) in the sites' bucket
     otlp_endpoint: str | None = None
 
     @property

@@ -188,6 +188,14 @@ class ContainerRunner(Protocol):
         """Remove the containers a killed run of this worker left running; the ids removed."""
         ...
 
+    def load(self, archive: Path) -> list[str]:
+        """Load a `docker save` tarball into the engine; the image ids it held."""
+        ...
+
+    def host(self) -> tuple[float, int]:
+        """The CPUs and the memory (MB) of the host the containers run on."""
+        ...
+
 
 def require_image_id(spec: RunSpec) -> None:
     """Images run by digest only: a tag can be moved to other content between check and run."""
@@ -331,6 +339,17 @@ class DockerRunner:
         except ImageNotFound:
             return None
 
+    def host(self) -> tuple[float, int]:
+        info = self._client.info()
+        return float(info["NCPU"]), int(info["MemTotal"]) >> 20
+
+    def load(self, archive: Path) -> list[str]:
+        try:
+            with archive.open("rb") as stream:
+                return [str(image.id) for image in self._client.images.load(stream)]
+        except APIError as error:
+            raise ContainerError(str(archive), "load", f"the engine refused: {error.explanation or error}") from error
+
     def run(self, spec: RunSpec) -> RunOutcome:
         require_image_id(spec)
         if self.image_id(spec.image) != spec.image:
@@ -431,6 +450,19 @@ class FakeRunner:
 
     def image_id(self, ref: str) -> str | None:
         return self._images.get(ref)
+
+    def host(self) -> tuple[float, int]:
+        return 8.0, 16384
+
+    def load(self, archive: Path) -> list[str]:
+        """The images a `docker save` tarball's manifest names, made present."""
+        import json
+        import tarfile
+
+        with tarfile.open(archive) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        return [self.add_image("sha256:" + entry["Config"].removeprefix("blobs/sha256/").removesuffix(".json"))
+                for entry in manifest]
 
     def remove_leftovers(self) -> list[str]:
         return []

@@ -102,9 +102,11 @@ def dataset_folder(datasets_file: Path, dataset_id: str, site_id: str) -> Path:
     return Path(datasets[dataset_id])
 
 
-def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: Path, limits: Limits) -> Metrics:
+def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: Path, limits: Limits,
+            gpus: tuple[str, ...] = ()) -> Metrics:
     """Run one job; its metrics, once they may leave. Digests and the dataset hash are checked again right before
-    the containers run, and the evaluator must have scored exactly the registered cases."""
+    the containers run, and the evaluator must have scored exactly the registered cases. `gpus` (device ids) go to the
+    model only."""
     data, labels = dataset_dir / "data", dataset_dir / "labels"
     bound = job.binding
     try:
@@ -126,7 +128,7 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     (job_dir / "job.json").write_text(job.model_dump_json(indent=2))  # the site's own record of what ran
     evaluation.mkdir(parents=True)
     env = {"ASSAY_JOB_ID": job.job_id}
-    _check(runner.run(RunSpec(image=bound.model_image, task="infer", env=env, limits=limits, mounts=(
+    _check(runner.run(RunSpec(image=bound.model_image, task="infer", env=env, limits=limits, gpus=gpus, mounts=(
         Mount(data, "/assay/data"), Mount(predictions, "/assay/out", writable=True)))), "the model", job_dir)
     _check(runner.run(RunSpec(image=bound.evaluator_image, task="evaluate", env=env, limits=limits, mounts=(
         Mount(predictions, "/assay/predictions"), Mount(labels, "/assay/labels"),

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from faststream import Context, FastStream
@@ -18,15 +19,30 @@ from faststream.nats.annotations import NatsMessage
 from assay_telemetry import nats_middlewares
 from contracts import subjects
 from contracts.envelope import Envelope, utcnow
+from contracts import messages as m
 from contracts.messages import JobSpec, JobState, SiteReport, SiteResult
 from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
 from service_kit.connection import connection_options, inbox_of
 from service_kit.edge import Delivery, Refused, Retry
 from service_kit.wiring import Consumer, Outlet, Outlets, Wiring
 from site_worker.audit import AuditLog, verify_log
+from site_worker.capacity import (
+    Budget,
+    FairQueue,
+    Ledger,
+    NeverFits,
+    Request,
+    Waiting,
+    acquire,
+    release,
+    site_gpus,
+    usable,
+)
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
 from site_worker.execution import JobRefused, RunFailed, dataset_folder, execute
+from site_worker.heartbeat import LazyBucket, beat, beat_forever, key_of
+from site_worker.images import BusImageStore, ImageStore, ensure_images
 from site_worker.policy import PolicyFile, SitePolicy, judge
 from site_worker.review import Decision, Held, Review
 
@@ -35,6 +51,37 @@ log = logging.getLogger("site_worker")
 
 class FailedForGood(Refused):
     """The job ran and failed in a way that will recur: reported, dead-lettered, never tried again."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the worker's host gives its jobs at once, shared fairly across the models and benchmarks that wait."""
+
+    ledger: Ledger
+    queue: FairQueue
+    wake: asyncio.Condition
+
+    @classmethod
+    def of(cls, runner: ContainerRunner, gpus: str) -> Capacity:
+        cpus, memory_mb = runner.host()
+        return cls(Ledger(usable(Budget(cpus, memory_mb, site_gpus(gpus)))), FairQueue(), asyncio.Condition())
+
+    @contextlib.asynccontextmanager
+    async def granted(self, job: JobSpec) -> AsyncIterator[tuple[str, ...]]:
+        """Wait for the job's share of the host; the GPUs it is given. A CPU cap is a cap, not a reservation: a job
+        asking more CPUs than the host has takes all of them, and runs more slowly."""
+        asked = job.limits
+        cpus = min(asked.cpus, self.ledger.budget.cpus)
+        waiting = Waiting(job.job_id, job.binding.benchmark_id, job.binding.model_id,
+                          Request(cpus, asked.memory_mb, asked.gpus))
+        try:
+            grant = await acquire(self.ledger, self.queue, waiting, self.wake)
+        except NeverFits as exc:
+            raise JobRefused(f"{exc}; nothing was run") from None
+        try:
+            yield grant.gpus
+        finally:
+            await release(self.ledger, self.queue, waiting, self.wake)
 
 
 @dataclass(frozen=True)
@@ -50,6 +97,8 @@ class Site:
     review: Review
     audit: AuditLog
     sending: asyncio.Lock
+    images: ImageStore | None
+    capacity: Capacity
 
 
 SiteDep = Annotated[Site, Context("site")]
@@ -115,7 +164,12 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site) -> None:
     if not (verdict := judge(policy, job)):
         raise JobRefused(f"{verdict.reason}; nothing was run")
     folder = dataset_folder(settings.datasets_file, bound.dataset_id, settings.site_id)
-    metrics = await asyncio.to_thread(execute, job, folder, site.runner, settings.work_dir, limits_of(job))
+    for image in await ensure_images(job, site.runner, site.images, settings.work_dir / ".images",
+                                     policy.limits.image_mb << 20):
+        await note(site, "image_fetched", job.job_id, image=image, sha256=job.archives[image].sha256,
+                   size=job.archives[image].size)
+    async with site.capacity.granted(job) as gpus:
+        metrics = await asyncio.to_thread(execute, job, folder, site.runner, settings.work_dir, limits_of(job), gpus)
     await note(site, "job_run", job.job_id, model_image=bound.model_image, evaluator_image=bound.evaluator_image,
                dataset_hash=bound.dataset_hash, cases=bound.case_count, kept_at_site=list(metrics.kept))
     result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=bound, metrics=metrics.leaving,
@@ -186,14 +240,15 @@ async def send_decisions_forever(site: Site) -> None:
             log.warning("could not send the data owner's decisions yet: %s", exc)
 
 
-def wiring(site_id: str, *, worker_id: str, max_deliver: int, ack_wait_s: float) -> Wiring:
-    """The worker's one consumer (its site's queue, one job at a time) and its ways out (results, reports).
+def wiring(site_id: str, *, worker_id: str, max_deliver: int, ack_wait_s: float, max_jobs: int = 1) -> Wiring:
+    """The worker's one consumer (its site's queue, `max_jobs` at once) and its ways out (results, reports).
 
     `site_id` may be `subjects.SITE`, the placeholder the AsyncAPI document shows.
     """
     return Wiring(
         owner=f"site-{site_id}", source=f"site:{site_id}/{worker_id}",
-        consumers=(Consumer(run_job, subject=subjects.jobs(site_id), ack_wait_s=ack_wait_s, batch=1),),
+        consumers=(Consumer(run_job, subject=subjects.jobs(site_id), ack_wait_s=ack_wait_s, batch=1,
+                            workers=max_jobs),),
         publishes=(Outlet(subjects.results(site_id), SiteResult), Outlet(subjects.reports(site_id), SiteReport)),
         # a container that failed is tried again after 2 s, then 4 s: long enough for a busy engine to recover
         retry=Retry(failures=max_deliver, waits=0, base_s=2.0, cap_s=30.0), outbox=False,
@@ -202,10 +257,11 @@ def wiring(site_id: str, *, worker_id: str, max_deliver: int, ack_wait_s: float)
 
 def site_wiring(settings: Settings) -> Wiring:
     return wiring(subjects.token(settings.site_id, "site id"), worker_id=settings.worker_id,
-                  max_deliver=settings.max_deliver, ack_wait_s=settings.ack_wait_s)
+                  max_deliver=settings.max_deliver, ack_wait_s=settings.ack_wait_s, max_jobs=settings.max_jobs)
 
 
-def create_app(settings: Settings, runner: ContainerRunner) -> FastStream:
+def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore | None = None) -> FastStream:
+    """`images`: where pushed images are fetched from (the bus's object store unless given)."""
     key = KeyPair.load(settings.key_file)
     policies = PolicyFile(settings.policy_file)
     context = ContextRepo()
@@ -215,7 +271,8 @@ def create_app(settings: Settings, runner: ContainerRunner) -> FastStream:
                         **connection_options(plan.owner, settings.nats_url))
     outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url))
     site = Site(settings, key, runner, outlets, plan.source, policies, Review(settings.review_file),
-                AuditLog(settings.audit_file, key), asyncio.Lock())
+                AuditLog(settings.audit_file, key), asyncio.Lock(), images or BusImageStore(broker),
+                Capacity.of(runner, settings.gpus))
     context.set_global("site", site)
     app = FastStream(broker)
     tasks: list[asyncio.Task[None]] = []
@@ -232,6 +289,8 @@ def create_app(settings: Settings, runner: ContainerRunner) -> FastStream:
     @app.after_startup
     async def start_sending() -> None:
         tasks.append(asyncio.create_task(send_decisions_forever(site)))
+        sites = LazyBucket(lambda: broker.key_value(subjects.SITES_BUCKET, declare=False))
+        tasks.append(asyncio.create_task(beat_forever(sites, key, lambda: alive(site), settings.sites_every_s)))
 
     @app.on_shutdown
     async def stop_sending() -> None:
@@ -241,6 +300,18 @@ def create_app(settings: Settings, runner: ContainerRunner) -> FastStream:
                 await task
 
     return app
+
+
+def alive(site: Site) -> m.SiteHeartbeat:
+    """What this worker has, what of it is free, what runs, and the policy it judges by (`assay sites list`)."""
+    ledger, settings = site.capacity.ledger, site.settings
+
+    def capacity(budget: Budget) -> m.Capacity:
+        return m.Capacity(cpus=budget.cpus, memory_mb=budget.memory_mb, gpus=budget.gpus)
+
+    return beat(settings.site_id, settings.worker_id, policy_digest=site.policies.current.digest,
+                capacity=capacity(ledger.budget), free=capacity(ledger.free()), running=ledger.running,
+                every_s=settings.sites_every_s)
 
 
 def check_audit_log(site: Site) -> None:

@@ -42,6 +42,7 @@ class Maximum(_Strict):
     cpus: float = Field(default=2.0, gt=0)
     gpus: int = Field(default=0, ge=0, description="0: no job that asks for a GPU runs here")
     output_mb: int = Field(default=4096, ge=1)
+    image_mb: int = Field(default=20480, ge=1, description="the largest pushed image this site fetches")
 
 
 class ReleaseRule(_Strict):

@@ -189,7 +189,8 @@ def define_benchmark(console: Console, home: Home) -> None:
 
 def join_models(console: Console, home: Home) -> None:
     for model, owner in MODEL_OWNERS.items():
-        assay(console, home, "model", "register", model, "--image", f"assay-demo/model-{model}:1", "--as", owner)
+        assay(console, home, "model", "register", model, "--image", f"assay-demo/model-{model}:1", "--push",
+              "--as", owner)
         assay(console, home, "association", "request", BENCHMARK, "--model", model, "--as", owner)
         assay(console, home, "association", "approve", BENCHMARK, "--model", model, "--as", OWNER)
 
@@ -213,6 +214,6 @@ def join_datasets(console: Console, home: Home) -> None:
 STEPS: tuple[tuple[str, Callable[[Console, Home], None]], ...] = (
     ("4. The operator enrols the actors", enrol_actors),
     ("5. The committee defines the benchmark; the operator approves it", define_benchmark),
-    ("6. Model owners register their images by digest and ask to join", join_models),
+    ("6. Model owners push their images, register them by digest and ask to join", join_models),
     ("7. Each hospital prepares its data locally and registers metadata only", join_datasets),
 )

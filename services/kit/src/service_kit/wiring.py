@@ -47,6 +47,7 @@ class Consumer:
     subject: str = ""
     ack_wait_s: float = ACK_WAIT_S
     batch: int = 16
+    workers: int = 1  # messages handled at once (a site runs several jobs); 1: one after another, in order
 
     @property
     def payload(self) -> type[Payload]:
@@ -154,7 +155,8 @@ class Wiring:
                 durable=name, title=name, pull_sub=PullSub(batch_size=consumer.batch, timeout=1.0),
                 inbox_prefix=f"{inbox}.".encode(),
                 config=ConsumerConfig(max_deliver=self.retry.max_deliver, ack_wait=consumer.ack_wait_s),
-                ack_policy=AckPolicy.NACK_ON_ERROR)
+                ack_policy=AckPolicy.NACK_ON_ERROR,
+                **({"max_workers": consumer.workers} if consumer.workers > 1 else {}))
         for request in self.requests:
             route = Route(self.owner, request.payload, answers=True, inbox=request.payload not in QUERY_SUBJECTS)
             self._subscribe(broker, Edge(route, units, self.retry, outlets), REQUEST_SUBJECTS[request.payload],

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from contracts.messages import BenchmarkSpec, JobBinding, JobSpec
+from contracts.messages import Archive, BenchmarkSpec, JobBinding, JobSpec
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,14 @@ def job_id(benchmark_id: str, model_digest: str, evaluator: str, dataset_hash: s
 
 def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[PlannedDataset],
               existing: set[str], expires_at: datetime,
-              owners: Mapping[str, str | None] | None = None) -> list[JobSpec]:
+              owners: Mapping[str, str | None] | None = None,
+              archives: Mapping[str, Archive] | None = None) -> list[JobSpec]:
     """The jobs still missing: `models` maps approved model ids to their image digests, `owners` to who registered
-    them (a site's policy may accept only some)."""
+    them (a site's policy may accept only some), `archives` the pushed model images by digest (a site that lacks one
+    fetches it)."""
+    pushed = dict(archives or {})
+    if benchmark.evaluator.archive is not None:
+        pushed[benchmark.evaluator.digest] = benchmark.evaluator.archive
     jobs = []
     for model_id, digest in sorted(models.items()):
         for ds in sorted(datasets, key=lambda d: d.dataset_id):
@@ -42,5 +47,7 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
                                  dataset_hash=ds.content_hash, case_count=ds.case_count)
             jobs.append(JobSpec(job_id=jid, site_id=ds.site_id, binding=binding, metrics=benchmark.metrics,
                                 expires_at=expires_at, model_owner=(owners or {}).get(model_id),
-                                limits=benchmark.limits))
+                                limits=benchmark.limits, archives={image: pushed[image] for image in
+                                                                   (digest, benchmark.evaluator.digest)
+                                                                   if image in pushed}))
     return jobs

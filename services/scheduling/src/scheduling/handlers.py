@@ -50,12 +50,13 @@ async def plan(uow: Transaction, benchmark_id: str, dispatch: Dispatch) -> int:
     dataset_ids = {x.entity_id for x in members if x.kind == "dataset"}
     known = [x for x in (await session.exec(select(Model))).all() if x.model_id in model_ids]
     models, owners = {x.model_id: x.digest for x in known}, {x.model_id: x.owner_id for x in known}
+    archives = {x.digest: m.Archive.model_validate(x.archive) for x in known if x.archive}
     datasets = [PlannedDataset(d.dataset_id, d.site_id, d.content_hash, d.case_count)
                 for d in (await session.exec(select(Dataset).where(Dataset.benchmark_id == benchmark_id))).all()
                 if d.dataset_id in dataset_ids]
     existing = set((await session.exec(select(Job.job_id).where(Job.benchmark_id == benchmark_id))).all())
     planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, existing,
-                        expires_at=utcnow() + dispatch.ttl, owners=owners)
+                        expires_at=utcnow() + dispatch.ttl, owners=owners, archives=archives)
     for job in planned:
         session.add(Job(job_id=job.job_id, benchmark_id=benchmark_id, model_id=job.binding.model_id,
                         dataset_id=job.binding.dataset_id, site_id=job.site_id, spec=job.model_dump(mode="json")))
@@ -84,7 +85,9 @@ async def learn_approval(approved: Envelope[m.BenchmarkApproved], uow: UnitOfWor
 async def learn_model(registered: Envelope[m.ModelRegistered], uow: UnitOfWork, dispatch: Jobs) -> None:
     model = registered.data
     if await uow.session.get(Model, model.model_id) is None:
-        uow.session.add(Model(model_id=model.model_id, digest=model.image.digest, owner_id=model.owner_id))
+        archive = model.image.archive.model_dump(mode="json") if model.image.archive else None
+        uow.session.add(Model(model_id=model.model_id, digest=model.image.digest, owner_id=model.owner_id,
+                              archive=archive))
     await uow.session.flush()
     for member in (await uow.session.exec(select(Member).where(Member.entity_id == model.model_id))).all():
         await plan(uow, member.benchmark_id, dispatch)

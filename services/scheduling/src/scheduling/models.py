@@ -22,6 +22,7 @@ class Model(SQLModel, table=True):
     model_id: str = Field(primary_key=True)
     digest: str
     owner_id: str | None = None
+    archive: dict | None = Field(default=None, sa_column=Column(JSON))  # type: ignore[type-arg]  # where it was pushed
 
 
 class Dataset(SQLModel, table=True):

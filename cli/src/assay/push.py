@@ -1,0 +1,65 @@
+"""`assay model push`: an image, as `docker save` writes it (by id, so it names no tag), into the artefact store
+under its image id; a site that lacks the image fetches it from there and loads it only if it is that archive."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import docker
+import nats
+
+from assay.home import Home
+from contracts.messages import Archive, ImageRef
+from contracts.subjects import IMAGES_BUCKET
+from service_kit.connection import inbox_of
+
+
+def save(client: docker.DockerClient, image_id: str, into: Path) -> Archive:
+    """`docker save` of `image_id` into the file `into` (readable by this user only); its archive."""
+    digest, size = hashlib.sha256(), 0
+    with os.fdopen(os.open(into, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as stream:
+        for chunk in client.images.get(image_id).save(named=False):
+            stream.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+    return Archive(sha256="sha256:" + digest.hexdigest(), size=size)
+
+
+async def upload(nats_url: str, image_id: str, path: Path) -> None:
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, inbox_prefix=inbox_of(nats_url))
+    try:
+        store = await nc.jetstream(timeout=30).object_store(IMAGES_BUCKET)
+        with path.open("rb") as stream:
+            await store.put(image_id, stream)
+    finally:
+        await nc.close()
+
+
+def archive_file(home: Home, image_id: str) -> Path:
+    return home.root / "archives" / f"{image_id.removeprefix('sha256:')}.json"
+
+
+async def push(home: Home, client: docker.DockerClient, image_id: str) -> Archive:
+    """Save, upload, and remember the archive here, so registering the image names it."""
+    with tempfile.TemporaryDirectory(prefix="assay-push-") as folder:
+        path = Path(folder) / "image.tar"
+        archive = save(client, image_id, path)
+        await upload(home.nats_url(), image_id, path)
+    record = archive_file(home, image_id)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(archive.model_dump_json())
+    return archive
+
+
+def pushed(home: Home, image_id: str) -> Archive | None:
+    record = archive_file(home, image_id)
+    return Archive.model_validate(json.loads(record.read_text())) if record.exists() else None
+
+
+def image_ref(home: Home, image_id: str, name: str) -> ImageRef:
+    """The image as a command names it: with its archive when it was pushed from here."""
+    return ImageRef(digest=image_id, name=name, archive=pushed(home, image_id))
