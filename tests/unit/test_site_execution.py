@@ -155,3 +155,22 @@ def test_a_dataset_the_worker_cannot_read_is_refused_with_what_to_do(tmp_path: P
     with pytest.raises(JobRefused, match=r"dataset ds in .* is not readable by this worker .*chown -R \d+:\d+ "):
         execute(job_for("sha256:" + "0" * 64), tmp_path / "ds", runner, tmp_path / "work", Limits())
     assert runner.specs == []
+
+
+def test_what_failed_jobs_wrote_goes_after_the_retention_period_and_kept_results_stay(tmp_path: Path) -> None:
+    import os
+
+    from site_worker.execution import clean_failed
+
+    for name, failed, age_days in (("old-failure", True, 40), ("new-failure", True, 1), ("old-success", False, 40),
+                                   ("old-held", True, 40)):
+        folder = tmp_path / name
+        (folder / "predictions").mkdir(parents=True)
+        marker = folder / ("failure.log" if failed else "job.json")
+        marker.write_text("x")
+        os.utime(marker, (0, 1_000_000_000 - age_days * 86400))
+
+    removed = clean_failed(tmp_path, 30 * 86400, kept={"old-held"}, now=1_000_000_000)
+
+    assert removed == ["old-failure"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new-failure", "old-held", "old-success"]

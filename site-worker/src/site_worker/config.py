@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     ack_wait_s: float = 60.0
     heartbeat_s: float = 15.0           # in_progress() while a container runs, well inside ack_wait
     release_every_s: float = 1.0        # how often the worker looks for the data owner's decisions to send
+    keep_failed_days: float = 30.0      # what a failed job wrote (its log, its outputs) is removed after this long
     sites_every_s: float = 10.0         # how often it says it is alive (and what it has free) in the sites' bucket
     otlp_endpoint: str | None = None
 

@@ -94,6 +94,20 @@ def _check(outcome: RunOutcome, what: str, job_dir: Path) -> None:
                         f"jobs/{job_dir.name}/failure.log", recurs=outcome.recurs)
 
 
+def clean_failed(work_dir: Path, older_than_s: float, kept: set[str], now: float) -> list[str]:
+    """Remove the folders of jobs that failed (they hold a failure.log) more than `older_than_s` ago and whose result
+    is not kept for review; the job ids removed. A folder whose job has a kept result is never touched."""
+    removed = []
+    for folder in sorted(work_dir.iterdir()) if work_dir.is_dir() else ():
+        log_file = folder / "failure.log"
+        if folder.name in kept or folder.is_symlink() or not log_file.is_file():
+            continue
+        if now - log_file.stat().st_mtime > older_than_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
 def dataset_folder(datasets_file: Path, dataset_id: str, site_id: str) -> Path:
     """Where `assay dataset prepare` put a dataset of this site."""
     datasets = json.loads(datasets_file.read_text()) if datasets_file.exists() else {}

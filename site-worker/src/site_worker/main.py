@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -40,7 +41,7 @@ from site_worker.capacity import (
 )
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
-from site_worker.execution import JobRefused, RunFailed, dataset_folder, execute
+from site_worker.execution import JobRefused, RunFailed, clean_failed, dataset_folder, execute
 from site_worker.heartbeat import LazyBucket, beat, beat_forever, key_of
 from site_worker.images import BusImageStore, ImageStore, ensure_images
 from site_worker.policy import PolicyFile, SitePolicy, judge
@@ -230,6 +231,16 @@ async def note(site: Site, kind: str, job_id: str | None = None, **details: obje
     await asyncio.to_thread(site.audit.append, kind, job_id, **details)
 
 
+async def clean_forever(site: Site, every_s: float = 3600.0) -> None:
+    """What failed jobs wrote stays for the site's retention period, then goes (and the audit log says so)."""
+    while True:
+        kept = {held.job_id for held in await asyncio.to_thread(site.review.all)}
+        for job_id in await asyncio.to_thread(clean_failed, site.settings.work_dir,
+                                              site.settings.keep_failed_days * 86400, kept, time.time()):
+            await note(site, "job_folder_removed", job_id, after_days=site.settings.keep_failed_days)
+        await asyncio.sleep(every_s)
+
+
 async def send_decisions_forever(site: Site) -> None:
     """The data owner decides in the CLI, which has no bus: what it decided leaves from here."""
     while True:
@@ -289,6 +300,7 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
     @app.after_startup
     async def start_sending() -> None:
         tasks.append(asyncio.create_task(send_decisions_forever(site)))
+        tasks.append(asyncio.create_task(clean_forever(site)))
         sites = LazyBucket(lambda: broker.key_value(subjects.SITES_BUCKET, declare=False))
         tasks.append(asyncio.create_task(beat_forever(sites, key, lambda: alive(site), settings.sites_every_s)))
 
