@@ -1,6 +1,7 @@
 """Hostile models as a site worker meets them: each runs as a job's model (`execute`, the real engine, the demo's
-evaluator), fails with the reason a person reads in `assay job list`, is marked as a failure that would recur (so it
-is not tried again), leaves the dataset as it was, and sends nothing: the job raises before any metric is read."""
+evaluator, a declared prediction format), fails with the reason a person reads in `assay job list`, is marked as a
+failure that would recur (so it is not tried again), leaves the dataset as it was, and sends nothing: the job raises
+before any metric is read."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ EXPECTED = {
     "log_flood": ("the model failed (timed out after 3 s)", True),
     "huge_output": ("the model failed (wrote more than 10 MiB to /assay/out)", True),
     "too_many_files": ("the model failed (wrote more than 1,000 files to /assay/out)", True),
-    "leaky_columns": ("the evaluator failed (exit code 1)", False),
-    "not_numbers": ("the evaluator failed (exit code 1)", False),
+    "leaky_columns": ("the model's output is not in the declared format: /assay/out/predictions.csv has 3 column(s)",
+                      True),
+    "not_numbers": ("the model's output is not in the declared format: /assay/out/predictions.csv line 2: every "
+                    "column but case_id must be a finite number", True),
 }
 
 
@@ -43,6 +46,7 @@ def images(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPath
 def test_a_hostile_model_fails_its_job_with_a_reason_and_changes_nothing(docker_client, images, tmp_path, behaviour):
     digest = make_dataset(tmp_path / "ds")
     job = m.JobSpec(job_id="job-1", site_id="site-a", expires_at=datetime(2100, 1, 1, tzinfo=UTC),
+                    predictions=m.PredictionFormat(columns=("case_id", "score")),
                     metrics=(m.MetricSpec(name="auc"),), binding=m.JobBinding(
                         benchmark_id="bm", model_id=behaviour.replace("_", "-"), dataset_id="ds",
                         model_image=images[behaviour], evaluator_image=images["evaluator"], dataset_hash=digest,
@@ -54,10 +58,12 @@ def test_a_hostile_model_fails_its_job_with_a_reason_and_changes_nothing(docker_
 
     reason, recurs = EXPECTED[behaviour]
     assert str(failed.value).startswith(reason), str(failed.value)
-    assert str(failed.value).endswith("its log is kept at the site in jobs/job-1/failure.log")
+    if "declared format" not in reason:
+        assert str(failed.value).endswith("its log is kept at the site in jobs/job-1/failure.log")
     assert failed.value.recurs is recurs
     assert content_hash(tmp_path / "ds" / "data", tmp_path / "ds" / "labels") == digest
-    assert (tmp_path / "work" / "job-1" / "failure.log").stat().st_size <= 64 << 10
-    if behaviour in ("huge_output", "too_many_files"):  # what filled the disk is gone at once
+    log_file = tmp_path / "work" / "job-1" / "failure.log"
+    assert not log_file.exists() or log_file.stat().st_size <= 64 << 10
+    if behaviour in ("huge_output", "too_many_files", "leaky_columns"):  # what filled the disk, or leaked, is gone
         assert not (tmp_path / "work" / "job-1" / "predictions").exists()
     assert docker_client.containers.list(all=True, filters={"label": f"assay.worker=hostile-jobs/{behaviour}"}) == []

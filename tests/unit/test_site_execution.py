@@ -174,3 +174,42 @@ def test_what_failed_jobs_wrote_goes_after_the_retention_period_and_kept_results
 
     assert removed == ["old-failure"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new-failure", "old-held", "old-success"]
+
+
+def test_output_not_in_the_declared_format_never_reaches_the_evaluator_and_is_removed(tmp_path: Path) -> None:
+    from site_worker.containers import RunSpec
+
+    digest = make_dataset(tmp_path / "ds")
+    declared = m.PredictionFormat(file="predictions.csv", columns=("case_id", "score"))
+    cases = {
+        "leaks an input column": ("case_id,score,x\nc1,0.9,1\nc2,0.2,2\n",
+                                  "has 3 column(s) that are not the declared case_id,score"),
+        "writes no number": ("case_id,score\nc1,nan\nc2,0.2\n", "line 2: every column but case_id must be a finite"),
+        "misses a case": ("case_id,score\nc1,0.9\n", "has 1 row(s); the dataset has 2 cases"),
+        "names a case twice": ("case_id,score\nc1,0.9\nc1,0.2\n", "names 1 case(s) twice"),
+    }
+    for what, (table, reason) in cases.items():
+        runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
+        runner.on("infer", lambda spec, t=table: (spec.source_of("/assay/out") / "predictions.csv").write_text(t))
+        job = job_for(digest).model_copy(update={"job_id": "job-" + what.replace(" ", "-"), "predictions": declared})
+
+        with pytest.raises(RunFailed) as refused:
+            execute(job, tmp_path / "ds", runner, tmp_path / "work", Limits())
+
+        said = str(refused.value)
+        assert reason in said and refused.value.recurs and said.startswith("the model's output is not in the declared")
+        assert [spec.task for spec in runner.specs] == ["infer"], what
+        assert not (tmp_path / "work" / job.job_id / "predictions").exists()
+
+    runner = fake_containers({"auc": 0.8, "sensitivity": 0.5})
+    write = runner._actions["infer"]
+
+    def with_junk(spec: RunSpec) -> None:
+        write(spec)
+        (spec.source_of("/assay/out") / "junk.bin").write_bytes(b"\0" * 1024)
+
+    runner.on("infer", with_junk)
+    execute(job_for(digest).model_copy(update={"predictions": declared}), tmp_path / "ds", runner, tmp_path / "work",
+            Limits())
+    evaluate = runner.specs[-1]
+    assert sorted(p.name for p in evaluate.source_of("/assay/predictions").iterdir()) == ["predictions.csv"]

@@ -76,6 +76,15 @@ class RunLimits(Payload):
     output_mb: int = Field(default=256, ge=1, le=1024 * 1024, description="what a container may write in all")
 
 
+class PredictionFormat(Payload):
+    """What a model must write: one CSV table with exactly these columns (the first names the case, the others are
+    numbers), one row per case. The site checks it and gives the evaluator that table alone."""
+
+    file: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.csv$")] = "predictions.csv"
+    columns: tuple[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], ...] = Field(
+        default=("case_id", "score"), min_length=2, max_length=64)
+
+
 class BenchmarkSpec(Payload):
     benchmark_id: Id
     name: Name
@@ -86,6 +95,8 @@ class BenchmarkSpec(Payload):
     metrics: tuple[MetricSpec, ...] = Field(min_length=1, max_length=32)
     primary_metric: MetricName
     limits: RunLimits = Field(default_factory=RunLimits, description="what each container of its jobs may use")
+    predictions: PredictionFormat | None = Field(default=None, description="the models' output, checked at the site; "
+                                                                           "none: the evaluator sees what they wrote")
 
     @model_validator(mode="after")
     def _primary_is_declared(self) -> BenchmarkSpec:
@@ -300,6 +311,7 @@ class JobSpec(Payload):
     model_owner: Id | None = Field(default=None, description="who registered the model: a site's policy may accept "
                                                              "only some owners")
     limits: RunLimits = Field(default_factory=RunLimits, description="the benchmark's limits for each container")
+    predictions: PredictionFormat | None = Field(default=None, description="the benchmark's declared output format")
     archives: dict[Digest, Archive] = Field(default_factory=dict, description="the pushed images of the job (model, "
                                                                              "evaluator) by image id")
 

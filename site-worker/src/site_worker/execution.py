@@ -23,6 +23,7 @@ from site_worker.containers import (
     read_output,
 )
 from site_worker.datasets import content_hash
+from site_worker.predictions import PredictionsRefused, check_predictions, hand_over
 
 
 class JobRefused(Refused):
@@ -108,6 +109,20 @@ def clean_failed(work_dir: Path, older_than_s: float, kept: set[str], now: float
     return removed
 
 
+def checked_predictions(job: JobSpec, job_dir: Path, limit: int) -> Path:
+    """The folder the evaluator reads: the declared table alone, once it keeps the format. A refused output goes at
+    once (it may hold a copy of the input): it would be refused the same way again."""
+    declared, written = job.predictions, job_dir / "predictions"
+    assert declared is not None
+    try:
+        body = check_predictions(written, declared, job.binding.case_count, limit)
+    except PredictionsRefused as refused:
+        shutil.rmtree(written, ignore_errors=True)
+        raise RunFailed(f"the model's output is not in the declared format: {refused}", recurs=True) from None
+    hand_over(body, declared, job_dir / "checked")
+    return job_dir / "checked"
+
+
 def dataset_folder(datasets_file: Path, dataset_id: str, site_id: str) -> Path:
     """Where `assay dataset prepare` put a dataset of this site."""
     datasets = json.loads(datasets_file.read_text()) if datasets_file.exists() else {}
@@ -134,7 +149,7 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     for image in (bound.model_image, bound.evaluator_image):
         if runner.image_id(image) != image:
             raise JobRefused(f"image {image} is not present at this site, so the job is set aside (dead-lettered); "
-                             "load images (docker load) before their jobs arrive")
+                             "push it (assay model push) or load it (docker load) before its jobs arrive")
     job_dir = work_dir / job.job_id
     shutil.rmtree(job_dir, ignore_errors=True)
     predictions, evaluation = job_dir / "predictions", job_dir / "evaluation"
@@ -144,6 +159,8 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
     env = {"ASSAY_JOB_ID": job.job_id}
     _check(runner.run(RunSpec(image=bound.model_image, task="infer", env=env, limits=limits, gpus=gpus, mounts=(
         Mount(data, "/assay/data"), Mount(predictions, "/assay/out", writable=True)))), "the model", job_dir)
+    if job.predictions is not None:
+        predictions = checked_predictions(job, job_dir, limits.output_bytes)
     _check(runner.run(RunSpec(image=bound.evaluator_image, task="evaluate", env=env, limits=limits, mounts=(
         Mount(predictions, "/assay/predictions"), Mount(labels, "/assay/labels"),
         Mount(evaluation, "/assay/out", writable=True)))), "the evaluator", job_dir)

@@ -42,7 +42,7 @@ from site_worker.capacity import (
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
 from site_worker.execution import JobRefused, RunFailed, clean_failed, dataset_folder, execute
-from site_worker.heartbeat import LazyBucket, beat, beat_forever, key_of
+from site_worker.heartbeat import LazyBucket, beat, beat_forever
 from site_worker.images import BusImageStore, ImageStore, ensure_images
 from site_worker.policy import PolicyFile, SitePolicy, judge
 from site_worker.review import Decision, Held, Review

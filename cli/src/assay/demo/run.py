@@ -83,6 +83,7 @@ def benchmark_spec(images_models_reference: str) -> dict:  # type: ignore[type-a
         "evaluator": {"name": "assay-demo/evaluator:1"},
         "metrics": [{"name": "auc"}, {"name": "sensitivity"}, {"name": "specificity"}],
         "primary_metric": "auc",
+        "predictions": {"file": "predictions.csv", "columns": ["case_id", "score"]},
     }
 
 
