@@ -238,3 +238,19 @@ async def test_a_job_that_asks_more_than_the_worker_has_is_refused_not_queued(tm
         [report] = reports(site)
         assert report.state is m.JobState.REFUSED and "asks 2 GPUs; this worker has 1" in report.reason
         assert runner.specs == []
+
+
+async def test_the_heartbeat_carries_the_audit_logs_head_as_the_site_signed_it(tmp_path, actors, runner):
+    from site_worker.main import alive
+
+    with_policy(tmp_path, HOLD)
+    async with started("site", tmp_path, actors, runner) as site:
+        await site.deliver(JOBS, signed(actors, job(prepare(site))))
+        worker = site.broker.context.get("site")
+
+        heartbeat = alive(worker)
+
+        head = heartbeat.audit_head
+        assert head is not None and head.data.seq == len(worker.audit.entries())
+        verify(head, actors.key("site-a").public_key)
+        assert (heartbeat.running, heartbeat.policy_digest) == (0, worker.policies.current.digest)

@@ -453,6 +453,16 @@ class Capacity(Payload):
     gpus: tuple[str, ...] = Field(default=(), description="device ids (as NVML or nvidia-smi name them)")
 
 
+class AuditHead(Payload):
+    """What a site attests to: its audit log held `seq` entries, the last with `hash`, at `time`. Signed by the site,
+    it travels in the site's heartbeats, so the centre can later prove what the log said then."""
+
+    TYPE: ClassVar[str] = "assay.v1.AuditHead"
+    seq: int = Field(ge=0)
+    hash: str = Field(max_length=80)
+    time: datetime
+
+
 class SiteHeartbeat(Payload):
     """A site worker's word that it is alive, in the KV bucket `assay-sites` under `<site_id>.<worker_id>`; signed by
     the site. Silence is read from `at` and `every_s`."""
@@ -468,6 +478,8 @@ class SiteHeartbeat(Payload):
     load: float = Field(ge=0, description="the host's 1-minute load average")
     every_s: float = Field(gt=0, description="how often it beats: silent after a few missed beats")
     at: datetime
+    audit_head: Envelope[AuditHead] | None = Field(default=None, description="the head of its audit log, as it "
+                                                                             "signed it")
 
 
 class DeadLetter(Payload):

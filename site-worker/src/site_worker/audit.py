@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
-from contracts.envelope import Envelope, Payload, describe, utcnow
+from contracts.envelope import Envelope, describe, utcnow
+from contracts.messages import AuditHead
 from contracts.signing import KeyPair, SignatureError, key_id_of, verify
 
 GENESIS = "sha256:" + "0" * 64  # the `prev` of entry 1
@@ -44,15 +45,6 @@ class Entry(BaseModel):
     details: dict[str, JsonValue] = {}
     prev: str
     hash: str
-
-
-class AuditHead(Payload):
-    """What the site attests to: the log held `seq` entries, the last with `hash`, at `time`."""
-
-    TYPE: ClassVar[str] = "assay.v1.AuditHead"
-    seq: int = Field(ge=0)
-    hash: str
-    time: datetime
 
 
 SignedHead = Envelope[AuditHead]

@@ -315,15 +315,17 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
 
 
 def alive(site: Site) -> m.SiteHeartbeat:
-    """What this worker has, what of it is free, what runs, and the policy it judges by (`assay sites list`)."""
+    """What this worker has, what of it is free, what runs, the policy it judges by (`assay sites list`), and the
+    signed head of its audit log."""
     ledger, settings = site.capacity.ledger, site.settings
 
     def capacity(budget: Budget) -> m.Capacity:
         return m.Capacity(cpus=budget.cpus, memory_mb=budget.memory_mb, gpus=budget.gpus)
 
-    return beat(settings.site_id, settings.worker_id, policy_digest=site.policies.current.digest,
-                capacity=capacity(ledger.budget), free=capacity(ledger.free()), running=ledger.running,
-                every_s=settings.sites_every_s)
+    alive = beat(settings.site_id, settings.worker_id, policy_digest=site.policies.current.digest,
+                 capacity=capacity(ledger.budget), free=capacity(ledger.free()), running=ledger.running,
+                 every_s=settings.sites_every_s)
+    return alive.model_copy(update={"audit_head": site.audit.head()})  # what its log said, as it signed it
 
 
 def check_audit_log(site: Site) -> None:
