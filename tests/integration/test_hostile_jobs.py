@@ -67,3 +67,22 @@ def test_a_hostile_model_fails_its_job_with_a_reason_and_changes_nothing(docker_
     if behaviour in ("huge_output", "too_many_files", "leaky_columns"):  # what filled the disk, or leaked, is gone
         assert not (tmp_path / "work" / "job-1" / "predictions").exists()
     assert docker_client.containers.list(all=True, filters={"label": f"assay.worker=hostile-jobs/{behaviour}"}) == []
+
+
+def test_a_benign_model_in_the_declared_format_is_scored_by_the_evaluator(docker_client, images, tmp_path):
+    """The table the site checked reaches the evaluator, readable by the user containers run as."""
+    from tests.support.hostile import build_hostile_images
+
+    benign = build_hostile_images(docker_client, ("benign",))["benign"]
+    digest = make_dataset(tmp_path / "ds")
+    job = m.JobSpec(job_id="job-1", site_id="site-a", expires_at=datetime(2100, 1, 1, tzinfo=UTC),
+                    predictions=m.PredictionFormat(columns=("case_id", "score")),
+                    metrics=(m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity"),
+                             m.MetricSpec(name="specificity")),
+                    binding=m.JobBinding(benchmark_id="bm", model_id="benign", dataset_id="ds", model_image=benign,
+                                         evaluator_image=images["evaluator"], dataset_hash=digest, case_count=2))
+
+    metrics = execute(job, tmp_path / "ds", DockerRunner(docker_client, worker="hostile-jobs/benign"),
+                      tmp_path / "work", LIMITS)
+
+    assert set(metrics.leaving) == {"auc", "sensitivity", "specificity"}

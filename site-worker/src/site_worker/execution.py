@@ -119,7 +119,7 @@ def checked_predictions(job: JobSpec, job_dir: Path, limit: int) -> Path:
     except PredictionsRefused as refused:
         shutil.rmtree(written, ignore_errors=True)
         raise RunFailed(f"the model's output is not in the declared format: {refused}", recurs=True) from None
-    hand_over(body, declared, job_dir / "checked")
+    hand_over(body, declared, job_dir / "checked", like=written)
     return job_dir / "checked"
 
 

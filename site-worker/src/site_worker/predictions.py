@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -57,8 +58,14 @@ def check_predictions(folder: Path, declared: PredictionFormat, case_count: int,
     return body
 
 
-def hand_over(body: bytes, declared: PredictionFormat, target: Path) -> None:
-    """What the evaluator sees: the checked table alone, in a folder of its own."""
+def hand_over(body: bytes, declared: PredictionFormat, target: Path, like: Path) -> None:
+    """What the evaluator sees: the checked table alone, in a folder of its own, owned as `like` (the folder the
+    model wrote, which is the sandbox user's): a worker that is root hands it to the user containers run as."""
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    (target / declared.file).write_bytes(body)
+    table = target / declared.file
+    table.write_bytes(body)
+    owner = like.stat()
+    if os.geteuid() == 0:
+        for path in (target, table):
+            os.chown(path, owner.st_uid, owner.st_gid)
