@@ -26,7 +26,7 @@ from contracts.signing import KeyPair
 from site_worker.config import Settings as SiteSettings
 from site_worker.containers import RunOutcome, RunSpec
 from site_worker.datasets import content_hash
-from tests.support.federation import AUTO_RELEASE
+AUTO_RELEASE = '[release]\nrule = "auto"\n'  # these sites release what passes the checks
 
 BENCHMARK = "bench-throughput"
 OPERATOR, OWNER, VENDOR = "operator", "committee", "vendor"
@@ -56,6 +56,12 @@ class NoopRunner:
         return ref
 
     def remove_leftovers(self) -> list[str]:
+        return []
+
+    def host(self) -> tuple[float, int]:
+        return 8.0, 16384
+
+    def load(self, archive: object) -> list[str]:
         return []
 
     def run(self, spec: RunSpec) -> RunOutcome:

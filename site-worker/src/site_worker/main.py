@@ -242,11 +242,16 @@ async def clean_forever(site: Site, every_s: float = 3600.0) -> None:
 
 
 async def send_decisions_forever(site: Site) -> None:
-    """The data owner decides in the CLI, which has no bus: what it decided leaves from here."""
+    """The data owner decides in the CLI, which has no bus: what it decided leaves from here. The store is read only
+    when it changed, or when a round failed."""
+    seen: tuple[int, ...] = ()
     while True:
         await asyncio.sleep(site.settings.release_every_s)
         try:
+            if (stamp := await asyncio.to_thread(site.review.stamp)) == seen:
+                continue
             await send_decisions(site)
+            seen = stamp
         except Exception as exc:  # the bus is away: the decision stays unsent, and is sent on a later round
             log.warning("could not send the data owner's decisions yet: %s", exc)
 

@@ -83,14 +83,14 @@ class Review:
             db.execute(SCHEMA)
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction: committed when the block ends, rolled back if it raises. FULL sync: a result the worker
-        acknowledged its job for is on disk."""
+        acknowledged its job for is on disk. A read takes no write lock."""
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield db
             db.execute("COMMIT")
         except BaseException:
@@ -98,7 +98,13 @@ class Review:
             raise
         finally:
             db.close()
-        self.path.chmod(0o600)
+        if write:
+            self.path.chmod(0o600)
+
+    def stamp(self) -> tuple[int, ...]:
+        """Changes whenever anything was written (by the worker or the CLI): nothing to look at while it stays."""
+        return tuple(path.stat().st_mtime_ns if path.exists() else 0
+                     for path in (self.path, self.path.with_name(self.path.name + "-wal")))
 
     def keep(self, result: SiteResult, *, kept: dict[str, object], release: bool, by: str) -> Held:
         """Keep a computed result: held for review, or approved at once by the policy (`by` names the rule). A job
@@ -121,7 +127,7 @@ class Review:
 
     def resolve(self, start: str) -> str:
         """The one kept job whose id begins with `start` (tables show the first characters)."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             found = [row[0] for row in db.execute("SELECT job_id FROM result WHERE substr(job_id, 1, ?) = ? LIMIT 2",
                                                   (len(start), start))]
         if len(found) == 1:
@@ -173,7 +179,7 @@ class Review:
                        (utcnow().isoformat(), job_id))
 
     def _select(self, where: str, args: tuple[object, ...]) -> list[Held]:
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute(f"SELECT job_id, benchmark_id, model_id, dataset_id, result, kept, state, decided_by, "
                               f"reason, held_at, decided_at, signed, sent_at FROM result {where}", args).fetchall()
         return [Held(r[0], r[1], r[2], r[3], SiteResult.model_validate_json(r[4]), json.loads(r[5]), Decision(r[6]),
