@@ -186,3 +186,30 @@ async def test_a_site_may_read_the_images_but_not_write_them(bus, tmp_path):
             await store.put("sha256:" + "f" * 64, b"a site's own image")
     finally:
         await nc.close()
+
+
+async def test_a_private_image_travels_encrypted_and_only_the_granted_site_opens_it(
+        docker_client, bus, fresh_image, site_store, tmp_path):
+    from contracts.sealing import encrypt_file, new_key, seal_key
+    from contracts.signing import KeyPair
+    from site_worker.images import sha256_of
+
+    access, hostport = bus
+    save(docker_client, fresh_image, tmp_path / "image.tar")
+    key, sealed = new_key(), tmp_path / "image.tar.sealed"
+    encrypt_file(tmp_path / "image.tar", sealed, key)
+    await upload(access.url(CLI, hostport), fresh_image, sealed)
+    docker_client.images.remove(fresh_image, force=True)
+    stored = await site_store._store.get(fresh_image)
+    assert b"manifest.json" not in stored.data  # what the store holds (and every site can read) is ciphertext
+    archive = m.Archive(sha256=sha256_of(sealed), size=sealed.stat().st_size, encrypted=True)
+    site, other = KeyPair.generate(), KeyPair.generate()
+    job = job_with(fresh_image, archive, fresh_image).model_copy(update={"keys": {fresh_image: seal_key(
+        key, site.public_key)}})
+    runner = DockerRunner(docker_client)
+
+    with pytest.raises(JobRefused, match="not sealed to this site's key"):
+        await ensure_images(job, runner, site_store, tmp_path / "scratch", max_bytes=1 << 30, site=other)
+    assert await ensure_images(job, runner, site_store, tmp_path / "scratch", max_bytes=1 << 30,
+                               site=site) == [fresh_image]
+    assert runner.image_id(fresh_image) == fresh_image

@@ -59,6 +59,8 @@ CASES = {
         benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1"), (m.Role.BENCHMARK_OWNER,),
         "benchmark_id", "*"),
     "ShowLeaderboard": Case("leaderboard", lambda a: m.ShowLeaderboard(benchmark_id="bm"), (), "benchmark_id", "x" * 65),
+    "GrantImageKey": Case("scheduling", lambda a: m.GrantImageKey(image=DIGEST, site_id="site-a", sealed_key="k" * 64),
+                          (m.Role.MODEL_OWNER,), "site_id", "Site A"),
     "ListJobs": Case("scheduling", lambda a: m.ListJobs(site_id="site-a"), (), "state", "LOST"),
     "GetJob": Case("scheduling", lambda a: m.GetJob(job_id="job-1"), (), "job_id", "Job One"),
 }

@@ -144,3 +144,27 @@ async def test_a_job_whose_result_is_on_the_board_stays_done_whatever_a_site_say
 
     details = m.JobDetails.model_validate(await scheduling.ask(actors.sign("anyone", m.GetJob(job_id=planned.job_id))))
     assert details.status.state is m.JobState.DONE and scheduling.events(m.JobStateChanged) == []
+
+
+async def test_a_private_model_is_planned_at_a_site_only_once_its_owner_gave_that_site_the_key(scheduling, actors):
+    private = m.ImageRef(digest="sha256:" + "3" * 64, name="private",
+                         archive=m.Archive(sha256="sha256:" + "9" * 64, size=1000, encrypted=True))
+    await scheduling.learn(actors.registered("vendor", m.Role.MODEL_OWNER))
+    await learn(scheduling, m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC),
+                m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"),
+                m.ModelRegistered(model_id="model-1", owner_id="vendor", name="m", image=private),
+                dataset("ds-a", "site-a"), dataset("ds-b", "site-b"), member(m.EntityKind.MODEL, "model-1"),
+                member(m.EntityKind.DATASET, "ds-a"), member(m.EntityKind.DATASET, "ds-b"))
+    assert jobs_sent(scheduling) == []  # no site holds its key yet
+
+    await scheduling.learn(actors.registered("mallory", m.Role.MODEL_OWNER))
+    stolen = await scheduling.ask(actors.sign("mallory", m.GrantImageKey(image=private.digest, site_id="site-a",
+                                                                         sealed_key="k" * 64)))
+    reply = await scheduling.ask(actors.sign("vendor", m.GrantImageKey(image=private.digest, site_id="site-a",
+                                                                       sealed_key="sealed-for-a" * 4)))
+
+    assert stolen == {"ok": False, "retry": False,
+                      "message": f"image {private.digest} is not mallory's: only its owner gives its key"}
+    assert reply["ok"] and reply["message"].endswith("1 job(s) planned for it now")
+    [sent] = jobs_sent(scheduling)
+    assert (sent.data.site_id, sent.data.keys) == ("site-a", {private.digest: "sealed-for-a" * 4})

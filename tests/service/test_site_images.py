@@ -75,3 +75,31 @@ async def test_an_archive_changed_in_the_store_is_refused_and_nothing_is_loaded(
     [report] = reports(site)
     assert report.state is m.JobState.REFUSED and "it was changed or corrupted" in report.reason
     assert runner.image_id(TRAVELLER) is None and runner.specs == []
+
+
+async def test_a_private_model_opens_only_with_the_key_sealed_to_this_site(site, actors, runner, tmp_path):
+    from contracts.sealing import encrypt_file, new_key, seal_key
+
+    plain, sealed = tmp_path / "plain.tar", tmp_path / "sealed.tar"
+    plain.write_bytes(archive_of(TRAVELLER))
+    key = new_key()
+    encrypt_file(plain, sealed, key)
+    body = sealed.read_bytes()
+    worker = site.broker.context.get("site")
+    worker.images.archives[TRAVELLER] = body
+    archive = m.Archive(sha256="sha256:" + hashlib.sha256(body).hexdigest(), size=len(body), encrypted=True)
+    for_another_site = seal_key(key, actors.key("site-b").public_key)
+    planned = travelling_job(site, archive)
+
+    await site.deliver(JOBS, signed(actors, planned.model_copy(update={"job_id": "job-2"})))  # no key at all
+    await site.deliver(JOBS, signed(actors, planned.model_copy(update={"job_id": "job-3",
+                                                                       "keys": {TRAVELLER: for_another_site}})))
+    assert [r.reason for r in reports(site)] == [
+        f"image {TRAVELLER}: it is private, and its owner has not given this site its key; the job is not run",
+        f"image {TRAVELLER}: the image's key is not sealed to this site's key; the job is not run"]
+    assert runner.image_id(TRAVELLER) is None
+
+    await site.deliver(JOBS, signed(actors, planned.model_copy(update={
+        "keys": {TRAVELLER: seal_key(key, actors.key("site-a").public_key)}})))
+
+    assert runner.image_id(TRAVELLER) == TRAVELLER and len(site.published(subjects.results("site-a"))) == 1

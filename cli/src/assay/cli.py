@@ -147,8 +147,11 @@ def benchmark_show(benchmark_id: str) -> None:
     console.print_json(json.dumps(_send(m.GetBenchmark(benchmark_id=benchmark_id), None)))
 
 
+Private = Annotated[bool, typer.Option("--private", help="encrypted: only sites you grant its key can open it")]
+
+
 @model_app.command("push")
-def model_push(image: Annotated[str, typer.Argument(help="local tag or image id")]) -> None:
+def model_push(image: Annotated[str, typer.Argument(help="local tag or image id")], private: Private = False) -> None:
     """Upload an image (`docker save`) to the artefact store under its id, for sites that do not have it."""
     import docker
 
@@ -157,23 +160,40 @@ def model_push(image: Annotated[str, typer.Argument(help="local tag or image id"
     digest = _image_id(image)
     with console.status(f"pushing {image} ({digest[:19]})"):
         try:
-            archive = asyncio.run(push(_home(), docker.from_env(), digest))
+            archive = asyncio.run(push(_home(), docker.from_env(), digest, private))
         except ConnectionError as exc:
             say_error(str(exc))
             raise typer.Exit(1) from exc
     console.print(f"[green]ok[/green] pushed {image}: image {digest}, archive {archive.sha256} ({archive.size:,} "
                   "bytes); registering it names this archive, and a site that lacks the image fetches it")
+    if private:
+        console.print("it is encrypted: give each site its key with `assay model grant IMAGE --site SITE --as YOU`")
+
+
+@model_app.command("grant")
+def model_grant(image: Annotated[str, typer.Argument(help="local tag or image id of a private image")],
+                site: Annotated[str, typer.Option(help="the site that may open it")], actor: As) -> None:
+    """Give one site the key of a private image (sealed to the site's key); its jobs there are planned then."""
+    from assay.push import grant
+
+    try:
+        command = grant(_home(), _image_id(image), site)
+    except FileNotFoundError as exc:
+        say_error(str(exc))
+        raise typer.Exit(1) from exc
+    _send(command, actor)
 
 
 @model_app.command("register")
 def model_register(model_id: str, image: Annotated[str, typer.Option(help="local tag or image id")], actor: As,
                    name: Annotated[str | None, typer.Option()] = None,
-                   push: Annotated[bool, typer.Option("--push", help="push the image first")] = False) -> None:
+                   push: Annotated[bool, typer.Option("--push", help="push the image first")] = False,
+                   private: Private = False) -> None:
     """Register a model by its image id (a tag is resolved and pinned), with its archive when it was pushed."""
     from assay.push import image_ref
 
-    if push:
-        model_push(image)
+    if push or private:
+        model_push(image, private)
     ref = image_ref(_home(), _image_id(image), image)
     _send(m.RegisterModel(model_id=model_id, name=name or image, image=ref), actor)
 
@@ -218,7 +238,8 @@ def site_add(site_id: str,
 
 
 @job_app.command("list")
-def job_list(benchmark: Annotated[str | None, typer.Option()] = None, site: Annotated[str | None, typer.Option()] = None,
+def job_list(benchmark: Annotated[str | None, typer.Option()] = None,
+             site: Annotated[str | None, typer.Option()] = None,
              state_: Annotated[m.JobState | None, typer.Option("--state")] = None,
              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The jobs the scheduler planned, newest first, with what their sites reported."""

@@ -13,7 +13,8 @@ import docker
 import nats
 
 from assay.home import Home
-from contracts.messages import Archive, ImageRef
+from contracts.messages import Archive, GrantImageKey, ImageRef
+from contracts.sealing import encrypt_file, new_key, seal_key
 from contracts.subjects import IMAGES_BUCKET
 from service_kit.connection import inbox_of
 
@@ -43,16 +44,48 @@ def archive_file(home: Home, image_id: str) -> Path:
     return home.root / "archives" / f"{image_id.removeprefix('sha256:')}.json"
 
 
-async def push(home: Home, client: docker.DockerClient, image_id: str) -> Archive:
-    """Save, upload, and remember the archive here, so registering the image names it."""
+def key_file(home: Home, image_id: str) -> Path:
+    return archive_file(home, image_id).with_suffix(".key")
+
+
+async def push(home: Home, client: docker.DockerClient, image_id: str, private: bool = False) -> Archive:
+    """Save, upload, and remember the archive here, so registering the image names it. Private: the archive is
+    encrypted with a new key kept here (mode 0600), which `assay model grant` seals to each site that may run it."""
     with tempfile.TemporaryDirectory(prefix="assay-push-") as folder:
         path = Path(folder) / "image.tar"
         archive = save(client, image_id, path)
+        if private:
+            key, sealed = new_key(), Path(folder) / "image.tar.sealed"
+            encrypt_file(path, sealed, key)
+            path.unlink()
+            path, archive = sealed, Archive(sha256=_sha256(sealed), size=sealed.stat().st_size, encrypted=True)
+            secret = key_file(home, image_id)
+            secret.parent.mkdir(parents=True, exist_ok=True)
+            with os.fdopen(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as stream:
+                stream.write(key)
         await upload(home.nats_url(), image_id, path)
     record = archive_file(home, image_id)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(archive.model_dump_json())
     return archive
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def grant(home: Home, image_id: str, site_id: str) -> GrantImageKey:
+    """The command that gives `site_id` the key of a private image pushed from here, sealed to the site's key."""
+    secret = key_file(home, image_id)
+    if not secret.exists():
+        raise FileNotFoundError(f"no key of image {image_id} here: it was not pushed private from this state folder "
+                                "(assay model push IMAGE --private)")
+    return GrantImageKey(image=image_id, site_id=site_id, sealed_key=seal_key(secret.read_bytes(),
+                                                                               home.public_key(site_id)))
 
 
 def pushed(home: Home, image_id: str) -> Archive | None:

@@ -40,6 +40,7 @@ COMMAND_SUBJECTS: dict[type[Payload], str] = {
     m.ApproveBenchmark: cmd("approval", "approve_benchmark"),
     m.RequestAssociation: cmd("approval", "request_association"),
     m.ApproveAssociation: cmd("approval", "approve_association"),
+    m.GrantImageKey: cmd("scheduling", "grant_image_key"),
 }
 QUERY_SUBJECTS: dict[type[Payload], str] = {
     m.GetBenchmark: cmd("registry", "get_benchmark"),

@@ -49,6 +49,8 @@ class Archive(Payload):
 
     sha256: Digest = Field(description="of the tarball: a site loads nothing else")
     size: int = Field(ge=1, description="bytes: a site refuses an image larger than its policy allows before fetching")
+    encrypted: bool = Field(default=False, description="private: the archive is encrypted, and only a site its owner "
+                                                         "granted the key to (`assay model grant`) can open it")
 
 
 class ImageRef(Payload):
@@ -178,6 +180,16 @@ class ApproveAssociation(Payload):
     benchmark_id: Id
     kind: EntityKind
     entity_id: Id
+
+
+class GrantImageKey(Payload):
+    """A model owner gives one site the key of a private image: sealed to that site's key, so only it can open it.
+    The scheduler plans the image's jobs at a site only once the site holds its key."""
+
+    TYPE: ClassVar[str] = "assay.v1.GrantImageKey"
+    image: Digest
+    site_id: Id
+    sealed_key: str = Field(min_length=40, max_length=200)
 
 
 # --- queries (request/reply, read only) and the replies ------------------------------------------------------
@@ -312,6 +324,8 @@ class JobSpec(Payload):
                                                              "only some owners")
     limits: RunLimits = Field(default_factory=RunLimits, description="the benchmark's limits for each container")
     predictions: PredictionFormat | None = Field(default=None, description="the benchmark's declared output format")
+    keys: dict[Digest, str] = Field(default_factory=dict, description="the keys of its private images, each sealed "
+                                                                     "to this job's site")
     archives: dict[Digest, Archive] = Field(default_factory=dict, description="the pushed images of the job (model, "
                                                                              "evaluator) by image id")
 
@@ -495,7 +509,7 @@ class DeadLetter(Payload):
 
 COMMANDS: tuple[type[Payload], ...] = (
     RegisterActor, RegisterBenchmark, ApproveBenchmark, RegisterModel, RegisterDataset,
-    RequestAssociation, ApproveAssociation,
+    RequestAssociation, ApproveAssociation, GrantImageKey,
 )
 QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, GetJob)
 REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from contracts.messages import Archive, JobSpec
+from contracts.sealing import SealError, decrypt_file, open_key
+from contracts.signing import KeyPair
 from contracts.subjects import IMAGES_BUCKET
 from site_worker.containers import ContainerRunner
 from site_worker.execution import JobRefused
@@ -116,8 +118,9 @@ def _refuse(image: str, reason: str) -> JobRefused:
 
 
 async def ensure_images(job: JobSpec, runner: ContainerRunner, store: ImageStore | None, scratch: Path,
-                        max_bytes: int) -> list[str]:
-    """Make every image of `job` present in the engine; the ids fetched. Cached images are reused."""
+                        max_bytes: int, site: KeyPair | None = None) -> list[str]:
+    """Make every image of `job` present in the engine; the ids fetched. Cached images are reused. A private image
+    is opened with the key the job carries, sealed to `site`."""
     fetched = []
     for image in (job.binding.model_image, job.binding.evaluator_image):
         if runner.image_id(image) == image:
@@ -126,13 +129,21 @@ async def ensure_images(job: JobSpec, runner: ContainerRunner, store: ImageStore
         if archive is None or store is None:
             raise _refuse(image, "not present at this site and not pushed to the artefact store (`assay model push`)"
                           if store is not None else "not present at this site, which fetches no images")
-        await fetch_and_load(image, archive, runner, store, scratch, max_bytes)
+        key = None
+        if archive.encrypted:
+            if image not in job.keys or site is None:
+                raise _refuse(image, "it is private, and its owner has not given this site its key")
+            try:
+                key = open_key(job.keys[image], site)
+            except SealError as exc:
+                raise _refuse(image, str(exc)) from None
+        await fetch_and_load(image, archive, runner, store, scratch, max_bytes, key)
         fetched.append(image)
     return fetched
 
 
 async def fetch_and_load(image: str, archive: Archive, runner: ContainerRunner, store: ImageStore, scratch: Path,
-                         max_bytes: int) -> None:
+                         max_bytes: int, key: bytes | None = None) -> None:
     import asyncio
 
     if archive.size > max_bytes:
@@ -153,6 +164,14 @@ async def fetch_and_load(image: str, archive: Archive, runner: ContainerRunner, 
         if found != archive.sha256:
             raise _refuse(image, f"the fetched archive has sha256 {found}, not the registered {archive.sha256}: "
                                  "it was changed or corrupted")
+        if key is not None:  # checked as stored (its hash is of the encrypted archive), then opened
+            opened = Path(folder) / "opened.tar"
+            try:
+                await asyncio.to_thread(decrypt_file, raw, opened, key)
+            except SealError as exc:
+                raise _refuse(image, str(exc)) from None
+            raw.unlink()
+            raw = opened
         try:
             await asyncio.to_thread(untagged, raw, clean)
         except (tarfile.TarError, ValueError, KeyError, TypeError) as exc:

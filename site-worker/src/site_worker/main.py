@@ -166,7 +166,7 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site) -> None:
         raise JobRefused(f"{verdict.reason}; nothing was run")
     folder = dataset_folder(settings.datasets_file, bound.dataset_id, settings.site_id)
     for image in await ensure_images(job, site.runner, site.images, settings.work_dir / ".images",
-                                     policy.limits.image_mb << 20):
+                                     policy.limits.image_mb << 20, site.key):
         await note(site, "image_fetched", job.job_id, image=image, sha256=job.archives[image].sha256,
                    size=job.archives[image].size)
     async with site.capacity.granted(job) as gpus:

@@ -16,7 +16,7 @@ from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, plan_jobs
-from scheduling.models import Benchmark, Dataset, Job, Member, Model
+from scheduling.models import Benchmark, Dataset, ImageKey, Job, Member, Model
 from service_kit.actors import authenticate, remember_actor
 from service_kit.edge import Delivery, NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
@@ -51,12 +51,14 @@ async def plan(uow: Transaction, benchmark_id: str, dispatch: Dispatch) -> int:
     known = [x for x in (await session.exec(select(Model))).all() if x.model_id in model_ids]
     models, owners = {x.model_id: x.digest for x in known}, {x.model_id: x.owner_id for x in known}
     archives = {x.digest: m.Archive.model_validate(x.archive) for x in known if x.archive}
+    keys = {(k.image, k.site_id): k.sealed_key for k in (await session.exec(select(ImageKey))).all()
+            if k.image in models.values()}
     datasets = [PlannedDataset(d.dataset_id, d.site_id, d.content_hash, d.case_count)
                 for d in (await session.exec(select(Dataset).where(Dataset.benchmark_id == benchmark_id))).all()
                 if d.dataset_id in dataset_ids]
     existing = set((await session.exec(select(Job.job_id).where(Job.benchmark_id == benchmark_id))).all())
     planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, existing,
-                        expires_at=utcnow() + dispatch.ttl, owners=owners, archives=archives)
+                        expires_at=utcnow() + dispatch.ttl, owners=owners, archives=archives, keys=keys)
     for job in planned:
         session.add(Job(job_id=job.job_id, benchmark_id=benchmark_id, model_id=job.binding.model_id,
                         dataset_id=job.binding.dataset_id, site_id=job.site_id, spec=job.model_dump(mode="json")))
@@ -108,6 +110,32 @@ async def learn_association(approved: Envelope[m.AssociationApproved], uow: Unit
         uow.session.add(Member(benchmark_id=member.benchmark_id, kind=member.kind.value, entity_id=member.entity_id))
     await uow.session.flush()
     await plan(uow, member.benchmark_id, dispatch)
+
+
+async def grant_image_key(grant: Envelope[m.GrantImageKey], uow: UnitOfWork, dispatch: Jobs) -> m.CommandReply:
+    """The owner of a private image gives one site its key; the image's jobs at that site are planned now."""
+    cmd = grant.data
+    owner = await authenticate(uow.session, grant, m.Role.MODEL_OWNER)
+    models = (await uow.session.exec(select(Model).where(Model.digest == cmd.image))).all()
+    if not models:
+        raise NotYetKnown(f"no model with image {cmd.image} is known here (yet)")
+    if any(model.owner_id != owner.actor_id for model in models):
+        raise Refused(f"image {cmd.image} is not {owner.actor_id}'s: only its owner gives its key")
+    if not any(model.archive and model.archive.get("encrypted") for model in models):
+        raise Refused(f"image {cmd.image} was not pushed private (`assay model push --private`): it needs no key")
+    held = await uow.session.get(ImageKey, (cmd.image, cmd.site_id))
+    if held is None:
+        held = ImageKey(image=cmd.image, site_id=cmd.site_id, sealed_key=cmd.sealed_key, granted_by=owner.actor_id)
+    held.sealed_key = cmd.sealed_key  # a key given again replaces the first: jobs planned from now on carry it
+    uow.session.add(held)
+    await uow.session.flush()
+    planned = 0
+    ids = {model.model_id for model in models}
+    for member in (await uow.session.exec(select(Member).where(Member.kind == "model"))).all():
+        if member.entity_id in ids:
+            planned += await plan(uow, member.benchmark_id, dispatch)
+    return m.CommandReply(ok=True, message=f"site {cmd.site_id} holds the key of {cmd.image}; {planned} job(s) "
+                                           "planned for it now")
 
 
 async def learn_actor(registered: Envelope[m.ActorRegistered], uow: UnitOfWork) -> None:
@@ -182,6 +210,6 @@ WIRING = Wiring(
     consumers=(*(Consumer(handle) for handle in (learn_actor, learn_benchmark, learn_approval, learn_model,
                                                  learn_dataset, learn_association, mark_done)),
                Consumer(record_report, subject=subjects.REPORTS_ALL)),
-    requests=(Request(list_jobs), Request(get_job)),
+    requests=(Request(list_jobs), Request(get_job), Request(grant_image_key)),
     publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec)),
 )

@@ -56,4 +56,14 @@ class Job(SQLModel, table=True):
     spec: dict = Field(default_factory=dict, sa_column=Column(JSON))  # type: ignore[type-arg]  # the JobSpec sent
 
 
-TABLES = [t.__table__ for t in (Benchmark, Model, Dataset, Member, Job)]  # type: ignore[attr-defined]
+class ImageKey(SQLModel, table=True):
+    """The key of a private image, sealed to one site by the image's owner."""
+
+    __tablename__ = "sched_image_key"
+    image: str = Field(primary_key=True)
+    site_id: str = Field(primary_key=True)
+    sealed_key: str
+    granted_by: str
+
+
+TABLES = [t.__table__ for t in (Benchmark, Model, Dataset, Member, Job, ImageKey)]  # type: ignore[attr-defined]
