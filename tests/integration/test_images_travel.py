@@ -213,3 +213,28 @@ async def test_a_private_image_travels_encrypted_and_only_the_granted_site_opens
     assert await ensure_images(job, runner, site_store, tmp_path / "scratch", max_bytes=1 << 30,
                                site=site) == [fresh_image]
     assert runner.image_id(fresh_image) == fresh_image
+
+
+async def test_a_site_prefetches_its_planned_jobs_images_through_the_cli(docker_client, bus, fresh_image, tmp_path,
+                                                                          monkeypatch):
+    from assay import cli
+    from assay.home import Home
+    from assay.site_cli import _prefetch
+    from contracts.signing import KeyPair
+
+    access, hostport = bus
+    home = Home(tmp_path / "home")
+    home.root.mkdir()
+    (home.root / "platform.json").write_text(json.dumps({"nats_url": access.url(CLI, hostport)}))
+    KeyPair.generate().save(home.key_file(SITE))
+    monkeypatch.setitem(cli.state, "home", home)
+    archive = save(docker_client, fresh_image, tmp_path / "image.tar")
+    await upload(access.url(CLI, hostport), fresh_image, tmp_path / "image.tar")
+    docker_client.images.remove(fresh_image, force=True)
+    runner = DockerRunner(docker_client)
+
+    said = await _prefetch([job_with(fresh_image, archive, fresh_image)], runner, SITE, 1 << 30)
+    again = await _prefetch([job_with(fresh_image, archive, fresh_image)], runner, SITE, 1 << 30)
+
+    assert said == {(fresh_image, "traveller"): "fetched, checked, loaded"}
+    assert again == {(fresh_image, "traveller"): "present"} and runner.image_id(fresh_image) == fresh_image

@@ -87,7 +87,7 @@ class Access:
         if user == ADMIN:
             return {"publish": [">"], "subscribe": [">"]}
         if user == CLI:
-            return {"publish": ["assay.v1.cmd.>", *WRITE_IMAGES, *READ_HEARTBEATS],
+            return {"publish": ["assay.v1.cmd.>", *WRITE_IMAGES, *READ_IMAGES, *READ_HEARTBEATS],
                     "subscribe": [f"_INBOX.{CLI}.>", subjects.EVENTS_ALL]}
         if user in SERVICES:
             return service_permissions(user)

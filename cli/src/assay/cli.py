@@ -13,7 +13,7 @@ from rich.console import Console
 
 from assay.audit_cli import audit_app
 from assay.home import Home
-from assay.site_cli import policy_app, results_app
+from assay.site_cli import policy_app, prefetch, results_app
 from assay.sites_cli import sites_list
 from contracts import messages as m
 
@@ -33,6 +33,7 @@ for sub, name in ((keys_app, "keys"), (actor_app, "actor"), (benchmark_app, "ben
                   (leaderboard_app, "leaderboard"), (job_app, "job"), (results_app, "results"), (audit_app, "audit")):
     app.add_typer(sub, name=name)
 site_app.add_typer(policy_app, name="policy")
+site_app.command("prefetch")(prefetch)
 sites_app = typer.Typer(help="Site workers' heartbeats: who is online, busy, or silent.", no_args_is_help=True)
 sites_app.command("list")(sites_list)
 app.add_typer(sites_app, name="sites")

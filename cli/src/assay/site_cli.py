@@ -267,3 +267,64 @@ def results_reject(site: Site, reason: Annotated[str, typer.Option(help="sent to
     if decided := _decide(site, job_ids or [], everything, benchmark, yes, "reject", reason.strip()[:500]):
         console.print(f"[green]ok[/green] rejected {len(decided)} result(s); the worker of site {site} says so, "
                       "without their metrics")
+
+
+# --- images --------------------------------------------------------------------------------------------------------
+
+
+def prefetch(site: Site, benchmark: Annotated[str | None, typer.Option(help="only this benchmark's jobs")] = None
+             ) -> None:
+    """Fetch, check and load now the pushed images of the site's planned jobs, so they start without waiting."""
+    import asyncio
+
+    import docker
+
+    from assay.cli import _send
+    from contracts import messages as m
+    from site_worker.containers import DockerRunner
+    from site_worker.policy import load_policy
+
+    _site_dir(site)
+    listed = m.JobList.model_validate(_send(m.ListJobs(site_id=site, benchmark_id=benchmark,
+                                                       state=m.JobState.SCHEDULED), None))
+    jobs = [m.JobDetails.model_validate(_send(m.GetJob(job_id=j.job_id), None)).job for j in listed.jobs]
+    limit = load_policy(_home().policy_file(site)).limits.image_mb << 20
+    outcome = asyncio.run(_prefetch(jobs, DockerRunner(docker.from_env()), site, limit))
+    table = Table(title=f"site {site}: images of {len(jobs)} planned job(s)")
+    for column in ("image", "model", "now"):
+        table.add_column(column, overflow="fold")
+    for (image, model), said in outcome.items():
+        table.add_row(image[:19] + "…", model, said)
+    console.print(table if outcome else f"site {site} has no planned job" + (f" of {benchmark}" if benchmark else ""))
+    if any(said.startswith("refused") for said in outcome.values()):
+        raise typer.Exit(1)
+
+
+async def _prefetch(jobs: list, runner, site: str, limit: int) -> dict[tuple[str, str], str]:  # type: ignore[no-untyped-def, type-arg]
+    import tempfile
+
+    import nats
+
+    from contracts.subjects import IMAGES_BUCKET
+    from service_kit.connection import inbox_of
+    from site_worker.execution import JobRefused
+    from site_worker.images import NatsImageStore, ensure_images
+
+    url = _home().nats_url()
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=2, inbox_prefix=inbox_of(url))
+    said: dict[tuple[str, str], str] = {}
+    try:
+        store = NatsImageStore(await nc.jetstream(timeout=30).object_store(IMAGES_BUCKET))
+        with tempfile.TemporaryDirectory(prefix="assay-prefetch-") as scratch:
+            for job in jobs:
+                image = job.binding.model_image
+                if (image, job.binding.model_id) in said:
+                    continue
+                try:
+                    fetched = await ensure_images(job, runner, store, Path(scratch), limit, _home().key(site))
+                    said[(image, job.binding.model_id)] = "fetched, checked, loaded" if image in fetched else "present"
+                except JobRefused as exc:
+                    said[(image, job.binding.model_id)] = f"refused: {exc}"
+    finally:
+        await nc.close()
+    return said
