@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError

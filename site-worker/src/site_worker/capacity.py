@@ -1,5 +1,5 @@
 """What the site can give its jobs at once: the GPUs it has, a ledger of CPUs, memory and whole devices shared by the
-jobs that run, and a fair queue for the jobs that wait. Plain code: no Docker, no bus.
+jobs that run, and a fair queue for the jobs that wait; `Capacity` gives a worker's jobs their turn. No Docker, no bus.
 
 Ledger and FairQueue are not thread-safe: use them from the worker's one asyncio loop (no method awaits).
 """
@@ -12,8 +12,13 @@ import logging
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import astuple, dataclass
+
+from contracts.messages import JobSpec
+from site_worker.containers import ContainerRunner
+from site_worker.execution import JobRefused
 
 log = logging.getLogger("site_worker.capacity")
 
@@ -244,3 +249,34 @@ async def release(ledger: Ledger, queue: FairQueue, job: Waiting, wake: asyncio.
         if ledger.give_back(job.job_id) is not None:
             queue.finished(job)
         wake.notify_all()
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the worker's host gives its jobs at once, shared fairly across the models and benchmarks that wait."""
+
+    ledger: Ledger
+    queue: FairQueue
+    wake: asyncio.Condition
+
+    @classmethod
+    def of(cls, runner: ContainerRunner, gpus: str) -> Capacity:
+        cpus, memory_mb = runner.host()
+        return cls(Ledger(usable(Budget(cpus, memory_mb, site_gpus(gpus)))), FairQueue(), asyncio.Condition())
+
+    @asynccontextmanager
+    async def granted(self, job: JobSpec) -> AsyncIterator[tuple[str, ...]]:
+        """Wait for the job's share of the host; the GPUs it is given. A CPU cap is a cap, not a reservation: a job
+        asking more CPUs than the host has takes all of them, and runs more slowly."""
+        asked = job.limits
+        cpus = min(asked.cpus, self.ledger.budget.cpus)
+        waiting = Waiting(job.job_id, job.binding.benchmark_id, job.binding.model_id,
+                          Request(cpus, asked.memory_mb, asked.gpus))
+        try:
+            grant = await acquire(self.ledger, self.queue, waiting, self.wake)
+        except NeverFits as exc:
+            raise JobRefused(f"{exc}; nothing was run") from None
+        try:
+            yield grant.gpus
+        finally:
+            await release(self.ledger, self.queue, waiting, self.wake)

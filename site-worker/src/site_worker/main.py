@@ -9,7 +9,6 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from faststream import Context, FastStream
@@ -27,18 +26,7 @@ from service_kit.connection import connection_options, inbox_of
 from service_kit.edge import Delivery, Refused, Retry
 from service_kit.wiring import Consumer, Outlet, Outlets, Wiring
 from site_worker.audit import AuditLog, verify_log
-from site_worker.capacity import (
-    Budget,
-    FairQueue,
-    Ledger,
-    NeverFits,
-    Request,
-    Waiting,
-    acquire,
-    release,
-    site_gpus,
-    usable,
-)
+from site_worker.capacity import Budget, Capacity
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
 from site_worker.execution import JobRefused, RunFailed, clean_failed, dataset_folder, execute
@@ -52,37 +40,6 @@ log = logging.getLogger("site_worker")
 
 class FailedForGood(Refused):
     """The job ran and failed in a way that will recur: reported, dead-lettered, never tried again."""
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What the worker's host gives its jobs at once, shared fairly across the models and benchmarks that wait."""
-
-    ledger: Ledger
-    queue: FairQueue
-    wake: asyncio.Condition
-
-    @classmethod
-    def of(cls, runner: ContainerRunner, gpus: str) -> Capacity:
-        cpus, memory_mb = runner.host()
-        return cls(Ledger(usable(Budget(cpus, memory_mb, site_gpus(gpus)))), FairQueue(), asyncio.Condition())
-
-    @contextlib.asynccontextmanager
-    async def granted(self, job: JobSpec) -> AsyncIterator[tuple[str, ...]]:
-        """Wait for the job's share of the host; the GPUs it is given. A CPU cap is a cap, not a reservation: a job
-        asking more CPUs than the host has takes all of them, and runs more slowly."""
-        asked = job.limits
-        cpus = min(asked.cpus, self.ledger.budget.cpus)
-        waiting = Waiting(job.job_id, job.binding.benchmark_id, job.binding.model_id,
-                          Request(cpus, asked.memory_mb, asked.gpus))
-        try:
-            grant = await acquire(self.ledger, self.queue, waiting, self.wake)
-        except NeverFits as exc:
-            raise JobRefused(f"{exc}; nothing was run") from None
-        try:
-            yield grant.gpus
-        finally:
-            await release(self.ledger, self.queue, waiting, self.wake)
 
 
 @dataclass(frozen=True)
@@ -115,7 +72,7 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, d
     spec = job.data
     if spec.site_id != site.settings.site_id:
         raise JobRefused(f"job {spec.job_id} is addressed to site {spec.site_id}, not {site.settings.site_id}")
-    if (kept := site.review.get(spec.job_id)) is not None:
+    if (kept := await asyncio.to_thread(site.review.get, spec.job_id)) is not None:
         raise JobRefused(f"job {spec.job_id} already ran at this site (its result was kept at "
                          f"{kept.held_at.isoformat(timespec='seconds')}); a job runs once per site, so this delivery "
                          "is a replay or a redelivery after its result was kept")
