@@ -30,7 +30,18 @@ def save(client: docker.DockerClient, image_id: str, into: Path) -> Archive:
     return Archive(sha256="sha256:" + digest.hexdigest(), size=size)
 
 
+S3_VARIABLE = "ASSAY_IMAGES_S3"  # where the images are kept when not on the bus: s3://KEY:SECRET@host:port/bucket
+
+
 async def upload(nats_url: str, image_id: str, path: Path) -> None:
+    """Into the store the sites read: the S3 bucket `ASSAY_IMAGES_S3` names, else the bus's object store."""
+    if s3 := os.environ.get(S3_VARIABLE):
+        import asyncio
+
+        from site_worker.images import s3_store
+
+        await asyncio.to_thread(s3_store(s3).put, image_id, path)
+        return
     nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, inbox_prefix=inbox_of(nats_url))
     try:
         store = await nc.jetstream(timeout=30).object_store(IMAGES_BUCKET)

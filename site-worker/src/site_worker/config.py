@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     release_every_s: float = 1.0        # how often the worker looks for the data owner's decisions to send
     keep_failed_days: float = 30.0      # what a failed job wrote (its log, its outputs) is removed after this long
     sites_every_s: float = 10.0         # how often it says it is alive (and what it has free) in the sites' bucket
+    images_s3: str | None = None        # pushed images in S3/MinIO (s3://KEY:SECRET@host:port/bucket); none: the bus's
     otlp_endpoint: str | None = None
 
     @property

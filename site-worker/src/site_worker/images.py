@@ -74,6 +74,65 @@ class BusImageStore:
         await (await self._opened()).fetch(image, into)
 
 
+class S3ImageStore:
+    """Pushed images in an S3 bucket (MinIO, or any S3), under `images/<image id>`: chosen by configuration,
+    `s3://` or `s3+http://ACCESS:SECRET@host:port/bucket` (see `s3_store`)."""
+
+    def __init__(self, client, bucket: str) -> None:  # type: ignore[no-untyped-def]  # a minio.Minio
+        self._client, self._bucket = client, bucket
+
+    @staticmethod
+    def name(image: str) -> str:
+        return f"images/{image}"
+
+    async def size(self, image: str) -> int:
+        import asyncio
+
+        from minio.error import S3Error
+
+        try:
+            return int((await asyncio.to_thread(self._client.stat_object, self._bucket, self.name(image))).size)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
+                raise ArchiveMissing(image) from None
+            raise
+
+    async def fetch(self, image: str, into: io.BufferedWriter) -> None:
+        import asyncio
+
+        def copy() -> None:
+            response = self._client.get_object(self._bucket, self.name(image))
+            try:
+                for chunk in response.stream(CHUNK):
+                    into.write(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+
+        await asyncio.to_thread(copy)
+
+    def put(self, image: str, path: Path) -> None:
+        self._client.fput_object(self._bucket, self.name(image), str(path))
+
+
+def s3_store(url: str) -> S3ImageStore:
+    """The S3 store a URL names: `s3://ACCESS:SECRET@host:port/bucket` (TLS) or `s3+http://…` (plain, for a MinIO
+    on the same host or network)."""
+    from urllib.parse import unquote, urlsplit
+
+    from minio import Minio
+
+    parts = urlsplit(url)
+    bucket = parts.path.strip("/")
+    if parts.scheme not in ("s3", "s3+http") or not parts.hostname or not bucket or "/" in bucket:
+        raise ValueError("an S3 image store is s3://ACCESS:SECRET@host:port/bucket (or s3+http:// without TLS), "
+                         f"not {parts.scheme}://{parts.hostname or ''}/{bucket}")
+    client = Minio(f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname,
+                   access_key=unquote(parts.username or ""), secret_key=unquote(parts.password or ""),
+                   secure=parts.scheme == "s3")
+    return S3ImageStore(client, bucket)
+
+
 class FakeImageStore:
     def __init__(self) -> None:
         self.archives: dict[str, bytes] = {}

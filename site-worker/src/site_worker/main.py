@@ -31,7 +31,7 @@ from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
 from site_worker.execution import JobRefused, RunFailed, clean_failed, dataset_folder, execute
 from site_worker.heartbeat import LazyBucket, beat, beat_forever
-from site_worker.images import BusImageStore, ImageStore, ensure_images
+from site_worker.images import BusImageStore, ImageStore, ensure_images, s3_store
 from site_worker.policy import PolicyFile, SitePolicy, judge
 from site_worker.review import Decision, Held, Review
 
@@ -234,7 +234,8 @@ def site_wiring(settings: Settings) -> Wiring:
 
 
 def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore | None = None) -> FastStream:
-    """`images`: where pushed images are fetched from (the bus's object store unless given)."""
+    """`images`: where pushed images are fetched from (unless given: S3 where `images_s3` says so, else the bus's
+    object store)."""
     key = KeyPair.load(settings.key_file)
     policies = PolicyFile(settings.policy_file)
     context = ContextRepo()
@@ -244,7 +245,8 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
                         **connection_options(plan.owner, settings.nats_url))
     outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url))
     site = Site(settings, key, runner, outlets, plan.source, policies, Review(settings.review_file),
-                AuditLog(settings.audit_file, key), asyncio.Lock(), images or BusImageStore(broker),
+                AuditLog(settings.audit_file, key), asyncio.Lock(),
+                images or (s3_store(settings.images_s3) if settings.images_s3 else BusImageStore(broker)),
                 Capacity.of(runner, settings.gpus))
     context.set_global("site", site)
     app = FastStream(broker)
