@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nats
@@ -51,21 +52,35 @@ def nats_binary() -> str:
     return shutil.which("nats-server") or str(Path(sys.prefix, "bin", "nats-server"))
 
 
-@pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    """A fresh JetStream server on a random loopback port, with the Assay streams declared."""
-    store = tmp_path / "nats"
+@contextmanager
+def serving_nats(store: Path, config: str | None = None) -> Iterator[str]:
+    """A JetStream server on a random loopback port, storing in `store` (made here); with `config` (users,
+    permissions) as its configuration file. Its client URL; it is stopped when the block ends."""
     store.mkdir()
-    proc = subprocess.Popen([nats_binary(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(store),
-                             "--ports_file_dir", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["-js", "-sd", str(store)]
+    if config is not None:
+        (store / "nats.conf").write_text(f'jetstream {{\n  store_dir: "{store}"\n}}\n' + config)
+        args = ["-c", str(store / "nats.conf")]
+    proc = subprocess.Popen([nats_binary(), *args, "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", str(store)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = ""
-        for _ in range(500):
+        for _ in range(1000):
             url = read_ports_file(store)
             if url:
                 break
             time.sleep(0.01)
         assert url, "nats-server did not start"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh JetStream server on a random loopback port, with the Assay streams declared."""
+    with serving_nats(tmp_path / "nats") as url:
 
         async def provision() -> None:
             nc = await nats.connect(url)
@@ -74,9 +89,6 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 
         asyncio.run(provision())
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,7 +20,6 @@ from typer.testing import CliRunner
 
 from assay import cli
 from assay.home import Home
-from assay.platform import read_ports_file
 from assay.sites_cli import sites_list
 from contracts.messages import Capacity, SiteHeartbeat
 from contracts.signing import KeyPair
@@ -38,7 +35,7 @@ from site_worker.heartbeat import (
     signed_value,
     standing,
 )
-from tests.conftest import nats_binary
+from tests.conftest import serving_nats
 
 SITE = "hospital-a"
 POLICY = "sha256:" + "0f" * 32
@@ -184,26 +181,13 @@ async def test_sites_list_shows_each_worker_and_says_when_none_reported(home: Ho
 def guarded_bus(tmp_path: Path) -> Iterator[str]:
     """A JetStream server whose site and reader users have the rights heartbeat.py names, and nothing else; its
     host:port (users `admin`, `site-hospital-a`, `reader`, each with the password `pw`)."""
-    store = tmp_path / "guarded"
-    store.mkdir()
     users = [{"user": "admin", "password": "pw", "permissions": {"publish": [">"], "subscribe": [">"]}},
              {"user": f"site-{SITE}", "password": "pw",
               "permissions": {"publish": site_rights(SITE), "subscribe": [f"_INBOX.site-{SITE}.>"]}},
              {"user": "reader", "password": "pw",
               "permissions": {"publish": READ_RIGHTS, "subscribe": ["_INBOX.reader.>"]}}]
-    (store / "nats.conf").write_text(f'jetstream {{\n  store_dir: "{store}"\n}}\n'
-                                     f"authorization {{\n  users: {json.dumps(users)}\n}}\n")
-    proc = subprocess.Popen([nats_binary(), "-c", str(store / "nats.conf"), "-a", "127.0.0.1", "-p", "-1",
-                             "--ports_file_dir", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not (url := read_ports_file(store)):
-            assert time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.01)
+    with serving_nats(tmp_path / "guarded", f"authorization {{\n  users: {json.dumps(users)}\n}}\n") as url:
         yield url.removeprefix("nats://")
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def as_user(hostport: str, user: str) -> nats.NATS:

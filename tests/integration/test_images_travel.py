@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import tarfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -20,7 +18,6 @@ import pytest
 
 from assay.access import CLI, Access
 from assay.demo.build import BASE_IMAGE, ensure_base_image
-from assay.platform import read_ports_file
 from assay.push import save, upload
 from contracts import messages as m
 from contracts.streams import ensure_streams
@@ -28,7 +25,7 @@ from contracts.subjects import IMAGES_BUCKET
 from site_worker.containers import DockerRunner, RunSpec
 from site_worker.execution import JobRefused
 from site_worker.images import NatsImageStore, ensure_images
-from tests.conftest import nats_binary
+from tests.conftest import serving_nats
 
 pytestmark = pytest.mark.docker
 SITE = "site-a"
@@ -38,16 +35,7 @@ SITE = "site-a"
 def bus(tmp_path: Path) -> Iterator[tuple[Access, str]]:
     """A JetStream server with the users and permissions `assay up` gives, and the streams declared."""
     access = Access.new([SITE])
-    store = tmp_path / "nats"
-    store.mkdir()
-    (store / "nats.conf").write_text(f'jetstream {{\n  store_dir: "{store}"\n}}\n' + access.config())
-    proc = subprocess.Popen([nats_binary(), "-c", str(store / "nats.conf"), "-a", "127.0.0.1", "-p", "-1",
-                             "--ports_file_dir", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not (url := read_ports_file(store)):
-            assert time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.01)
+    with serving_nats(tmp_path / "nats", access.config()) as url:
         hostport = url.removeprefix("nats://")
 
         async def provision() -> None:
@@ -57,9 +45,6 @@ def bus(tmp_path: Path) -> Iterator[tuple[Access, str]]:
 
         asyncio.run(provision())
         yield access, hostport
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def build(client: docker.DockerClient, folder: Path, base: str, entrypoint: str = "") -> str:

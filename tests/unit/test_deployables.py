@@ -30,7 +30,7 @@ from site_worker.main import create_app
 import assay.serve, assay.cli
 KeyPair.generate().save(Path({str(tmp_path / 'site.key')!r}))
 create_app(Settings(site_id="hospital-a", key_file={str(tmp_path / 'site.key')!r}, scheduler_public_key="x",
-                    datasets_file="d.json", work_dir="w"), FakeRunner())
+                    datasets_file="d.json", work_dir={str(tmp_path / 'work')!r}), FakeRunner())
 """
     done = runs_without(CENTRAL_ONLY + DEMO_ONLY, code)
     assert done.returncode == 0, done.stderr

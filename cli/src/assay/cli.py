@@ -323,27 +323,13 @@ def leaderboard_show(benchmark_id: str, as_json: Annotated[bool, typer.Option("-
 @app.command()
 def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")]) -> None:
     """Declare the JetStream streams on a NATS server (compose runs this once before the services)."""
-    import nats
-
+    from assay.client import connected
     from contracts.streams import STREAMS, ensure_streams
     from service_kit.connection import where
 
     async def run() -> None:
-        errors: list[str] = []
-
-        async def note(exc: Exception) -> None:
-            errors.append(str(exc) or type(exc).__name__)
-
-        try:
-            nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1,
-                                    error_cb=note)
-        except Exception as exc:
-            raise ConnectionError(f"cannot connect to NATS at {where(nats_url)}: {errors[-1] if errors else exc}; "
-                                  "check the address, the user and the password") from None
-        try:
+        async with connected(nats_url, "check the address, the user and the password") as (nc, _):
             await ensure_streams(nc.jetstream())
-        finally:
-            await nc.close()
 
     asyncio.run(run())
     console.print(f"[green]ok[/green] streams {', '.join(str(c.name) for c in STREAMS)} on {where(nats_url)}")

@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
+from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from contracts.catalog import REQUEST_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
-from service_kit.connection import inbox_of
+from service_kit.connection import inbox_of, where
+
+
+@asynccontextmanager
+async def connected(nats_url: str, advice: str = "is `assay up` running?") -> AsyncIterator[tuple[NATS, list[str]]]:
+    """The CLI's connection (replies to its own user's inbox), and what the server said went wrong on it; a failed
+    connect is a ConnectionError naming the address (never the password) and the server's last reason."""
+    errors: list[str] = []
+
+    async def note(exc: Exception) -> None:
+        errors.append(str(exc) or type(exc).__name__)
+
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1,
+                                error_cb=note, inbox_prefix=inbox_of(nats_url))
+    except Exception as exc:  # nats-py raises several kinds; the user needs the address and the last reason
+        raise ConnectionError(f"cannot connect to NATS at {where(nats_url)}: {errors[-1] if errors else exc}; "
+                              f"{advice}") from None
+    try:
+        yield nc, errors
+    finally:
+        await nc.close()
 
 
 class CommandFailed(Exception):

@@ -10,13 +10,12 @@ import tempfile
 from pathlib import Path
 
 import docker
-import nats
 
+from assay.client import connected
 from assay.home import Home
 from contracts.messages import Archive, GrantImageKey, ImageRef
 from contracts.sealing import encrypt_file, new_key, seal_key
 from contracts.subjects import IMAGES_BUCKET
-from service_kit.connection import inbox_of
 
 
 def save(client: docker.DockerClient, image_id: str, into: Path) -> Archive:
@@ -42,13 +41,10 @@ async def upload(nats_url: str, image_id: str, path: Path) -> None:
 
         await asyncio.to_thread(s3_store(s3).put, image_id, path)
         return
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, inbox_prefix=inbox_of(nats_url))
-    try:
+    async with connected(nats_url) as (nc, _):
         store = await nc.jetstream(timeout=30).object_store(IMAGES_BUCKET)
         with path.open("rb") as stream:
             await store.put(image_id, stream)
-    finally:
-        await nc.close()
 
 
 def archive_file(home: Home, image_id: str) -> Path:

@@ -303,17 +303,13 @@ def prefetch(site: Site, benchmark: Annotated[str | None, typer.Option(help="onl
 async def _prefetch(jobs: list, runner, site: str, limit: int) -> dict[tuple[str, str], str]:  # type: ignore[no-untyped-def, type-arg]
     import tempfile
 
-    import nats
-
+    from assay.client import connected
     from contracts.subjects import IMAGES_BUCKET
-    from service_kit.connection import inbox_of
     from site_worker.execution import JobRefused
     from site_worker.images import NatsImageStore, ensure_images
 
-    url = _home().nats_url()
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=2, inbox_prefix=inbox_of(url))
     said: dict[tuple[str, str], str] = {}
-    try:
+    async with connected(_home().nats_url()) as (nc, _):
         store = NatsImageStore(await nc.jetstream(timeout=30).object_store(IMAGES_BUCKET))
         with tempfile.TemporaryDirectory(prefix="assay-prefetch-") as scratch:
             for job in jobs:
@@ -325,6 +321,4 @@ async def _prefetch(jobs: list, runner, site: str, limit: int) -> dict[tuple[str
                     said[(image, job.binding.model_id)] = "fetched, checked, loaded" if image in fetched else "present"
                 except JobRefused as exc:
                     said[(image, job.binding.model_id)] = f"refused: {exc}"
-    finally:
-        await nc.close()
     return said

@@ -87,25 +87,14 @@ def known_public_keys() -> dict[str, str]:
 
 
 async def fetch(nats_url: str, public_keys: dict[str, str]) -> list[Reading]:
-    import nats
     import nats.errors
     from nats.js.errors import BucketNotFoundError
 
-    from service_kit.connection import inbox_of, where
+    from assay.client import connected
+    from service_kit.connection import where
     from site_worker.heartbeat import read_heartbeats
 
-    errors: list[str] = []
-
-    async def note(exc: Exception) -> None:
-        errors.append(str(exc) or type(exc).__name__)
-
-    try:
-        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1,
-                                error_cb=note, inbox_prefix=inbox_of(nats_url))
-    except Exception as exc:  # nats-py raises several kinds; the user needs the address and the last reason
-        raise ConnectionError(f"cannot connect to NATS at {where(nats_url)}: {errors[-1] if errors else exc}; "
-                              "is `assay up` running?") from None
-    try:
+    async with connected(nats_url) as (nc, errors):
         try:
             return await read_heartbeats(nc.jetstream(), public_keys)
         except BucketNotFoundError:
@@ -113,8 +102,6 @@ async def fetch(nats_url: str, public_keys: dict[str, str]) -> list[Reading]:
         except nats.errors.Error as exc:  # a user without the right to read the bucket gets no answer, only this
             why = errors[-1] if errors else f"{type(exc).__name__}: {exc}"
             raise ConnectionError(f"cannot read the site workers' heartbeats at {where(nats_url)}: {why}") from None
-    finally:
-        await nc.close()
 
 
 def show(readings: list[Reading], now: datetime, as_json: bool) -> None:

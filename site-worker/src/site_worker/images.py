@@ -4,6 +4,7 @@ loaded, and run by id only if the engine now holds exactly that id."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -86,8 +87,6 @@ class S3ImageStore:
         return f"images/{image}"
 
     async def size(self, image: str) -> int:
-        import asyncio
-
         from minio.error import S3Error
 
         try:
@@ -98,8 +97,6 @@ class S3ImageStore:
             raise
 
     async def fetch(self, image: str, into: io.BufferedWriter) -> None:
-        import asyncio
-
         def copy() -> None:
             response = self._client.get_object(self._bucket, self.name(image))
             try:
@@ -203,8 +200,6 @@ async def ensure_images(job: JobSpec, runner: ContainerRunner, store: ImageStore
 
 async def fetch_and_load(image: str, archive: Archive, runner: ContainerRunner, store: ImageStore, scratch: Path,
                          max_bytes: int, key: bytes | None = None) -> None:
-    import asyncio
-
     if archive.size > max_bytes:
         raise _refuse(image, f"its archive is {archive.size:,} bytes; this site's policy allows images of at most "
                              f"{max_bytes:,}")
