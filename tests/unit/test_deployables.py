@@ -47,3 +47,29 @@ def test_the_extras_say_so() -> None:
     names = {extra: {req.split("[")[0].split(">")[0].split("=")[0] for req in reqs} for extra, reqs in extras.items()}
     assert "docker" in names["site"] and not names["site"] & {"sqlmodel", "scikit-learn", "asyncpg"}
     assert {"sqlmodel", "asyncpg"} <= names["central"] and "docker" not in names["central"]
+
+
+def test_a_process_ends_when_its_app_has_stopped_even_with_a_task_that_swallows_cancels() -> None:
+    """What faststream leaves when a stop comes during start-up: a loop that spins and eats every cancel."""
+    code = """
+import asyncio
+from assay.serve import serve
+
+class App:
+    async def run(self):
+        async def spin():
+            while True:
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    pass
+        asyncio.get_running_loop().create_task(spin())
+        await asyncio.sleep(0.05)  # it runs before the app stops, as faststream's pull loop does
+
+asyncio.run(serve(App()))
+print("unreachable")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0 and "unreachable" not in done.stdout
+    assert "a task did not stop after the app shut down; exiting without it" in done.stderr

@@ -17,7 +17,21 @@ def main(kind: str) -> None:
     except (ValueError, OSError) as exc:  # a setting missing or wrong (pydantic's errors are ValueErrors): say which
         logging.getLogger("assay.serve").error("%s cannot start: %s", kind, exc)
         raise SystemExit(2) from None
-    asyncio.run(app.run())
+    asyncio.run(serve(app))
+
+
+async def serve(app: Any) -> None:
+    """Run the app until it is told to stop; then end, even when faststream left a task behind. A subscriber it was
+    still starting when the stop came can keep a pull loop that spins on the closed connection and swallows every
+    cancel (seen with SIGTERM during start-up): the app has shut down gracefully by then, so its process exits."""
+    await app.run()
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    if others and (await asyncio.wait(others, timeout=5))[1]:
+        logging.getLogger("assay.serve").warning("a task did not stop after the app shut down; exiting without it")
+        logging.shutdown()
+        os._exit(0)
 
 
 def build(kind: str) -> Any:
