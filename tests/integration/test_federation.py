@@ -89,4 +89,5 @@ async def test_a_forgery_that_reuses_a_genuine_result_id_blocks_nothing(federati
     assert rejected["data"]["job_id"] == job.job_id
     await federation.start_site("site-a", fake_containers(METRICS))  # the genuine worker comes online only now
     (accepted,) = await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
-    assert accepted["data"]["metrics"] == METRICS
+    assert accepted["data"]["job_id"] == job.job_id
+    assert (await federation.board()).rows[0].site_values == {"site-a": METRICS}

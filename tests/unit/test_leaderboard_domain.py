@@ -11,17 +11,8 @@ from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.messages import BenchmarkSpec, ImageRef, JobBinding, JobSpec, MetricSpec, Role, SiteResult
 from contracts.signing import KeyPair, metrics_hash
-from leaderboard.domain import (
-    Check,
-    Score,
-    Signer,
-    Verdict,
-    aggregate,
-    check_binding,
-    check_job,
-    check_origin,
-    competition_ranks,
-)
+from leaderboard.board import Score, aggregate, shared_ranks
+from leaderboard.domain import Check, Signer, Verdict, check_binding, check_job, check_origin
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
 
@@ -260,9 +251,9 @@ def test_pooled_values_that_differ_only_by_rounding_are_a_tie():
     assert [row.rank for row in board.rows] == [1, 1]
 
 
-def test_competition_ranks_handle_no_values_and_one_value():
-    assert competition_ranks([], higher_is_better=True) == []
-    assert competition_ranks([0.3], higher_is_better=False) == [1]
+def test_shared_ranks_handle_no_values_and_one_value():
+    assert shared_ranks([], [], higher_is_better=True) == []
+    assert shared_ranks([0.3], [None], higher_is_better=False) == [1]
 
 
 def test_pooled_values_are_the_case_weighted_mean_of_the_site_values():

@@ -22,6 +22,7 @@ class Role(StrEnum):
     MODEL_OWNER = "model_owner"
     SITE = "site"
     SERVICE = "service"
+    AUDITOR = "auditor"  # reads the streams and the whole board, to check one against the other; changes nothing
 
 
 class EntityKind(StrEnum):
@@ -60,11 +61,30 @@ class ImageRef(Payload):
                                                               "one, a site must have the image already")
 
 
+class MetricKind(StrEnum):
+    """How a metric follows from the evaluator's per-case scores (`cases.jsonl`): the site recomputes it there for its
+    bootstrap replicates and aggregates, and the board pools it across sites accordingly."""
+
+    AUC = "auc"                  # area under the ROC curve of `score` against `label`; pooled from score histograms
+    SENSITIVITY = "sensitivity"  # of `score >= threshold` against `label`; these five pooled from confusion counts
+    SPECIFICITY = "specificity"
+    PPV = "ppv"
+    NPV = "npv"
+    ACCURACY = "accuracy"
+    MEAN = "mean"                # the mean of each case's value named like the metric; pooled by cases (exactly)
+
+
+CONFUSION_KINDS = (MetricKind.SENSITIVITY, MetricKind.SPECIFICITY, MetricKind.PPV, MetricKind.NPV,
+                   MetricKind.ACCURACY)
+
+
 class MetricSpec(Payload):
     name: MetricName
     minimum: float = 0.0
     maximum: float = 1.0
     higher_is_better: bool = True
+    kind: MetricKind | None = Field(default=None, description="how it follows from the cases; none: the evaluator's "
+                                                              "number alone, with no interval, pooled by cases")
 
 
 class RunLimits(Payload):
@@ -87,6 +107,42 @@ class PredictionFormat(Payload):
         default=("case_id", "score"), min_length=2, max_length=64)
 
 
+class Pooling(Payload):
+    """What a site sends besides each metric's value, computed by the site from the evaluator's `cases.jsonl`: B paired
+    bootstrap replicates of every metric with a kind, and the aggregates the benchmark allows for exact pooling."""
+
+    replicates: int = Field(default=1000, ge=0, le=10_000, description="B; the resamples are seeded by benchmark, "
+                                                                       "dataset and replicate, never by model")
+    threshold: float = Field(default=0.5, description="a case is predicted positive when its score >= threshold")
+    confusion: bool = Field(default=False, description="sites send confusion counts at the threshold")
+    bins: int = Field(default=0, ge=0, le=1000, description="sites send per-class score histograms on this many "
+                                                            "equal bins of score_range; 0: none")
+    score_range: tuple[float, float] = Field(default=(0.0, 1.0), description="scores outside count in the end bins")
+    min_count: int = Field(default=5, ge=1, le=1000, description="each cell of an aggregate holds 0 or at least this "
+                                                                 "many cases; else the site withholds it and says so")
+
+    @model_validator(mode="after")
+    def _range_is_a_range(self) -> Pooling:
+        low, high = self.score_range
+        if not low < high:
+            raise ValueError(f"score_range must be (low, high) with low < high, got {self.score_range}")
+        return self
+
+
+class PublicView(StrEnum):
+    POOLED = "pooled"  # anyone sees every model's rank and pooled values (no site's own values)
+    NONE = "none"      # nobody but those entitled sees a row; events say only that the board changed
+
+
+class Sharing(Payload):
+    """Who sees what of the board. The benchmark owner (and an auditor) sees everything; a model owner its own
+    models' rows; a site what ran on its data; anyone else what `public` allows."""
+
+    min_cases: int = Field(default=1, ge=1, description="a site's column appears only where it scored this many cases")
+    pseudonyms: bool = Field(default=False, description="site columns are shown under stable pseudonyms, not ids")
+    public: PublicView = PublicView.POOLED
+
+
 class BenchmarkSpec(Payload):
     benchmark_id: Id
     name: Name
@@ -99,6 +155,8 @@ class BenchmarkSpec(Payload):
     limits: RunLimits = Field(default_factory=RunLimits, description="what each container of its jobs may use")
     predictions: PredictionFormat | None = Field(default=None, description="the models' output, checked at the site; "
                                                                            "none: the evaluator sees what they wrote")
+    pooling: Pooling = Field(default_factory=Pooling, description="replicates and aggregates the sites send")
+    sharing: Sharing = Field(default_factory=Sharing, description="who sees what of the board")
 
     @model_validator(mode="after")
     def _primary_is_declared(self) -> BenchmarkSpec:
@@ -328,11 +386,39 @@ class JobSpec(Payload):
                                                                      "to this job's site")
     archives: dict[Digest, Archive] = Field(default_factory=dict, description="the pushed images of the job (model, "
                                                                              "evaluator) by image id")
+    pooling: Pooling | None = Field(default=None, description="the benchmark's: what the site computes and sends "
+                                                              "besides the metrics")
 
 
 class JobScheduled(Payload):
     TYPE: ClassVar[str] = "assay.v1.JobScheduled"
     job: JobSpec
+
+
+class Confusion(Payload):
+    """Cases by truth and by `score >= threshold`."""
+
+    tp: int = Field(ge=0)
+    fp: int = Field(ge=0)
+    tn: int = Field(ge=0)
+    fn: int = Field(ge=0)
+
+
+class Histograms(Payload):
+    """Cases per score bin (the benchmark's bins), for positive and for negative cases."""
+
+    positive: tuple[int, ...] = Field(max_length=1000)
+    negative: tuple[int, ...] = Field(max_length=1000)
+
+
+class Evidence(Payload):
+    """What a site computed from its per-case scores, which stay with it: B paired bootstrap replicates of each metric
+    with a kind, and the aggregates the benchmark allows. `withheld` says what was not sent, and why."""
+
+    replicates: dict[MetricName, tuple[float, ...]] = Field(default_factory=dict, max_length=32)
+    confusion: Confusion | None = None
+    histograms: Histograms | None = None
+    withheld: tuple[Annotated[str, StringConstraints(max_length=300)], ...] = Field(default=(), max_length=8)
 
 
 class SiteResult(Payload):
@@ -348,6 +434,7 @@ class SiteResult(Payload):
                                                "without waiting for any other stream")
     worker_id: Name
     finished_at: datetime
+    evidence: Evidence | None = Field(default=None, description="replicates and aggregates, as the benchmark asks")
 
 
 class SiteReport(Payload):
@@ -387,7 +474,8 @@ class ResultAccepted(Payload):
     job_id: Id
     site_id: Id
     binding: JobBinding
-    metrics: dict[str, float]
+    metrics: dict[str, float] = Field(default_factory=dict, description="always empty: a site's own values are not "
+                                                                        "broadcast; the board answers by who asks")
 
 
 class ResultRejected(Payload):
@@ -398,39 +486,76 @@ class ResultRejected(Payload):
     reason: str
 
 
+class Interval(Payload):
+    """A 95% percentile interval over bootstrap replicates."""
+
+    low: float
+    high: float
+
+
+class SiteValue(Payload):
+    site: str
+    value: float
+
+
 class LeaderboardRow(Payload):
-    rank: int
+    rank: int = Field(description="1 + the number of models that beat it beyond doubt (their interval lies wholly "
+                                  "above its own); models whose intervals overlap share a rank")
     model_id: Id
-    site_values: dict[str, dict[str, float]] = Field(description="site_id -> metric -> value")
-    pooled: dict[str, float] = Field(description="metric -> case-weighted mean over the sites")
+    site_values: dict[str, dict[str, float]] = Field(description="site (or its pseudonym) -> metric -> value")
+    pooled: dict[str, float] = Field(description="metric -> pooled value over the sites (how: `pooling`)")
     case_count: int
     sites: int
+    shared: bool = Field(default=False, description="another model has the same rank (shown `1=`)")
+    pooling: dict[str, str] = Field(default_factory=dict, description="metric -> how its pooled value was computed")
+    intervals: dict[str, Interval] = Field(default_factory=dict, description="metric -> the pooled value's interval")
+    site_intervals: dict[str, dict[str, Interval]] = Field(default_factory=dict)
+    site_cases: dict[str, int] = Field(default_factory=dict, description="site -> the cases it scored")
+    bin_error: dict[str, float] = Field(default_factory=dict, description="metric -> the most a pooled value from "
+                                                                          "histograms may differ from the exact one")
+    mean_of_sites: dict[str, float] = Field(default_factory=dict, description="metric -> unweighted mean of sites")
+    worst_site: dict[str, SiteValue] = Field(default_factory=dict, description="metric -> the worst site's value; "
+                                                                              "its site is blank where hidden")
+    rank_probabilities: tuple[float, ...] = Field(default=(), description="P(rank = k), k = 1..models, across the "
+                                                                          "pooled replicates of the primary metric")
+
+    @property
+    def rank_label(self) -> str:
+        return f"{self.rank}=" if self.shared else str(self.rank)
 
 
 class Leaderboard(Payload):
-    """The reply to ShowLeaderboard: a benchmark's board, every model's per-site and pooled values, ranked by the
-    primary metric."""
+    """The reply to ShowLeaderboard: a benchmark's board, every model's per-site and pooled values with their
+    intervals, ranked by the primary metric; as much of it as the asker may see."""
 
     TYPE: ClassVar[str] = "assay.v1.Leaderboard"
     benchmark_id: Id
     primary_metric: str
     metrics: tuple[str, ...]
     rows: tuple[LeaderboardRow, ...]
+    higher_is_better: dict[str, bool] = Field(default_factory=dict)
+    replicates: int = Field(default=0, description="B: how many bootstrap replicates the intervals come from")
+    rank_stability: float | None = Field(default=None, description="median Kendall's tau between the ranking of the "
+                                                                   "pooled values and each replicate's ranking")
+    view: str = Field(default="public", description="whose view: full, or what an actor may see, or public")
+    hidden: int = Field(default=0, description="rows not shown to this asker")
 
 
 class LeaderboardUpdated(Payload):
-    """Announced after each accepted result: where the model it counted for now stands. Its size does not grow with
-    the board (a model's pooled values, one per declared metric); the whole board is the ShowLeaderboard query."""
+    """Announced after each accepted result: where the model it counted for now stands, as far as the benchmark's
+    sharing policy makes it public (with `public = none`, only that the board changed). Its size does not grow with
+    the board; the whole board is the ShowLeaderboard query."""
 
     TYPE: ClassVar[str] = "assay.v1.LeaderboardUpdated"
     benchmark_id: Id
     primary_metric: str
     models: int = Field(description="how many models the board ranks now")
-    model_id: Id
-    rank: int
+    model_id: Id | None
+    rank: int | None
     pooled: dict[str, float]
-    case_count: int
-    sites: int
+    case_count: int | None
+    sites: int | None
+    intervals: dict[str, Interval] = Field(default_factory=dict)
 
 
 class JobStatus(Payload):

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.messages import JobSpec, MetricSpec
+from contracts.messages import Evidence, JobSpec, MetricSpec
 from contracts.metrics import MetricNamesRefused, MetricsRefused, checked_metrics
 from service_kit.edge import Refused
 from site_worker.containers import (
@@ -23,6 +23,7 @@ from site_worker.containers import (
     read_output,
 )
 from site_worker.datasets import content_hash
+from site_worker.evidence import CasesRefused, evidence_of, read_cases
 from site_worker.predictions import PredictionsRefused, check_predictions, hand_over
 
 
@@ -43,6 +44,7 @@ class RunFailed(Exception):
 class Metrics:
     leaving: dict[str, float]    # the declared metrics: what may leave
     kept: tuple[str, ...] = ()   # the names of what the evaluator wrote besides: they stay at the site
+    evidence: Evidence | None = None  # replicates and aggregates the site computed from the cases: they leave too
 
 
 def validate_metrics(raw: object, declared: tuple[MetricSpec, ...]) -> Metrics:
@@ -171,4 +173,17 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
                         f"dataset {bound.dataset_id} was registered with {bound.case_count}", recurs=True)
     if metrics.kept:
         (job_dir / "kept_at_site.json").write_text(json.dumps({"undeclared_metrics": list(metrics.kept)}))
-    return metrics
+    return Metrics(metrics.leaving, metrics.kept, evidence_from(job, evaluation / "cases.jsonl", limits.output_bytes,
+                                                                metrics.leaving))
+
+
+def evidence_from(job: JobSpec, cases_file: Path, limit: int, metrics: dict[str, float]) -> Evidence | None:
+    """What the benchmark asks the site to compute from the cases besides the metrics (none where it asks nothing);
+    cases that break the contract, or metrics they do not give, fail the job for good."""
+    pooling = job.pooling
+    if pooling is None or not (pooling.confusion or pooling.bins or any(spec.kind for spec in job.metrics)):
+        return None
+    try:
+        return evidence_of(read_cases(cases_file, job.metrics, limit), job, metrics)
+    except CasesRefused as refused:
+        raise RunFailed(str(refused), recurs=True) from None

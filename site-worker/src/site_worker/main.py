@@ -132,7 +132,7 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site) -> None:
                dataset_hash=bound.dataset_hash, cases=bound.case_count, kept_at_site=list(metrics.kept))
     result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=bound, metrics=metrics.leaving,
                         metrics_hash=metrics_hash(metrics.leaving), worker_id=settings.worker_id,
-                        finished_at=utcnow(), job=signed_job)
+                        finished_at=utcnow(), job=signed_job, evidence=metrics.evidence)
     hold = policy.holds(bound.benchmark_id)
     await asyncio.to_thread(site.review.keep, result, release=not hold, by=f"policy {policy.digest[:19]}",
                             kept={"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}"})

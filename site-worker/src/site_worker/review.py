@@ -63,8 +63,14 @@ class Held:
 
     @property
     def leaving(self) -> dict[str, object]:
-        """Exactly what releasing it sends, besides the job and its binding: the metrics and their hash."""
-        return {"metrics": self.result.metrics, "metrics_hash": self.result.metrics_hash}
+        """What releasing it sends, besides the job and its binding: the metrics and their hash, the aggregates, and
+        the replicates (summarised here as their count and range: the JSON of `results show --json` has them all)."""
+        leaving: dict[str, object] = {"metrics": self.result.metrics, "metrics_hash": self.result.metrics_hash}
+        if (evidence := self.result.evidence) is not None:
+            leaving |= evidence.model_dump(mode="json", exclude={"replicates"}, exclude_none=True)
+            leaving["replicates"] = {name: f"{len(values)} values in [{min(values):.4f}, {max(values):.4f}]"
+                                     for name, values in evidence.replicates.items()}
+        return leaving
 
 
 class ReviewError(ValueError):

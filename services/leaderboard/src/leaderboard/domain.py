@@ -1,15 +1,8 @@
-"""The leaderboard's rules as pure functions: whether a signed site result may count, and how results become a board.
-
-Per-case scores never leave the sites: a site sends one value per declared metric and its case count. The pooled
-value of a metric is therefore the case-weighted mean of the site values: a pooled AUC is the weighted mean of the
-site AUCs, not an AUC over the pooled cases (nobody outside the sites could compute that).
-"""
+"""The leaderboard's rules as pure functions: whether a signed site result may count (how results become a board is
+`leaderboard.board`, who sees what of it `leaderboard.sharing`)."""
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -17,10 +10,8 @@ from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.messages import (
     BenchmarkSpec,
+    Evidence,
     JobSpec,
-    Leaderboard,
-    LeaderboardRow,
-    LeaderboardUpdated,
     Role,
     SiteResult,
 )
@@ -31,9 +22,7 @@ from contracts.metrics import (
     checked_metrics,
 )
 from contracts.signing import SignatureError, metrics_hash, verify
-
-# pooled values are weighted means: two models with the same site values may differ in the last bits
-TIE_REL_TOL = 1e-9
+from contracts.statistics import disagreement
 
 
 class Check(StrEnum):
@@ -49,6 +38,7 @@ class Check(StrEnum):
     METRIC_NAMES = "metric_names"
     METRIC_VALUE = "metric_value"
     METRICS_HASH = "metrics_hash"
+    EVIDENCE = "evidence"
     DUPLICATE = "duplicate"
 
 
@@ -135,9 +125,18 @@ def check_binding(result: SiteResult, *, job: JobSpec, benchmark: BenchmarkSpec,
     if result.metrics_hash != expected:
         return Verdict.reject(Check.METRICS_HASH,
                               f"metrics_hash is {result.metrics_hash}, the metrics hash to {expected}")
+    if reason := evidence_disagreement(result, benchmark):
+        return Verdict.reject(Check.EVIDENCE, reason)
     if accepted_before:
         return Verdict.reject(Check.DUPLICATE, f"job {job.job_id} already has an accepted result; this one is not counted")
     return ACCEPTED
+
+
+def evidence_disagreement(result: SiteResult, benchmark: BenchmarkSpec) -> str | None:
+    """Why the replicates and aggregates do not fit the metrics they come with, or None when they do."""
+    reason = disagreement(result.evidence or Evidence(), result.metrics, benchmark.metrics, benchmark.pooling,
+                          result.binding.case_count)
+    return None if reason is None else f"{reason}; the result is not counted"
 
 
 def _metrics_refusal(refused: MetricsRefused, benchmark: BenchmarkSpec) -> str:
@@ -150,72 +149,3 @@ def _metrics_refusal(refused: MetricsRefused, benchmark: BenchmarkSpec) -> str:
         return f"{refused.spec.name} is {refused.value}, not a finite number"
     spec = refused.spec
     return f"{spec.name} = {refused.value} is outside its declared range [{spec.minimum}, {spec.maximum}]"
-
-
-# --- aggregation and ranking --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Score:
-    """One accepted result, as the board needs it."""
-
-    model_id: str
-    site_id: str
-    metrics: Mapping[str, float]
-    case_count: int
-
-
-def case_weighted(scores: Sequence[Score], names: Iterable[str]) -> dict[str, float]:
-    """Each metric's mean over `scores`, each weighted by its case count."""
-    cases = sum(score.case_count for score in scores)
-    return {name: sum(score.metrics[name] * score.case_count for score in scores) / cases for name in names}
-
-
-def competition_ranks(values: Sequence[float], *, higher_is_better: bool) -> list[int]:
-    """Rank of each value ("1224" ranking): equal values share the best rank of their group, the next rank skips."""
-    order = sorted(range(len(values)), key=lambda i: values[i], reverse=higher_is_better)
-    ranks = [0] * len(values)
-    for position, index in enumerate(order):
-        previous = order[position - 1] if position else None
-        if previous is not None and math.isclose(values[index], values[previous], rel_tol=TIE_REL_TOL):
-            ranks[index] = ranks[previous]
-        else:
-            ranks[index] = position + 1
-    return ranks
-
-
-def aggregate(benchmark: BenchmarkSpec, scores: Iterable[Score]) -> Leaderboard:
-    """The board of `benchmark`: per model, each site's values and the pooled values, ranked by the primary metric.
-
-    A site with several datasets in the benchmark gets the case-weighted mean of them; pooled values are the
-    case-weighted mean over all the model's results (the same as weighting each site's value by its cases).
-    """
-    names = tuple(spec.name for spec in benchmark.metrics)
-    primary = next(spec for spec in benchmark.metrics if spec.name == benchmark.primary_metric)
-    by_model: dict[str, list[Score]] = defaultdict(list)
-    for score in scores:
-        by_model[score.model_id].append(score)
-    models = sorted(by_model)
-    pooled = [case_weighted(by_model[model], names) for model in models]
-    ranks = competition_ranks([values[primary.name] for values in pooled], higher_is_better=primary.higher_is_better)
-    rows = []
-    for model, rank, model_pooled in zip(models, ranks, pooled, strict=True):
-        by_site: dict[str, list[Score]] = defaultdict(list)
-        for score in by_model[model]:
-            by_site[score.site_id].append(score)
-        rows.append(LeaderboardRow(
-            rank=rank, model_id=model, pooled=model_pooled,
-            site_values={site: case_weighted(by_site[site], names) for site in sorted(by_site)},
-            case_count=sum(score.case_count for score in by_model[model]), sites=len(by_site),
-        ))
-    rows.sort(key=lambda row: (row.rank, row.model_id))
-    return Leaderboard(benchmark_id=benchmark.benchmark_id, primary_metric=primary.name, metrics=names,
-                       rows=tuple(rows))
-
-
-def standing(board: Leaderboard, model_id: str) -> LeaderboardUpdated:
-    """What the board says of one model, as the bounded event that announces its change."""
-    row = next(row for row in board.rows if row.model_id == model_id)
-    return LeaderboardUpdated(benchmark_id=board.benchmark_id, primary_metric=board.primary_metric,
-                              models=len(board.rows), model_id=row.model_id, rank=row.rank, pooled=row.pooled,
-                              case_count=row.case_count, sites=row.sites)

@@ -1,4 +1,4 @@
-"""The leaderboard on the bus: learns actors, benchmarks and jobs from events, records signed results, answers queries."""
+"""The leaderboard on the bus: learns actors and benchmarks from events, records signed results, answers queries."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ from contracts.messages import (
     SiteResult,
 )
 from leaderboard import domain
-from leaderboard.store import Store
-from service_kit.actors import remember_actor
-from service_kit.edge import Delivery, NotYetKnown
+from leaderboard.board import aggregate
+from leaderboard.sharing import NOBODY, Asker, announcement, view
+from leaderboard.store import Store, score_of
+from service_kit.actors import authenticate, remember_actor
+from service_kit.edge import Delivery, NotYetKnown, Refused, outside_window
 from service_kit.trust import Trust
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
@@ -98,10 +100,9 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
     if not verdict.ok:
         return reject(uow, result, verdict.reason)
     await store.record(result)
-    uow.emit(ResultAccepted(job_id=site_result.job_id, site_id=site_result.site_id, binding=site_result.binding,
-                            metrics=dict(site_result.metrics)))
-    board = domain.aggregate(benchmark, await store.scores(benchmark.benchmark_id))
-    uow.emit(domain.standing(board, site_result.binding.model_id))
+    uow.emit(ResultAccepted(job_id=site_result.job_id, site_id=site_result.site_id, binding=site_result.binding))
+    board = aggregate(benchmark, [score_of(row) for row in await store.results(benchmark.benchmark_id)])
+    uow.emit(announcement(board, benchmark, site_result.binding.model_id))
 
 
 async def release(store: Store, uow: Transaction, waiting_for: str, trust: Trust) -> None:
@@ -118,12 +119,24 @@ def reject(uow: Transaction, result: Envelope[SiteResult], reason: str) -> None:
 
 
 async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork) -> Leaderboard:
-    """The current board of a benchmark: empty rows until a result is accepted; NotYetKnown for an unknown one."""
+    """The board of a benchmark as much as the asker may see of it (by its signature; unsigned: the public view):
+    empty rows until a result is accepted; NotYetKnown for an unknown benchmark."""
     store = Store(uow.session)
-    benchmark = await store.benchmark(query.data.benchmark_id)
+    benchmark_id = query.data.benchmark_id
+    benchmark = await store.benchmark(benchmark_id)
     if benchmark is None:
-        raise NotYetKnown(f"benchmark {query.data.benchmark_id} is not known to the leaderboard (yet)")
-    return domain.aggregate(benchmark, await store.scores(benchmark.benchmark_id))
+        raise NotYetKnown(f"benchmark {benchmark_id} is not known to the leaderboard (yet)")
+    asker = NOBODY
+    if query.signature is not None:  # a signed query is held to a command's window: a captured one ages out
+        if late := outside_window(query, utcnow()):
+            raise Refused(late)
+        actor = await authenticate(uow.session, query)
+        asker = Asker(actor.actor_id, actor.role)
+    rows = await store.results(benchmark_id)
+    board = aggregate(benchmark, [score_of(row) for row in rows])
+    return view(board, benchmark, owner_id=await store.owner(benchmark_id) or "", asker=asker,
+                model_owners={row.model_id: row.model_owner for row in rows},
+                site_order=[row.site_id for row in rows])
 
 
 WIRING = Wiring(

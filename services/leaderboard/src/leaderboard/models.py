@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, Column, LargeBinary
 from sqlmodel import Field, SQLModel
 
 from contracts.envelope import utcnow
@@ -40,12 +40,18 @@ class AcceptedResult(SQLModel, table=True):
     model_id: str = Field(max_length=64)
     dataset_id: str = Field(max_length=64)
     site_id: str = Field(max_length=64)
+    model_owner: str | None = Field(default=None, max_length=64)
     metrics: dict[str, float] = Field(sa_column=Column(JSON, nullable=False))
     case_count: int
     metrics_hash: str = Field(max_length=80)
     worker_id: str = Field(max_length=200)
     finished_at: datetime
-    accepted_at: datetime = Field(default_factory=utcnow)
+    accepted_at: datetime = Field(default_factory=utcnow, index=True)
+    # the site's Evidence: its aggregates as JSON, its replicates as float64 rows (one per metric, in `replicated`
+    # order), which a board of thousands of results reads back in milliseconds
+    aggregates: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    replicated: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    replicates: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
 TABLES = [KnownBenchmark.__table__, ParkedResult.__table__, AcceptedResult.__table__]  # type: ignore[attr-defined]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import numpy as np
 from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts.envelope import Envelope
-from contracts.messages import BenchmarkRegistered, BenchmarkSpec, SiteResult
-from leaderboard.domain import Score, Signer
+from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Histograms, SiteResult
+from leaderboard.board import Score
+from leaderboard.domain import Signer
 from leaderboard.models import AcceptedResult, KnownBenchmark, ParkedResult
 from service_kit.actors import KnownActor
 from service_kit.inbox import digest
@@ -26,6 +28,10 @@ class Store:
         if await self.session.get(KnownBenchmark, spec.benchmark_id) is None:
             self.session.add(KnownBenchmark(benchmark_id=spec.benchmark_id, owner_id=event.owner_id,
                                             spec=spec.model_dump(mode="json")))
+
+    async def owner(self, benchmark_id: str) -> str | None:
+        row = await self.session.get(KnownBenchmark, benchmark_id)
+        return None if row is None else row.owner_id
 
     async def benchmark(self, benchmark_id: str, *, lock: bool = False) -> BenchmarkSpec | None:
         """`lock`: hold the row until commit, so replicas re-rank one benchmark one result at a time."""
@@ -72,18 +78,36 @@ class Store:
 
     async def record(self, envelope: Envelope[SiteResult]) -> None:
         result, bound = envelope.data, envelope.data.binding
+        evidence = result.evidence
+        replicated = sorted(evidence.replicates) if evidence else []
         self.session.add(AcceptedResult(
             job_id=result.job_id, message_id=envelope.id, benchmark_id=bound.benchmark_id,
             model_id=bound.model_id, dataset_id=bound.dataset_id, site_id=result.site_id,
+            model_owner=result.job.data.model_owner,
             metrics=dict(result.metrics), case_count=bound.case_count, metrics_hash=result.metrics_hash,
             worker_id=result.worker_id, finished_at=result.finished_at,
+            aggregates=evidence.model_dump(mode="json", exclude={"replicates"}) if evidence else {},
+            replicated=replicated,
+            replicates=np.array([evidence.replicates[name] for name in replicated], dtype=np.float64).tobytes()
+            if evidence and replicated else None,
         ))
         await self.session.flush()  # a racing replica's row for the same job fails here, and this message is retried
 
-    async def scores(self, benchmark_id: str) -> list[Score]:
-        rows = (await self.session.exec(
+    async def results(self, benchmark_id: str) -> list[AcceptedResult]:
+        """The benchmark's accepted results in the order they were accepted."""
+        return list((await self.session.exec(
             select(AcceptedResult).where(AcceptedResult.benchmark_id == benchmark_id)
-            .order_by(col(AcceptedResult.job_id))
-        )).all()
-        return [Score(model_id=row.model_id, site_id=row.site_id, metrics=row.metrics, case_count=row.case_count)
-                for row in rows]
+            .order_by(col(AcceptedResult.accepted_at), col(AcceptedResult.job_id))
+        )).all())
+
+
+def score_of(row: AcceptedResult) -> Score:
+    aggregates = row.aggregates or {}
+    replicates: dict[str, np.ndarray] = {}
+    if row.replicates is not None and row.replicated:
+        rows = np.frombuffer(row.replicates, dtype=np.float64).reshape(len(row.replicated), -1)
+        replicates = dict(zip(row.replicated, rows, strict=True))
+    confusion, histograms = aggregates.get("confusion"), aggregates.get("histograms")
+    return Score(model_id=row.model_id, site_id=row.site_id, metrics=row.metrics, case_count=row.case_count,
+                 replicates=replicates, confusion=Confusion.model_validate(confusion) if confusion else None,
+                 histograms=Histograms.model_validate(histograms) if histograms else None)

@@ -51,7 +51,7 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
                                  dataset_hash=ds.content_hash, case_count=ds.case_count)
             jobs.append(JobSpec(job_id=jid, site_id=ds.site_id, binding=binding, metrics=benchmark.metrics,
                                 expires_at=expires_at, model_owner=(owners or {}).get(model_id),
-                                limits=benchmark.limits, predictions=benchmark.predictions,
+                                limits=benchmark.limits, predictions=benchmark.predictions, pooling=benchmark.pooling,
                                 keys={digest: sealed} if private and sealed else {},
                                 archives={image: pushed[image] for image in (digest, benchmark.evaluator.digest)
                                           if image in pushed}))
