@@ -72,13 +72,14 @@ async def test_the_leaderboard_prints_as_json_and_refusals_say_why(nats_url: str
         await next_events(nats_url, "assay.v1.evt.result.accepted", 1)
         (tmp_path / "platform.json").write_text(json.dumps({"nats_url": nats_url}))
 
-        shown = await asyncio.to_thread(assay, tmp_path, "leaderboard", "show", "bench", "--json")
+        shown = await asyncio.to_thread(assay, tmp_path, "leaderboard", "show", "bench", "--json", "--as", "owner")
         assert shown.returncode == 0, shown.stderr
         board = m.Leaderboard.model_validate_json(shown.stdout)
-        assert board.rows[0].site_values == {"site-a": {"auc": 0.8, "sensitivity": 0.6}}
+        assert board.rows[0].site_values == {"site-a": {"auc": 0.8, "sensitivity": 0.6}} and board.view == "full"
 
-        table = await asyncio.to_thread(assay, tmp_path, "leaderboard", "show", "bench")
-        assert "model-1" in table.stdout and "0.800" in table.stdout
+        table = await asyncio.to_thread(assay, tmp_path, "leaderboard", "show", "bench")  # what anyone may see
+        assert "model-1" in table.stdout and "0.800" in table.stdout and "site-a" not in table.stdout
+        assert "view: public" in table.stdout
 
         refused = await asyncio.to_thread(assay, tmp_path, "benchmark", "approve", "bench", "--as", "vendor")
         assert refused.returncode == 1

@@ -12,6 +12,7 @@ from contracts import subjects
 from contracts.catalog import SERVICES
 
 ADMIN, CLI = "supervisor", "cli"  # the supervisor provisions the streams and watches readiness; the CLI commands
+AUDITOR = "auditor"  # `assay verify`: reads the history and the results, and asks for the board; changes nothing
 
 
 def consuming(stream: str, durable: str | None = None) -> list[str]:
@@ -48,6 +49,17 @@ WRITE_IMAGES = [f"$O.{subjects.IMAGES_BUCKET}.>", "$JS.API.STREAM.NAMES", f"$JS.
                 f"$JS.API.STREAM.PURGE.{IMAGES_STREAM}"]
 
 
+def reading(stream: str) -> list[str]:
+    """The JetStream API a reader of a whole stream uses: its info, and a consumer of its own that acks nothing."""
+    return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>"]
+
+
+# the auditor reads the event history and the sites' results, and asks the leaderboard for the board
+AUDIT = [*reading(subjects.EVENTS_STREAM), *reading(subjects.RESULTS_STREAM), "$JS.API.STREAM.NAMES",
+         subjects.cmd("leaderboard", "show")]
+
+
 HEARTBEATS = f"KV_{subjects.SITES_BUCKET}"
 
 
@@ -77,7 +89,7 @@ class Access:
 
     @classmethod
     def new(cls, sites: list[str]) -> Access:
-        users = [ADMIN, CLI, *SERVICES, *(f"site-{site}" for site in sites)]
+        users = [ADMIN, CLI, AUDITOR, *SERVICES, *(f"site-{site}" for site in sites)]
         return cls({user: secrets.token_urlsafe(24) for user in users})
 
     def url(self, user: str, hostport: str) -> str:
@@ -89,6 +101,8 @@ class Access:
         if user == CLI:
             return {"publish": ["assay.v1.cmd.>", *WRITE_IMAGES, *READ_IMAGES, *READ_HEARTBEATS],
                     "subscribe": [f"_INBOX.{CLI}.>", subjects.EVENTS_ALL]}
+        if user == AUDITOR:
+            return {"publish": AUDIT, "subscribe": [f"_INBOX.{AUDITOR}.>"]}
         if user in SERVICES:
             return service_permissions(user)
         return site_permissions(user.removeprefix("site-"))

@@ -307,17 +307,60 @@ def dataset_register(dataset_id: str, actor: As) -> None:
     _send(m.RegisterDataset.model_validate_json(path.read_text()), actor)
 
 
-@leaderboard_app.command("show")
-def leaderboard_show(benchmark_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """The leaderboard: per-site and pooled values for every model."""
-    from assay.tables import leaderboard_table
+Asker = Annotated[str | None, typer.Option("--as", help="who asks (signs the query): the board shows what this "
+                                                         "actor may see; without it, what is public")]
 
-    reply = _send(m.ShowLeaderboard(benchmark_id=benchmark_id), None)
-    board = m.Leaderboard.model_validate(reply)
+
+def _board(benchmark_id: str, actor: str | None) -> m.Leaderboard:
+    return m.Leaderboard.model_validate(_send(m.ShowLeaderboard(benchmark_id=benchmark_id), actor))
+
+
+@leaderboard_app.command("show")
+def leaderboard_show(benchmark_id: str, actor: Asker = None,
+                     as_json: Annotated[bool, typer.Option("--json", help="the board as JSON")] = False,
+                     as_csv: Annotated[bool, typer.Option("--csv", help="one line per model, site and metric")] = False,
+                     ) -> None:
+    """The leaderboard: pooled values with 95% intervals, shared ranks, rank probabilities, per-site values."""
+    from assay.tables import leaderboard_csv, leaderboard_table
+
+    board = _board(benchmark_id, actor)
     if as_json:
         print(board.model_dump_json(indent=2))
+    elif as_csv:
+        print(leaderboard_csv(board), end="")
     else:
         console.print(leaderboard_table(board))
+
+
+@leaderboard_app.command("plot")
+def leaderboard_plot(benchmark_id: str, out: Annotated[Path, typer.Option("-o", "--out", help="the PNG to write")],
+                     actor: Asker = None) -> None:
+    """A forest plot of each model's pooled value and interval with its per-site values, and a rank-probability heat
+    map, in one PNG."""
+    from assay.board_plot import plot_board
+
+    try:
+        written = plot_board(_board(benchmark_id, actor), out)
+    except ValueError as exc:
+        say_error(str(exc))
+        raise typer.Exit(1) from exc
+    console.print(f"[green]ok[/green] wrote {written}: the forest plot of the pooled values and the rank heat map")
+
+
+@app.command("verify")
+def verify_board(benchmark_id: str, actor: Annotated[str, typer.Option(
+                     "--as", help="an auditor, or the benchmark's owner: who asks the service for the whole board")],
+                 service_keys: Annotated[Path | None, typer.Option(
+                     help="JSON {service: public key}; by default the keys of this installation")] = None) -> None:
+    """Rebuild the board from the streams alone (signed results, keys, approvals), check every signature and binding
+    again, recompute every figure and name each difference from the leaderboard service's board."""
+    from assay.verify import verified
+
+    home = _home()
+    keys = (json.loads(service_keys.read_text()) if service_keys is not None
+            else {service: home.public_key(service) for service in ("registry", "approval", "scheduling",
+                                                                       "leaderboard")})
+    raise typer.Exit(asyncio.run(verified(home, benchmark_id, actor, keys, console)))
 
 
 @app.command()

@@ -57,7 +57,9 @@ class Home:
     def datasets_file(self, site_id: str) -> Path:
         return self.site_dir(site_id) / "datasets.json"
 
-    def nats_url(self) -> str:
+    def nats_url(self, user: str = "nats") -> str:
+        """The bus as the CLI's user (`nats`), or as another the platform made (`auditor`: read only)."""
         if not self.platform_file.exists():
             raise ConnectionError(f"no platform is running for {self.root}; start one with: assay up")
-        return json.loads(self.platform_file.read_text())["nats_url"]
+        state = json.loads(self.platform_file.read_text())
+        return state.get(f"{user}_url", state["nats_url"])

@@ -28,7 +28,7 @@ from assay.platform import Platform
 from contracts.messages import JobList, JobState, Leaderboard, ListJobs, ShowLeaderboard
 
 BENCHMARK = "breast-cancer-dx"
-OPERATOR, OWNER = "operator", "committee"
+OPERATOR, OWNER, AUDITOR = "operator", "committee", "auditor"
 MODEL_OWNERS = {"reference": "vendor-a", "compact": "vendor-a", "texture": "vendor-b"}
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 REVIEWING = "hospital-a"  # its data owner reviews every result before it leaves; the others release by policy
@@ -81,13 +81,19 @@ def benchmark_spec(images_models_reference: str) -> dict:  # type: ignore[type-a
         "preparator": {"name": "assay-demo/preparator:1"},
         "reference_model": {"name": images_models_reference},
         "evaluator": {"name": "assay-demo/evaluator:1"},
-        "metrics": [{"name": "auc"}, {"name": "sensitivity"}, {"name": "specificity"}],
+        "metrics": [{"name": "auc", "kind": "auc"}, {"name": "sensitivity", "kind": "sensitivity"},
+                    {"name": "specificity", "kind": "specificity"}],
         "primary_metric": "auc",
         "predictions": {"file": "predictions.csv", "columns": ["case_id", "score"]},
+        # each site sends 1000 paired bootstrap replicates of every metric, its confusion counts at 0.5 and its
+        # score histograms on 10 bins, each cell 0 or at least 3 cases (else it withholds that aggregate)
+        "pooling": {"replicates": 1000, "threshold": 0.5, "confusion": True, "bins": 10, "min_count": 3},
+        # model owners see their own rows with the sites' values under pseudonyms; anyone the pooled values
+        "sharing": {"min_cases": 100, "pseudonyms": True, "public": "pooled"},
     }
 
 
-async def wait_for_results(nats_url: str, expected: int, console: Console, *, held: int = 0,
+async def wait_for_results(home: Home, expected: int, console: Console, *, held: int = 0,
                            timeout_s: float = 900) -> Leaderboard:
     """Until `expected` jobs have their result on the board or, `held` of them, waiting for review at a site."""
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -97,8 +103,9 @@ async def wait_for_results(nats_url: str, expected: int, console: Console, *, he
         task = progress.add_task(f"site jobs: {what}", total=expected)
         deadline = time.monotonic() + timeout_s
         while True:
-            board = Leaderboard.model_validate(
-                await request(nats_url, ShowLeaderboard(benchmark_id=BENCHMARK), actor="demo"))
+            nats_url = home.nats_url()
+            board = Leaderboard.model_validate(await request(  # as the committee: its view has every site
+                nats_url, ShowLeaderboard(benchmark_id=BENCHMARK), actor=OWNER, key=home.key(OWNER)))
             done = sum(len(row.site_values) for row in board.rows)
             if held:
                 jobs = JobList.model_validate(await request(nats_url, ListJobs(benchmark_id=BENCHMARK,
@@ -137,16 +144,23 @@ def run_demo(base: Home, console: Console, *, keep: bool = False,
             step(console, home)
         console.rule("[bold]8. Jobs run at the sites; signed results leave by each site's policy")
         total = len(MODEL_OWNERS) * len(SITES)
-        asyncio.run(wait_for_results(platform.nats_url, total, console, held=len(MODEL_OWNERS)))
+        asyncio.run(wait_for_results(home, total, console, held=len(MODEL_OWNERS)))
         assay(console, home, "job", "list", "--benchmark", BENCHMARK)
         console.rule(f"[bold]9. {REVIEWING}'s data owner reviews what would leave, and releases it")
         review(console, home)
-        board = asyncio.run(wait_for_results(platform.nats_url, total, console))
-        assay(console, home, "leaderboard", "show", BENCHMARK)
+        board = asyncio.run(wait_for_results(home, total, console))
+        console.rule("[bold]10. The board: pooled values with 95% intervals, shared ranks, what each role sees")
+        assay(console, home, "leaderboard", "show", BENCHMARK, "--as", OWNER)
+        assay(console, home, "leaderboard", "show", BENCHMARK, "--as", MODEL_OWNERS["texture"])
+        plot = home.root / "board.png"
+        assay(console, home, "leaderboard", "plot", BENCHMARK, "--as", OWNER, "-o", str(plot))
+        console.rule("[bold]11. Anyone with read access checks it: the board rebuilt from the signed streams")
+        assay(console, home, "verify", BENCHMARK, "--as", AUDITOR)
         assay(console, home, "audit", "verify", "--site", REVIEWING)
         if on_board is not None:
             on_board(board)
         console.print(f"Models: {', '.join(f'{k} {v[:19]}' for k, v in images.models.items())}")
+        console.print(f"The forest plot and the rank heat map: [bold]{plot}[/bold]")
         if keep:
             console.print(f"[green]The platform keeps running[/green] (ASSAY_HOME={home.root}). Ctrl-C stops it.")
             platform.wait()
@@ -159,7 +173,7 @@ def run_demo(base: Home, console: Console, *, keep: bool = False,
 
 
 def make_keys(console: Console, home: Home) -> None:
-    for name in (OPERATOR, OWNER, *sorted(set(MODEL_OWNERS.values())), *SITES):
+    for name in (OPERATOR, OWNER, AUDITOR, *sorted(set(MODEL_OWNERS.values())), *SITES):
         assay(console, home, "keys", "new", name)
     for site in SITES:
         policy = home.root / "policies" / f"{site}.toml"
@@ -175,6 +189,7 @@ def review(console: Console, home: Home) -> None:
 
 def enrol_actors(console: Console, home: Home) -> None:
     assay(console, home, "actor", "register", OWNER, "--role", "benchmark_owner", "--as", OPERATOR)
+    assay(console, home, "actor", "register", AUDITOR, "--role", "auditor", "--as", OPERATOR)
     for owner in sorted(set(MODEL_OWNERS.values())):
         assay(console, home, "actor", "register", owner, "--role", "model_owner", "--as", OPERATOR)
     for site in SITES:
