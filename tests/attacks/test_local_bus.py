@@ -80,11 +80,14 @@ def test_each_process_of_assay_up_may_do_only_what_it_does(platform: Path) -> No
         for user, subject in (("cli", subjects.evt("association", "approved")), ("cli", subjects.jobs("hospital-a")),
                               ("site-hospital-a", subjects.evt("benchmark", "approved")),
                               ("site-hospital-a", subjects.results("hospital-b")),
-                              ("registry", subjects.jobs("hospital-a")), ("approval", subjects.results("hospital-a"))):
+                              ("registry", subjects.jobs("hospital-a")), ("approval", subjects.results("hospital-a")),
+                              ("auditor", subjects.evt("result", "accepted")), ("auditor", subjects.results("x")),
+                              ("auditor", subjects.cmd("registry", "register_actor")),
+                              ("auditor", "$JS.API.CONSUMER.CREATE.JOBS")):
             said = await violation(users[user], subject)
             assert f'permissions violation for publish to "{subject}"'.lower() in said.lower(), (user, subject, said)
         for user, subject in (("site-hospital-a", "_INBOX.cli.>"), ("site-hospital-a", "_INBOX.>"),
-                              ("registry", subjects.cmd("approval", ">"))):
+                              ("registry", subjects.cmd("approval", ">")), ("auditor", "_INBOX.cli.>")):
             said = await violation(users[user], subject, subscribe=True)
             assert f'permissions violation for subscription to "{subject}"'.lower() in said.lower(), (user, subject)
 

@@ -130,11 +130,12 @@ class Federation:
                                         display_name=name), "operator")
 
     async def benchmark(self, benchmark_id: str = "bench", **changes: Any) -> m.BenchmarkSpec:
+        fields: dict[str, Any] = {"metrics": (m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity")), **changes}
         spec = m.BenchmarkSpec(
             benchmark_id=benchmark_id, name="test benchmark",
             preparator=m.ImageRef(digest=PREPARATOR, name="prep"),
             reference_model=m.ImageRef(digest=MODEL, name="ref"), evaluator=m.ImageRef(digest=EVALUATOR, name="ev"),
-            metrics=(m.MetricSpec(name="auc"), m.MetricSpec(name="sensitivity")), primary_metric="auc", **changes)
+            primary_metric="auc", **fields)
         await self.enrol("owner", m.Role.BENCHMARK_OWNER)
         await self.send(m.RegisterBenchmark(benchmark=spec), "owner")
         await self.send(m.ApproveBenchmark(benchmark_id=benchmark_id), "operator")
