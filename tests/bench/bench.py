@@ -1,4 +1,5 @@
-"""`just bench`: jobs through the real platform against raw JetStream, and the sandbox against bare `docker run`.
+"""`just bench`: jobs through the real platform against raw JetStream, the sandbox against bare `docker run`, and the
+board at committee scale against the same board without replicates.
 
 Run as `.venv/bin/python tests/bench/bench.py`; writes bench-results/bench.json and BENCHMARKS.md at the
 repository root. Speeds are ratios to a baseline measured in the same run; every figure is a median.
@@ -40,6 +41,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repetitions", type=int, default=7, help="container repetitions per variant (default 7)")
     p.add_argument("--skip-flow", action="store_true", help="skip (a), the platform flow")
     p.add_argument("--skip-containers", action="store_true", help="skip (b), the container overhead")
+    p.add_argument("--skip-board", action="store_true", help="skip (c), the board at committee scale")
     p.add_argument("--keep", action="store_true", help="keep the platform's home folder (logs, databases)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -87,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
         console.rule("[bold](b) sandboxed execution vs bare docker run")
         results["containers"] = measure(args.repetitions, lambda s: console.print(f"  [dim]·[/dim] {s}"))
+    if not args.skip_board:
+        from bench_board import measure as measure_board
+
+        console.rule("[bold](c) the board: 50 models x 32 sites x 1000 replicates")
+        results["board"] = measure_board(say=lambda s: console.print(f"  [dim]·[/dim] {s}"))
     results["wall_s"] = round(time.perf_counter() - started, 1)
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     args.out.parent.mkdir(parents=True, exist_ok=True)

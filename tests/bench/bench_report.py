@@ -79,6 +79,20 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("(b) the same against docker SDK containers.run", _ms(med["execute"]),
              f"2x containers.run {_ms(med['docker_sdk'])}", f"{c['ratio_execute_to_sdk']:.2f}"),
         ]
+    b = r.get("board")
+    if b:
+        size = f"{b['models']} models x {b['sites']} sites x {b['replicates']} replicates"
+        out += [
+            (f"(c) the whole board from scratch, {size}", _ms(b["full_s"]),
+             f"without replicates {_ms(b['bare_s'])}", f"{b['ratio_full_to_bare']:.1f}"),
+            ("(c) the board again after one new result (in memory)", _ms(b["incremental_s"]),
+             f"from scratch {_ms(b['full_s'])}", f"{b['incremental_s'] / b['full_s']:.2f}"),
+            ("(c) one new result recorded and the board made again, SQLite", _ms(b["stored_new_result_s"]),
+             f"first board from SQLite {_ms(b['stored_cold_s'])}",
+             f"{b['stored_new_result_s'] / b['stored_cold_s']:.2f}"),
+            ("(c) a signed result on the bus, with its evidence", f"{b['result_bytes'] / 1024:.1f} KiB",
+             f"without {b['bare_result_bytes'] / 1024:.1f} KiB", f"{b['result_bytes'] / b['bare_result_bytes']:.1f}"),
+        ]
     return out
 
 
@@ -143,6 +157,14 @@ non-root user, all capabilities dropped, limits, bind mounts), against the same 
 `containers.run(..., remove=True)`. The image is built FROM `assay/python-base:bookworm`; its entrypoint writes
 minimal valid outputs. {repetitions} repetitions each after one warm-up, interleaved with a rotating order; the
 ratio is of the medians.
+
+**(c) The board at committee scale.** `tests/bench/bench_board.py` builds a benchmark of 50 models x 32 sites, each
+result with 1000 replicates of three metrics, confusion counts and 100-bin score histograms (synthetic, seeded), and
+times `leaderboard.board.aggregate` over all 1600 results (targets: 2 s or less), the board made again by
+`leaderboard.current.Boards` after one new result (target: 0.2 s or less), and the service's own path on SQLite
+(`Store` + `current`, as `record_result` does it): the first board from the database, and one new result recorded
+and the board made again. Baseline: the same 1600 results without replicates or aggregates. It also reports the
+bytes of one signed `SiteResult` envelope with its evidence against one without. Medians of 5.
 
 ## Reproduce
 

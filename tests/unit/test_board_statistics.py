@@ -21,7 +21,7 @@ from contracts.messages import (
     Sharing,
 )
 from contracts.statistics import bin_of, disagreement, histogram_auc
-from leaderboard.board import Score, aggregate, kendall_tau, pool, rank_distribution, shared_ranks
+from leaderboard.board import Score, aggregate, kendall_tau, pool, rank_distribution, shared_ranks, with_intervals
 from leaderboard.sharing import NOBODY, Asker, announcement, view
 
 SENSITIVITY = MetricSpec(name="sensitivity", kind=MetricKind.SENSITIVITY)
@@ -107,7 +107,8 @@ def test_the_pooled_interval_is_the_percentile_interval_of_the_replicates_pooled
     by_hand = (reps["a"] * 19 + reps["b"] * 85) / 104  # replicate r: the resampled sites' true positives over positives
     assert np.allclose(pooled.replicates, by_hand)
     low, high = np.percentile(by_hand, [2.5, 97.5])
-    assert (pooled.interval.low, pooled.interval.high) == pytest.approx((low, high))
+    interval = with_intervals({("", "sensitivity"): pooled})[("", "sensitivity")].interval
+    assert (interval.low, interval.high) == pytest.approx((low, high))
 
 
 def test_models_whose_intervals_overlap_share_a_rank_and_one_beaten_beyond_doubt_ranks_below_both():
@@ -241,3 +242,29 @@ def test_evidence_that_disagrees_with_its_metrics_is_named():
     assert "fewer than 2" in disagreement(small, {"sensitivity": 0.8, "auc": 0.9}, specs, strict, 100)
     assert "asks for ['auc', 'sensitivity']" in disagreement(Evidence(), {"sensitivity": 0.8, "auc": 0.9}, specs,
                                                               POOLING, 100)
+
+
+async def test_a_board_made_again_pools_only_the_models_whose_results_changed():
+    from leaderboard.current import Boards
+
+    bench = benchmark(AUC)
+    scores = [replicated("m1", "a", 0.9, 0.01, 1), replicated("m2", "a", 0.7, 0.01, 2)]
+    loaded: list[list[str]] = []
+
+    async def load(models):
+        loaded.append(sorted(models))
+        return [s for s in scores if s.model_id in models]
+
+    boards = Boards()
+    listing = [("m1", "job-1", "0.9"), ("m2", "job-2", "0.7")]
+    first = await boards.board(bench, listing, load)
+    again = await boards.board(bench, listing, load)
+    assert first == again == aggregate(bench, scores)
+    scores.append(replicated("m2", "b", 0.5, 0.01, 3))
+    third = await boards.board(bench, [*listing, ("m2", "job-3", "0.5")], load)
+    scores[0] = Score(**{**scores[0].__dict__, "metrics": {"auc": 0.1}})  # a row changed in the database
+    fourth = await boards.board(bench, [("m1", "job-1", "0.1"), *listing[1:], ("m2", "job-3", "0.5")], load)
+
+    assert loaded == [["m1", "m2"], ["m2"], ["m1"]]
+    assert third.rows[1].sites == 2
+    assert fourth == aggregate(bench, scores) and fourth.rows[0].pooled == {"auc": 0.1}

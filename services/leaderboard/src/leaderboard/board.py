@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -59,13 +59,19 @@ class Pooled:
     method: str
     replicates: np.ndarray | None = None
     bin_error: float | None = None
+    interval: Interval | None = None  # of the replicates: `with_intervals` computes them for many at once
 
-    @property
-    def interval(self) -> Interval | None:
-        if self.replicates is None:
-            return None
-        low, high = np.percentile(self.replicates, [(100 - LEVEL) / 2, (100 + LEVEL) / 2])
-        return Interval(low=float(low), high=float(high))
+
+def with_intervals(pools: Mapping[tuple[str, str], Pooled]) -> dict[tuple[str, str], Pooled]:
+    """`pools` with the percentile interval of each one's replicates, in one numpy call (thousands per board)."""
+    keys = [key for key, p in pools.items() if p.replicates is not None]
+    done = dict(pools)
+    if keys:
+        bounds = np.percentile(np.stack([pools[k].replicates for k in keys]),  # type: ignore[misc]
+                               [(100 - LEVEL) / 2, (100 + LEVEL) / 2], axis=1)
+        for key, low, high in zip(keys, bounds[0], bounds[1], strict=True):
+            done[key] = replace(pools[key], interval=Interval(low=float(low), high=float(high)))
+    return done
 
 
 def _weighted(parts: Sequence[Score], name: str, weights: Sequence[float], value: float, method: str,
@@ -88,14 +94,14 @@ def _case_weighted(parts: Sequence[Score], name: str, method: str) -> Pooled:
 def pool(spec: MetricSpec, parts: Sequence[Score]) -> Pooled:
     """One metric over `parts` (see the module)."""
     name, kind = spec.name, spec.kind
+    if len(parts) == 1:  # one result (a site's, most often): its value is exact, its replicates its own
+        return Pooled(parts[0].metrics[name], "exact: one site's own value", parts[0].replicates.get(name))
     if kind in CONFUSION_KINDS and all(part.confusion is not None for part in parts):
         counts = [part.confusion for part in parts]
         weights = [denominator(kind, c) for c in counts]  # type: ignore[arg-type]
         value = from_confusion(kind, add_confusion(counts))  # type: ignore[arg-type]
         if value is not None:
             return _weighted(parts, name, weights, value, "exact: pooled confusion counts")
-    if kind is MetricKind.AUC and len(parts) == 1:
-        return _weighted(parts, name, [1.0], parts[0].metrics[name], "exact: the one site's AUC")
     if kind is MetricKind.AUC and all(part.histograms is not None for part in parts):
         summed = histogram_auc(add_histograms(part.histograms for part in parts))  # type: ignore[misc]
         if summed is not None:
@@ -169,17 +175,20 @@ def model_board(model_id: str, scores: Sequence[Score], specs: Sequence[MetricSp
     by_site: dict[str, list[Score]] = defaultdict(list)
     for score in scores:
         by_site[score.site_id].append(score)
+    pools = {("", spec.name): pool(spec, scores) for spec in specs}
+    pools |= {(site, spec.name): pool(spec, parts) for site, parts in sorted(by_site.items()) for spec in specs}
+    pools = with_intervals(pools)
     return ModelBoard(
-        model_id=model_id, pooled={spec.name: pool(spec, scores) for spec in specs},
-        sites={site: {spec.name: pool(spec, parts) for spec in specs} for site, parts in sorted(by_site.items())},
+        model_id=model_id, pooled={spec.name: pools[("", spec.name)] for spec in specs},
+        sites={site: {spec.name: pools[(site, spec.name)] for spec in specs} for site in sorted(by_site)},
         site_cases={site: sum(p.case_count for p in parts) for site, parts in sorted(by_site.items())},
         case_count=sum(score.case_count for score in scores))
 
 
 def _row(model: ModelBoard, specs: Sequence[MetricSpec], rank: int, shared: bool,
          probabilities: Sequence[float]) -> LeaderboardRow:
-    intervals = {name: p.interval for name, p in model.pooled.items() if p.replicates is not None}
-    site_intervals = {site: {name: p.interval for name, p in values.items() if p.replicates is not None}
+    intervals = {name: p.interval for name, p in model.pooled.items() if p.interval is not None}
+    site_intervals = {site: {name: p.interval for name, p in values.items() if p.interval is not None}
                       for site, values in model.sites.items()}
     mean_of_sites, worst = {}, {}
     for spec in specs:
@@ -202,12 +211,16 @@ def _row(model: ModelBoard, specs: Sequence[MetricSpec], rank: int, shared: bool
 
 def aggregate(benchmark: BenchmarkSpec, scores: Iterable[Score]) -> Leaderboard:
     """The whole board of `benchmark` (every row, every site, real names): what the sharing policy then narrows."""
-    specs = benchmark.metrics
-    primary = next(spec for spec in specs if spec.name == benchmark.primary_metric)
     by_model: dict[str, list[Score]] = defaultdict(list)
     for score in scores:
         by_model[score.model_id].append(score)
-    models = [model_board(model, by_model[model], specs) for model in sorted(by_model)]
+    return rank(benchmark, [model_board(model, by_model[model], benchmark.metrics) for model in sorted(by_model)])
+
+
+def rank(benchmark: BenchmarkSpec, models: Sequence[ModelBoard]) -> Leaderboard:
+    """The board of models already pooled: ranked, with their rank distribution and the ranking's stability."""
+    specs = benchmark.metrics
+    primary = next(spec for spec in specs if spec.name == benchmark.primary_metric)
     headline = [model.pooled[primary.name] for model in models]
     values = [p.value for p in headline]
     ranks = shared_ranks(values, [p.interval for p in headline], primary.higher_is_better)

@@ -14,6 +14,7 @@ from contracts.envelope import Envelope, utcnow
 from contracts.messages import (
     ActorRegistered,
     BenchmarkRegistered,
+    BenchmarkSpec,
     Leaderboard,
     LeaderboardUpdated,
     ResultAccepted,
@@ -22,9 +23,9 @@ from contracts.messages import (
     SiteResult,
 )
 from leaderboard import domain
-from leaderboard.board import aggregate
+from leaderboard.current import Boards
 from leaderboard.sharing import NOBODY, Asker, announcement, view
-from leaderboard.store import Store, score_of
+from leaderboard.store import Listed, Store
 from service_kit.actors import authenticate, remember_actor
 from service_kit.edge import Delivery, NotYetKnown, Refused, outside_window
 from service_kit.trust import Trust
@@ -43,23 +44,34 @@ class ParkingTerms:
 
 Parking = Annotated[ParkingTerms, Context("parking")]
 Trusted = Annotated[Trust, Context("trust")]  # every service's public key; the scheduler's signs the jobs
+Made = Annotated[Boards, Context("boards")]  # the models this process pooled, each pooled again when its results change
 
 
-async def learn_actor(registered: Envelope[ActorRegistered], uow: UnitOfWork, trust: Trusted) -> None:
+async def current(store: Store, benchmark: BenchmarkSpec, boards: Boards) -> tuple[Leaderboard, list[Listed]]:
+    """The whole board of `benchmark` as its accepted results make it now, and their listing."""
+    listing = await store.listing(benchmark.benchmark_id)
+    board = await boards.board(benchmark, [(r.model_id, r.job_id, r.said) for r in listing],
+                               lambda models: store.scores(benchmark.benchmark_id, models))
+    return board, listing
+
+
+async def learn_actor(registered: Envelope[ActorRegistered], uow: UnitOfWork, trust: Trusted,
+                      boards: Made) -> None:
     """Learn a key, and judge the results that waited for it."""
     await remember_actor(uow.session, registered.data)
-    await release(Store(uow.session), uow, f"key {registered.data.key_id}", trust)
+    await release(Store(uow.session), uow, f"key {registered.data.key_id}", trust, boards)
 
 
-async def learn_benchmark(registered: Envelope[BenchmarkRegistered], uow: UnitOfWork, trust: Trusted) -> None:
+async def learn_benchmark(registered: Envelope[BenchmarkRegistered], uow: UnitOfWork, trust: Trusted,
+                          boards: Made) -> None:
     """Learn a benchmark, and judge the results that waited for it."""
     store = Store(uow.session)
     await store.remember_benchmark(registered.data)
-    await release(store, uow, f"benchmark {registered.data.benchmark.benchmark_id}", trust)
+    await release(store, uow, f"benchmark {registered.data.benchmark.benchmark_id}", trust, boards)
 
 
 async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery: Delivery, trust: Trusted,
-                        park: Parking) -> None:
+                        park: Parking, boards: Made) -> None:
     """Verify, then store and re-rank; a result that fails a check is rejected with the reason, never retried.
 
     A result carries the job the scheduler signed, so it never waits for another stream. One answering a genuine job
@@ -67,12 +79,13 @@ async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery:
     (or rejected once it has waited `park.wait`): it never holds the consumer, however many come.
     """
     store = Store(uow.session)
-    await judge(store, uow, result, delivery.subject, trust)
+    await judge(store, uow, result, delivery.subject, trust, boards)
     for stale, _, waited in await store.unpark(parked_before=utcnow() - park.wait):
         reject(uow, stale, f"{waited}: not known here after {park.wait}; not counted (register it, then re-send)")
 
 
-async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], subject: str, trust: Trust) -> None:
+async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], subject: str, trust: Trust,
+                boards: Boards) -> None:
     """Reject at once whatever can be judged now: the job must be the scheduler's (its key is known from the start),
     and a key that is not the registered key of the site the result names is refused. Only a genuine job whose site
     or benchmark this service has not heard of yet waits, parked."""
@@ -101,14 +114,14 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
         return reject(uow, result, verdict.reason)
     await store.record(result)
     uow.emit(ResultAccepted(job_id=site_result.job_id, site_id=site_result.site_id, binding=site_result.binding))
-    board = aggregate(benchmark, [score_of(row) for row in await store.results(benchmark.benchmark_id)])
+    board, _ = await current(store, benchmark, boards)
     uow.emit(announcement(board, benchmark, site_result.binding.model_id))
 
 
-async def release(store: Store, uow: Transaction, waiting_for: str, trust: Trust) -> None:
+async def release(store: Store, uow: Transaction, waiting_for: str, trust: Trust, boards: Boards) -> None:
     await store.hold(waiting_for)
     for parked, subject, _ in await store.unpark(waiting_for=waiting_for):
-        await judge(store, uow, parked, subject, trust)
+        await judge(store, uow, parked, subject, trust, boards)
 
 
 def reject(uow: Transaction, result: Envelope[SiteResult], reason: str) -> None:
@@ -118,7 +131,7 @@ def reject(uow: Transaction, result: Envelope[SiteResult], reason: str) -> None:
                             reason=reason))
 
 
-async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork) -> Leaderboard:
+async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork, boards: Made) -> Leaderboard:
     """The board of a benchmark as much as the asker may see of it (by its signature; unsigned: the public view):
     empty rows until a result is accepted; NotYetKnown for an unknown benchmark."""
     store = Store(uow.session)
@@ -132,11 +145,10 @@ async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork) ->
             raise Refused(late)
         actor = await authenticate(uow.session, query)
         asker = Asker(actor.actor_id, actor.role)
-    rows = await store.results(benchmark_id)
-    board = aggregate(benchmark, [score_of(row) for row in rows])
+    board, listing = await current(store, benchmark, boards)
     return view(board, benchmark, owner_id=await store.owner(benchmark_id) or "", asker=asker,
-                model_owners={row.model_id: row.model_owner for row in rows},
-                site_order=[row.site_id for row in rows])
+                model_owners={row.model_id: row.model_owner for row in listing},
+                site_order=[row.site_id for row in listing])
 
 
 WIRING = Wiring(

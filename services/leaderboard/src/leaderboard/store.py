@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -93,12 +96,33 @@ class Store:
         ))
         await self.session.flush()  # a racing replica's row for the same job fails here, and this message is retried
 
-    async def results(self, benchmark_id: str) -> list[AcceptedResult]:
-        """The benchmark's accepted results in the order they were accepted."""
-        return list((await self.session.exec(
-            select(AcceptedResult).where(AcceptedResult.benchmark_id == benchmark_id)
+    async def listing(self, benchmark_id: str) -> list[Listed]:
+        """What the benchmark's accepted results are, without their replicates, in the order they were accepted."""
+        rows = (await self.session.exec(
+            select(AcceptedResult.model_id, AcceptedResult.job_id, AcceptedResult.site_id, AcceptedResult.model_owner,
+                   AcceptedResult.metrics, AcceptedResult.case_count)
+            .where(AcceptedResult.benchmark_id == benchmark_id)
             .order_by(col(AcceptedResult.accepted_at), col(AcceptedResult.job_id))
-        )).all())
+        )).all()
+        return [Listed(model, job, site, owner, f"{json.dumps(metrics, sort_keys=True)} {cases}")
+                for model, job, site, owner, metrics, cases in rows]
+
+    async def scores(self, benchmark_id: str, models: Sequence[str]) -> list[Score]:
+        """The accepted results of these models in the benchmark, as the board needs them."""
+        rows = (await self.session.exec(
+            select(AcceptedResult).where(AcceptedResult.benchmark_id == benchmark_id,
+                                         col(AcceptedResult.model_id).in_(list(models)))
+        )).all()
+        return [score_of(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Listed:
+    model_id: str
+    job_id: str
+    site_id: str
+    model_owner: str | None
+    said: str  # its metrics and cases: a row changed in the database makes its model pooled again
 
 
 def score_of(row: AcceptedResult) -> Score:
