@@ -213,3 +213,49 @@ def test_output_not_in_the_declared_format_never_reaches_the_evaluator_and_is_re
             Limits())
     evaluate = runner.specs[-1]
     assert sorted(p.name for p in evaluate.source_of("/assay/predictions").iterdir()) == ["predictions.csv"]
+
+
+KINDS = (m.MetricSpec(name="auc", kind=m.MetricKind.AUC), m.MetricSpec(name="sensitivity",
+                                                                       kind=m.MetricKind.SENSITIVITY))
+
+
+def scored_job(digest: str) -> m.JobSpec:
+    return job_for(digest).model_copy(update={"metrics": KINDS, "pooling": m.Pooling(replicates=20, confusion=True,
+                                                                                    bins=4, min_count=1)})
+
+
+def with_cases(metrics: dict[str, float], cases: str):  # type: ignore[no-untyped-def]
+    runner = fake_containers(metrics)
+
+    def evaluate(spec):  # type: ignore[no-untyped-def]
+        out = spec.source_of("/assay/out")
+        (out / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+        (out / "cases.jsonl").write_text(cases)
+
+    runner.on("evaluate", evaluate)
+    return runner
+
+
+CASES = '{"case_id": "c1", "label": 1, "score": 0.9}\n{"case_id": "c2", "label": 0, "score": 0.2}\n'
+
+
+def test_the_site_computes_the_replicates_and_aggregates_the_benchmark_asks_for_from_the_cases(tmp_path: Path):
+    digest = make_dataset(tmp_path / "ds")
+    metrics = execute(scored_job(digest), tmp_path / "ds", with_cases({"auc": 1.0, "sensitivity": 1.0}, CASES),
+                      tmp_path / "work", Limits())
+
+    evidence = metrics.evidence
+    assert evidence is not None and evidence.confusion == m.Confusion(tp=1, fp=0, tn=1, fn=0)
+    assert evidence.histograms == m.Histograms(positive=(0, 0, 0, 1), negative=(1, 0, 0, 0))
+    assert {name: len(values) for name, values in evidence.replicates.items()} == {"auc": 20, "sensitivity": 20}
+
+
+def test_metrics_the_cases_do_not_give_fail_the_job_for_good_without_quoting_a_value(tmp_path: Path):
+    digest = make_dataset(tmp_path / "ds")
+    claimed = {"auc": 0.8123, "sensitivity": 1.0}  # the cases give an AUC of 1
+
+    with pytest.raises(RunFailed) as refused:
+        execute(scored_job(digest), tmp_path / "ds", with_cases(claimed, CASES), tmp_path / "work", Limits())
+
+    assert refused.value.recurs and "auc disagrees with the cases" in str(refused.value)
+    assert "0.8123" not in str(refused.value)
