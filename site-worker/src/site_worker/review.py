@@ -77,6 +77,15 @@ class ReviewError(ValueError):
     """A decision that cannot be taken (an unknown job, one already decided); nothing was changed."""
 
 
+def _modified(path: Path) -> int:
+    """When `path` last changed; 0 when it is not there (SQLite removes its WAL file as the last connection closes,
+    at any moment between two looks)."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
 def _time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
@@ -109,8 +118,7 @@ class Review:
 
     def stamp(self) -> tuple[int, ...]:
         """Changes whenever anything was written (by the worker or the CLI): nothing to look at while it stays."""
-        return tuple(path.stat().st_mtime_ns if path.exists() else 0
-                     for path in (self.path, self.path.with_name(self.path.name + "-wal")))
+        return tuple(_modified(path) for path in (self.path, self.path.with_name(self.path.name + "-wal")))
 
     def keep(self, result: SiteResult, *, kept: dict[str, object], release: bool, by: str) -> Held:
         """Keep a computed result: held for review, or approved at once by the policy (`by` names the rule). A job
