@@ -36,7 +36,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Home:
     return home
 
 
-def hold(home: Home, job_id: str, auc: float) -> None:
+def hold(home: Home, job_id: str, auc: float, evidence: m.Evidence | None = None) -> None:
     binding = m.JobBinding(benchmark_id="bm", model_id="model-1", dataset_id="ds", model_image=DIGEST,
                            evaluator_image=DIGEST, dataset_hash=DIGEST, case_count=40)
     job = m.JobSpec(job_id=job_id, site_id=SITE, binding=binding, metrics=(m.MetricSpec(name="auc"),),
@@ -44,7 +44,8 @@ def hold(home: Home, job_id: str, auc: float) -> None:
     metrics = {"auc": auc}
     result = m.SiteResult(job_id=job_id, site_id=SITE, binding=binding, metrics=metrics,
                           metrics_hash=metrics_hash(metrics), worker_id="worker-1", finished_at=datetime.now(UTC),
-                          job=KeyPair.generate().sign(Envelope.wrap(job, source="service:scheduling", id=job_id)))
+                          job=KeyPair.generate().sign(Envelope.wrap(job, source="service:scheduling", id=job_id)),
+                          evidence=evidence)
     Review(home.site_dir(SITE) / "review.sqlite").keep(result, kept={"undeclared_metrics": ["auc_by_age"]},
                                                        release=False, by="")
 
@@ -65,6 +66,18 @@ def test_pending_shows_what_would_leave_and_what_stays(home: Home) -> None:
 
     assert code == 0 and "1 result(s) held for review" in shown
     assert "auc 0.912" in shown and "40 cases" in shown and "per-case scores, auc_by_age" in shown
+
+
+def test_pending_and_show_name_the_replicates_and_aggregates_that_would_leave_and_what_was_withheld(home: Home):
+    hold(home, "job-aaaa1111", 0.912, m.Evidence(replicates={"auc": (0.9, 0.91, 0.93)},
+                                                 confusion=m.Confusion(tp=10, fp=5, tn=20, fn=5),
+                                                 withheld=("score histograms: a bin holds fewer than 5 cases",)))
+
+    code, shown = run("pending")
+    assert code == 0 and "3 replicates of each of 1 metrics" in shown
+    assert "confusion counts tp 10 fp 5 tn 20 fn 5" in shown and "withheld: score histograms" in shown
+    code, detail = run("show", "job-aaaa")
+    assert code == 0 and '"auc": "3 values in [0.9000, 0.9300]"' in detail and '"tp": 10' in detail
 
 
 def test_approving_several_previews_them_and_asks_and_no_changes_nothing(home: Home) -> None:

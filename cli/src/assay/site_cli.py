@@ -9,13 +9,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from assay.home import Home
+
+if TYPE_CHECKING:
+    from contracts.messages import SiteResult
 
 console = Console()
 err = Console(stderr=True)
@@ -150,8 +153,25 @@ def review_table(title: str, rows: list) -> Table:  # type: ignore[type-arg]
         kept = ", ".join(["per-case scores", *held.kept.get("undeclared_metrics", [])])
         metrics = "\n".join(f"{name} {value:.3f}" for name, value in sorted(held.result.metrics.items()))
         table.add_row(short_id(held.job_id), held.model_id, held.dataset_id,
-                      f"{metrics}\n{held.result.binding.case_count} cases", kept, when(held.held_at))
+                      "\n".join([metrics, f"{held.result.binding.case_count} cases", *evidence_lines(held.result)]),
+                      kept, when(held.held_at))
     return table
+
+
+def evidence_lines(result: SiteResult) -> list[str]:
+    """What leaves besides the values: the replicates and aggregates the site computed, and what it withheld."""
+    evidence = result.evidence
+    if evidence is None:
+        return []
+    lines = []
+    if evidence.replicates:
+        lines.append(f"{len(next(iter(evidence.replicates.values())))} replicates of each of "
+                     f"{len(evidence.replicates)} metrics")
+    if (counts := evidence.confusion) is not None:
+        lines.append(f"confusion counts tp {counts.tp} fp {counts.fp} tn {counts.tn} fn {counts.fn}")
+    if evidence.histograms is not None:
+        lines.append(f"score histograms, {len(evidence.histograms.positive)} bins per class")
+    return lines + [f"withheld: {reason}" for reason in evidence.withheld]
 
 
 @results_app.command("pending")
@@ -192,7 +212,8 @@ def results_show(job_id: str, site: Site) -> None:
     console.print(f"job {job_id}: [bold]{held.state.value}[/bold]{decided}{sent}")
     if held.reason:
         console.print(f"reason given: {held.reason}")
-    console.print("releasing it sends the job as the scheduler signed it, this binding and these metrics:")
+    console.print("releasing it sends the job as the scheduler signed it, this binding, these metrics and what the "
+                  "site computed from the cases (replicates, aggregates):")
     console.print_json(json.dumps({"binding": held.result.binding.model_dump(), **held.leaving,
                                    "worker_id": held.result.worker_id}))
     console.print(f"kept at the site: the per-case scores and predictions in {held.kept.get('folder')}"
