@@ -76,7 +76,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 
 def containers_of(client: docker.DockerClient, worker: str) -> list:
-    return client.containers.list(all=True, filters={"label": f"assay.worker={worker}"})
+    # ignore_removed: a container listed and gone before it is inspected (the runner removes its own) is not an error
+    return client.containers.list(all=True, filters={"label": f"assay.worker={worker}"}, ignore_removed=True)
 
 
 def assert_left_nothing(client: docker.DockerClient, worker: str, site: Site) -> None:

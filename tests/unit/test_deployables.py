@@ -75,3 +75,23 @@ print("unreachable")
 
     assert done.returncode == 0 and "unreachable" not in done.stdout
     assert "a task did not stop after the app shut down; exiting without it" in done.stderr
+
+
+def test_a_process_ends_when_its_app_has_stopped_even_with_a_thread_that_never_ends() -> None:
+    """What kept a scheduler alive after a graceful shutdown: something outside the loop that never returns."""
+    code = """
+import asyncio, threading, time
+from assay import serve
+
+serve.ENDING_S = 1.0
+
+class App:
+    async def run(self):
+        threading.Thread(target=lambda: time.sleep(600), name="stuck").start()  # not a daemon: exit would wait
+
+asyncio.run(serve.serve(App()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert "still running 1 s after the app shut down (threads: stuck); exiting" in done.stderr

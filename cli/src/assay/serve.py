@@ -7,7 +7,11 @@ import importlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Any
+
+ENDING_S = 10.0  # how long a process may take to end once its app has shut down
 
 
 def main(kind: str) -> None:
@@ -25,6 +29,7 @@ async def serve(app: Any) -> None:
     still starting when the stop came can keep a pull loop that spins on the closed connection and swallows every
     cancel (seen with SIGTERM during start-up): the app has shut down gracefully by then, so its process exits."""
     await app.run()
+    exit_unless_ended(ENDING_S)
     others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
     for task in others:
         task.cancel()
@@ -32,6 +37,22 @@ async def serve(app: Any) -> None:
         logging.getLogger("assay.serve").warning("a task did not stop after the app shut down; exiting without it")
         logging.shutdown()
         os._exit(0)
+
+
+def exit_unless_ended(seconds: float) -> None:
+    """End the process `seconds` from now if it has not ended by itself: after the app shut down, what is left
+    (asyncio's executor threads at the end of `asyncio.run`, a library's thread) must not keep it alive, which a
+    supervisor's SIGTERM would then wait on (seen once in the compose test: shut down gracefully, never exited)."""
+    def watchdog() -> None:
+        time.sleep(seconds)
+        alive = sorted(t.name for t in threading.enumerate() if t not in (threading.current_thread(),
+                                                                           threading.main_thread()))
+        logging.getLogger("assay.serve").warning("still running %.0f s after the app shut down (threads: %s); "
+                                                 "exiting", seconds, ", ".join(alive) or "none")
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=watchdog, name="assay-exit-watchdog", daemon=True).start()
 
 
 def build(kind: str) -> Any:
