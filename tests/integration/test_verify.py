@@ -99,3 +99,20 @@ async def test_each_role_sees_what_the_sharing_policy_lets_it(federation: Federa
     assert (anyone.rows, anyone.hidden) == ((), 2)
     updates = await next_events(federation.nats_url, "assay.v1.evt.leaderboard.updated", 4)
     assert all(u["data"]["model_id"] is None and u["data"]["pooled"] == {} for u in updates)
+
+
+async def test_a_revocation_marks_the_board_and_verify_reaches_the_same_board(federation: Federation):
+    reply = await federation.send(m.RevokeAssociation(benchmark_id="bench", kind=m.EntityKind.MODEL,
+                                                      entity_id="model-2", reason="a bug found"), "vendor-2")
+    assert reply["ok"], reply
+    await next_events(federation.nats_url, "assay.v1.evt.association.revoked", 1)
+    rows = {}
+    for _ in range(100):  # the leaderboard learns of it from the event history
+        rows = {row.model_id: row for row in (await federation.board()).rows}
+        if rows["model-2"].marks:
+            break
+        await asyncio.sleep(0.1)
+
+    assert rows["model-2"].marks[0].startswith("model model-2 revoked by vendor-2") and rows["model-1"].marks == ()
+    agreed = await asyncio.to_thread(assay, federation.root, "verify", "bench", "--as", "auditor")
+    assert agreed.returncode == 0, agreed.stdout + agreed.stderr

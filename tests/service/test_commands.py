@@ -58,6 +58,20 @@ CASES = {
     "ApproveAssociation": Case("approval", lambda a: m.ApproveAssociation(
         benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1"), (m.Role.BENCHMARK_OWNER,),
         "benchmark_id", "*"),
+    "RejectBenchmark": Case("approval", lambda a: m.RejectBenchmark(benchmark_id="bm", reason="no evaluator yet"),
+                            (m.Role.OPERATOR,), "reason", "  "),
+    "InviteAssociation": Case("approval", lambda a: m.InviteAssociation(
+        benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1"), (m.Role.BENCHMARK_OWNER,), "kind", "cat"),
+    "RejectAssociation": Case("approval", lambda a: m.RejectAssociation(
+        benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1", reason="too large"),
+        (m.Role.BENCHMARK_OWNER, m.Role.MODEL_OWNER, m.Role.SITE), "reason", ""),
+    "RevokeAssociation": Case("approval", lambda a: m.RevokeAssociation(
+        benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-1", reason="consent withdrawn"),
+        (m.Role.BENCHMARK_OWNER, m.Role.MODEL_OWNER, m.Role.SITE), "entity_id", ""),
+    "SetApprovalPolicy": Case("approval", lambda a: m.SetApprovalPolicy(
+        benchmark_id="bm", kind=m.EntityKind.MODEL, mode=m.ApprovalMode.ALWAYS), (m.Role.BENCHMARK_OWNER,), "mode",
+        "sometimes"),
+    "ListAssociations": Case("approval", lambda a: m.ListAssociations(benchmark_id="bm"), (), "benchmark_id", "a b"),
     "ShowLeaderboard": Case("leaderboard", lambda a: m.ShowLeaderboard(benchmark_id="bm"), (), "benchmark_id", "x" * 65),
     "GrantImageKey": Case("scheduling", lambda a: m.GrantImageKey(image=DIGEST, site_id="site-a", sealed_key="k" * 64),
                           (m.Role.MODEL_OWNER,), "site_id", "Site A"),

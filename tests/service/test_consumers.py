@@ -114,6 +114,10 @@ def signed_job(app: Harness, actors: Actors) -> Envelope[m.JobSpec]:
     return actors.key("scheduling").sign(Envelope.wrap(planned, source="service:scheduling", id=planned.job_id))
 
 
+REVOKED = m.AssociationRevoked(benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a", revoked_by="site-a",
+                               reason="the hospital withdrew its consent")
+
+
 @dataclass(frozen=True)
 class Case:
     world: Callable[[Harness, Actors], Awaitable[None]]     # what the app must have heard of first
@@ -155,6 +159,10 @@ CASES: dict[tuple[str, str], Case] = {
     ("scheduling", "scheduling-result-accepted"): Case(a_planned_job, lambda a, x: event(m.ResultAccepted(
         job_id=job_id("bm", MODEL, EVALUATOR, DATASET_HASH, "model-1", "ds-a"), site_id="site-a",
         binding=job().binding, metrics={"auc": 0.9}))),
+    ("scheduling", "scheduling-association-revoked"): Case(a_planned_job, lambda a, x: event(REVOKED)),
+    ("leaderboard", "leaderboard-association-revoked"): Case(nothing, lambda a, x: event(REVOKED)),
+    ("leaderboard", "leaderboard-association-approved"): Case(nothing, lambda a, x: event(m.AssociationApproved(
+        benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a", approved_by="owner"))),
     ("leaderboard", "leaderboard-actor-registered"): Case(nothing, lambda a, x: event(x.registered("site-a", m.Role.SITE))),
     ("leaderboard", "leaderboard-benchmark-registered"): Case(
         nothing, lambda a, x: event(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))),

@@ -307,3 +307,28 @@ async def test_a_malformed_query_is_refused_naming_the_field(leaderboard):
     reply = await leaderboard.ask(b'{"type": "assay.v1.ShowLeaderboard"}', ShowLeaderboard)
 
     assert reply["ok"] is False and reply["message"].startswith("invalid ShowLeaderboard: source: Field required")
+
+
+async def test_a_revoked_pair_keeps_its_earlier_results_marked_and_counts_none_finished_later(leaderboard, actors):
+    from contracts.messages import AssociationApproved, AssociationRevoked, EntityKind
+
+    await learn_world(leaderboard, actors)
+    await send(leaderboard, site_result(actors, "job-1", 0.9))
+    await leaderboard.learn(AssociationRevoked(benchmark_id="bm", kind=EntityKind.MODEL, entity_id="model-1",
+                                               revoked_by="vendor", reason="a bug found in the model"))
+
+    await send(leaderboard, site_result(actors, "job-2", 0.5))  # finished after the revocation
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert rejected.job_id == "job-2" and rejected.reason.startswith("withdrawn: model model-1 revoked by vendor")
+    (row,) = (await board(leaderboard, actors=actors)).rows
+    assert (row.sites, row.pooled["auc"]) == (1, 0.9)
+    assert row.marks[0].startswith("model model-1 revoked by vendor on ")
+    assert row.marks[0].endswith(": a bug found in the model; results finished before stay, marked, later ones do "
+                                 "not count")
+
+    await leaderboard.learn(AssociationApproved(benchmark_id="bm", kind=EntityKind.MODEL, entity_id="model-1",
+                                                approved_by="owner"))
+    await send(leaderboard, site_result(actors, "job-2", 0.5))  # approved again: it counts
+    (row,) = (await board(leaderboard, actors=actors)).rows
+    assert row.sites == 2 and row.marks == ()

@@ -168,3 +168,21 @@ async def test_a_private_model_is_planned_at_a_site_only_once_its_owner_gave_tha
     assert reply["ok"] and reply["message"].endswith("1 job(s) planned for it now")
     [sent] = jobs_sent(scheduling)
     assert (sent.data.site_id, sent.data.keys) == ("site-a", {private.digest: "sealed-for-a" * 4})
+
+
+async def test_a_revoked_pair_has_its_open_jobs_cancelled_with_the_reason_and_none_planned_again(scheduling, actors):
+    planned = await planned_job(scheduling)
+    await scheduling.learn(actors.registered("site-a", m.Role.SITE))
+    revoked = m.AssociationRevoked(benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1",
+                                   revoked_by="vendor", reason="a bug found in the model")
+
+    await scheduling.learn(revoked)
+    await learn(scheduling, dataset("ds-b", "site-b"), member(m.EntityKind.DATASET, "ds-b"))  # the model stays out
+    await scheduling.deliver(subjects.reports("site-a"), report(actors, planned.job_id, m.JobState.FAILED))
+
+    [changed] = scheduling.events(m.JobStateChanged)
+    assert (changed.job_id, changed.state) == (planned.job_id, m.JobState.CANCELLED)
+    assert changed.reason == "model model-1 was revoked from bm by vendor: a bug found in the model"
+    details = m.JobDetails.model_validate(await scheduling.ask(actors.sign("anyone", m.GetJob(job_id=planned.job_id))))
+    assert details.status.state is m.JobState.CANCELLED  # a site's later word does not bring it back
+    assert len(jobs_sent(scheduling)) == 1

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from assay.association_cli import association_app
 from assay.audit_cli import audit_app
 from assay.home import Home
 from assay.site_cli import policy_app, prefetch, results_app
@@ -23,8 +24,6 @@ actor_app = typer.Typer(help="Enrol actors (operator).", no_args_is_help=True)
 benchmark_app = typer.Typer(help="Benchmarks (owner, operator).", no_args_is_help=True)
 model_app = typer.Typer(help="Models (model owner).", no_args_is_help=True)
 dataset_app = typer.Typer(help="Datasets, prepared at the site (data owner).", no_args_is_help=True)
-association_app = typer.Typer(help="Join a benchmark: request (owner) and approve (benchmark owner).",
-                              no_args_is_help=True)
 site_app = typer.Typer(help="Site workers.", no_args_is_help=True)
 leaderboard_app = typer.Typer(help="Results.", no_args_is_help=True)
 job_app = typer.Typer(help="Where each job stands (everyone).", no_args_is_help=True)
@@ -143,6 +142,13 @@ def benchmark_approve(benchmark_id: str, actor: As) -> None:
     _send(m.ApproveBenchmark(benchmark_id=benchmark_id), actor)
 
 
+@benchmark_app.command("reject")
+def benchmark_reject(benchmark_id: str, actor: As,
+                     reason: Annotated[str, typer.Option("--reason", help="why, told to its owner")]) -> None:
+    """Reject a benchmark (operator), with the reason; nothing may join it until it is approved."""
+    _send(m.RejectBenchmark(benchmark_id=benchmark_id, reason=reason), actor)
+
+
 @benchmark_app.command("show")
 def benchmark_show(benchmark_id: str) -> None:
     console.print_json(json.dumps(_send(m.GetBenchmark(benchmark_id=benchmark_id), None)))
@@ -204,22 +210,6 @@ def _entity(model: str | None, dataset: str | None) -> tuple[m.EntityKind, str]:
         say_error("give exactly one of --model or --dataset")
         raise typer.Exit(2)
     return (m.EntityKind.MODEL, model) if model else (m.EntityKind.DATASET, dataset)  # type: ignore[return-value]
-
-
-@association_app.command("request")
-def association_request(benchmark_id: str, actor: As, model: Annotated[str | None, typer.Option()] = None,
-                        dataset: Annotated[str | None, typer.Option()] = None) -> None:
-    """Ask to join a benchmark with your model or dataset."""
-    kind, entity = _entity(model, dataset)
-    _send(m.RequestAssociation(benchmark_id=benchmark_id, kind=kind, entity_id=entity), actor)
-
-
-@association_app.command("approve")
-def association_approve(benchmark_id: str, actor: As, model: Annotated[str | None, typer.Option()] = None,
-                        dataset: Annotated[str | None, typer.Option()] = None) -> None:
-    """Approve a requested model or dataset (benchmark owner)."""
-    kind, entity = _entity(model, dataset)
-    _send(m.ApproveAssociation(benchmark_id=benchmark_id, kind=kind, entity_id=entity), actor)
 
 
 @site_app.command("add")

@@ -16,7 +16,7 @@ from rich.text import Text
 from contracts.messages import Interval, JobList, JobState, Leaderboard, LeaderboardRow, SiteValue
 
 STATE_STYLES = {JobState.DONE: "green", JobState.HELD: "yellow", JobState.REFUSED: "red", JobState.FAILED: "red",
-                JobState.DECLINED: "magenta", JobState.SCHEDULED: "cyan"}
+                JobState.DECLINED: "magenta", JobState.SCHEDULED: "cyan", JobState.CANCELLED: "magenta"}
 
 
 def short_id(job_id: str) -> str:

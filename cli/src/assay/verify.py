@@ -21,6 +21,7 @@ from contracts.envelope import Envelope, Payload
 from contracts.messages import (
     ActorRegistered,
     AssociationApproved,
+    AssociationRevoked,
     BenchmarkApproved,
     BenchmarkRegistered,
     BenchmarkSpec,
@@ -30,6 +31,7 @@ from contracts.messages import (
 )
 from leaderboard.board import Score, aggregate
 from leaderboard.domain import Signer, check_binding, check_job, check_origin
+from leaderboard.withdrawn import Consents, Withdrawal, counts, marked
 from service_kit.edge import Refused
 from service_kit.trust import Trust
 
@@ -53,6 +55,10 @@ class World:
     benchmarks: dict[str, BenchmarkRegistered] = field(default_factory=dict)  # the first registration counts
     approved_benchmarks: set[str] = field(default_factory=set)
     approved: set[tuple[str, EntityKind, str]] = field(default_factory=set)
+    consents: dict[str, Consents] = field(default_factory=dict)  # by benchmark: its pairs' revocations, approvals
+
+    def consent(self, benchmark_id: str) -> Consents:
+        return self.consents.setdefault(benchmark_id, Consents(revoked={}, approved={}))
 
 
 def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World:
@@ -60,7 +66,8 @@ def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World
     world, registered = World(), set()
     for subject, body in events:
         kind = kinds.get(subject)
-        if kind not in (ActorRegistered, BenchmarkRegistered, BenchmarkApproved, AssociationApproved):
+        if kind not in (ActorRegistered, BenchmarkRegistered, BenchmarkApproved, AssociationApproved,
+                        AssociationRevoked):
             continue
         envelope: Envelope[Payload] = Envelope[kind].model_validate_json(body)  # type: ignore[valid-type]
         try:
@@ -78,6 +85,14 @@ def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World
             world.approved_benchmarks.add(event.benchmark_id)
         elif isinstance(event, AssociationApproved):
             world.approved.add((event.benchmark_id, event.kind, event.entity_id))
+            approvals = world.consent(event.benchmark_id).approved
+            approvals[(event.kind.value, event.entity_id)] = max(envelope.time, approvals.get(
+                (event.kind.value, event.entity_id), envelope.time))
+        elif isinstance(event, AssociationRevoked):
+            revoked = world.consent(event.benchmark_id).revoked
+            last = revoked.get((event.kind.value, event.entity_id))
+            if last is None or last.at < envelope.time:
+                revoked[(event.kind.value, event.entity_id)] = Withdrawal(envelope.time, event.revoked_by, event.reason)
     return world
 
 
@@ -123,6 +138,8 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
         rebuilt.problems.append(f"benchmark {benchmark_id} is not registered in the EVENTS stream")
         return rebuilt
     benchmark, counted, scores = registered.benchmark, set(), []
+    withdrawn = world.consent(benchmark_id).withdrawn()
+    datasets: dict[str, set[str]] = {}
     for subject, body in results:
         if not subjects.matches(subjects.RESULTS_ALL, subject):
             continue  # a site's report on a job: not a result
@@ -132,9 +149,16 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
         if (reason := judged(envelope, subject, world, benchmark, trust, counted)) is not None:
             rebuilt.refused.append(f"result {envelope.id} of job {envelope.data.job_id}: {reason}")
             continue
+        bound = envelope.data.binding
+        if not counts(bound.model_id, bound.dataset_id, envelope.data.finished_at, withdrawn):
+            rebuilt.refused.append(f"result {envelope.id} of job {envelope.data.job_id}: finished after its pair's "
+                                   "consent was withdrawn")
+            continue
         counted.add(envelope.data.job_id)
         scores.append(score_of(envelope.data))
-    rebuilt.board, rebuilt.accepted = aggregate(benchmark, scores), len(scores)
+        datasets.setdefault(bound.model_id, set()).add(bound.dataset_id)
+    rebuilt.board = marked(aggregate(benchmark, scores), datasets, withdrawn)
+    rebuilt.accepted = len(scores)
     return rebuilt
 
 

@@ -10,10 +10,15 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.ActorRegistered: evt("actor", "registered"),
     m.BenchmarkRegistered: evt("benchmark", "registered"),
     m.BenchmarkApproved: evt("benchmark", "approved"),
+    m.BenchmarkRejected: evt("benchmark", "rejected"),
     m.ModelRegistered: evt("model", "registered"),
     m.DatasetRegistered: evt("dataset", "registered"),
     m.AssociationRequested: evt("association", "requested"),
     m.AssociationApproved: evt("association", "approved"),
+    m.AssociationInvited: evt("association", "invited"),
+    m.AssociationRejected: evt("association", "rejected"),
+    m.AssociationRevoked: evt("association", "revoked"),
+    m.ApprovalPolicySet: evt("approval_policy", "set"),
     m.JobScheduled: evt("job", "scheduled"),
     m.JobStateChanged: evt("job", "state_changed"),
     m.ResultAccepted: evt("result", "accepted"),
@@ -26,7 +31,9 @@ SERVICES = ("registry", "approval", "scheduling", "leaderboard")
 EVENT_PUBLISHERS: dict[type[Payload], str] = {
     m.ActorRegistered: "registry", m.BenchmarkRegistered: "registry", m.ModelRegistered: "registry",
     m.DatasetRegistered: "registry", m.BenchmarkApproved: "approval", m.AssociationRequested: "approval",
-    m.AssociationApproved: "approval", m.JobScheduled: "scheduling", m.JobStateChanged: "scheduling",
+    m.AssociationApproved: "approval", m.BenchmarkRejected: "approval", m.AssociationInvited: "approval",
+    m.AssociationRejected: "approval", m.AssociationRevoked: "approval", m.ApprovalPolicySet: "approval",
+    m.JobScheduled: "scheduling", m.JobStateChanged: "scheduling",
     m.ResultAccepted: "leaderboard",
     m.ResultRejected: "leaderboard", m.LeaderboardUpdated: "leaderboard",
 }
@@ -40,6 +47,11 @@ COMMAND_SUBJECTS: dict[type[Payload], str] = {
     m.ApproveBenchmark: cmd("approval", "approve_benchmark"),
     m.RequestAssociation: cmd("approval", "request_association"),
     m.ApproveAssociation: cmd("approval", "approve_association"),
+    m.RejectBenchmark: cmd("approval", "reject_benchmark"),
+    m.InviteAssociation: cmd("approval", "invite_association"),
+    m.RejectAssociation: cmd("approval", "reject_association"),
+    m.RevokeAssociation: cmd("approval", "revoke_association"),
+    m.SetApprovalPolicy: cmd("approval", "set_approval_policy"),
     m.GrantImageKey: cmd("scheduling", "grant_image_key"),
 }
 QUERY_SUBJECTS: dict[type[Payload], str] = {
@@ -47,6 +59,7 @@ QUERY_SUBJECTS: dict[type[Payload], str] = {
     m.ShowLeaderboard: cmd("leaderboard", "show"),
     m.ListJobs: cmd("scheduling", "list_jobs"),
     m.GetJob: cmd("scheduling", "get_job"),
+    m.ListAssociations: cmd("approval", "list_associations"),
 }
 REQUEST_SUBJECTS: dict[type[Payload], str] = {**COMMAND_SUBJECTS, **QUERY_SUBJECTS}
 
@@ -57,4 +70,5 @@ REPLY_TYPES: dict[type[Payload], type[Payload]] = {
     m.ShowLeaderboard: m.Leaderboard,
     m.ListJobs: m.JobList,
     m.GetJob: m.JobDetails,
+    m.ListAssociations: m.AssociationList,
 }

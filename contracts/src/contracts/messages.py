@@ -39,6 +39,7 @@ class JobState(StrEnum):
     HELD = "HELD"          # it ran; its result waits at the site for the data owner's review
     DECLINED = "DECLINED"  # the data owner did not release its result; nothing of it left the site
     DONE = "DONE"          # its result is on the board
+    CANCELLED = "CANCELLED"  # its pair's consent was revoked before a result counted: never run, never counted
 
 
 SITE_STATES = (JobState.REFUSED, JobState.FAILED, JobState.HELD, JobState.DECLINED)
@@ -226,18 +227,63 @@ class RegisterDataset(Payload):
         return self
 
 
-class RequestAssociation(Payload):
+class PairOf(Payload):
+    """What every message about one pair names: a benchmark, and a model or dataset in it."""
+
+    benchmark_id: Id
+    kind: EntityKind
+    entity_id: Id
+
+
+class RequestAssociation(PairOf):
     TYPE: ClassVar[str] = "assay.v1.RequestAssociation"
-    benchmark_id: Id
-    kind: EntityKind
-    entity_id: Id
 
 
-class ApproveAssociation(Payload):
+class ApproveAssociation(PairOf):
     TYPE: ClassVar[str] = "assay.v1.ApproveAssociation"
+
+
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)]
+
+
+class ApprovalMode(StrEnum):
+    NEVER = "never"    # the benchmark's owner decides each request
+    ALWAYS = "always"  # every request of the kind is approved at once
+    ALLOW = "allow"    # requests from the listed actors are approved at once; the others wait
+
+
+class RejectBenchmark(Payload):
+    TYPE: ClassVar[str] = "assay.v1.RejectBenchmark"
+    benchmark_id: Id
+    reason: Reason
+
+
+class InviteAssociation(PairOf):
+    """A benchmark's owner asks a model or dataset in; its owner accepts (`assay association request`)."""
+
+    TYPE: ClassVar[str] = "assay.v1.InviteAssociation"
+
+
+class RejectAssociation(PairOf):
+    """The side that was asked says no: the benchmark's owner to a request, the entity's owner to an invitation."""
+
+    TYPE: ClassVar[str] = "assay.v1.RejectAssociation"
+    reason: Reason
+
+
+class RevokeAssociation(PairOf):
+    """Either side withdraws its consent: the pair's open jobs are cancelled, its results marked on the board."""
+
+    TYPE: ClassVar[str] = "assay.v1.RevokeAssociation"
+    reason: Reason
+
+
+class SetApprovalPolicy(Payload):
+    TYPE: ClassVar[str] = "assay.v1.SetApprovalPolicy"
     benchmark_id: Id
     kind: EntityKind
-    entity_id: Id
+    mode: ApprovalMode
+    allowed: tuple[Id, ...] = Field(default=(), max_length=1000, description="the actors `allow` approves")
 
 
 class GrantImageKey(Payload):
@@ -276,6 +322,15 @@ class ListJobs(Payload):
 class GetJob(Payload):
     TYPE: ClassVar[str] = "assay.v1.GetJob"
     job_id: Id
+
+
+class ListAssociations(Payload):
+    """The associations the asker may see (the benchmark's owner: its benchmark's; an entity's owner: its own; the
+    operator: all), with their whole history."""
+
+    TYPE: ClassVar[str] = "assay.v1.ListAssociations"
+    benchmark_id: Id | None = None
+    pending: bool = Field(default=False, description="only those waiting for a decision")
 
 
 class CommandReply(Payload):
@@ -353,6 +408,67 @@ class AssociationApproved(Payload):
     kind: EntityKind
     entity_id: Id
     approved_by: Id
+    by_policy: bool = Field(default=False, description="by the benchmark's approval policy, on its owner's word")
+
+
+class BenchmarkRejected(Payload):
+    TYPE: ClassVar[str] = "assay.v1.BenchmarkRejected"
+    benchmark_id: Id
+    rejected_by: Id
+    reason: str
+
+
+class AssociationInvited(PairOf):
+    TYPE: ClassVar[str] = "assay.v1.AssociationInvited"
+    invited_by: Id
+
+
+class AssociationRejected(PairOf):
+    TYPE: ClassVar[str] = "assay.v1.AssociationRejected"
+    rejected_by: Id
+    reason: str
+
+
+class AssociationRevoked(PairOf):
+    """Consent withdrawn: the scheduler cancels the pair's open jobs and plans none; the leaderboard marks its results
+    and counts none that finished later."""
+
+    TYPE: ClassVar[str] = "assay.v1.AssociationRevoked"
+    revoked_by: Id
+    reason: str
+
+
+class ApprovalPolicySet(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ApprovalPolicySet"
+    benchmark_id: Id
+    kind: EntityKind
+    mode: ApprovalMode
+    allowed: tuple[Id, ...]
+    set_by: Id
+
+
+class HistoryEntry(Payload):
+    action: str = Field(description="requested, invited, approved, accepted, rejected or revoked")
+    actor: Id
+    at: datetime
+    reason: str = ""
+    by_policy: bool = False
+
+
+class AssociationView(Payload):
+    benchmark_id: Id
+    kind: EntityKind
+    entity_id: Id
+    entity_owner: Id
+    status: str = Field(description="REQUESTED, INVITED, APPROVED, REJECTED or REVOKED")
+    history: tuple[HistoryEntry, ...]
+
+
+class AssociationList(Payload):
+    """The reply to ListAssociations."""
+
+    TYPE: ClassVar[str] = "assay.v1.AssociationList"
+    associations: tuple[AssociationView, ...]
 
 
 class JobBinding(Payload):
@@ -518,6 +634,8 @@ class LeaderboardRow(Payload):
                                                                               "its site is blank where hidden")
     rank_probabilities: tuple[float, ...] = Field(default=(), description="P(rank = k), k = 1..models, across the "
                                                                           "pooled replicates of the primary metric")
+    marks: tuple[str, ...] = Field(default=(), description="consent withdrawn from its model or a dataset: what "
+                                                           "stays on the board, marked, and what no longer counts")
 
     @property
     def rank_label(self) -> str:
@@ -633,14 +751,16 @@ class DeadLetter(Payload):
 
 
 COMMANDS: tuple[type[Payload], ...] = (
-    RegisterActor, RegisterBenchmark, ApproveBenchmark, RegisterModel, RegisterDataset,
-    RequestAssociation, ApproveAssociation, GrantImageKey,
+    RegisterActor, RegisterBenchmark, ApproveBenchmark, RejectBenchmark, RegisterModel, RegisterDataset,
+    RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
+    SetApprovalPolicy, GrantImageKey,
 )
-QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, GetJob)
-REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails)
+QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, GetJob, ListAssociations)
+REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails,
+                                      AssociationList)
 EVENTS: tuple[type[Payload], ...] = (
-    ActorRegistered, BenchmarkRegistered, BenchmarkApproved, ModelRegistered, DatasetRegistered,
-    AssociationRequested, AssociationApproved, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected,
-    LeaderboardUpdated,
+    ActorRegistered, BenchmarkRegistered, BenchmarkApproved, BenchmarkRejected, ModelRegistered, DatasetRegistered,
+    AssociationRequested, AssociationInvited, AssociationApproved, AssociationRejected, AssociationRevoked,
+    ApprovalPolicySet, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected, LeaderboardUpdated,
 )
 WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, SiteReport, SiteHeartbeat, DeadLetter)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
 
@@ -10,6 +13,7 @@ class Benchmark(SQLModel, table=True):
     benchmark_id: str = Field(primary_key=True)
     owner_id: str
     approved: bool = False
+    rejected: str | None = None  # the operator's reason, until it is approved after all
 
 
 class Entity(SQLModel, table=True):
@@ -21,6 +25,8 @@ class Entity(SQLModel, table=True):
 
 
 class Association(SQLModel, table=True):
+    """Where a pair stands now: its history's last word, kept beside it for the lists."""
+
     __tablename__ = "appr_association"
     benchmark_id: str = Field(primary_key=True)
     kind: str = Field(primary_key=True)
@@ -30,4 +36,28 @@ class Association(SQLModel, table=True):
     approved_by: str | None = None
 
 
-TABLES = [Benchmark.__table__, Entity.__table__, Association.__table__]  # type: ignore[attr-defined]
+class AssociationEntry(SQLModel, table=True):
+    """One step of a pair's history: only ever added, never changed or removed."""
+
+    __tablename__ = "appr_history"
+    id: int | None = Field(default=None, primary_key=True)
+    benchmark_id: str = Field(index=True)
+    kind: str
+    entity_id: str
+    action: str
+    actor: str
+    at: datetime
+    reason: str = ""
+    by_policy: bool = False
+
+
+class ApprovalPolicy(SQLModel, table=True):
+    __tablename__ = "appr_policy"
+    benchmark_id: str = Field(primary_key=True)
+    kind: str = Field(primary_key=True)
+    mode: str
+    allowed: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+TABLES = [Benchmark.__table__, Entity.__table__, Association.__table__, AssociationEntry.__table__,  # type: ignore[attr-defined]
+          ApprovalPolicy.__table__]  # type: ignore[attr-defined]

@@ -13,6 +13,8 @@ from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.messages import (
     ActorRegistered,
+    AssociationApproved,
+    AssociationRevoked,
     BenchmarkRegistered,
     BenchmarkSpec,
     Leaderboard,
@@ -24,6 +26,7 @@ from contracts.messages import (
 )
 from leaderboard import domain
 from leaderboard.current import Boards
+from leaderboard.withdrawn import counts, marked, marks
 from leaderboard.sharing import NOBODY, Asker, announcement, view
 from leaderboard.store import Listed, Store
 from service_kit.actors import authenticate, remember_actor
@@ -48,11 +51,29 @@ Made = Annotated[Boards, Context("boards")]  # the models this process pooled, e
 
 
 async def current(store: Store, benchmark: BenchmarkSpec, boards: Boards) -> tuple[Leaderboard, list[Listed]]:
-    """The whole board of `benchmark` as its accepted results make it now, and their listing."""
-    listing = await store.listing(benchmark.benchmark_id)
+    """The whole board of `benchmark` as its accepted results make it now (those that count: see
+    `leaderboard.withdrawn`), with each withdrawal marked on its rows; and the listing of what counts."""
+    withdrawn = (await store.consents(benchmark.benchmark_id)).withdrawn()
+    listing = [r for r in await store.listing(benchmark.benchmark_id)
+               if counts(r.model_id, r.dataset_id, r.finished_at, withdrawn)]
+    jobs = {r.job_id for r in listing}
     board = await boards.board(benchmark, [(r.model_id, r.job_id, r.said) for r in listing],
-                               lambda models: store.scores(benchmark.benchmark_id, models))
-    return board, listing
+                               lambda models: store.scores(benchmark.benchmark_id, models, jobs))
+    datasets: dict[str, set[str]] = {}
+    for r in listing:
+        datasets.setdefault(r.model_id, set()).add(r.dataset_id)
+    return marked(board, datasets, withdrawn), listing
+
+
+async def learn_revocation(revoked: Envelope[AssociationRevoked], uow: UnitOfWork) -> None:
+    pair = revoked.data
+    await Store(uow.session).note_consent(pair.benchmark_id, pair.kind.value, pair.entity_id, revoked.time,
+                                          revoked=(pair.revoked_by, pair.reason))
+
+
+async def learn_consent(approved: Envelope[AssociationApproved], uow: UnitOfWork) -> None:
+    pair = approved.data
+    await Store(uow.session).note_consent(pair.benchmark_id, pair.kind.value, pair.entity_id, approved.time)
 
 
 async def learn_actor(registered: Envelope[ActorRegistered], uow: UnitOfWork, trust: Trusted,
@@ -110,6 +131,11 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
                 return await store.park(result, subject, waiting_for)
         verdict = domain.check_binding(site_result, job=job, benchmark=benchmark,
                                        accepted_before=await store.has_result(job.job_id))
+    if verdict.ok:
+        withdrawn = (await store.consents(benchmark.benchmark_id)).withdrawn()
+        bound = site_result.binding
+        if not counts(bound.model_id, bound.dataset_id, site_result.finished_at, withdrawn):
+            return reject(uow, result, f"withdrawn: {'; '.join(marks(bound.model_id, [bound.dataset_id], withdrawn))}")
     if not verdict.ok:
         return reject(uow, result, verdict.reason)
     await store.record(result)
@@ -153,7 +179,8 @@ async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork, bo
 
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
-    consumers=(Consumer(learn_actor), Consumer(learn_benchmark), Consumer(record_result, subject=subjects.RESULTS_ALL)),
+    consumers=(Consumer(learn_actor), Consumer(learn_benchmark), Consumer(learn_revocation), Consumer(learn_consent),
+               Consumer(record_result, subject=subjects.RESULTS_ALL)),
     requests=(Request(show_leaderboard),),
     publishes=tuple(Outlet.event(e) for e in (ResultAccepted, ResultRejected, LeaderboardUpdated)),
 )

@@ -54,4 +54,18 @@ class AcceptedResult(SQLModel, table=True):
     replicates: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
-TABLES = [KnownBenchmark.__table__, ParkedResult.__table__, AcceptedResult.__table__]  # type: ignore[attr-defined]
+class PairConsent(SQLModel, table=True):
+    """The last revocation and the last approval of a pair the approval service announced (by its clock)."""
+
+    __tablename__ = "lb_consent"
+    benchmark_id: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(primary_key=True, max_length=16)
+    entity_id: str = Field(primary_key=True, max_length=64)
+    revoked_at: datetime | None = None
+    revoked_by: str = Field(default="", max_length=64)
+    reason: str = Field(default="", max_length=2000)
+    approved_at: datetime | None = None
+
+
+TABLES = [KnownBenchmark.__table__, ParkedResult.__table__, AcceptedResult.__table__,  # type: ignore[attr-defined]
+          PairConsent.__table__]  # type: ignore[attr-defined]

@@ -16,7 +16,8 @@ from contracts.envelope import Envelope
 from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Histograms, SiteResult
 from leaderboard.board import Score
 from leaderboard.domain import Signer
-from leaderboard.models import AcceptedResult, KnownBenchmark, ParkedResult
+from leaderboard.models import AcceptedResult, KnownBenchmark, PairConsent, ParkedResult
+from leaderboard.withdrawn import Consents, Withdrawal
 from service_kit.actors import KnownActor
 from service_kit.inbox import digest
 
@@ -100,20 +101,38 @@ class Store:
         """What the benchmark's accepted results are, without their replicates, in the order they were accepted."""
         rows = (await self.session.exec(
             select(AcceptedResult.model_id, AcceptedResult.job_id, AcceptedResult.site_id, AcceptedResult.model_owner,
-                   AcceptedResult.metrics, AcceptedResult.case_count)
+                   AcceptedResult.metrics, AcceptedResult.case_count, AcceptedResult.dataset_id,
+                   AcceptedResult.finished_at)
             .where(AcceptedResult.benchmark_id == benchmark_id)
             .order_by(col(AcceptedResult.accepted_at), col(AcceptedResult.job_id))
         )).all()
-        return [Listed(model, job, site, owner, f"{json.dumps(metrics, sort_keys=True)} {cases}")
-                for model, job, site, owner, metrics, cases in rows]
+        return [Listed(model, job, site, owner, f"{json.dumps(metrics, sort_keys=True)} {cases}", dataset, finished)
+                for model, job, site, owner, metrics, cases, dataset, finished in rows]
 
-    async def scores(self, benchmark_id: str, models: Sequence[str]) -> list[Score]:
-        """The accepted results of these models in the benchmark, as the board needs them."""
+    async def scores(self, benchmark_id: str, models: Sequence[str], jobs: set[str]) -> list[Score]:
+        """The accepted results of these models in the benchmark that count (`jobs`), as the board needs them."""
         rows = (await self.session.exec(
             select(AcceptedResult).where(AcceptedResult.benchmark_id == benchmark_id,
                                          col(AcceptedResult.model_id).in_(list(models)))
         )).all()
-        return [score_of(row) for row in rows]
+        return [score_of(row) for row in rows if row.job_id in jobs]
+
+    async def consents(self, benchmark_id: str) -> Consents:
+        rows = (await self.session.exec(select(PairConsent).where(PairConsent.benchmark_id == benchmark_id))).all()
+        return Consents(revoked={(r.kind, r.entity_id): Withdrawal(r.revoked_at, r.revoked_by, r.reason)
+                                 for r in rows if r.revoked_at is not None},
+                        approved={(r.kind, r.entity_id): r.approved_at for r in rows if r.approved_at is not None})
+
+    async def note_consent(self, benchmark_id: str, kind: str, entity_id: str, at: datetime, *,
+                           revoked: tuple[str, str] | None = None) -> None:
+        """Keep the later of each: a revocation (`revoked`: by whom, why) or an approval at `at`."""
+        row = await self.session.get(PairConsent, (benchmark_id, kind, entity_id), with_for_update=True) or \
+            PairConsent(benchmark_id=benchmark_id, kind=kind, entity_id=entity_id)
+        if revoked is not None and (row.revoked_at is None or _utc(row.revoked_at) < _utc(at)):
+            row.revoked_at, (row.revoked_by, row.reason) = at, revoked
+        if revoked is None and (row.approved_at is None or _utc(row.approved_at) < _utc(at)):
+            row.approved_at = at
+        self.session.add(row)
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,14 @@ class Listed:
     site_id: str
     model_owner: str | None
     said: str  # its metrics and cases: a row changed in the database makes its model pooled again
+    dataset_id: str
+    finished_at: datetime
+
+
+def _utc(moment: datetime) -> datetime:
+    from datetime import UTC
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def score_of(row: AcceptedResult) -> Score:

@@ -112,6 +112,28 @@ async def learn_association(approved: Envelope[m.AssociationApproved], uow: Unit
     await plan(uow, member.benchmark_id, dispatch)
 
 
+OPEN = (m.JobState.SCHEDULED.value, m.JobState.HELD.value)  # not run yet, or run and waiting at its site
+
+
+async def learn_revocation(revoked: Envelope[m.AssociationRevoked], uow: UnitOfWork) -> None:
+    """Consent withdrawn: the pair is planned no more, and its open jobs are cancelled, each with the reason."""
+    pair = revoked.data
+    member = await uow.session.get(Member, (pair.benchmark_id, pair.kind.value, pair.entity_id))
+    if member is not None:
+        await uow.session.delete(member)
+    column = Job.model_id if pair.kind is m.EntityKind.MODEL else Job.dataset_id
+    jobs = (await uow.session.exec(select(Job).where(Job.benchmark_id == pair.benchmark_id,
+                                                     column == pair.entity_id))).all()
+    reason = f"{pair.kind.value} {pair.entity_id} was revoked from {pair.benchmark_id} by {pair.revoked_by}: " \
+             f"{pair.reason}"
+    for job in jobs:
+        if job.status in OPEN:
+            job.status, job.reason, job.updated_at = m.JobState.CANCELLED.value, reason, utcnow()
+            uow.session.add(job)
+            uow.emit(m.JobStateChanged(job_id=job.job_id, site_id=job.site_id, benchmark_id=job.benchmark_id,
+                                       model_id=job.model_id, state=m.JobState.CANCELLED, reason=reason))
+
+
 async def grant_image_key(grant: Envelope[m.GrantImageKey], uow: UnitOfWork, dispatch: Jobs) -> m.CommandReply:
     """The owner of a private image gives one site its key; the image's jobs at that site are planned now."""
     cmd = grant.data
@@ -155,7 +177,7 @@ async def record_report(report: Envelope[m.SiteReport], uow: UnitOfWork, deliver
     job = await uow.session.get(Job, said.job_id, with_for_update=True)
     if job is None or job.site_id != said.site_id:
         raise Refused(f"site {said.site_id} reports on job {said.job_id}, which was never sent to it")
-    if job.status == m.JobState.DONE or said.at < _aware(job.updated_at):
+    if job.status in (m.JobState.DONE, m.JobState.CANCELLED) or said.at < _aware(job.updated_at):
         log.info("job %s is %s since %s: the %s report of %s does not change it", job.job_id, job.status,
                  job.updated_at, said.state, said.at)
         return
@@ -208,7 +230,7 @@ async def mark_done(accepted: Envelope[m.ResultAccepted], uow: UnitOfWork) -> No
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     consumers=(*(Consumer(handle) for handle in (learn_actor, learn_benchmark, learn_approval, learn_model,
-                                                 learn_dataset, learn_association, mark_done)),
+                                                 learn_dataset, learn_association, learn_revocation, mark_done)),
                Consumer(record_report, subject=subjects.REPORTS_ALL)),
     requests=(Request(list_jobs), Request(get_job), Request(grant_image_key)),
     publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec)),

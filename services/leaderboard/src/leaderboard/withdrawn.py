@@ -1,0 +1,61 @@
+"""Consent withdrawn from a pair, as the board shows it: results the pair's site finished before the revocation stay
+on the board, marked; any finished after it are not counted. A pair approved again later counts again. A pure rule
+of the stored results and the approval service's events, so `assay verify` reaches the same board."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from contracts.messages import Leaderboard
+
+Pair = tuple[str, str]  # (kind, entity id): ("model", "m1") or ("dataset", "ds-1")
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    at: datetime
+    by: str
+    reason: str
+
+
+@dataclass
+class Consents:
+    """The last revocation and the last approval of each pair of one benchmark, by the approval service's clock."""
+
+    revoked: dict[Pair, Withdrawal]
+    approved: dict[Pair, datetime]
+
+    def withdrawn(self) -> dict[Pair, Withdrawal]:
+        """The pairs whose last word is a revocation."""
+        return {pair: w for pair, w in self.revoked.items()
+                if pair not in self.approved or _utc(self.approved[pair]) < _utc(w.at)}
+
+
+def counts(model_id: str, dataset_id: str, finished_at: datetime, withdrawn: Mapping[Pair, Withdrawal]) -> bool:
+    """Whether a result counts: none finished after its model's or its dataset's consent was withdrawn."""
+    return all(_utc(finished_at) <= _utc(w.at) for pair, w in withdrawn.items()
+               if pair in (("model", model_id), ("dataset", dataset_id)))
+
+
+def marks(model_id: str, datasets: Iterable[str], withdrawn: Mapping[Pair, Withdrawal]) -> tuple[str, ...]:
+    """What the board says beside a model's row: each withdrawal that concerns it."""
+    concerned = [("model", model_id), *(("dataset", d) for d in sorted(set(datasets)))]
+    return tuple(f"{kind} {entity} revoked by {w.by} on {_utc(w.at):%Y-%m-%d %H:%M} UTC: {w.reason}; results "
+                 "finished before stay, marked, later ones do not count"
+                 for kind, entity in concerned if (w := withdrawn.get((kind, entity))) is not None)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def marked(board: Leaderboard, datasets: Mapping[str, Iterable[str]],
+           withdrawn: Mapping[Pair, Withdrawal]) -> Leaderboard:
+    """`board` with each row's withdrawals beside it (`datasets`: the datasets each model's counted results used)."""
+    if not withdrawn:
+        return board
+    return board.model_copy(update={"rows": tuple(
+        row.model_copy(update={"marks": marks(row.model_id, datasets.get(row.model_id, ()), withdrawn)})
+        for row in board.rows)})

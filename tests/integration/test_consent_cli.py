@@ -1,0 +1,103 @@
+"""Consent through the `assay` command against a real nats-server and the four real services: a benchmark rejected
+with its reason, requests listed and approved in bulk after a preview, a pair's history, an auto-approval policy, and
+a revocation that cancels the pair's queued job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from contracts import messages as m
+from tests.integration.test_cli import assay
+from tests.support.federation import PREPARATOR, Federation, make_dataset, next_events
+
+
+@pytest.fixture
+async def federation(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
+    await fed.start_services()
+    (tmp_path / "platform.json").write_text(json.dumps({"nats_url": nats_url}))
+    yield fed
+    await fed.stop()
+
+
+async def cli(fed: Federation, *args: str, answer: str | None = None) -> tuple[int, str]:
+    done = await asyncio.to_thread(assay, fed.root, *args) if answer is None else await asyncio.to_thread(
+        _answered, fed.root, answer, *args)
+    return done.returncode, " ".join((done.stdout + done.stderr).split())
+
+
+def _answered(home: Path, answer: str, *args: str):  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "assay", "--home", str(home), *args], input=answer,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
+async def registered_dataset(fed: Federation, site: str, dataset_id: str) -> None:
+    """A dataset its site registered and asked to join with, through the same commands `assay` sends."""
+    await fed.enrol(site, m.Role.SITE)
+    digest = make_dataset(fed.root / "sites" / site / "datasets" / dataset_id)
+    await fed.send(m.RegisterDataset(dataset_id=dataset_id, benchmark_id="bench", name=dataset_id,
+                                     content_hash=digest, case_count=2, statistics={"cases": 2},
+                                     preparator_digest=PREPARATOR), site)
+
+
+async def test_a_rejected_benchmark_says_why_to_whoever_asks_to_join(federation: Federation):
+    await federation.enrol("owner", m.Role.BENCHMARK_OWNER)
+    spec = (await federation.benchmark()).model_copy(update={"benchmark_id": "bench-2"})
+    await federation.send(m.RegisterBenchmark(benchmark=spec), "owner")
+    await federation.model("model-1")
+
+    code, said = await cli(federation, "benchmark", "reject", "bench-2", "--reason", "no demo data yet",
+                           "--as", "operator")
+    assert code == 0 and "benchmark bench-2 rejected: no demo data yet" in said
+    code, said = await cli(federation, "association", "request", "bench-2", "--model", "model-1", "--as", "vendor")
+    assert code == 1 and "benchmark bench-2 was rejected by the operator: no demo data yet" in said
+
+
+async def test_pending_requests_are_listed_previewed_and_approved_at_once_and_each_keeps_its_history(
+        federation: Federation):
+    await federation.benchmark()
+    for site in ("site-a", "site-b"):
+        await registered_dataset(federation, site, f"ds-{site[-1]}")
+        code, said = await cli(federation, "association", "request", "bench", "--dataset", f"ds-{site[-1]}",
+                               "--as", site)
+        assert code == 0 and "waiting for the benchmark owner" in said, said
+
+    code, listed = await cli(federation, "association", "list", "--pending", "--as", "owner")
+    assert code == 0 and "2 association(s) waiting for a decision" in listed and "ds-a" in listed and "ds-b" in listed
+    code, said = await cli(federation, "association", "approve", "bench", "--all-pending", "--as", "owner", answer="n\n")
+    assert code == 1 and "approve 2 request(s) to join bench" in said
+    code, said = await cli(federation, "association", "approve", "bench", "--all-pending", "--yes", "--as", "owner")
+    assert code == 0 and said.count("approved for bench") == 2
+    code, said = await cli(federation, "association", "show", "bench", "--dataset", "ds-a", "--as", "site-a")
+    assert code == 0 and "APPROVED" in said and "requested" in said and "approved" in said and "owner" in said
+    code, said = await cli(federation, "association", "list", "--as", "site-a")
+    assert "1 association(s)" in said and "ds-b" not in said  # a site sees only its own
+
+
+async def test_a_policy_approves_at_once_and_a_revocation_cancels_the_queued_job(federation: Federation):
+    await federation.benchmark()
+    code, said = await cli(federation, "association", "policy", "bench", "--kind", "dataset", "--mode", "allow",
+                           "--allow", "site-a", "--as", "owner")
+    assert code == 0 and "approved at once: those of site-a" in said
+    await federation.model("model-1")
+    await registered_dataset(federation, "site-a", "ds-a")  # site-a runs no worker: its job waits in the queue
+
+    code, said = await cli(federation, "association", "request", "bench", "--dataset", "ds-a", "--as", "site-a")
+    assert code == 0 and "approved for bench by the benchmark's approval policy" in said
+    (scheduled,) = await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 1)
+    code, said = await cli(federation, "association", "revoke", "bench", "--dataset", "ds-a", "--reason",
+                           "ethics review pending", "--as", "site-a")
+    assert code == 0 and "its open jobs are cancelled" in said
+
+    (changed,) = await next_events(federation.nats_url, "assay.v1.evt.job.state_changed", 1)
+    assert (changed["data"]["job_id"], changed["data"]["state"]) == (scheduled["data"]["job"]["job_id"], "CANCELLED")
+    code, jobs = await cli(federation, "job", "list", "--benchmark", "bench")
+    assert "CANCELLED" in jobs and "ethics review pending" in jobs
