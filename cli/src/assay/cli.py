@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,10 +102,18 @@ def keys_new(name: str) -> None:
 
 @actor_app.command("register")
 def actor_register(name: str, role: Annotated[m.Role, typer.Option()], actor: As,
-                   display_name: Annotated[str | None, typer.Option()] = None) -> None:
-    """Enrol actor NAME (its public key from keys/NAME.pub) with ROLE."""
+                   display_name: Annotated[str | None, typer.Option()] = None,
+                   public_key: Annotated[str | None, typer.Option(
+                       help="the public key the actor sent you: its .pub file, or the key itself; by default "
+                            "keys/NAME.pub of this installation")] = None) -> None:
+    """Enrol actor NAME with ROLE. The actor makes its key pair itself (`assay keys new NAME` on its own machine)
+    and sends only the public key; its private key never leaves it."""
     try:
-        public = _home().public_key(name)
+        if public_key is None:
+            public = _home().public_key(name)
+        else:
+            given = Path(public_key).expanduser()
+            public = given.read_text().strip() if given.is_file() else public_key.strip()
     except FileNotFoundError as exc:
         say_error(str(exc))
         raise typer.Exit(1) from exc
@@ -271,9 +280,12 @@ def dataset_prepare(dataset_id: str, benchmark: Annotated[str, typer.Option()], 
         raise typer.Exit(1)
     try:
         prepared = prepare_dataset(DockerRunner(docker.from_env()), spec.preparator.digest, raw.resolve(), out)
-    except ContainerError as exc:
-        say_error(str(exc))
-        raise typer.Exit(1) from exc
+    except BaseException as exc:  # whatever stopped it, a half-prepared folder must not block the id
+        shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, ContainerError):
+            say_error(f"{exc}; nothing was kept, so `assay dataset prepare {dataset_id}` may simply run again")
+            raise typer.Exit(1) from exc
+        raise
     registration = m.RegisterDataset(dataset_id=dataset_id, benchmark_id=benchmark, name=dataset_id,
                                      content_hash=prepared.content_hash, case_count=prepared.case_count,
                                      statistics=prepared.statistics, preparator_digest=spec.preparator.digest)

@@ -203,6 +203,9 @@ def define_benchmark(console: Console, home: Home) -> None:
     spec_file.write_text(json.dumps(benchmark_spec("assay-demo/model-reference:1"), indent=2))
     assay(console, home, "benchmark", "register", str(spec_file), "--as", OWNER)
     assay(console, home, "benchmark", "approve", BENCHMARK, "--as", OPERATOR)
+    # the committee trusts these hospitals: their datasets join at once, by its policy (models it approves one by one)
+    assay(console, home, "association", "policy", BENCHMARK, "--kind", "dataset", "--mode", "allow",
+          *(arg for site in SITES for arg in ("--allow", site)), "--as", OWNER)
 
 
 def join_models(console: Console, home: Home) -> None:
@@ -226,12 +229,13 @@ def join_datasets(console: Console, home: Home) -> None:
               "--raw", str(raw))
         assay(console, home, "dataset", "register", dataset, "--as", site)
         assay(console, home, "association", "request", BENCHMARK, "--dataset", dataset, "--as", site)
-        assay(console, home, "association", "approve", BENCHMARK, "--dataset", dataset, "--as", OWNER)
+    assay(console, home, "association", "list", "--benchmark", BENCHMARK, "--as", OWNER)
 
 
 STEPS: tuple[tuple[str, Callable[[Console, Home], None]], ...] = (
     ("4. The operator enrols the actors", enrol_actors),
-    ("5. The committee defines the benchmark; the operator approves it", define_benchmark),
+    ("5. The committee defines the benchmark; the operator approves it; the committee's policy admits the hospitals",
+     define_benchmark),
     ("6. Model owners push their images, register them by digest and ask to join", join_models),
     ("7. Each hospital prepares its data locally and registers metadata only", join_datasets),
 )
