@@ -101,3 +101,18 @@ async def test_a_policy_approves_at_once_and_a_revocation_cancels_the_queued_job
     assert (changed["data"]["job_id"], changed["data"]["state"]) == (scheduled["data"]["job"]["job_id"], "CANCELLED")
     code, jobs = await cli(federation, "job", "list", "--benchmark", "bench")
     assert "CANCELLED" in jobs and "ethics review pending" in jobs
+
+
+async def test_what_exists_is_listed_and_a_model_shows_its_associations_and_their_history(federation: Federation):
+    await federation.benchmark()
+    await federation.model("model-1")
+
+    code, models = await cli(federation, "model", "list", "--as", "owner")
+    assert code == 0 and "1 model(s)" in models and "model-1" in models and "vendor" in models
+    code, benchmarks = await cli(federation, "benchmark", "list", "--state", "operation", "--as", "vendor")
+    assert code == 0 and "bench" in benchmarks and "OPERATION" in benchmarks
+    code, shown = await cli(federation, "model", "show", "model-1", "--as", "vendor")
+    assert code == 0 and "its associations (1) that vendor is a side of" in shown
+    assert "requested by vendor" in shown and "approved by owner" in shown
+    code, missing = await cli(federation, "model", "show", "model-9", "--as", "vendor")
+    assert code == 1 and "no model model-9 is registered" in missing

@@ -48,6 +48,7 @@ CASES = {
         dataset_id="ds-1", benchmark_id="bm", name="ds", content_hash=DIGEST, case_count=2, statistics={"cases": 2},
         preparator_digest=DIGEST),
         (m.Role.SITE,), "case_count", 0),
+    "ListEntities": Case("registry", lambda a: m.ListEntities(kind=m.EntityType.MODEL), (), "kind", "cat"),
     "GetBenchmark": Case("registry", lambda a: m.GetBenchmark(benchmark_id="bm"), (), "benchmark_id", "a.>"),
     "ApproveBenchmark": Case("approval", lambda a: m.ApproveBenchmark(benchmark_id="bm"), (m.Role.OPERATOR,),
                              "benchmark_id", "Not An Id"),

@@ -105,3 +105,38 @@ async def test_a_dataset_for_an_unknown_benchmark_waits_and_one_from_another_pre
     assert (early["retry"], early["message"]) == (True, "benchmark 'bm' is not registered")
     assert other["message"].startswith("preparator_digest sha256:999") and "prepare the data with" in other["message"]
     assert registry.events(m.DatasetRegistered) == []
+
+
+async def test_every_registered_actor_lists_what_exists_by_kind_and_filter_without_dataset_statistics(registry, actors):
+    for name, role in (("owner", m.Role.BENCHMARK_OWNER), ("vendor", m.Role.MODEL_OWNER),
+                       ("rival", m.Role.MODEL_OWNER), ("hospital", m.Role.SITE)):
+        await enrol(registry, actors, name, role)
+    await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
+    for model, owner in (("model-1", "vendor"), ("model-2", "rival")):
+        await registry.ask(actors.sign(owner, m.RegisterModel(model_id=model, name=model, image=IMAGE)))
+    await registry.ask(actors.sign("hospital", m.RegisterDataset(
+        dataset_id="ds-1", benchmark_id="bm", name="ds", content_hash=DIGEST, case_count=2,
+        statistics={"cases": 2, "prevalence": 0.5}, preparator_digest=DIGEST)))
+
+    async def listed(asker: str, **query: object) -> list[tuple[str, str, str]]:
+        reply = m.EntityList.model_validate(await registry.ask(actors.sign(asker, m.ListEntities(**query))))
+        return [(e.entity_id, e.owner_id, e.state) for e in reply.entities]
+
+    assert await listed("hospital", kind=m.EntityType.MODEL) == [("model-1", "vendor", "OPERATION"),
+                                                                 ("model-2", "rival", "OPERATION")]
+    assert await listed("vendor", kind=m.EntityType.MODEL, owner="rival") == [("model-2", "rival", "OPERATION")]
+    assert await listed("vendor", kind=m.EntityType.BENCHMARK, state="DEVELOPMENT") == [
+        ("bm", "owner", "DEVELOPMENT")]
+    assert await listed("vendor", kind=m.EntityType.BENCHMARK, state="OPERATION") == []
+    assert await listed("owner", kind=m.EntityType.DATASET, benchmark_id="bm") == [("ds-1", "hospital", "OPERATION")]
+    assert ("hospital", "hospital", "site") in await listed("owner", kind=m.EntityType.ACTOR)
+    datasets = await registry.ask(actors.sign("owner", m.ListEntities(kind=m.EntityType.DATASET)))
+    assert "prevalence" not in str(datasets)  # a hospital's statistics are not for every actor
+    unsigned = await registry.ask(_unsigned(m.ListEntities(kind=m.EntityType.MODEL)))
+    assert unsigned["ok"] is False and unsigned["message"].startswith("the command is not signed")
+
+
+def _unsigned(payload: m.Payload):  # type: ignore[no-untyped-def]
+    from contracts.envelope import Envelope
+
+    return Envelope.wrap(payload, source="actor:anyone")

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from assay.association_cli import association_app
 from assay.audit_cli import audit_app
+from assay.entities_cli import lister, shower
 from assay.home import Home
 from assay.site_cli import policy_app, prefetch, results_app
 from assay.sites_cli import sites_list
@@ -32,6 +33,11 @@ for sub, name in ((keys_app, "keys"), (actor_app, "actor"), (benchmark_app, "ben
                   (dataset_app, "dataset"), (association_app, "association"), (site_app, "site"),
                   (leaderboard_app, "leaderboard"), (job_app, "job"), (results_app, "results"), (audit_app, "audit")):
     app.add_typer(sub, name=name)
+for sub, kind in ((benchmark_app, m.EntityType.BENCHMARK), (model_app, m.EntityType.MODEL),
+                  (dataset_app, m.EntityType.DATASET), (actor_app, m.EntityType.ACTOR)):
+    sub.command("list")(lister(kind))
+for sub, kind in ((model_app, m.EntityType.MODEL), (dataset_app, m.EntityType.DATASET)):
+    sub.command("show")(shower(kind))
 site_app.add_typer(policy_app, name="policy")
 site_app.command("prefetch")(prefetch)
 sites_app = typer.Typer(help="Site workers' heartbeats: who is online, busy, or silent.", no_args_is_help=True)

@@ -60,6 +60,7 @@ QUERY_SUBJECTS: dict[type[Payload], str] = {
     m.ListJobs: cmd("scheduling", "list_jobs"),
     m.GetJob: cmd("scheduling", "get_job"),
     m.ListAssociations: cmd("approval", "list_associations"),
+    m.ListEntities: cmd("registry", "list_entities"),
 }
 REQUEST_SUBJECTS: dict[type[Payload], str] = {**COMMAND_SUBJECTS, **QUERY_SUBJECTS}
 
@@ -71,4 +72,5 @@ REPLY_TYPES: dict[type[Payload], type[Payload]] = {
     m.ListJobs: m.JobList,
     m.GetJob: m.JobDetails,
     m.ListAssociations: m.AssociationList,
+    m.ListEntities: m.EntityList,
 }

@@ -324,6 +324,26 @@ class GetJob(Payload):
     job_id: Id
 
 
+class EntityType(StrEnum):
+    BENCHMARK = "benchmark"
+    MODEL = "model"
+    DATASET = "dataset"
+    ACTOR = "actor"
+
+
+class ListEntities(Payload):
+    """What the registry holds of one kind, narrowed by any of the filters (signed: any registered actor may ask;
+    a dataset's statistics are not listed)."""
+
+    TYPE: ClassVar[str] = "assay.v1.ListEntities"
+    kind: EntityType
+    entity_id: Id | None = None
+    owner: Id | None = Field(default=None, description="the owner (a dataset's: its site; an actor's: itself)")
+    benchmark_id: Id | None = None
+    state: Annotated[str, StringConstraints(pattern=r"^[A-Z_]{1,32}$")] | None = None
+    limit: int = Field(default=500, ge=1, le=5000)
+
+
 class ListAssociations(Payload):
     """The associations the asker may see (the benchmark's owner: its benchmark's; an entity's owner: its own; the
     operator: all), with their whole history."""
@@ -462,6 +482,23 @@ class AssociationView(Payload):
     entity_owner: Id
     status: str = Field(description="REQUESTED, INVITED, APPROVED, REJECTED or REVOKED")
     history: tuple[HistoryEntry, ...]
+
+
+class EntitySummary(Payload):
+    kind: EntityType
+    entity_id: Id
+    name: str
+    owner_id: Id
+    state: str = Field(description="DEVELOPMENT, OPERATION or ARCHIVED (an actor: its role)")
+    benchmark_id: Id | None = None
+    detail: dict[str, str] = Field(default_factory=dict, description="what identifies it: image, content hash, ...")
+
+
+class EntityList(Payload):
+    """The reply to ListEntities."""
+
+    TYPE: ClassVar[str] = "assay.v1.EntityList"
+    entities: tuple[EntitySummary, ...]
 
 
 class AssociationList(Payload):
@@ -755,9 +792,10 @@ COMMANDS: tuple[type[Payload], ...] = (
     RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
     SetApprovalPolicy, GrantImageKey,
 )
-QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, GetJob, ListAssociations)
+QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, GetJob, ListAssociations,
+                                      ListEntities)
 REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails,
-                                      AssociationList)
+                                      AssociationList, EntityList)
 EVENTS: tuple[type[Payload], ...] = (
     ActorRegistered, BenchmarkRegistered, BenchmarkApproved, BenchmarkRejected, ModelRegistered, DatasetRegistered,
     AssociationRequested, AssociationInvited, AssociationApproved, AssociationRejected, AssociationRevoked,

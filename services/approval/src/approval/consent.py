@@ -113,8 +113,7 @@ def request(pair: Pair, actor: str, at: datetime, policy: Policy = Policy()) -> 
         raise Already(f"already {pair.status.lower()}")  # type: ignore[union-attr]
     asked = pair._then(Entry(Action.REQUESTED, actor, at))
     if policy.approves(actor) and actor != pair.benchmark_owner:
-        return asked._then(Entry(Action.APPROVED, pair.benchmark_owner, at, "by the benchmark's approval policy",
-                                 by_policy=True))
+        return asked._then(Entry(Action.APPROVED, pair.benchmark_owner, at, by_policy=True))
     return asked
 
 

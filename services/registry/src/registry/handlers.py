@@ -7,6 +7,7 @@ from sqlmodel import select
 from contracts import messages as m
 from contracts.envelope import Envelope
 from contracts.signing import key_id_of
+from registry.listing import listed
 from registry.models import Benchmark, Dataset, Model, Status
 from service_kit.actors import KnownActor, authenticate
 from service_kit.edge import NotYetKnown, Refused
@@ -94,6 +95,12 @@ async def get_benchmark(query: Envelope[m.GetBenchmark], uow: UnitOfWork) -> m.B
                               benchmark=m.BenchmarkSpec.model_validate(benchmark.spec))
 
 
+async def list_entities(query: Envelope[m.ListEntities], uow: UnitOfWork) -> m.EntityList:
+    """What exists of one kind, for any registered actor who signs the query."""
+    await authenticate(uow.session, query)
+    return await listed(uow.session, query.data)
+
+
 async def mark_operational(approved: Envelope[m.BenchmarkApproved], uow: UnitOfWork) -> None:
     benchmark = await uow.session.get(Benchmark, approved.data.benchmark_id)
     if benchmark is None:
@@ -105,7 +112,7 @@ async def mark_operational(approved: Envelope[m.BenchmarkApproved], uow: UnitOfW
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     requests=tuple(Request(handle) for handle in (register_actor, register_benchmark, register_model,
-                                                  register_dataset, get_benchmark)),
+                                                  register_dataset, get_benchmark, list_entities)),
     consumers=(Consumer(mark_operational),),
     publishes=tuple(Outlet.event(event) for event in (m.ActorRegistered, m.BenchmarkRegistered, m.ModelRegistered,
                                                        m.DatasetRegistered)),
