@@ -72,7 +72,8 @@ async def test_pending_requests_are_listed_previewed_and_approved_at_once_and_ea
 
     code, listed = await cli(federation, "association", "list", "--pending", "--as", "owner")
     assert code == 0 and "2 association(s) waiting for a decision" in listed and "ds-a" in listed and "ds-b" in listed
-    code, said = await cli(federation, "association", "approve", "bench", "--all-pending", "--as", "owner", answer="n\n")
+    code, said = await cli(federation, "association", "approve", "bench", "--all-pending", "--as", "owner",
+                           answer="n\n")
     assert code == 1 and "approve 2 request(s) to join bench" in said
     code, said = await cli(federation, "association", "approve", "bench", "--all-pending", "--yes", "--as", "owner")
     assert code == 0 and said.count("approved for bench") == 2
@@ -116,3 +117,37 @@ async def test_what_exists_is_listed_and_a_model_shows_its_associations_and_thei
     assert "requested by vendor" in shown and "approved by owner" in shown
     code, missing = await cli(federation, "model", "show", "model-9", "--as", "vendor")
     assert code == 1 and "no model model-9 is registered" in missing
+
+
+async def test_watch_shows_the_approver_a_request_as_it_arrives(federation: Federation):
+    import os
+    import subprocess
+    import sys
+
+    await federation.benchmark()
+    await federation.enrol("vendor", m.Role.MODEL_OWNER)
+    await federation.send(m.RegisterModel(model_id="model-1", name="m", image=m.ImageRef(
+        digest="sha256:" + "3" * 64, name="m")), "vendor")
+    watcher = subprocess.Popen([sys.executable, "-m", "assay", "--home", str(federation.root), "watch", "--as",
+                                "owner", "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "COLUMNS": "200"})
+    try:
+        assert watcher.stdout is not None
+        lines: list[str] = []
+
+        def until_ready() -> None:  # it says when it follows the events, before anything is asked
+            for line in watcher.stdout:  # type: ignore[union-attr]
+                lines.append(line)
+                if line.strip() == "ready":
+                    return
+
+        await asyncio.to_thread(until_ready)  # the services answer its queries on this loop meanwhile
+        await federation.send(m.RequestAssociation(benchmark_id="bench", kind=m.EntityKind.MODEL,
+                                                   entity_id="model-1"), "vendor")
+        rest, _ = await asyncio.to_thread(watcher.communicate, timeout=60)
+    finally:
+        watcher.kill()
+    said = " ".join(("".join(lines) + rest).split())
+    assert "watching for owner: 1 benchmark(s)" in said
+    assert "waiting for you: vendor asks model model-1 into bench (assay association approve bench --model model-1)" \
+        in said

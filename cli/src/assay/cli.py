@@ -15,6 +15,7 @@ from rich.console import Console
 from assay.association_cli import association_app
 from assay.audit_cli import audit_app
 from assay.entities_cli import lister, shower
+from assay.watch_cli import watch
 from assay.home import Home
 from assay.site_cli import policy_app, prefetch, results_app
 from assay.sites_cli import sites_list
@@ -43,6 +44,7 @@ site_app.command("prefetch")(prefetch)
 sites_app = typer.Typer(help="Site workers' heartbeats: who is online, busy, or silent.", no_args_is_help=True)
 sites_app.command("list")(sites_list)
 app.add_typer(sites_app, name="sites")
+app.command("watch")(watch)
 
 console = Console()
 err = Console(stderr=True)
