@@ -118,6 +118,11 @@ REVOKED = m.AssociationRevoked(benchmark_id="bm", kind=m.EntityKind.DATASET, ent
                                reason="the hospital withdrew its consent")
 
 
+ARCHIVED = m.EntityArchived(kind=m.EntityType.MODEL, entity_id="model-1", archived_by="vendor", reason="superseded")
+EDITED = m.BenchmarkEdited(benchmark=SPEC.model_copy(update={"name": "Renamed"}), changed=("name",),
+                           edited_by="owner")
+
+
 @dataclass(frozen=True)
 class Case:
     world: Callable[[Harness, Actors], Awaitable[None]]     # what the app must have heard of first
@@ -160,6 +165,18 @@ CASES: dict[tuple[str, str], Case] = {
         job_id=job_id("bm", MODEL, EVALUATOR, DATASET_HASH, "model-1", "ds-a"), site_id="site-a",
         binding=job().binding, metrics={"auc": 0.9}))),
     ("scheduling", "scheduling-association-revoked"): Case(a_planned_job, lambda a, x: event(REVOKED)),
+    ("scheduling", "scheduling-entity-archived"): Case(a_planned_job, lambda a, x: event(ARCHIVED)),
+    ("scheduling", "scheduling-benchmark-edited"): Case(
+        lambda a, x: a.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC)),
+        lambda a, x: event(EDITED), True),
+    ("approval", "approval-entity-archived"): Case(
+        lambda a, x: a.learn(m.ModelRegistered(model_id="model-1", owner_id="vendor", name="m",
+                                               image=m.ImageRef(digest=MODEL, name="m"))),
+        lambda a, x: event(ARCHIVED)),
+    ("leaderboard", "leaderboard-entity-archived"): Case(nothing, lambda a, x: event(ARCHIVED)),
+    ("leaderboard", "leaderboard-benchmark-edited"): Case(
+        lambda a, x: a.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC)),
+        lambda a, x: event(EDITED), True),
     ("leaderboard", "leaderboard-association-revoked"): Case(nothing, lambda a, x: event(REVOKED)),
     ("leaderboard", "leaderboard-association-approved"): Case(nothing, lambda a, x: event(m.AssociationApproved(
         benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a", approved_by="owner"))),

@@ -140,3 +140,66 @@ def _unsigned(payload: m.Payload):  # type: ignore[no-untyped-def]
     from contracts.envelope import Envelope
 
     return Envelope.wrap(payload, source="actor:anyone")
+
+
+async def test_a_benchmark_is_edited_freely_in_development_and_only_in_what_does_not_define_results_later(
+        registry, actors):
+    await enrol(registry, actors, "owner", m.Role.BENCHMARK_OWNER)
+    await enrol(registry, actors, "rival", m.Role.BENCHMARK_OWNER)
+    await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
+    two_metrics = SPEC.model_copy(update={"metrics": (m.MetricSpec(name="auc"), m.MetricSpec(name="brier"))})
+
+    early = await registry.ask(actors.sign("owner", m.EditBenchmark(benchmark=two_metrics)))
+    stranger = await registry.ask(actors.sign("rival", m.EditBenchmark(benchmark=SPEC)))
+    await registry.learn(m.BenchmarkApproved(benchmark_id="bm", approved_by="operator"))
+    frozen = await registry.ask(actors.sign("owner", m.EditBenchmark(benchmark=SPEC)))
+    renamed = await registry.ask(actors.sign("owner", m.EditBenchmark(
+        benchmark=two_metrics.model_copy(update={"name": "Benchmark, 2nd edition"}))))
+
+    assert early["message"] == "benchmark bm edited: metrics"
+    assert stranger["message"] == "benchmark bm belongs to owner, not to rival"
+    assert frozen["ok"] is False and frozen["message"].startswith("metrics of benchmark bm cannot change in "
+                                                                  "OPERATION: they define the results")
+    assert renamed["message"] == "benchmark bm edited: name"
+    assert [e.changed for e in registry.events(m.BenchmarkEdited)] == [("metrics",), ("name",)]
+
+
+async def test_a_changed_model_is_a_new_version_linked_to_its_own_earlier_one(registry, actors):
+    await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
+    await enrol(registry, actors, "rival", m.Role.MODEL_OWNER)
+    await registry.ask(actors.sign("vendor", m.RegisterModel(model_id="model-1", name="m", image=IMAGE)))
+
+    again = await registry.ask(actors.sign("vendor", m.RegisterModel(model_id="model-1", name="m", image=IMAGE)))
+    theirs = await registry.ask(actors.sign("rival", m.RegisterModel(model_id="model-x", name="x", image=IMAGE,
+                                                                     previous="model-1")))
+    version = await registry.ask(actors.sign("vendor", m.RegisterModel(model_id="model-1-v2", name="m", image=IMAGE,
+                                                                       previous="model-1")))
+
+    assert again["message"].endswith("register it under a new id with --version-of model-1")
+    assert theirs["message"] == "model model-1 is not a model of rival: a new version follows one's own"
+    assert version["message"].endswith("a new version of model-1 (which stays as it was)")
+    assert registry.events(m.ModelRegistered)[-1].previous == "model-1"
+
+
+async def test_only_its_owner_archives_an_entity_and_an_archived_benchmark_changes_no_more(registry, actors):
+    await enrol(registry, actors, "owner", m.Role.BENCHMARK_OWNER)
+    await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
+    await registry.ask(actors.sign("owner", m.RegisterBenchmark(benchmark=SPEC)))
+    await registry.ask(actors.sign("vendor", m.RegisterModel(model_id="model-1", name="m", image=IMAGE)))
+
+    wrong = await registry.ask(actors.sign("vendor", m.ArchiveEntity(kind=m.EntityType.BENCHMARK, entity_id="bm",
+                                                                     reason="mine")))
+    model = await registry.ask(actors.sign("vendor", m.ArchiveEntity(kind=m.EntityType.MODEL, entity_id="model-1",
+                                                                     reason="superseded by model-2")))
+    bench = await registry.ask(actors.sign("owner", m.ArchiveEntity(kind=m.EntityType.BENCHMARK, entity_id="bm",
+                                                                    reason="the 2026 round is over")))
+    edit = await registry.ask(actors.sign("owner", m.EditBenchmark(benchmark=SPEC.model_copy(update={"name": "n"}))))
+
+    assert wrong["message"] == "actor vendor has role model_owner; this command needs benchmark_owner"
+    assert model["message"].startswith("model model-1 archived: never scheduled again")
+    assert bench["ok"] and edit["message"] == "benchmark bm is archived: it changes no more"
+    assert [(e.kind, e.entity_id) for e in registry.events(m.EntityArchived)] == [
+        (m.EntityType.MODEL, "model-1"), (m.EntityType.BENCHMARK, "bm")]
+    listed = m.EntityList.model_validate(await registry.ask(actors.sign("owner", m.ListEntities(
+        kind=m.EntityType.MODEL, state="ARCHIVED"))))
+    assert [e.entity_id for e in listed.entities] == ["model-1"]

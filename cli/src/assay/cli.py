@@ -131,6 +131,40 @@ def actor_register(name: str, role: Annotated[m.Role, typer.Option()], actor: As
 @benchmark_app.command("register")
 def benchmark_register(spec_file: Path, actor: As) -> None:
     """Register a benchmark from a JSON spec; images given by tag are pinned to their local image id."""
+    _send(m.RegisterBenchmark(benchmark=_spec(spec_file)), actor)
+
+
+@benchmark_app.command("edit")
+def benchmark_edit(spec_file: Path, actor: As) -> None:
+    """Change a benchmark from its edited JSON spec: shows each changed field first. In OPERATION only what does not
+    define results may change (name, description, limits, sharing); the registry says which field it refuses."""
+    from rich.table import Table
+
+    new = _spec(spec_file)
+    old = m.BenchmarkSpec.model_validate(_send(m.GetBenchmark(benchmark_id=new.benchmark_id), None)["benchmark"])
+    before, after = old.model_dump(mode="json"), new.model_dump(mode="json")
+    diff = Table(title=f"benchmark {new.benchmark_id}: what changes")
+    for column in ("field", "now", "after the edit"):
+        diff.add_column(column, overflow="fold")
+    for name in after:
+        if before.get(name) != after[name]:
+            diff.add_row(name, json.dumps(before.get(name)), json.dumps(after[name]))
+    console.print(diff)
+    _send(m.EditBenchmark(benchmark=new), actor)
+
+
+def _archive(kind: m.EntityType):  # type: ignore[no-untyped-def]
+    def archive(entity_id: str, actor: As,
+                reason: Annotated[str, typer.Option("--reason", help="why, kept and shown on the board")]) -> None:
+        _send(m.ArchiveEntity(kind=kind, entity_id=entity_id, reason=reason), actor)
+
+    archive.__doc__ = (f"Archive a {kind.value} (its owner): never scheduled again; its open jobs are cancelled, its "
+                       "results stay on the board, marked archived.")
+    return archive
+
+
+def _spec(spec_file: Path) -> m.BenchmarkSpec:
+    """The benchmark in `spec_file`, its images given by tag pinned to their local image ids."""
     from pydantic import ValidationError
 
     from assay.push import pushed
@@ -144,13 +178,12 @@ def benchmark_register(spec_file: Path, actor: As) -> None:
             if (archive := pushed(_home(), ref["digest"])) is not None:  # pushed from here: sites can fetch it
                 ref["archive"] = archive.model_dump()
     try:
-        spec = m.BenchmarkSpec.model_validate(raw)
+        return m.BenchmarkSpec.model_validate(raw)
     except ValidationError as exc:
         from contracts.envelope import describe
 
         say_error(f"{spec_file}: {describe(exc)}")
         raise typer.Exit(1) from exc
-    _send(m.RegisterBenchmark(benchmark=spec), actor)
 
 
 @benchmark_app.command("approve")
@@ -168,6 +201,7 @@ def benchmark_reject(benchmark_id: str, actor: As,
 
 @benchmark_app.command("show")
 def benchmark_show(benchmark_id: str) -> None:
+    """What the registry holds of a benchmark: its owner, its state and its whole spec (JSON)."""
     console.print_json(json.dumps(_send(m.GetBenchmark(benchmark_id=benchmark_id), None)))
 
 
@@ -212,14 +246,16 @@ def model_grant(image: Annotated[str, typer.Argument(help="local tag or image id
 def model_register(model_id: str, image: Annotated[str, typer.Option(help="local tag or image id")], actor: As,
                    name: Annotated[str | None, typer.Option()] = None,
                    push: Annotated[bool, typer.Option("--push", help="push the image first")] = False,
-                   private: Private = False) -> None:
+                   private: Private = False,
+                   version_of: Annotated[str | None, typer.Option(
+                       help="the model this is a new version of (yours): the old one stays as it was")] = None) -> None:
     """Register a model by its image id (a tag is resolved and pinned), with its archive when it was pushed."""
     from assay.push import image_ref
 
     if push or private:
         model_push(image, private)
     ref = image_ref(_home(), _image_id(image), image)
-    _send(m.RegisterModel(model_id=model_id, name=name or image, image=ref), actor)
+    _send(m.RegisterModel(model_id=model_id, name=name or image, image=ref, previous=version_of), actor)
 
 
 def _entity(model: str | None, dataset: str | None) -> tuple[m.EntityKind, str]:
@@ -413,6 +449,11 @@ def demo(keep: Annotated[bool, typer.Option(help="keep the platform running afte
     from assay.demo.run import run_demo
 
     raise typer.Exit(run_demo(_home(), console, keep=keep))
+
+
+for sub, kind in ((benchmark_app, m.EntityType.BENCHMARK), (model_app, m.EntityType.MODEL),
+                  (dataset_app, m.EntityType.DATASET)):
+    sub.command("archive")(_archive(kind))
 
 
 def main() -> None:

@@ -23,15 +23,17 @@ from contracts.messages import (
     AssociationApproved,
     AssociationRevoked,
     BenchmarkApproved,
+    BenchmarkEdited,
     BenchmarkRegistered,
     BenchmarkSpec,
+    EntityArchived,
     EntityKind,
     Leaderboard,
     SiteResult,
 )
 from leaderboard.board import Score, aggregate
 from leaderboard.domain import Signer, check_binding, check_job, check_origin
-from leaderboard.withdrawn import Consents, Withdrawal, counts, marked
+from leaderboard.withdrawn import Consents, Withdrawal, counts, marked, with_archives
 from service_kit.edge import Refused
 from service_kit.trust import Trust
 
@@ -56,6 +58,7 @@ class World:
     approved_benchmarks: set[str] = field(default_factory=set)
     approved: set[tuple[str, EntityKind, str]] = field(default_factory=set)
     consents: dict[str, Consents] = field(default_factory=dict)  # by benchmark: its pairs' revocations, approvals
+    archived: dict[tuple[str, str], Withdrawal] = field(default_factory=dict)  # (kind, id) -> its archival
 
     def consent(self, benchmark_id: str) -> Consents:
         return self.consents.setdefault(benchmark_id, Consents(revoked={}, approved={}))
@@ -67,7 +70,7 @@ def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World
     for subject, body in events:
         kind = kinds.get(subject)
         if kind not in (ActorRegistered, BenchmarkRegistered, BenchmarkApproved, AssociationApproved,
-                        AssociationRevoked):
+                        AssociationRevoked, BenchmarkEdited, EntityArchived):
             continue
         envelope: Envelope[Payload] = Envelope[kind].model_validate_json(body)  # type: ignore[valid-type]
         try:
@@ -81,6 +84,12 @@ def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World
             world.actors.setdefault(event.key_id, event)
         elif isinstance(event, BenchmarkRegistered):
             world.benchmarks.setdefault(event.benchmark.benchmark_id, event)
+        elif isinstance(event, BenchmarkEdited) and event.benchmark.benchmark_id in world.benchmarks:
+            key = event.benchmark.benchmark_id
+            world.benchmarks[key] = world.benchmarks[key].model_copy(update={"benchmark": event.benchmark})
+        elif isinstance(event, EntityArchived):
+            world.archived.setdefault((event.kind.value, event.entity_id), Withdrawal(
+                envelope.time, event.archived_by, event.reason, what="archived"))
         elif isinstance(event, BenchmarkApproved):
             world.approved_benchmarks.add(event.benchmark_id)
         elif isinstance(event, AssociationApproved):
@@ -138,7 +147,7 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
         rebuilt.problems.append(f"benchmark {benchmark_id} is not registered in the EVENTS stream")
         return rebuilt
     benchmark, counted, scores = registered.benchmark, set(), []
-    withdrawn = world.consent(benchmark_id).withdrawn()
+    withdrawn = with_archives(world.consent(benchmark_id).withdrawn(), world.archived)
     datasets: dict[str, set[str]] = {}
     for subject, body in results:
         if not subjects.matches(subjects.RESULTS_ALL, subject):
@@ -158,6 +167,9 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
         scores.append(score_of(envelope.data))
         datasets.setdefault(bound.model_id, set()).add(bound.dataset_id)
     rebuilt.board = marked(aggregate(benchmark, scores), datasets, withdrawn)
+    if (retired := world.archived.get(("benchmark", benchmark_id))) is not None:
+        rebuilt.board = rebuilt.board.model_copy(update={
+            "archived": f"archived by {retired.by} on {retired.at:%Y-%m-%d %H:%M}: {retired.reason}"})
     rebuilt.accepted = len(scores)
     return rebuilt
 
@@ -172,7 +184,7 @@ def differences(streams: Leaderboard, service: Leaderboard) -> list[str]:
         found.append(f"model {model}: on the service's board, but no result the streams hold counts for it")
     for model in sorted(set(ours) & set(theirs)):
         _compare(ours[model].model_dump(), theirs[model].model_dump(), [f"model {model}"], found)
-    for name in ("rank_stability", "replicates", "metrics", "primary_metric"):
+    for name in ("rank_stability", "replicates", "metrics", "primary_metric", "archived"):
         _compare(getattr(streams, name), getattr(service, name), [name], found)
     return found
 

@@ -10,6 +10,8 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.ActorRegistered: evt("actor", "registered"),
     m.BenchmarkRegistered: evt("benchmark", "registered"),
     m.BenchmarkApproved: evt("benchmark", "approved"),
+    m.BenchmarkEdited: evt("benchmark", "edited"),
+    m.EntityArchived: evt("entity", "archived"),
     m.BenchmarkRejected: evt("benchmark", "rejected"),
     m.ModelRegistered: evt("model", "registered"),
     m.DatasetRegistered: evt("dataset", "registered"),
@@ -30,7 +32,8 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
 SERVICES = ("registry", "approval", "scheduling", "leaderboard")
 EVENT_PUBLISHERS: dict[type[Payload], str] = {
     m.ActorRegistered: "registry", m.BenchmarkRegistered: "registry", m.ModelRegistered: "registry",
-    m.DatasetRegistered: "registry", m.BenchmarkApproved: "approval", m.AssociationRequested: "approval",
+    m.DatasetRegistered: "registry", m.BenchmarkEdited: "registry", m.EntityArchived: "registry",
+    m.BenchmarkApproved: "approval", m.AssociationRequested: "approval",
     m.AssociationApproved: "approval", m.BenchmarkRejected: "approval", m.AssociationInvited: "approval",
     m.AssociationRejected: "approval", m.AssociationRevoked: "approval", m.ApprovalPolicySet: "approval",
     m.JobScheduled: "scheduling", m.JobStateChanged: "scheduling",
@@ -44,6 +47,8 @@ COMMAND_SUBJECTS: dict[type[Payload], str] = {
     m.RegisterBenchmark: cmd("registry", "register_benchmark"),
     m.RegisterModel: cmd("registry", "register_model"),
     m.RegisterDataset: cmd("registry", "register_dataset"),
+    m.EditBenchmark: cmd("registry", "edit_benchmark"),
+    m.ArchiveEntity: cmd("registry", "archive_entity"),
     m.ApproveBenchmark: cmd("approval", "approve_benchmark"),
     m.RequestAssociation: cmd("approval", "request_association"),
     m.ApproveAssociation: cmd("approval", "approve_association"),

@@ -30,6 +30,13 @@ class EntityKind(StrEnum):
     DATASET = "dataset"
 
 
+class EntityType(StrEnum):
+    BENCHMARK = "benchmark"
+    MODEL = "model"
+    DATASET = "dataset"
+    ACTOR = "actor"
+
+
 class JobState(StrEnum):
     """Where a job stands. A site reports REFUSED, FAILED, HELD and DECLINED; an accepted result makes it DONE."""
 
@@ -202,6 +209,8 @@ class RegisterModel(Payload):
     model_id: Id
     name: Name
     image: ImageRef
+    previous: Id | None = Field(default=None, description="the model this is a new version of (its owner's): a "
+                                                          "changed model is a new version, never an edited one")
 
 
 MAX_CASES = 100_000_000  # more cases than any hospital's dataset holds: a count above it is a mistake or a lie
@@ -324,11 +333,18 @@ class GetJob(Payload):
     job_id: Id
 
 
-class EntityType(StrEnum):
-    BENCHMARK = "benchmark"
-    MODEL = "model"
-    DATASET = "dataset"
-    ACTOR = "actor"
+class EditBenchmark(Payload):
+    """The benchmark's whole new spec (same id); the registry refuses a change to a field frozen in OPERATION."""
+
+    TYPE: ClassVar[str] = "assay.v1.EditBenchmark"
+    benchmark: BenchmarkSpec
+
+
+class ArchiveEntity(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ArchiveEntity"
+    kind: EntityType
+    entity_id: Id
+    reason: Reason
 
 
 class ListEntities(Payload):
@@ -401,6 +417,27 @@ class ModelRegistered(Payload):
     owner_id: Id
     name: Name
     image: ImageRef
+    previous: Id | None = None
+
+
+class BenchmarkEdited(Payload):
+    """A benchmark's spec as its owner changed it: in DEVELOPMENT anything but its id, in OPERATION only what does
+    not define results (name, description, limits, sharing)."""
+
+    TYPE: ClassVar[str] = "assay.v1.BenchmarkEdited"
+    benchmark: BenchmarkSpec
+    changed: tuple[str, ...]
+    edited_by: Id
+
+
+class EntityArchived(Payload):
+    """Never scheduled again: its open jobs are cancelled; its results stay on the board, marked archived."""
+
+    TYPE: ClassVar[str] = "assay.v1.EntityArchived"
+    kind: EntityType
+    entity_id: Id
+    archived_by: Id
+    reason: str
 
 
 class DatasetRegistered(Payload):
@@ -694,6 +731,7 @@ class Leaderboard(Payload):
                                                                    "pooled values and each replicate's ranking")
     view: str = Field(default="public", description="whose view: full, or what an actor may see, or public")
     hidden: int = Field(default=0, description="rows not shown to this asker")
+    archived: str = Field(default="", description="when, by whom and why the benchmark was archived")
 
 
 class LeaderboardUpdated(Payload):
@@ -788,7 +826,8 @@ class DeadLetter(Payload):
 
 
 COMMANDS: tuple[type[Payload], ...] = (
-    RegisterActor, RegisterBenchmark, ApproveBenchmark, RejectBenchmark, RegisterModel, RegisterDataset,
+    RegisterActor, RegisterBenchmark, EditBenchmark, ArchiveEntity, ApproveBenchmark, RejectBenchmark, RegisterModel,
+    RegisterDataset,
     RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
     SetApprovalPolicy, GrantImageKey,
 )
@@ -797,7 +836,8 @@ QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, G
 REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails,
                                       AssociationList, EntityList)
 EVENTS: tuple[type[Payload], ...] = (
-    ActorRegistered, BenchmarkRegistered, BenchmarkApproved, BenchmarkRejected, ModelRegistered, DatasetRegistered,
+    ActorRegistered, BenchmarkRegistered, BenchmarkEdited, EntityArchived, BenchmarkApproved, BenchmarkRejected,
+    ModelRegistered, DatasetRegistered,
     AssociationRequested, AssociationInvited, AssociationApproved, AssociationRejected, AssociationRevoked,
     ApprovalPolicySet, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected, LeaderboardUpdated,
 )

@@ -7,6 +7,8 @@ from approval.models import Benchmark
 
 def refuse_request(benchmark: Benchmark) -> str | None:
     """Why nothing may ask to join (or be invited to) `benchmark` yet, or None."""
+    if benchmark.archived:
+        return f"benchmark {benchmark.benchmark_id} is archived: nothing joins it any more"
     if benchmark.rejected:
         return f"benchmark {benchmark.benchmark_id} was rejected by the operator: {benchmark.rejected}"
     if not benchmark.approved:

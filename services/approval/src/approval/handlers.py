@@ -116,6 +116,8 @@ async def decide(uow: UnitOfWork, command: Envelope[m.Payload], benchmark_id: st
     pair, benchmark = await pairs.load(benchmark_id, kind, entity_id)
     if joining and (reason := domain.refuse_request(benchmark)) is not None:
         raise Refused(reason)
+    if joining and (entity := await uow.session.get(Entity, (kind.value, entity_id))) and entity.archived:
+        raise Refused(f"{kind.value} {entity_id} is archived: it joins nothing any more")
     try:
         after = step(pair, actor.actor_id, await pairs.policy(benchmark_id, kind))
     except consent.Already as already:
@@ -220,6 +222,15 @@ async def list_associations(query: Envelope[m.ListAssociations], uow: UnitOfWork
     return m.AssociationList(associations=tuple(shown))
 
 
+async def learn_archival(archived: Envelope[m.EntityArchived], uow: UnitOfWork) -> None:
+    gone = archived.data
+    row = (await uow.session.get(Benchmark, gone.entity_id) if gone.kind is m.EntityType.BENCHMARK
+           else await uow.session.get(Entity, (gone.kind.value, gone.entity_id)))
+    if row is not None:
+        row.archived = True
+        uow.session.add(row)
+
+
 async def learn_actor(registered: Envelope[m.ActorRegistered], uow: UnitOfWork) -> None:
     await remember_actor(uow.session, registered.data)
 
@@ -248,7 +259,8 @@ WIRING = Wiring(
     requests=tuple(Request(handle) for handle in (
         approve_benchmark, reject_benchmark, request_association, invite_association, approve_association,
         reject_association, revoke_association, set_approval_policy, list_associations)),
-    consumers=tuple(Consumer(learn) for learn in (learn_actor, learn_benchmark, learn_model, learn_dataset)),
+    consumers=tuple(Consumer(learn) for learn in (learn_actor, learn_benchmark, learn_model, learn_dataset,
+                                                  learn_archival)),
     publishes=tuple(Outlet.event(e) for e in (
         m.BenchmarkApproved, m.BenchmarkRejected, m.AssociationRequested, m.AssociationInvited, m.AssociationApproved,
         m.AssociationRejected, m.AssociationRevoked, m.ApprovalPolicySet)),

@@ -14,6 +14,7 @@ class Benchmark(SQLModel, table=True):
     owner_id: str
     approved: bool = False
     rejected: str | None = None  # the operator's reason, until it is approved after all
+    archived: bool = False
 
 
 class Entity(SQLModel, table=True):
@@ -22,6 +23,7 @@ class Entity(SQLModel, table=True):
     entity_id: str = Field(primary_key=True)
     owner_id: str
     benchmark_id: str | None = None  # datasets are prepared for one benchmark
+    archived: bool = False
 
 
 class Association(SQLModel, table=True):

@@ -15,6 +15,8 @@ from contracts.messages import (
     ActorRegistered,
     AssociationApproved,
     AssociationRevoked,
+    BenchmarkEdited,
+    EntityArchived,
     BenchmarkRegistered,
     BenchmarkSpec,
     Leaderboard,
@@ -26,7 +28,7 @@ from contracts.messages import (
 )
 from leaderboard import domain
 from leaderboard.current import Boards
-from leaderboard.withdrawn import counts, marked, marks
+from leaderboard.withdrawn import counts, marked, marks, with_archives
 from leaderboard.sharing import NOBODY, Asker, announcement, view
 from leaderboard.store import Listed, Store
 from service_kit.actors import authenticate, remember_actor
@@ -53,7 +55,8 @@ Made = Annotated[Boards, Context("boards")]  # the models this process pooled, e
 async def current(store: Store, benchmark: BenchmarkSpec, boards: Boards) -> tuple[Leaderboard, list[Listed]]:
     """The whole board of `benchmark` as its accepted results make it now (those that count: see
     `leaderboard.withdrawn`), with each withdrawal marked on its rows; and the listing of what counts."""
-    withdrawn = (await store.consents(benchmark.benchmark_id)).withdrawn()
+    archived = await store.archived()
+    withdrawn = with_archives((await store.consents(benchmark.benchmark_id)).withdrawn(), archived)
     listing = [r for r in await store.listing(benchmark.benchmark_id)
                if counts(r.model_id, r.dataset_id, r.finished_at, withdrawn)]
     jobs = {r.job_id for r in listing}
@@ -62,7 +65,23 @@ async def current(store: Store, benchmark: BenchmarkSpec, boards: Boards) -> tup
     datasets: dict[str, set[str]] = {}
     for r in listing:
         datasets.setdefault(r.model_id, set()).add(r.dataset_id)
-    return marked(board, datasets, withdrawn), listing
+    board = marked(board, datasets, withdrawn)
+    if (retired := archived.get(("benchmark", benchmark.benchmark_id))) is not None:
+        board = board.model_copy(update={"archived": f"archived by {retired.by} on {retired.at:%Y-%m-%d %H:%M}: "
+                                                     f"{retired.reason}"})
+    return board, listing
+
+
+async def learn_edit(edited: Envelope[BenchmarkEdited], uow: UnitOfWork) -> None:
+    store = Store(uow.session)
+    if await store.benchmark(edited.data.benchmark.benchmark_id) is None:
+        raise NotYetKnown(f"benchmark {edited.data.benchmark.benchmark_id} edited before its registration arrived")
+    await store.edit_benchmark(edited.data.benchmark)
+
+
+async def learn_archival(archived: Envelope[EntityArchived], uow: UnitOfWork) -> None:
+    gone = archived.data
+    await Store(uow.session).archive(gone.kind.value, gone.entity_id, archived.time, gone.archived_by, gone.reason)
 
 
 async def learn_revocation(revoked: Envelope[AssociationRevoked], uow: UnitOfWork) -> None:
@@ -132,7 +151,7 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
         verdict = domain.check_binding(site_result, job=job, benchmark=benchmark,
                                        accepted_before=await store.has_result(job.job_id))
     if verdict.ok:
-        withdrawn = (await store.consents(benchmark.benchmark_id)).withdrawn()
+        withdrawn = with_archives((await store.consents(benchmark.benchmark_id)).withdrawn(), await store.archived())
         bound = site_result.binding
         if not counts(bound.model_id, bound.dataset_id, site_result.finished_at, withdrawn):
             return reject(uow, result, f"withdrawn: {'; '.join(marks(bound.model_id, [bound.dataset_id], withdrawn))}")
@@ -180,6 +199,7 @@ async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork, bo
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     consumers=(Consumer(learn_actor), Consumer(learn_benchmark), Consumer(learn_revocation), Consumer(learn_consent),
+               Consumer(learn_edit), Consumer(learn_archival),
                Consumer(record_result, subject=subjects.RESULTS_ALL)),
     requests=(Request(show_leaderboard),),
     publishes=tuple(Outlet.event(e) for e in (ResultAccepted, ResultRejected, LeaderboardUpdated)),

@@ -67,5 +67,16 @@ class PairConsent(SQLModel, table=True):
     approved_at: datetime | None = None
 
 
+class Archived(SQLModel, table=True):
+    """A benchmark, model or dataset its owner archived, as the registry announced it."""
+
+    __tablename__ = "lb_archived"
+    kind: str = Field(primary_key=True, max_length=16)
+    entity_id: str = Field(primary_key=True, max_length=64)
+    at: datetime
+    by: str = Field(max_length=64)
+    reason: str = Field(default="", max_length=2000)
+
+
 TABLES = [KnownBenchmark.__table__, ParkedResult.__table__, AcceptedResult.__table__,  # type: ignore[attr-defined]
-          PairConsent.__table__]  # type: ignore[attr-defined]
+          PairConsent.__table__, Archived.__table__]  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from contracts.envelope import Envelope
 from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Histograms, SiteResult
 from leaderboard.board import Score
 from leaderboard.domain import Signer
-from leaderboard.models import AcceptedResult, KnownBenchmark, PairConsent, ParkedResult
+from leaderboard.models import AcceptedResult, Archived, KnownBenchmark, PairConsent, ParkedResult
 from leaderboard.withdrawn import Consents, Withdrawal
 from service_kit.actors import KnownActor
 from service_kit.inbox import digest
@@ -32,6 +32,21 @@ class Store:
         if await self.session.get(KnownBenchmark, spec.benchmark_id) is None:
             self.session.add(KnownBenchmark(benchmark_id=spec.benchmark_id, owner_id=event.owner_id,
                                             spec=spec.model_dump(mode="json")))
+
+    async def edit_benchmark(self, spec: BenchmarkSpec) -> None:
+        """The registry let its owner change it (nothing that defines results, once it has any)."""
+        row = await self.session.get(KnownBenchmark, spec.benchmark_id)
+        if row is not None:
+            row.spec = spec.model_dump(mode="json")
+            self.session.add(row)
+
+    async def archive(self, kind: str, entity_id: str, at: datetime, by: str, reason: str) -> None:
+        if await self.session.get(Archived, (kind, entity_id)) is None:
+            self.session.add(Archived(kind=kind, entity_id=entity_id, at=at, by=by, reason=reason))
+
+    async def archived(self) -> dict[tuple[str, str], Withdrawal]:
+        rows = (await self.session.exec(select(Archived))).all()
+        return {(r.kind, r.entity_id): Withdrawal(r.at, r.by, r.reason, what="archived") for r in rows}
 
     async def owner(self, benchmark_id: str) -> str | None:
         row = await self.session.get(KnownBenchmark, benchmark_id)

@@ -18,6 +18,16 @@ class Withdrawal:
     at: datetime
     by: str
     reason: str
+    what: str = "revoked"  # or "archived": the entity was retired by its owner, from every benchmark
+
+
+def with_archives(withdrawn: Mapping[Pair, Withdrawal], archived: Mapping[Pair, Withdrawal]) -> dict[Pair, Withdrawal]:
+    """The withdrawals of a board's pairs, and the archived models and datasets (the earlier of the two counts)."""
+    merged = dict(withdrawn)
+    for pair, archive in archived.items():
+        if pair not in merged or _utc(archive.at) < _utc(merged[pair].at):
+            merged[pair] = archive
+    return merged
 
 
 @dataclass
@@ -42,7 +52,7 @@ def counts(model_id: str, dataset_id: str, finished_at: datetime, withdrawn: Map
 def marks(model_id: str, datasets: Iterable[str], withdrawn: Mapping[Pair, Withdrawal]) -> tuple[str, ...]:
     """What the board says beside a model's row: each withdrawal that concerns it."""
     concerned = [("model", model_id), *(("dataset", d) for d in sorted(set(datasets)))]
-    return tuple(f"{kind} {entity} revoked by {w.by} on {_utc(w.at):%Y-%m-%d %H:%M} UTC: {w.reason}; results "
+    return tuple(f"{kind} {entity} {w.what} by {w.by} on {_utc(w.at):%Y-%m-%d %H:%M} UTC: {w.reason}; results "
                  "finished before stay, marked, later ones do not count"
                  for kind, entity in concerned if (w := withdrawn.get((kind, entity))) is not None)
 

@@ -7,6 +7,7 @@ from sqlmodel import select
 from contracts import messages as m
 from contracts.envelope import Envelope
 from contracts.signing import key_id_of
+from registry import lifecycle
 from registry.listing import listed
 from registry.models import Benchmark, Dataset, Model, Status
 from service_kit.actors import KnownActor, authenticate
@@ -57,11 +58,18 @@ async def register_model(command: Envelope[m.RegisterModel], uow: UnitOfWork) ->
     owner = await authenticate(uow.session, command, m.Role.MODEL_OWNER)
     cmd = command.data
     if await uow.session.get(Model, cmd.model_id) is not None:
-        raise Refused(f"model_id {cmd.model_id!r} already exists; choose another id")
+        raise Refused(f"model_id {cmd.model_id!r} already exists; a changed model is a new version: register it "
+                      f"under a new id with --version-of {cmd.model_id}")
+    if cmd.previous is not None:
+        earlier = await uow.session.get(Model, cmd.previous)
+        if earlier is None or earlier.owner_id != owner.actor_id:
+            raise Refused(f"model {cmd.previous} is not a model of {owner.actor_id}: a new version follows one's own")
     uow.session.add(Model(model_id=cmd.model_id, owner_id=owner.actor_id, name=cmd.name,
-                          digest=cmd.image.digest, image_name=cmd.image.name))
-    uow.emit(m.ModelRegistered(model_id=cmd.model_id, owner_id=owner.actor_id, name=cmd.name, image=cmd.image))
-    return m.CommandReply(ok=True, message=f"model {cmd.model_id} registered as {cmd.image.digest}")
+                          digest=cmd.image.digest, image_name=cmd.image.name, previous=cmd.previous))
+    uow.emit(m.ModelRegistered(model_id=cmd.model_id, owner_id=owner.actor_id, name=cmd.name, image=cmd.image,
+                               previous=cmd.previous))
+    version = f", a new version of {cmd.previous} (which stays as it was)" if cmd.previous else ""
+    return m.CommandReply(ok=True, message=f"model {cmd.model_id} registered as {cmd.image.digest}{version}")
 
 
 async def register_dataset(command: Envelope[m.RegisterDataset], uow: UnitOfWork) -> m.CommandReply:
@@ -95,6 +103,52 @@ async def get_benchmark(query: Envelope[m.GetBenchmark], uow: UnitOfWork) -> m.B
                               benchmark=m.BenchmarkSpec.model_validate(benchmark.spec))
 
 
+async def edit_benchmark(command: Envelope[m.EditBenchmark], uow: UnitOfWork) -> m.CommandReply:
+    """A benchmark's owner changes its spec: anything but its id in DEVELOPMENT; in OPERATION nothing that defines
+    results (its images, metrics, pooling, prediction format), which would make its board mean two things."""
+    owner = await authenticate(uow.session, command, m.Role.BENCHMARK_OWNER)
+    spec = command.data.benchmark
+    row = await uow.session.get(Benchmark, spec.benchmark_id)
+    if row is None:
+        raise NotYetKnown(f"benchmark {spec.benchmark_id!r} is not registered")
+    if row.owner_id != owner.actor_id:
+        raise Refused(f"benchmark {spec.benchmark_id} belongs to {row.owner_id}, not to {owner.actor_id}")
+    if row.status == Status.ARCHIVED:
+        raise Refused(f"benchmark {spec.benchmark_id} is archived: it changes no more")
+    changed = lifecycle.changed(m.BenchmarkSpec.model_validate(row.spec), spec)
+    if not changed:
+        return m.CommandReply(ok=True, message=f"benchmark {spec.benchmark_id}: nothing changed")
+    if row.status == Status.OPERATION and (frozen := [name for name in changed if name in lifecycle.FROZEN]):
+        raise Refused(f"{', '.join(frozen)} of benchmark {spec.benchmark_id} cannot change in OPERATION: they define "
+                      "the results already on its board; register a new benchmark (a new id) to change them")
+    row.spec = spec.model_dump(mode="json")
+    uow.session.add(row)
+    uow.emit(m.BenchmarkEdited(benchmark=spec, changed=tuple(changed), edited_by=owner.actor_id))
+    return m.CommandReply(ok=True, message=f"benchmark {spec.benchmark_id} edited: {', '.join(changed)}")
+
+
+async def archive_entity(command: Envelope[m.ArchiveEntity], uow: UnitOfWork) -> m.CommandReply:
+    """Its owner retires a benchmark, a model or a dataset: never scheduled again, its results marked archived."""
+    cmd = command.data
+    if cmd.kind is m.EntityType.ACTOR:
+        raise Refused("an actor is not archived; the operator suspends it")
+    actor = await authenticate(uow.session, command, *lifecycle.OWNERS[cmd.kind])
+    table = {m.EntityType.BENCHMARK: Benchmark, m.EntityType.MODEL: Model, m.EntityType.DATASET: Dataset}[cmd.kind]
+    row = await uow.session.get(table, cmd.entity_id)
+    if row is None:
+        raise NotYetKnown(f"{cmd.kind.value} {cmd.entity_id!r} is not registered")
+    owner = row.site_id if cmd.kind is m.EntityType.DATASET else row.owner_id
+    if owner != actor.actor_id:
+        raise Refused(f"{cmd.kind.value} {cmd.entity_id} belongs to {owner}, not to {actor.actor_id}")
+    if row.status == Status.ARCHIVED:
+        return m.CommandReply(ok=True, message=f"{cmd.kind.value} {cmd.entity_id} is already archived")
+    row.status = Status.ARCHIVED
+    uow.session.add(row)
+    uow.emit(m.EntityArchived(kind=cmd.kind, entity_id=cmd.entity_id, archived_by=actor.actor_id, reason=cmd.reason))
+    return m.CommandReply(ok=True, message=f"{cmd.kind.value} {cmd.entity_id} archived: never scheduled again; its "
+                                           "results stay on the board, marked")
+
+
 async def list_entities(query: Envelope[m.ListEntities], uow: UnitOfWork) -> m.EntityList:
     """What exists of one kind, for any registered actor who signs the query."""
     await authenticate(uow.session, query)
@@ -112,8 +166,9 @@ async def mark_operational(approved: Envelope[m.BenchmarkApproved], uow: UnitOfW
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     requests=tuple(Request(handle) for handle in (register_actor, register_benchmark, register_model,
-                                                  register_dataset, get_benchmark, list_entities)),
+                                                  register_dataset, edit_benchmark, archive_entity, get_benchmark,
+                                                  list_entities)),
     consumers=(Consumer(mark_operational),),
     publishes=tuple(Outlet.event(event) for event in (m.ActorRegistered, m.BenchmarkRegistered, m.ModelRegistered,
-                                                       m.DatasetRegistered)),
+                                                       m.DatasetRegistered, m.BenchmarkEdited, m.EntityArchived)),
 )

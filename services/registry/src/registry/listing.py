@@ -22,13 +22,14 @@ def _benchmark(row: Benchmark) -> m.EntitySummary:
 
 
 def _model(row: Model) -> m.EntitySummary:
+    version = {"version of": row.previous} if row.previous else {}
     return m.EntitySummary(kind=m.EntityType.MODEL, entity_id=row.model_id, name=row.name, owner_id=row.owner_id,
-                           state="OPERATION", detail={"image": row.digest, "image name": row.image_name})
+                           state=row.status, detail={"image": row.digest, "image name": row.image_name, **version})
 
 
 def _dataset(row: Dataset) -> m.EntitySummary:
     return m.EntitySummary(kind=m.EntityType.DATASET, entity_id=row.dataset_id, name=row.name, owner_id=row.site_id,
-                           state="OPERATION", benchmark_id=row.benchmark_id,
+                           state=row.status, benchmark_id=row.benchmark_id,
                            detail={"content hash": row.content_hash, "cases": str(row.case_count)})
 
 

@@ -29,6 +29,8 @@ class Model(SQLModel, table=True):
     name: str
     digest: str
     image_name: str
+    status: str = Status.OPERATION  # a model is pinned by its digest from the start: a change is a new version
+    previous: str | None = None     # the model this is a new version of
 
 
 class Dataset(SQLModel, table=True):
@@ -40,6 +42,7 @@ class Dataset(SQLModel, table=True):
     content_hash: str
     case_count: int
     statistics: dict = Field(sa_column=Column(JSON))  # type: ignore[type-arg]
+    status: str = Status.OPERATION
 
 
 TABLES = [Benchmark.__table__, Model.__table__, Dataset.__table__]  # type: ignore[attr-defined]

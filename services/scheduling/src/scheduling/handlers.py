@@ -43,19 +43,19 @@ async def plan(uow: Transaction, benchmark_id: str, dispatch: Dispatch) -> int:
     # the row lock serialises planning per benchmark: two transactions that each add half of a pair
     # (a dataset, its approval) cannot both miss the pair; the second sees the first's rows once it commits
     benchmark = await session.get(Benchmark, benchmark_id, with_for_update=True)
-    if benchmark is None or not benchmark.approved:
+    if benchmark is None or not benchmark.approved or benchmark.archived:
         return 0
     members = (await session.exec(select(Member).where(Member.benchmark_id == benchmark_id))).all()
     model_ids = {x.entity_id for x in members if x.kind == "model"}
     dataset_ids = {x.entity_id for x in members if x.kind == "dataset"}
-    known = [x for x in (await session.exec(select(Model))).all() if x.model_id in model_ids]
+    known = [x for x in (await session.exec(select(Model))).all() if x.model_id in model_ids and not x.archived]
     models, owners = {x.model_id: x.digest for x in known}, {x.model_id: x.owner_id for x in known}
     archives = {x.digest: m.Archive.model_validate(x.archive) for x in known if x.archive}
     keys = {(k.image, k.site_id): k.sealed_key for k in (await session.exec(select(ImageKey))).all()
             if k.image in models.values()}
     datasets = [PlannedDataset(d.dataset_id, d.site_id, d.content_hash, d.case_count)
                 for d in (await session.exec(select(Dataset).where(Dataset.benchmark_id == benchmark_id))).all()
-                if d.dataset_id in dataset_ids]
+                if d.dataset_id in dataset_ids and not d.archived]
     existing = set((await session.exec(select(Job.job_id).where(Job.benchmark_id == benchmark_id))).all())
     planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, existing,
                         expires_at=utcnow() + dispatch.ttl, owners=owners, archives=archives, keys=keys)
@@ -122,11 +122,37 @@ async def learn_revocation(revoked: Envelope[m.AssociationRevoked], uow: UnitOfW
     if member is not None:
         await uow.session.delete(member)
     column = Job.model_id if pair.kind is m.EntityKind.MODEL else Job.dataset_id
-    jobs = (await uow.session.exec(select(Job).where(Job.benchmark_id == pair.benchmark_id,
-                                                     column == pair.entity_id))).all()
-    reason = f"{pair.kind.value} {pair.entity_id} was revoked from {pair.benchmark_id} by {pair.revoked_by}: " \
-             f"{pair.reason}"
-    for job in jobs:
+    await cancel_open(uow, select(Job).where(Job.benchmark_id == pair.benchmark_id, column == pair.entity_id),
+                      f"{pair.kind.value} {pair.entity_id} was revoked from {pair.benchmark_id} by "
+                      f"{pair.revoked_by}: {pair.reason}")
+
+
+async def learn_archival(archived: Envelope[m.EntityArchived], uow: UnitOfWork) -> None:
+    """An archived benchmark, model or dataset is never planned again, and its open jobs are cancelled."""
+    gone = archived.data
+    table, column = {m.EntityType.BENCHMARK: (Benchmark, Job.benchmark_id), m.EntityType.MODEL: (Model, Job.model_id),
+                     m.EntityType.DATASET: (Dataset, Job.dataset_id)}.get(gone.kind, (None, None))
+    if table is None:
+        return
+    if (row := await uow.session.get(table, gone.entity_id)) is not None:
+        row.archived = True
+        uow.session.add(row)
+    await cancel_open(uow, select(Job).where(column == gone.entity_id),
+                      f"{gone.kind.value} {gone.entity_id} was archived by {gone.archived_by}: {gone.reason}")
+
+
+async def learn_edit(edited: Envelope[m.BenchmarkEdited], uow: UnitOfWork, dispatch: Jobs) -> None:
+    """Jobs planned from now on carry the benchmark as edited (its limits, say); those planned stay as signed."""
+    spec = edited.data.benchmark
+    if (benchmark := await uow.session.get(Benchmark, spec.benchmark_id)) is None:
+        raise NotYetKnown(f"benchmark {spec.benchmark_id} edited before its registration arrived")
+    benchmark.spec = spec.model_dump(mode="json")
+    uow.session.add(benchmark)
+    await plan(uow, spec.benchmark_id, dispatch)
+
+
+async def cancel_open(uow: UnitOfWork, jobs, reason: str) -> None:  # type: ignore[no-untyped-def]
+    for job in (await uow.session.exec(jobs)).all():
         if job.status in OPEN:
             job.status, job.reason, job.updated_at = m.JobState.CANCELLED.value, reason, utcnow()
             uow.session.add(job)
@@ -230,7 +256,8 @@ async def mark_done(accepted: Envelope[m.ResultAccepted], uow: UnitOfWork) -> No
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     consumers=(*(Consumer(handle) for handle in (learn_actor, learn_benchmark, learn_approval, learn_model,
-                                                 learn_dataset, learn_association, learn_revocation, mark_done)),
+                                                 learn_dataset, learn_association, learn_revocation, learn_archival,
+                                                 learn_edit, mark_done)),
                Consumer(record_report, subject=subjects.REPORTS_ALL)),
     requests=(Request(list_jobs), Request(get_job), Request(grant_image_key)),
     publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec)),

@@ -15,6 +15,7 @@ class Benchmark(SQLModel, table=True):
     benchmark_id: str = Field(primary_key=True)
     spec: dict = Field(sa_column=Column(JSON))  # type: ignore[type-arg]
     approved: bool = False
+    archived: bool = False  # never planned again
 
 
 class Model(SQLModel, table=True):
@@ -23,6 +24,7 @@ class Model(SQLModel, table=True):
     digest: str
     owner_id: str | None = None
     archive: dict | None = Field(default=None, sa_column=Column(JSON))  # type: ignore[type-arg]  # where it was pushed
+    archived: bool = False
 
 
 class Dataset(SQLModel, table=True):
@@ -32,6 +34,7 @@ class Dataset(SQLModel, table=True):
     benchmark_id: str
     content_hash: str
     case_count: int
+    archived: bool = False
 
 
 class Member(SQLModel, table=True):
