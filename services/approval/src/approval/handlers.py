@@ -56,11 +56,16 @@ class Pairs:
     def __init__(self, uow: UnitOfWork) -> None:
         self.uow, self.session = uow, uow.session
 
-    async def load(self, benchmark_id: str, kind: m.EntityKind, entity_id: str) -> tuple[consent.Pair, Benchmark]:
+    async def load(self, benchmark_id: str, kind: m.EntityKind, entity_id: str,
+                   joining: bool = False) -> tuple[consent.Pair, Benchmark]:
+        """The pair; `joining` (a request, an invitation) needs its entity known here. A decision about an entity not
+        known yet has nothing to decide: the pair has no history, and the core says so."""
         benchmark = await _benchmark(self.session, benchmark_id)
         entity = await self.session.get(Entity, (kind.value, entity_id))
-        if entity is None:
+        if entity is None and joining:
             raise NotYetKnown(f"{kind.value} {entity_id!r} is not known (register it first)")
+        if entity is None:
+            entity = Entity(kind=kind.value, entity_id=entity_id, owner_id="", benchmark_id=benchmark_id)
         rows = (await self.session.exec(
             select(AssociationEntry).where(AssociationEntry.benchmark_id == benchmark_id,
                                            AssociationEntry.kind == kind.value,
@@ -113,7 +118,7 @@ async def decide(uow: UnitOfWork, command: Envelope[m.Payload], benchmark_id: st
     same command sent twice) says so and changes nothing."""
     actor = await authenticate(uow.session, command, *roles)
     pairs = Pairs(uow)
-    pair, benchmark = await pairs.load(benchmark_id, kind, entity_id)
+    pair, benchmark = await pairs.load(benchmark_id, kind, entity_id, joining)
     if joining and (reason := domain.refuse_request(benchmark)) is not None:
         raise Refused(reason)
     if joining and (entity := await uow.session.get(Entity, (kind.value, entity_id))) and entity.archived:
