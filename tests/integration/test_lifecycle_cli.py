@@ -5,6 +5,8 @@ finds them too."""
 
 from __future__ import annotations
 
+import asyncio
+
 from contracts import messages as m
 from tests.integration.test_consent_cli import cli, registered_dataset
 from tests.integration.test_consent_cli import federation as federation  # noqa: F401  (the fixture, by name)
@@ -58,5 +60,42 @@ async def test_an_archived_model_is_never_scheduled_again_and_its_results_stay_m
 
     row = next(r for r in (await federation.board()).rows if r.model_id == "model-1")
     assert row.sites == 1 and row.marks[0].startswith("model model-1 archived by vendor")
+    code, said = await cli(federation, "verify", "bench", "--as", "auditor")
+    assert code == 0, said
+
+
+async def test_a_suspended_actor_is_refused_its_jobs_cancelled_and_its_results_marked(federation: Federation):
+    await federation.start_site("site-a", scoring({"c1": (1, 0.9), "c2": (0, 0.2)}, {"auc": 1.0, "sensitivity": 1.0}))
+    await federation.benchmark()
+    await federation.enrol("auditor", m.Role.AUDITOR)
+    await federation.model("model-1")
+    await federation.dataset("site-a", "ds-a")
+    await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
+    await registered_dataset(federation, "site-b", "ds-b")  # no worker: its job waits in the queue
+    await federation.send(m.RequestAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-b"),
+                          "site-b")
+    await federation.send(m.ApproveAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-b"),
+                          "owner")
+    await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 2)
+
+    code, said = await cli(federation, "actor", "suspend", "site-b", "--reason", "its key was leaked",
+                           "--as", "operator")
+    assert code == 0 and "actor site-b suspended" in said
+    (cancelled,) = await next_events(federation.nats_url, "assay.v1.evt.job.state_changed", 1)
+    assert cancelled["data"]["state"] == "CANCELLED" and "site site-b was suspended" in cancelled["data"]["reason"]
+    code, said = await cli(federation, "association", "revoke", "bench", "--dataset", "ds-b", "--reason", "x",
+                           "--as", "site-b")
+    assert code == 1 and "actor site-b is suspended by the operator: its key was leaked" in said
+
+    code, said = await cli(federation, "actor", "suspend", "vendor", "--reason", "terms broken", "--as", "operator")
+    assert code == 0
+    await next_events(federation.nats_url, "assay.v1.evt.actor.suspended", 2)
+    row = None
+    for _ in range(100):  # the leaderboard learns of it from the event history
+        row = (await federation.board()).rows[0]
+        if row.marks:
+            break
+        await asyncio.sleep(0.1)
+    assert row is not None and row.marks[0].startswith("model model-1 suspended (its owner) by the operator")
     code, said = await cli(federation, "verify", "bench", "--as", "auditor")
     assert code == 0, said

@@ -118,6 +118,7 @@ REVOKED = m.AssociationRevoked(benchmark_id="bm", kind=m.EntityKind.DATASET, ent
                                reason="the hospital withdrew its consent")
 
 
+SUSPENDED = m.ActorSuspended(actor_id="site-a", role=m.Role.SITE, suspended_by="operator", reason="key leaked")
 ARCHIVED = m.EntityArchived(kind=m.EntityType.MODEL, entity_id="model-1", archived_by="vendor", reason="superseded")
 EDITED = m.BenchmarkEdited(benchmark=SPEC.model_copy(update={"name": "Renamed"}), changed=("name",),
                            edited_by="owner")
@@ -173,6 +174,11 @@ CASES: dict[tuple[str, str], Case] = {
         lambda a, x: a.learn(m.ModelRegistered(model_id="model-1", owner_id="vendor", name="m",
                                                image=m.ImageRef(digest=MODEL, name="m"))),
         lambda a, x: event(ARCHIVED)),
+    ("approval", "approval-actor-suspended"): Case(
+        lambda a, x: a.learn(x.registered("site-a", m.Role.SITE)), lambda a, x: event(SUSPENDED), True),
+    ("scheduling", "scheduling-actor-suspended"): Case(a_job_of_a_known_site, lambda a, x: event(SUSPENDED), True),
+    ("leaderboard", "leaderboard-actor-suspended"): Case(
+        lambda a, x: a.learn(x.registered("site-a", m.Role.SITE)), lambda a, x: event(SUSPENDED), True),
     ("leaderboard", "leaderboard-entity-archived"): Case(nothing, lambda a, x: event(ARCHIVED)),
     ("leaderboard", "leaderboard-benchmark-edited"): Case(
         lambda a, x: a.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC)),

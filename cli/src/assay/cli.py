@@ -128,6 +128,13 @@ def actor_register(name: str, role: Annotated[m.Role, typer.Option()], actor: As
     _send(m.RegisterActor(actor_id=name, role=role, public_key=public, display_name=display_name or name), actor)
 
 
+@actor_app.command("suspend")
+def actor_suspend(name: str, actor: As,
+                  reason: Annotated[str, typer.Option("--reason", help="why: told to every service and kept")]) -> None:
+    """Suspend actor NAME (operator): nothing it signs is accepted from now on; its open jobs are cancelled."""
+    _send(m.SuspendActor(actor_id=name, reason=reason), actor)
+
+
 @benchmark_app.command("register")
 def benchmark_register(spec_file: Path, actor: As) -> None:
     """Register a benchmark from a JSON spec; images given by tag are pinned to their local image id."""

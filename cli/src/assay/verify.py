@@ -20,6 +20,7 @@ from contracts.catalog import EVENT_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.messages import (
     ActorRegistered,
+    ActorSuspended,
     AssociationApproved,
     AssociationRevoked,
     BenchmarkApproved,
@@ -33,7 +34,7 @@ from contracts.messages import (
 )
 from leaderboard.board import Score, aggregate
 from leaderboard.domain import Signer, check_binding, check_job, check_origin
-from leaderboard.withdrawn import Consents, Withdrawal, counts, marked, with_archives
+from leaderboard.withdrawn import Consents, Withdrawal, counts, marked, with_archives, with_suspensions
 from service_kit.edge import Refused
 from service_kit.trust import Trust
 
@@ -59,6 +60,7 @@ class World:
     approved: set[tuple[str, EntityKind, str]] = field(default_factory=set)
     consents: dict[str, Consents] = field(default_factory=dict)  # by benchmark: its pairs' revocations, approvals
     archived: dict[tuple[str, str], Withdrawal] = field(default_factory=dict)  # (kind, id) -> its archival
+    suspended: dict[str, Withdrawal] = field(default_factory=dict)  # actor -> its suspension
 
     def consent(self, benchmark_id: str) -> Consents:
         return self.consents.setdefault(benchmark_id, Consents(revoked={}, approved={}))
@@ -70,7 +72,7 @@ def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World
     for subject, body in events:
         kind = kinds.get(subject)
         if kind not in (ActorRegistered, BenchmarkRegistered, BenchmarkApproved, AssociationApproved,
-                        AssociationRevoked, BenchmarkEdited, EntityArchived):
+                        AssociationRevoked, BenchmarkEdited, EntityArchived, ActorSuspended):
             continue
         envelope: Envelope[Payload] = Envelope[kind].model_validate_json(body)  # type: ignore[valid-type]
         try:
@@ -87,6 +89,10 @@ def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World
         elif isinstance(event, BenchmarkEdited) and event.benchmark.benchmark_id in world.benchmarks:
             key = event.benchmark.benchmark_id
             world.benchmarks[key] = world.benchmarks[key].model_copy(update={"benchmark": event.benchmark})
+        elif isinstance(event, ActorSuspended):
+            world.suspended.setdefault(event.actor_id, Withdrawal(
+                envelope.time, "the operator", event.reason,
+                what=f"suspended (its {'site' if event.role == 'site' else 'owner'})"))
         elif isinstance(event, EntityArchived):
             world.archived.setdefault((event.kind.value, event.entity_id), Withdrawal(
                 envelope.time, event.archived_by, event.reason, what="archived"))
@@ -146,9 +152,7 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
     if registered is None:
         rebuilt.problems.append(f"benchmark {benchmark_id} is not registered in the EVENTS stream")
         return rebuilt
-    benchmark, counted, scores = registered.benchmark, set(), []
-    withdrawn = with_archives(world.consent(benchmark_id).withdrawn(), world.archived)
-    datasets: dict[str, set[str]] = {}
+    benchmark, counted, valid = registered.benchmark, set(), []
     for subject, body in results:
         if not subjects.matches(subjects.RESULTS_ALL, subject):
             continue  # a site's report on a job: not a result
@@ -158,12 +162,19 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
         if (reason := judged(envelope, subject, world, benchmark, trust, counted)) is not None:
             rebuilt.refused.append(f"result {envelope.id} of job {envelope.data.job_id}: {reason}")
             continue
+        counted.add(envelope.data.job_id)
+        valid.append(envelope)
+    withdrawn = with_suspensions(
+        with_archives(world.consent(benchmark_id).withdrawn(), world.archived), world.suspended,
+        [(e.data.binding.model_id, e.data.job.data.model_owner, e.data.site_id, e.data.binding.dataset_id)
+         for e in valid])
+    scores, datasets = [], {}
+    for envelope in valid:
         bound = envelope.data.binding
         if not counts(bound.model_id, bound.dataset_id, envelope.data.finished_at, withdrawn):
-            rebuilt.refused.append(f"result {envelope.id} of job {envelope.data.job_id}: finished after its pair's "
-                                   "consent was withdrawn")
+            rebuilt.refused.append(f"result {envelope.id} of job {envelope.data.job_id}: finished after its "
+                                   "consent was withdrawn, its entity archived or its actor suspended")
             continue
-        counted.add(envelope.data.job_id)
         scores.append(score_of(envelope.data))
         datasets.setdefault(bound.model_id, set()).add(bound.dataset_id)
     rebuilt.board = marked(aggregate(benchmark, scores), datasets, withdrawn)

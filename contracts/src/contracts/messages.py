@@ -194,6 +194,15 @@ class RegisterActor(Payload):
         return check_public_key(value)
 
 
+class SuspendActor(Payload):
+    """The operator stops an actor: nothing it signs is accepted from now on, its open jobs are cancelled, its
+    results already on the board stay, marked."""
+
+    TYPE: ClassVar[str] = "assay.v1.SuspendActor"
+    actor_id: Id
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)]
+
+
 class RegisterBenchmark(Payload):
     TYPE: ClassVar[str] = "assay.v1.RegisterBenchmark"
     benchmark: BenchmarkSpec
@@ -397,6 +406,14 @@ class ActorRegistered(Payload):
     public_key: str
     key_id: str
     display_name: Name
+
+
+class ActorSuspended(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ActorSuspended"
+    actor_id: Id
+    role: Role
+    suspended_by: Id
+    reason: str
 
 
 class BenchmarkRegistered(Payload):
@@ -826,7 +843,7 @@ class DeadLetter(Payload):
 
 
 COMMANDS: tuple[type[Payload], ...] = (
-    RegisterActor, RegisterBenchmark, EditBenchmark, ArchiveEntity, ApproveBenchmark, RejectBenchmark, RegisterModel,
+    RegisterActor, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity, ApproveBenchmark, RejectBenchmark, RegisterModel,
     RegisterDataset,
     RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
     SetApprovalPolicy, GrantImageKey,
@@ -836,7 +853,7 @@ QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, G
 REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails,
                                       AssociationList, EntityList)
 EVENTS: tuple[type[Payload], ...] = (
-    ActorRegistered, BenchmarkRegistered, BenchmarkEdited, EntityArchived, BenchmarkApproved, BenchmarkRejected,
+    ActorRegistered, ActorSuspended, BenchmarkRegistered, BenchmarkEdited, EntityArchived, BenchmarkApproved, BenchmarkRejected,
     ModelRegistered, DatasetRegistered,
     AssociationRequested, AssociationInvited, AssociationApproved, AssociationRejected, AssociationRevoked,
     ApprovalPolicySet, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected, LeaderboardUpdated,

@@ -10,7 +10,7 @@ from approval import consent, domain
 from approval.models import ApprovalPolicy, Association, AssociationEntry, Benchmark, Entity
 from contracts import messages as m
 from contracts.envelope import Envelope, utcnow
-from service_kit.actors import authenticate, remember_actor
+from service_kit.actors import authenticate, remember_actor, remember_suspension
 from service_kit.edge import NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import UnitOfWork
@@ -236,6 +236,10 @@ async def learn_archival(archived: Envelope[m.EntityArchived], uow: UnitOfWork) 
         uow.session.add(row)
 
 
+async def learn_suspension(suspended: Envelope[m.ActorSuspended], uow: UnitOfWork) -> None:
+    await remember_suspension(uow.session, suspended.data, suspended.time)
+
+
 async def learn_actor(registered: Envelope[m.ActorRegistered], uow: UnitOfWork) -> None:
     await remember_actor(uow.session, registered.data)
 
@@ -265,7 +269,7 @@ WIRING = Wiring(
         approve_benchmark, reject_benchmark, request_association, invite_association, approve_association,
         reject_association, revoke_association, set_approval_policy, list_associations)),
     consumers=tuple(Consumer(learn) for learn in (learn_actor, learn_benchmark, learn_model, learn_dataset,
-                                                  learn_archival)),
+                                                  learn_archival, learn_suspension)),
     publishes=tuple(Outlet.event(e) for e in (
         m.BenchmarkApproved, m.BenchmarkRejected, m.AssociationRequested, m.AssociationInvited, m.AssociationApproved,
         m.AssociationRejected, m.AssociationRevoked, m.ApprovalPolicySet)),

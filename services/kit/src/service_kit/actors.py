@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TypeVar
 
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts.envelope import Envelope, Payload
-from contracts.messages import ActorRegistered, Role
+from contracts.messages import ActorRegistered, ActorSuspended, Role
 from contracts.signing import SignatureError, verify
 from service_kit.edge import NotYetKnown, Refused
 
@@ -22,11 +23,24 @@ class KnownActor(SQLModel, table=True):
     public_key: str = Field(max_length=64)
     key_id: str = Field(unique=True, max_length=64)
     display_name: str = Field(max_length=200)
+    suspended: str | None = Field(default=None, max_length=2000)  # the operator's reason: nothing it signs counts
+    suspended_at: datetime | None = None
 
 
 async def remember_actor(session: AsyncSession, event: ActorRegistered) -> None:
     if await session.get(KnownActor, event.actor_id) is None:
         session.add(KnownActor(**event.model_dump(mode="json")))
+
+
+async def remember_suspension(session: AsyncSession, event: ActorSuspended, at: datetime) -> KnownActor:
+    """The operator suspended an actor; NotYetKnown until its registration has arrived here."""
+    actor = await session.get(KnownActor, event.actor_id)
+    if actor is None:
+        raise NotYetKnown(f"actor {event.actor_id} suspended before its registration arrived")
+    if actor.suspended is None:
+        actor.suspended, actor.suspended_at = event.reason, at
+        session.add(actor)
+    return actor
 
 
 async def authenticate(session: AsyncSession, envelope: Envelope[P], *roles: Role) -> KnownActor:
@@ -41,6 +55,8 @@ async def authenticate(session: AsyncSession, envelope: Envelope[P], *roles: Rol
         verify(envelope, actor.public_key)
     except SignatureError as exc:
         raise Refused(f"signature check failed: {exc}") from exc
+    if actor.suspended is not None:
+        raise Refused(f"actor {actor.actor_id} is suspended by the operator: {actor.suspended}")
     if roles and actor.role not in roles:
         allowed = ", ".join(r.value for r in roles)
         raise Refused(f"actor {actor.actor_id} has role {actor.role}; this command needs {allowed}")

@@ -13,6 +13,7 @@ from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.messages import (
     ActorRegistered,
+    ActorSuspended,
     AssociationApproved,
     AssociationRevoked,
     BenchmarkEdited,
@@ -28,10 +29,10 @@ from contracts.messages import (
 )
 from leaderboard import domain
 from leaderboard.current import Boards
-from leaderboard.withdrawn import counts, marked, marks, with_archives
+from leaderboard.withdrawn import counts, marked, marks, with_archives, with_suspensions
 from leaderboard.sharing import NOBODY, Asker, announcement, view
 from leaderboard.store import Listed, Store
-from service_kit.actors import authenticate, remember_actor
+from service_kit.actors import authenticate, remember_actor, remember_suspension
 from service_kit.edge import Delivery, NotYetKnown, Refused, outside_window
 from service_kit.trust import Trust
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
@@ -55,9 +56,11 @@ Made = Annotated[Boards, Context("boards")]  # the models this process pooled, e
 async def current(store: Store, benchmark: BenchmarkSpec, boards: Boards) -> tuple[Leaderboard, list[Listed]]:
     """The whole board of `benchmark` as its accepted results make it now (those that count: see
     `leaderboard.withdrawn`), with each withdrawal marked on its rows; and the listing of what counts."""
-    archived = await store.archived()
-    withdrawn = with_archives((await store.consents(benchmark.benchmark_id)).withdrawn(), archived)
-    listing = [r for r in await store.listing(benchmark.benchmark_id)
+    archived, every = await store.archived(), await store.listing(benchmark.benchmark_id)
+    withdrawn = with_suspensions(with_archives((await store.consents(benchmark.benchmark_id)).withdrawn(), archived),
+                                 await store.suspended(),
+                                 [(r.model_id, r.model_owner, r.site_id, r.dataset_id) for r in every])
+    listing = [r for r in every
                if counts(r.model_id, r.dataset_id, r.finished_at, withdrawn)]
     jobs = {r.job_id for r in listing}
     board = await boards.board(benchmark, [(r.model_id, r.job_id, r.said) for r in listing],
@@ -70,6 +73,12 @@ async def current(store: Store, benchmark: BenchmarkSpec, boards: Boards) -> tup
         board = board.model_copy(update={"archived": f"archived by {retired.by} on {retired.at:%Y-%m-%d %H:%M}: "
                                                      f"{retired.reason}"})
     return board, listing
+
+
+async def learn_suspension(suspended: Envelope[ActorSuspended], uow: UnitOfWork) -> None:
+    """Nothing a suspended site signs from now on counts; its results and its owner's models' already on the board
+    stay, marked."""
+    await remember_suspension(uow.session, suspended.data, suspended.time)
 
 
 async def learn_edit(edited: Envelope[BenchmarkEdited], uow: UnitOfWork) -> None:
@@ -151,8 +160,10 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
         verdict = domain.check_binding(site_result, job=job, benchmark=benchmark,
                                        accepted_before=await store.has_result(job.job_id))
     if verdict.ok:
-        withdrawn = with_archives((await store.consents(benchmark.benchmark_id)).withdrawn(), await store.archived())
         bound = site_result.binding
+        withdrawn = with_suspensions(
+            with_archives((await store.consents(benchmark.benchmark_id)).withdrawn(), await store.archived()),
+            await store.suspended(), [(bound.model_id, job.model_owner, site_result.site_id, bound.dataset_id)])
         if not counts(bound.model_id, bound.dataset_id, site_result.finished_at, withdrawn):
             return reject(uow, result, f"withdrawn: {'; '.join(marks(bound.model_id, [bound.dataset_id], withdrawn))}")
     if not verdict.ok:
@@ -199,7 +210,7 @@ async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork, bo
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     consumers=(Consumer(learn_actor), Consumer(learn_benchmark), Consumer(learn_revocation), Consumer(learn_consent),
-               Consumer(learn_edit), Consumer(learn_archival),
+               Consumer(learn_edit), Consumer(learn_archival), Consumer(learn_suspension),
                Consumer(record_result, subject=subjects.RESULTS_ALL)),
     requests=(Request(show_leaderboard),),
     publishes=tuple(Outlet.event(e) for e in (ResultAccepted, ResultRejected, LeaderboardUpdated)),

@@ -48,6 +48,12 @@ class Store:
         rows = (await self.session.exec(select(Archived))).all()
         return {(r.kind, r.entity_id): Withdrawal(r.at, r.by, r.reason, what="archived") for r in rows}
 
+    async def suspended(self) -> dict[str, Withdrawal]:
+        rows = (await self.session.exec(select(KnownActor).where(col(KnownActor.suspended).is_not(None)))).all()
+        return {r.actor_id: Withdrawal(r.suspended_at or datetime.min, "the operator", r.suspended or "",
+                                       what=f"suspended (its {'site' if r.role == 'site' else 'owner'})")
+                for r in rows}
+
     async def owner(self, benchmark_id: str) -> str | None:
         row = await self.session.get(KnownBenchmark, benchmark_id)
         return None if row is None else row.owner_id

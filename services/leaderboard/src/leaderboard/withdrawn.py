@@ -30,6 +30,19 @@ def with_archives(withdrawn: Mapping[Pair, Withdrawal], archived: Mapping[Pair, 
     return merged
 
 
+def with_suspensions(withdrawn: Mapping[Pair, Withdrawal], suspended: Mapping[str, Withdrawal],
+                     results: Iterable[tuple[str, str | None, str, str]]) -> dict[Pair, Withdrawal]:
+    """And the models of a suspended owner and the datasets of a suspended site, from the moment of the suspension:
+    `results` are (model, its owner, site, dataset)."""
+    implied: dict[Pair, Withdrawal] = {}
+    for model, owner, site, dataset in results:
+        if owner is not None and owner in suspended:
+            implied[("model", model)] = suspended[owner]
+        if site in suspended:
+            implied[("dataset", dataset)] = suspended[site]
+    return with_archives(withdrawn, implied)
+
+
 @dataclass
 class Consents:
     """The last revocation and the last approval of each pair of one benchmark, by the approval service's clock."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import select
 
 from contracts import messages as m
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, utcnow
 from contracts.signing import key_id_of
 from registry import lifecycle
 from registry.listing import listed
@@ -31,6 +31,25 @@ async def register_actor(command: Envelope[m.RegisterActor], uow: UnitOfWork) ->
         raise Refused(f"public_key is already enrolled as actor {holder.actor_id}; every actor has its own key")
     enrol(uow, cmd.actor_id, cmd.role, cmd.public_key, cmd.display_name)
     return m.CommandReply(ok=True, message=f"registered {cmd.role.value} {cmd.actor_id}")
+
+
+async def suspend_actor(command: Envelope[m.SuspendActor], uow: UnitOfWork) -> m.CommandReply:
+    """The operator stops an actor: every service refuses what it signs from now on."""
+    operator = await authenticate(uow.session, command, m.Role.OPERATOR)
+    cmd = command.data
+    actor = await uow.session.get(KnownActor, cmd.actor_id)
+    if actor is None:
+        raise NotYetKnown(f"actor {cmd.actor_id!r} is not registered")
+    if actor.actor_id == operator.actor_id:
+        raise Refused("the operator cannot suspend itself")
+    if actor.suspended is not None:
+        return m.CommandReply(ok=True, message=f"actor {cmd.actor_id} is already suspended: {actor.suspended}")
+    actor.suspended, actor.suspended_at = cmd.reason, utcnow()
+    uow.session.add(actor)
+    uow.emit(m.ActorSuspended(actor_id=actor.actor_id, role=m.Role(actor.role), suspended_by=operator.actor_id,
+                              reason=cmd.reason))
+    return m.CommandReply(ok=True, message=f"actor {cmd.actor_id} suspended: nothing it signs is accepted from now "
+                                           "on; its open jobs are cancelled, its results stay on the board, marked")
 
 
 def enrol(uow: Transaction, actor_id: str, role: m.Role, public_key: str, display_name: str,
@@ -165,10 +184,11 @@ async def mark_operational(approved: Envelope[m.BenchmarkApproved], uow: UnitOfW
 
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
-    requests=tuple(Request(handle) for handle in (register_actor, register_benchmark, register_model,
+    requests=tuple(Request(handle) for handle in (register_actor, suspend_actor, register_benchmark, register_model,
                                                   register_dataset, edit_benchmark, archive_entity, get_benchmark,
                                                   list_entities)),
     consumers=(Consumer(mark_operational),),
     publishes=tuple(Outlet.event(event) for event in (m.ActorRegistered, m.BenchmarkRegistered, m.ModelRegistered,
-                                                       m.DatasetRegistered, m.BenchmarkEdited, m.EntityArchived)),
+                                                       m.DatasetRegistered, m.BenchmarkEdited, m.EntityArchived,
+                                                       m.ActorSuspended)),
 )

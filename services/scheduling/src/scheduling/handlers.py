@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from faststream import Context
-from sqlmodel import select
+from sqlmodel import col, select
 
 from contracts import messages as m
 from contracts import subjects
@@ -17,7 +17,7 @@ from contracts.envelope import Envelope, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, plan_jobs
 from scheduling.models import Benchmark, Dataset, ImageKey, Job, Member, Model
-from service_kit.actors import authenticate, remember_actor
+from service_kit.actors import authenticate, remember_actor, remember_suspension
 from service_kit.edge import Delivery, NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
@@ -141,6 +141,14 @@ async def learn_archival(archived: Envelope[m.EntityArchived], uow: UnitOfWork) 
                       f"{gone.kind.value} {gone.entity_id} was archived by {gone.archived_by}: {gone.reason}")
 
 
+async def learn_suspension(suspended: Envelope[m.ActorSuspended], uow: UnitOfWork) -> None:
+    """A suspended site runs nothing more, a suspended owner's models run nowhere: their open jobs are cancelled."""
+    actor = await remember_suspension(uow.session, suspended.data, suspended.time)
+    models = [x.model_id for x in (await uow.session.exec(select(Model).where(Model.owner_id == actor.actor_id))).all()]
+    reason = f"{actor.role} {actor.actor_id} was suspended by the operator: {suspended.data.reason}"
+    await cancel_open(uow, select(Job).where((Job.site_id == actor.actor_id) | col(Job.model_id).in_(models)), reason)
+
+
 async def learn_edit(edited: Envelope[m.BenchmarkEdited], uow: UnitOfWork, dispatch: Jobs) -> None:
     """Jobs planned from now on carry the benchmark as edited (its limits, say); those planned stay as signed."""
     spec = edited.data.benchmark
@@ -257,7 +265,7 @@ WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     consumers=(*(Consumer(handle) for handle in (learn_actor, learn_benchmark, learn_approval, learn_model,
                                                  learn_dataset, learn_association, learn_revocation, learn_archival,
-                                                 learn_edit, mark_done)),
+                                                 learn_edit, learn_suspension, mark_done)),
                Consumer(record_report, subject=subjects.REPORTS_ALL)),
     requests=(Request(list_jobs), Request(get_job), Request(grant_image_key)),
     publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec)),
