@@ -99,3 +99,28 @@ async def test_a_suspended_actor_is_refused_its_jobs_cancelled_and_its_results_m
     assert row is not None and row.marks[0].startswith("model model-1 suspended (its owner) by the operator")
     code, said = await cli(federation, "verify", "bench", "--as", "auditor")
     assert code == 0, said
+
+
+async def test_a_rotated_key_keeps_what_it_signed_before_and_signs_nothing_after(federation: Federation):
+    await federation.start_site("site-a", scoring({"c1": (1, 0.9), "c2": (0, 0.2)}, {"auc": 1.0, "sensitivity": 1.0}))
+    await federation.benchmark()
+    await federation.enrol("auditor", m.Role.AUDITOR)
+    await federation.model("model-1")
+    await federation.dataset("site-a", "ds-a")
+    await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
+
+    code, said = await cli(federation, "keys", "rotate", "site-a")
+    assert code == 0 and "signs with key" in said and "retired" in said
+    old = next((federation.root / "keys").glob("site-a.key.retired-*"))
+    (federation.root / "keys" / "old-site-a.key").write_bytes(old.read_bytes())
+    code, said = await cli(federation, "dataset", "list", "--as", "old-site-a")
+    assert code == 1 and "of actor site-a was retired at" in said
+    code, said = await cli(federation, "dataset", "list", "--as", "site-a")  # the new key
+    assert code == 0 and "ds-a" in said
+
+    await federation.model("model-2")  # a new job: the running worker still signs with the key it started with
+    (rejected,) = await next_events(federation.nats_url, "assay.v1.evt.result.rejected", 1)
+    assert "which site-a retired at" in rejected["data"]["reason"]
+    assert [row.model_id for row in (await federation.board()).rows] == ["model-1"]  # signed before: it stays
+    code, said = await cli(federation, "verify", "bench", "--as", "auditor")
+    assert code == 0, said

@@ -48,6 +48,8 @@ CASES = {
         dataset_id="ds-1", benchmark_id="bm", name="ds", content_hash=DIGEST, case_count=2, statistics={"cases": 2},
         preparator_digest=DIGEST),
         (m.Role.SITE,), "case_count", 0),
+    "RotateKey": Case("registry", lambda a: m.RotateKey(public_key=a.key("fresh").public_key), tuple(m.Role),
+                      "public_key", "x" * 43),
     "SuspendActor": Case("registry", lambda a: m.SuspendActor(actor_id="vendor", reason="key leaked"),
                          (m.Role.OPERATOR,), "reason", ""),
     "EditBenchmark": Case("registry", lambda a: m.EditBenchmark(benchmark=SPEC), (m.Role.BENCHMARK_OWNER,),

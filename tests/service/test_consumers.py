@@ -118,6 +118,11 @@ REVOKED = m.AssociationRevoked(benchmark_id="bm", kind=m.EntityKind.DATASET, ent
                                reason="the hospital withdrew its consent")
 
 
+def rotated(actors: Actors) -> m.ActorKeyRotated:
+    return m.ActorKeyRotated(actor_id="site-a", role=m.Role.SITE, public_key=actors.key("site-a-2").public_key,
+                             key_id=actors.key("site-a-2").key_id, previous_key_id=actors.key("site-a").key_id)
+
+
 SUSPENDED = m.ActorSuspended(actor_id="site-a", role=m.Role.SITE, suspended_by="operator", reason="key leaked")
 ARCHIVED = m.EntityArchived(kind=m.EntityType.MODEL, entity_id="model-1", archived_by="vendor", reason="superseded")
 EDITED = m.BenchmarkEdited(benchmark=SPEC.model_copy(update={"name": "Renamed"}), changed=("name",),
@@ -174,6 +179,12 @@ CASES: dict[tuple[str, str], Case] = {
         lambda a, x: a.learn(m.ModelRegistered(model_id="model-1", owner_id="vendor", name="m",
                                                image=m.ImageRef(digest=MODEL, name="m"))),
         lambda a, x: event(ARCHIVED)),
+    ("approval", "approval-key-rotated"): Case(
+        lambda a, x: a.learn(x.registered("site-a", m.Role.SITE)), lambda a, x: event(rotated(x)), True),
+    ("scheduling", "scheduling-key-rotated"): Case(
+        lambda a, x: a.learn(x.registered("site-a", m.Role.SITE)), lambda a, x: event(rotated(x)), True),
+    ("leaderboard", "leaderboard-key-rotated"): Case(
+        lambda a, x: a.learn(x.registered("site-a", m.Role.SITE)), lambda a, x: event(rotated(x)), True),
     ("approval", "approval-actor-suspended"): Case(
         lambda a, x: a.learn(x.registered("site-a", m.Role.SITE)), lambda a, x: event(SUSPENDED), True),
     ("scheduling", "scheduling-actor-suspended"): Case(a_job_of_a_known_site, lambda a, x: event(SUSPENDED), True),

@@ -128,6 +128,27 @@ def actor_register(name: str, role: Annotated[m.Role, typer.Option()], actor: As
     _send(m.RegisterActor(actor_id=name, role=role, public_key=public, display_name=display_name or name), actor)
 
 
+@keys_app.command("rotate")
+def keys_rotate(name: str) -> None:
+    """Replace key NAME with a new one, announced signed by the old: what the old key signed before stays valid,
+    nothing it signs from now on is accepted. The old key is kept aside (NAME.key.retired-TIME). A site worker
+    signs with the key it started with: restart it afterwards."""
+    import time
+
+    from contracts.signing import KeyPair
+
+    home = _home()
+    new = KeyPair.generate()
+    _send(m.RotateKey(public_key=new.public_key), name)
+    path = home.key_file(name)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for old in (path, path.with_suffix(".pub")):
+        if old.exists():
+            old.rename(old.with_name(f"{old.name}.retired-{stamp}"))
+    new.save(path)
+    console.print(f"[green]ok[/green] key {name}: {new.key_id} ({path}); the old one is in {path.name}.retired-{stamp}")
+
+
 @actor_app.command("suspend")
 def actor_suspend(name: str, actor: As,
                   reason: Annotated[str, typer.Option("--reason", help="why: told to every service and kept")]) -> None:

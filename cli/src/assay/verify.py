@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from contracts import subjects
 from contracts.catalog import EVENT_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.messages import (
+    ActorKeyRotated,
     ActorRegistered,
     ActorSuspended,
     AssociationApproved,
@@ -61,6 +63,7 @@ class World:
     consents: dict[str, Consents] = field(default_factory=dict)  # by benchmark: its pairs' revocations, approvals
     archived: dict[tuple[str, str], Withdrawal] = field(default_factory=dict)  # (kind, id) -> its archival
     suspended: dict[str, Withdrawal] = field(default_factory=dict)  # actor -> its suspension
+    retired: dict[str, datetime] = field(default_factory=dict)  # key id -> when its actor replaced it
 
     def consent(self, benchmark_id: str) -> Consents:
         return self.consents.setdefault(benchmark_id, Consents(revoked={}, approved={}))
@@ -72,7 +75,7 @@ def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World
     for subject, body in events:
         kind = kinds.get(subject)
         if kind not in (ActorRegistered, BenchmarkRegistered, BenchmarkApproved, AssociationApproved,
-                        AssociationRevoked, BenchmarkEdited, EntityArchived, ActorSuspended):
+                        AssociationRevoked, BenchmarkEdited, EntityArchived, ActorSuspended, ActorKeyRotated):
             continue
         envelope: Envelope[Payload] = Envelope[kind].model_validate_json(body)  # type: ignore[valid-type]
         try:
@@ -89,6 +92,11 @@ def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World
         elif isinstance(event, BenchmarkEdited) and event.benchmark.benchmark_id in world.benchmarks:
             key = event.benchmark.benchmark_id
             world.benchmarks[key] = world.benchmarks[key].model_copy(update={"benchmark": event.benchmark})
+        elif isinstance(event, ActorKeyRotated) and event.previous_key_id in world.actors:
+            earlier = world.actors[event.previous_key_id]
+            world.retired.setdefault(event.previous_key_id, envelope.time)
+            world.actors.setdefault(event.key_id, earlier.model_copy(update={"public_key": event.public_key,
+                                                                             "key_id": event.key_id}))
         elif isinstance(event, ActorSuspended):
             world.suspended.setdefault(event.actor_id, Withdrawal(
                 envelope.time, "the operator", event.reason,
@@ -127,8 +135,10 @@ def judged(envelope: Envelope[SiteResult], subject: str, world: World, benchmark
     result = envelope.data
     verdict = check_job(result, scheduler_key=trust.keys["scheduling"])
     if verdict.ok:
-        actor = world.actors.get(envelope.signature.key_id) if envelope.signature else None
-        signer = None if actor is None else Signer(actor.actor_id, actor.role, actor.public_key)
+        key_id = envelope.signature.key_id if envelope.signature else ""
+        actor = world.actors.get(key_id)
+        signer = None if actor is None else Signer(actor.actor_id, actor.role, actor.public_key,
+                                                   world.retired.get(key_id))
         verdict = check_origin(envelope, subject=subject, signer=signer)
     if verdict.ok:
         verdict = check_binding(result, job=result.job.data, benchmark=benchmark,

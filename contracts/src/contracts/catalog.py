@@ -9,6 +9,7 @@ from contracts.subjects import cmd, evt
 EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.ActorRegistered: evt("actor", "registered"),
     m.ActorSuspended: evt("actor", "suspended"),
+    m.ActorKeyRotated: evt("key", "rotated"),
     m.BenchmarkRegistered: evt("benchmark", "registered"),
     m.BenchmarkApproved: evt("benchmark", "approved"),
     m.BenchmarkEdited: evt("benchmark", "edited"),
@@ -32,7 +33,7 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
 # the one service that may publish each event: every consumer checks the event is signed by its key
 SERVICES = ("registry", "approval", "scheduling", "leaderboard")
 EVENT_PUBLISHERS: dict[type[Payload], str] = {
-    m.ActorRegistered: "registry", m.ActorSuspended: "registry", m.BenchmarkRegistered: "registry", m.ModelRegistered: "registry",
+    m.ActorRegistered: "registry", m.ActorSuspended: "registry", m.ActorKeyRotated: "registry", m.BenchmarkRegistered: "registry", m.ModelRegistered: "registry",
     m.DatasetRegistered: "registry", m.BenchmarkEdited: "registry", m.EntityArchived: "registry",
     m.BenchmarkApproved: "approval", m.AssociationRequested: "approval",
     m.AssociationApproved: "approval", m.BenchmarkRejected: "approval", m.AssociationInvited: "approval",
@@ -46,6 +47,7 @@ EVENT_PUBLISHERS: dict[type[Payload], str] = {
 COMMAND_SUBJECTS: dict[type[Payload], str] = {
     m.RegisterActor: cmd("registry", "register_actor"),
     m.SuspendActor: cmd("registry", "suspend_actor"),
+    m.RotateKey: cmd("registry", "rotate_key"),
     m.RegisterBenchmark: cmd("registry", "register_benchmark"),
     m.RegisterModel: cmd("registry", "register_model"),
     m.RegisterDataset: cmd("registry", "register_dataset"),

@@ -194,6 +194,21 @@ class RegisterActor(Payload):
         return check_public_key(value)
 
 
+class RotateKey(Payload):
+    """An actor replaces its key, signing with the one it replaces: what that key signed before stays valid, nothing
+    it signs from now on is accepted."""
+
+    TYPE: ClassVar[str] = "assay.v1.RotateKey"
+    public_key: str = Field(min_length=43, max_length=43, description="the new raw Ed25519 public key")
+
+    @field_validator("public_key")
+    @classmethod
+    def _is_ed25519(cls, value: str) -> str:
+        from contracts.signing import check_public_key
+
+        return check_public_key(value)
+
+
 class SuspendActor(Payload):
     """The operator stops an actor: nothing it signs is accepted from now on, its open jobs are cancelled, its
     results already on the board stay, marked."""
@@ -406,6 +421,15 @@ class ActorRegistered(Payload):
     public_key: str
     key_id: str
     display_name: Name
+
+
+class ActorKeyRotated(Payload):
+    TYPE: ClassVar[str] = "assay.v1.ActorKeyRotated"
+    actor_id: Id
+    role: Role
+    public_key: str
+    key_id: str
+    previous_key_id: str
 
 
 class ActorSuspended(Payload):
@@ -843,7 +867,7 @@ class DeadLetter(Payload):
 
 
 COMMANDS: tuple[type[Payload], ...] = (
-    RegisterActor, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity, ApproveBenchmark, RejectBenchmark, RegisterModel,
+    RegisterActor, RotateKey, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity, ApproveBenchmark, RejectBenchmark, RegisterModel,
     RegisterDataset,
     RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
     SetApprovalPolicy, GrantImageKey,
@@ -853,7 +877,7 @@ QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, G
 REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails,
                                       AssociationList, EntityList)
 EVENTS: tuple[type[Payload], ...] = (
-    ActorRegistered, ActorSuspended, BenchmarkRegistered, BenchmarkEdited, EntityArchived, BenchmarkApproved, BenchmarkRejected,
+    ActorRegistered, ActorKeyRotated, ActorSuspended, BenchmarkRegistered, BenchmarkEdited, EntityArchived, BenchmarkApproved, BenchmarkRejected,
     ModelRegistered, DatasetRegistered,
     AssociationRequested, AssociationInvited, AssociationApproved, AssociationRejected, AssociationRevoked,
     ApprovalPolicySet, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected, LeaderboardUpdated,

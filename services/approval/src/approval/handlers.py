@@ -10,7 +10,7 @@ from approval import consent, domain
 from approval.models import ApprovalPolicy, Association, AssociationEntry, Benchmark, Entity
 from contracts import messages as m
 from contracts.envelope import Envelope, utcnow
-from service_kit.actors import authenticate, remember_actor, remember_suspension
+from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import UnitOfWork
@@ -236,6 +236,11 @@ async def learn_archival(archived: Envelope[m.EntityArchived], uow: UnitOfWork) 
         uow.session.add(row)
 
 
+async def learn_rotation(rotated: Envelope[m.ActorKeyRotated], uow: UnitOfWork) -> None:
+    """The actor's new key from now on; the old one kept, retired, for what it signed before."""
+    await remember_rotation(uow.session, rotated.data, rotated.time)
+
+
 async def learn_suspension(suspended: Envelope[m.ActorSuspended], uow: UnitOfWork) -> None:
     await remember_suspension(uow.session, suspended.data, suspended.time)
 
@@ -269,7 +274,7 @@ WIRING = Wiring(
         approve_benchmark, reject_benchmark, request_association, invite_association, approve_association,
         reject_association, revoke_association, set_approval_policy, list_associations)),
     consumers=tuple(Consumer(learn) for learn in (learn_actor, learn_benchmark, learn_model, learn_dataset,
-                                                  learn_archival, learn_suspension)),
+                                                  learn_archival, learn_suspension, learn_rotation)),
     publishes=tuple(Outlet.event(e) for e in (
         m.BenchmarkApproved, m.BenchmarkRejected, m.AssociationRequested, m.AssociationInvited, m.AssociationApproved,
         m.AssociationRejected, m.AssociationRevoked, m.ApprovalPolicySet)),

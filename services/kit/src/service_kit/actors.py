@@ -9,7 +9,7 @@ from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts.envelope import Envelope, Payload
-from contracts.messages import ActorRegistered, ActorSuspended, Role
+from contracts.messages import ActorKeyRotated, ActorRegistered, ActorSuspended, Role
 from contracts.signing import SignatureError, verify
 from service_kit.edge import NotYetKnown, Refused
 
@@ -25,6 +25,28 @@ class KnownActor(SQLModel, table=True):
     display_name: str = Field(max_length=200)
     suspended: str | None = Field(default=None, max_length=2000)  # the operator's reason: nothing it signs counts
     suspended_at: datetime | None = None
+
+
+class RetiredKey(SQLModel, table=True):
+    """A key an actor replaced: what it signed before `retired_at` stays valid; nothing after."""
+
+    __tablename__ = "retired_key"
+    key_id: str = Field(primary_key=True, max_length=64)
+    actor_id: str = Field(max_length=64)
+    public_key: str = Field(max_length=64)
+    retired_at: datetime
+
+
+async def remember_rotation(session: AsyncSession, event: ActorKeyRotated, at: datetime) -> None:
+    """The actor signs with its new key from `at`; its old one is kept, retired, to check what it signed before."""
+    actor = await session.get(KnownActor, event.actor_id)
+    if actor is None:
+        raise NotYetKnown(f"actor {event.actor_id}'s key rotated before its registration arrived")
+    if actor.key_id != event.previous_key_id:
+        return  # this rotation (or a later one) is already here
+    session.add(RetiredKey(key_id=actor.key_id, actor_id=actor.actor_id, public_key=actor.public_key, retired_at=at))
+    actor.public_key, actor.key_id = event.public_key, event.key_id
+    session.add(actor)
 
 
 async def remember_actor(session: AsyncSession, event: ActorRegistered) -> None:
@@ -49,6 +71,9 @@ async def authenticate(session: AsyncSession, envelope: Envelope[P], *roles: Rol
         raise Refused("the command is not signed; sign it with your actor key (assay ... --as NAME)")
     key_id = envelope.signature.key_id
     actor = (await session.exec(select(KnownActor).where(KnownActor.key_id == key_id))).first()
+    if actor is None and (retired := await session.get(RetiredKey, key_id)) is not None:
+        raise Refused(f"key {key_id} of actor {retired.actor_id} was retired at "
+                      f"{retired.retired_at.isoformat(timespec='seconds')}; sign with its new key")
     if actor is None:
         raise NotYetKnown(f"key {key_id} belongs to no registered actor; ask the operator to register it")
     try:

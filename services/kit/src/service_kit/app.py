@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings
 from assay_telemetry import nats_middlewares
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
-from service_kit.actors import KnownActor
+from service_kit.actors import KnownActor, RetiredKey
 from service_kit.connection import connection_options, inbox_of
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.inbox import ProcessedMessage
@@ -25,7 +25,8 @@ from service_kit.trust import Trust
 from service_kit.wiring import Wiring
 from service_kit.work import Units
 
-KIT_TABLES = [OutboxMessage.__table__, ProcessedMessage.__table__, KnownActor.__table__]  # type: ignore[attr-defined]
+KIT_TABLES = [OutboxMessage.__table__, ProcessedMessage.__table__, KnownActor.__table__,  # type: ignore[attr-defined]
+              RetiredKey.__table__]  # type: ignore[attr-defined]
 
 
 class ServiceSettings(BaseSettings):

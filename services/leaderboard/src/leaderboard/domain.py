@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from contracts import subjects
@@ -63,6 +64,7 @@ class Signer:
     actor_id: str
     role: str
     public_key: str
+    retired_at: datetime | None = None  # the actor replaced this key then: nothing signed later with it counts
 
 
 def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer | None) -> Verdict:
@@ -81,6 +83,10 @@ def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer
         verify(envelope, signer.public_key)
     except SignatureError as exc:
         return Verdict.reject(Check.SIGNATURE, f"{exc} (key {key_id} of {signer.actor_id})")
+    if signer.retired_at is not None and _utc(envelope.time) >= _utc(signer.retired_at):
+        return Verdict.reject(Check.SIGNATURE, f"signed at {envelope.time.isoformat(timespec='seconds')} with key "
+                                               f"{key_id}, which {signer.actor_id} retired at "
+                                               f"{signer.retired_at.isoformat(timespec='seconds')}")
     if signer.role != Role.SITE:
         return Verdict.reject(Check.SIGNER_ROLE,
                               f"signed by {signer.actor_id}, whose role is {signer.role}; only a site signs results")
@@ -92,6 +98,10 @@ def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer
         return Verdict.reject(Check.SUBJECT,
                               f"published on {subject}, but a result of site {result.site_id} travels on {expected}")
     return ACCEPTED
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def check_job(result: SiteResult, *, scheduler_key: str) -> Verdict:

@@ -12,6 +12,7 @@ from faststream import Context
 from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.messages import (
+    ActorKeyRotated,
     ActorRegistered,
     ActorSuspended,
     AssociationApproved,
@@ -32,7 +33,7 @@ from leaderboard.current import Boards
 from leaderboard.withdrawn import counts, marked, marks, with_archives, with_suspensions
 from leaderboard.sharing import NOBODY, Asker, announcement, view
 from leaderboard.store import Listed, Store
-from service_kit.actors import authenticate, remember_actor, remember_suspension
+from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import Delivery, NotYetKnown, Refused, outside_window
 from service_kit.trust import Trust
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
@@ -73,6 +74,11 @@ async def current(store: Store, benchmark: BenchmarkSpec, boards: Boards) -> tup
         board = board.model_copy(update={"archived": f"archived by {retired.by} on {retired.at:%Y-%m-%d %H:%M}: "
                                                      f"{retired.reason}"})
     return board, listing
+
+
+async def learn_rotation(rotated: Envelope[ActorKeyRotated], uow: UnitOfWork) -> None:
+    """The actor's new key from now on; the old one kept, retired, for what it signed before."""
+    await remember_rotation(uow.session, rotated.data, rotated.time)
 
 
 async def learn_suspension(suspended: Envelope[ActorSuspended], uow: UnitOfWork) -> None:
@@ -211,6 +217,7 @@ WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     consumers=(Consumer(learn_actor), Consumer(learn_benchmark), Consumer(learn_revocation), Consumer(learn_consent),
                Consumer(learn_edit), Consumer(learn_archival), Consumer(learn_suspension),
+               Consumer(learn_rotation),
                Consumer(record_result, subject=subjects.RESULTS_ALL)),
     requests=(Request(show_leaderboard),),
     publishes=tuple(Outlet.event(e) for e in (ResultAccepted, ResultRejected, LeaderboardUpdated)),

@@ -18,7 +18,7 @@ from leaderboard.board import Score
 from leaderboard.domain import Signer
 from leaderboard.models import AcceptedResult, Archived, KnownBenchmark, PairConsent, ParkedResult
 from leaderboard.withdrawn import Consents, Withdrawal
-from service_kit.actors import KnownActor
+from service_kit.actors import KnownActor, RetiredKey
 from service_kit.inbox import digest
 
 
@@ -90,9 +90,15 @@ class Store:
         return [(Envelope[SiteResult].model_validate_json(row.body), row.subject, row.waiting_for) for row in rows]
 
     async def signer(self, key_id: str) -> Signer | None:
+        """The actor holding `key_id`, or that held it until it retired it (with when)."""
         actor = (await self.session.exec(select(KnownActor).where(KnownActor.key_id == key_id))).first()
-        return None if actor is None else Signer(actor_id=actor.actor_id, role=actor.role,
-                                                 public_key=actor.public_key)
+        if actor is not None:
+            return Signer(actor_id=actor.actor_id, role=actor.role, public_key=actor.public_key)
+        if (retired := await self.session.get(RetiredKey, key_id)) is None:
+            return None
+        holder = await self.session.get(KnownActor, retired.actor_id)
+        return None if holder is None else Signer(actor_id=holder.actor_id, role=holder.role,
+                                                  public_key=retired.public_key, retired_at=retired.retired_at)
 
     async def knows(self, actor_id: str) -> bool:
         """Whether `actor_id` is registered here (with the one key it may sign with: the first registration wins)."""

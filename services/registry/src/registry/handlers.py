@@ -10,7 +10,7 @@ from contracts.signing import key_id_of
 from registry import lifecycle
 from registry.listing import listed
 from registry.models import Benchmark, Dataset, Model, Status
-from service_kit.actors import KnownActor, authenticate
+from service_kit.actors import KnownActor, RetiredKey, authenticate, remember_rotation
 from service_kit.edge import NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
@@ -31,6 +31,23 @@ async def register_actor(command: Envelope[m.RegisterActor], uow: UnitOfWork) ->
         raise Refused(f"public_key is already enrolled as actor {holder.actor_id}; every actor has its own key")
     enrol(uow, cmd.actor_id, cmd.role, cmd.public_key, cmd.display_name)
     return m.CommandReply(ok=True, message=f"registered {cmd.role.value} {cmd.actor_id}")
+
+
+async def rotate_key(command: Envelope[m.RotateKey], uow: UnitOfWork) -> m.CommandReply:
+    """An actor replaces its key, signing with the one it replaces."""
+    actor = await authenticate(uow.session, command)
+    new_key, new_id = command.data.public_key, key_id_of(command.data.public_key)
+    if new_id == actor.key_id:
+        return m.CommandReply(ok=True, message=f"actor {actor.actor_id} holds this key already")
+    taken = (await uow.session.exec(select(KnownActor).where(KnownActor.key_id == new_id))).first()
+    if taken is not None or await uow.session.get(RetiredKey, new_id) is not None:
+        raise Refused("public_key is enrolled already (or was once): every actor has a key of its own, used once")
+    event = m.ActorKeyRotated(actor_id=actor.actor_id, role=m.Role(actor.role), public_key=new_key, key_id=new_id,
+                              previous_key_id=actor.key_id)
+    await remember_rotation(uow.session, event, utcnow())
+    uow.emit(event)
+    return m.CommandReply(ok=True, message=f"actor {actor.actor_id} signs with key {new_id} from now on; key "
+                                           f"{event.previous_key_id} is retired (what it signed before stays valid)")
 
 
 async def suspend_actor(command: Envelope[m.SuspendActor], uow: UnitOfWork) -> m.CommandReply:
@@ -184,11 +201,12 @@ async def mark_operational(approved: Envelope[m.BenchmarkApproved], uow: UnitOfW
 
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
-    requests=tuple(Request(handle) for handle in (register_actor, suspend_actor, register_benchmark, register_model,
+    requests=tuple(Request(handle) for handle in (register_actor, rotate_key, suspend_actor, register_benchmark,
+                                                  register_model,
                                                   register_dataset, edit_benchmark, archive_entity, get_benchmark,
                                                   list_entities)),
     consumers=(Consumer(mark_operational),),
     publishes=tuple(Outlet.event(event) for event in (m.ActorRegistered, m.BenchmarkRegistered, m.ModelRegistered,
                                                        m.DatasetRegistered, m.BenchmarkEdited, m.EntityArchived,
-                                                       m.ActorSuspended)),
+                                                       m.ActorSuspended, m.ActorKeyRotated)),
 )

@@ -17,7 +17,7 @@ from contracts.envelope import Envelope, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, plan_jobs
 from scheduling.models import Benchmark, Dataset, ImageKey, Job, Member, Model
-from service_kit.actors import authenticate, remember_actor, remember_suspension
+from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import Delivery, NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
@@ -139,6 +139,11 @@ async def learn_archival(archived: Envelope[m.EntityArchived], uow: UnitOfWork) 
         uow.session.add(row)
     await cancel_open(uow, select(Job).where(column == gone.entity_id),
                       f"{gone.kind.value} {gone.entity_id} was archived by {gone.archived_by}: {gone.reason}")
+
+
+async def learn_rotation(rotated: Envelope[m.ActorKeyRotated], uow: UnitOfWork) -> None:
+    """The actor's new key from now on; the old one kept, retired, for what it signed before."""
+    await remember_rotation(uow.session, rotated.data, rotated.time)
 
 
 async def learn_suspension(suspended: Envelope[m.ActorSuspended], uow: UnitOfWork) -> None:
@@ -265,7 +270,7 @@ WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     consumers=(*(Consumer(handle) for handle in (learn_actor, learn_benchmark, learn_approval, learn_model,
                                                  learn_dataset, learn_association, learn_revocation, learn_archival,
-                                                 learn_edit, learn_suspension, mark_done)),
+                                                 learn_edit, learn_suspension, learn_rotation, mark_done)),
                Consumer(record_report, subject=subjects.REPORTS_ALL)),
     requests=(Request(list_jobs), Request(get_job), Request(grant_image_key)),
     publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec)),
