@@ -203,3 +203,26 @@ async def test_only_its_owner_archives_an_entity_and_an_archived_benchmark_chang
     listed = m.EntityList.model_validate(await registry.ask(actors.sign("owner", m.ListEntities(
         kind=m.EntityType.MODEL, state="ARCHIVED"))))
     assert [e.entity_id for e in listed.entities] == ["model-1"]
+
+
+async def test_an_organisation_enrols_actors_who_may_hold_several_roles_in_it(registry, actors):
+    missing = await registry.ask(actors.sign("operator", m.RegisterActor(
+        actor_id="leeds", role=m.Role.SITE, also=(m.Role.MODEL_OWNER,), organisation="uh-leeds",
+        public_key=actors.key("leeds").public_key, display_name="Leeds")))
+    org = await registry.ask(actors.sign("operator", m.RegisterOrganisation(organisation_id="uh-leeds",
+                                                                            name="Leeds Teaching Hospitals")))
+    enrolled = await registry.ask(actors.sign("operator", m.RegisterActor(
+        actor_id="leeds", role=m.Role.SITE, also=(m.Role.MODEL_OWNER,), organisation="uh-leeds",
+        public_key=actors.key("leeds").public_key, display_name="Leeds")))
+    model = await registry.ask(actors.sign("leeds", m.RegisterModel(model_id="leeds-net", name="n", image=IMAGE)))
+    bench = await registry.ask(actors.sign("leeds", m.RegisterBenchmark(benchmark=SPEC)))
+
+    assert missing["message"].startswith("organisation 'uh-leeds' is not registered; enrol it first")
+    assert org["ok"] and enrolled["message"] == "registered site leeds (also model_owner) of uh-leeds"
+    assert model["ok"]  # a hospital may also own a model
+    assert bench["message"] == "actor leeds has roles site, model_owner; this command needs benchmark_owner"
+    [event] = [e for e in registry.events(m.ActorRegistered) if e.actor_id == "leeds"]
+    assert (event.also, event.organisation) == ((m.Role.MODEL_OWNER,), "uh-leeds")
+    listed = m.EntityList.model_validate(await registry.ask(actors.sign("leeds", m.ListEntities(
+        kind=m.EntityType.ACTOR, owner="uh-leeds"))))
+    assert [(e.entity_id, e.detail["also"]) for e in listed.entities] == [("leeds", "model_owner")]

@@ -73,6 +73,12 @@ def test_a_policy_approves_the_allowed_at_once_and_leaves_others_to_the_owner():
     assert request(fresh(entity_owner="other"), "other", NOW, Policy(mode="always")).schedulable
 
 
+def test_an_allow_list_may_name_an_organisation_whose_actors_it_then_approves():
+    allow = Policy(mode="allow", allowed=frozenset({"uh-leeds"}))
+    assert request(fresh(entity_owner="leeds-site"), "leeds-site", NOW, allow, organisation="uh-leeds").schedulable
+    assert not request(fresh(entity_owner="york"), "york", NOW, allow, organisation="uh-york").schedulable
+
+
 def test_nobody_approves_their_own_request_even_holding_both_sides():
     both = fresh(benchmark_owner="hospital", entity_owner="hospital")
     asked = request(both, "hospital", NOW, Policy(mode="always"))

@@ -111,6 +111,9 @@ def keys_new(name: str) -> None:
 @actor_app.command("register")
 def actor_register(name: str, role: Annotated[m.Role, typer.Option()], actor: As,
                    display_name: Annotated[str | None, typer.Option()] = None,
+                   also: Annotated[list[m.Role] | None, typer.Option(
+                       help="another role it holds (a hospital that also owns a model); repeat")] = None,
+                   organisation: Annotated[str | None, typer.Option(help="the organisation it acts for")] = None,
                    public_key: Annotated[str | None, typer.Option(
                        help="the public key the actor sent you: its .pub file, or the key itself; by default "
                             "keys/NAME.pub of this installation")] = None) -> None:
@@ -125,7 +128,19 @@ def actor_register(name: str, role: Annotated[m.Role, typer.Option()], actor: As
     except FileNotFoundError as exc:
         say_error(str(exc))
         raise typer.Exit(1) from exc
-    _send(m.RegisterActor(actor_id=name, role=role, public_key=public, display_name=display_name or name), actor)
+    _send(m.RegisterActor(actor_id=name, role=role, public_key=public, display_name=display_name or name,
+                          also=tuple(also or ()), organisation=organisation), actor)
+
+
+organisation_app = typer.Typer(help="Organisations (operator): hospitals, vendors, committees.", no_args_is_help=True)
+app.add_typer(organisation_app, name="organisation")
+organisation_app.command("list")(lister(m.EntityType.ORGANISATION))
+
+
+@organisation_app.command("register")
+def organisation_register(organisation_id: str, actor: As, name: Annotated[str, typer.Option(help="its name")]) -> None:
+    """Enrol an organisation (operator); its actors are then registered with --organisation ID."""
+    _send(m.RegisterOrganisation(organisation_id=organisation_id, name=name), actor)
 
 
 @keys_app.command("rotate")

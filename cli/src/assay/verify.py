@@ -138,7 +138,7 @@ def judged(envelope: Envelope[SiteResult], subject: str, world: World, benchmark
         key_id = envelope.signature.key_id if envelope.signature else ""
         actor = world.actors.get(key_id)
         signer = None if actor is None else Signer(actor.actor_id, actor.role, actor.public_key,
-                                                   world.retired.get(key_id))
+                                                   world.retired.get(key_id), tuple(actor.also))
         verdict = check_origin(envelope, subject=subject, signer=signer)
     if verdict.ok:
         verdict = check_binding(result, job=result.job.data, benchmark=benchmark,

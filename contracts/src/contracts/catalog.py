@@ -10,6 +10,7 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.ActorRegistered: evt("actor", "registered"),
     m.ActorSuspended: evt("actor", "suspended"),
     m.ActorKeyRotated: evt("key", "rotated"),
+    m.OrganisationRegistered: evt("organisation", "registered"),
     m.BenchmarkRegistered: evt("benchmark", "registered"),
     m.BenchmarkApproved: evt("benchmark", "approved"),
     m.BenchmarkEdited: evt("benchmark", "edited"),
@@ -33,7 +34,7 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
 # the one service that may publish each event: every consumer checks the event is signed by its key
 SERVICES = ("registry", "approval", "scheduling", "leaderboard")
 EVENT_PUBLISHERS: dict[type[Payload], str] = {
-    m.ActorRegistered: "registry", m.ActorSuspended: "registry", m.ActorKeyRotated: "registry", m.BenchmarkRegistered: "registry", m.ModelRegistered: "registry",
+    m.ActorRegistered: "registry", m.ActorSuspended: "registry", m.ActorKeyRotated: "registry", m.OrganisationRegistered: "registry", m.BenchmarkRegistered: "registry", m.ModelRegistered: "registry",
     m.DatasetRegistered: "registry", m.BenchmarkEdited: "registry", m.EntityArchived: "registry",
     m.BenchmarkApproved: "approval", m.AssociationRequested: "approval",
     m.AssociationApproved: "approval", m.BenchmarkRejected: "approval", m.AssociationInvited: "approval",
@@ -48,6 +49,7 @@ COMMAND_SUBJECTS: dict[type[Payload], str] = {
     m.RegisterActor: cmd("registry", "register_actor"),
     m.SuspendActor: cmd("registry", "suspend_actor"),
     m.RotateKey: cmd("registry", "rotate_key"),
+    m.RegisterOrganisation: cmd("registry", "register_organisation"),
     m.RegisterBenchmark: cmd("registry", "register_benchmark"),
     m.RegisterModel: cmd("registry", "register_model"),
     m.RegisterDataset: cmd("registry", "register_dataset"),

@@ -35,6 +35,7 @@ class EntityType(StrEnum):
     MODEL = "model"
     DATASET = "dataset"
     ACTOR = "actor"
+    ORGANISATION = "organisation"
 
 
 class JobState(StrEnum):
@@ -185,6 +186,9 @@ class RegisterActor(Payload):
     role: Role
     public_key: str = Field(min_length=43, max_length=43, description="raw Ed25519 public key, url-safe base64")
     display_name: Name
+    also: tuple[Role, ...] = Field(default=(), max_length=5, description="more roles it holds, in its organisation "
+                                                                         "(a hospital that also owns a model)")
+    organisation: Id | None = Field(default=None, description="the organisation it acts for (registered first)")
 
     @field_validator("public_key")
     @classmethod
@@ -192,6 +196,14 @@ class RegisterActor(Payload):
         from contracts.signing import check_public_key
 
         return check_public_key(value)
+
+
+class RegisterOrganisation(Payload):
+    """The operator enrols an organisation (a hospital, a vendor, a committee); its actors are registered in it."""
+
+    TYPE: ClassVar[str] = "assay.v1.RegisterOrganisation"
+    organisation_id: Id
+    name: Name
 
 
 class RotateKey(Payload):
@@ -421,6 +433,15 @@ class ActorRegistered(Payload):
     public_key: str
     key_id: str
     display_name: Name
+    also: tuple[Role, ...] = ()
+    organisation: Id | None = None
+
+
+class OrganisationRegistered(Payload):
+    TYPE: ClassVar[str] = "assay.v1.OrganisationRegistered"
+    organisation_id: Id
+    name: Name
+    registered_by: Id
 
 
 class ActorKeyRotated(Payload):
@@ -867,7 +888,7 @@ class DeadLetter(Payload):
 
 
 COMMANDS: tuple[type[Payload], ...] = (
-    RegisterActor, RotateKey, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity, ApproveBenchmark, RejectBenchmark, RegisterModel,
+    RegisterActor, RegisterOrganisation, RotateKey, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity, ApproveBenchmark, RejectBenchmark, RegisterModel,
     RegisterDataset,
     RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
     SetApprovalPolicy, GrantImageKey,
@@ -877,7 +898,7 @@ QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, G
 REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails,
                                       AssociationList, EntityList)
 EVENTS: tuple[type[Payload], ...] = (
-    ActorRegistered, ActorKeyRotated, ActorSuspended, BenchmarkRegistered, BenchmarkEdited, EntityArchived, BenchmarkApproved, BenchmarkRejected,
+    ActorRegistered, OrganisationRegistered, ActorKeyRotated, ActorSuspended, BenchmarkRegistered, BenchmarkEdited, EntityArchived, BenchmarkApproved, BenchmarkRejected,
     ModelRegistered, DatasetRegistered,
     AssociationRequested, AssociationInvited, AssociationApproved, AssociationRejected, AssociationRevoked,
     ApprovalPolicySet, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected, LeaderboardUpdated,

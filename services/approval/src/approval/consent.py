@@ -92,8 +92,9 @@ class Policy:
     mode: str = "never"  # never | always | allow
     allowed: frozenset[str] = frozenset()
 
-    def approves(self, requester: str) -> bool:
-        return self.mode == "always" or (self.mode == "allow" and requester in self.allowed)
+    def approves(self, requester: str, organisation: str | None = None) -> bool:
+        return self.mode == "always" or (self.mode == "allow" and (
+            requester in self.allowed or (organisation is not None and organisation in self.allowed)))
 
 
 def _reason(reason: str, what: str) -> str:
@@ -102,7 +103,7 @@ def _reason(reason: str, what: str) -> str:
     return reason.strip()
 
 
-def request(pair: Pair, actor: str, at: datetime, policy: Policy = Policy()) -> Pair:
+def request(pair: Pair, actor: str, at: datetime, policy: Policy = Policy(), organisation: str | None = None) -> Pair:
     """The entity's owner asks to join; the benchmark's policy may approve at once. Asking on an invitation
     accepts it."""
     if actor != pair.entity_owner:
@@ -112,7 +113,7 @@ def request(pair: Pair, actor: str, at: datetime, policy: Policy = Policy()) -> 
     if pair.status not in OPEN:
         raise Already(f"already {pair.status.lower()}")  # type: ignore[union-attr]
     asked = pair._then(Entry(Action.REQUESTED, actor, at))
-    if policy.approves(actor) and actor != pair.benchmark_owner:
+    if policy.approves(actor, organisation) and actor != pair.benchmark_owner:
         return asked._then(Entry(Action.APPROVED, pair.benchmark_owner, at, by_policy=True))
     return asked
 

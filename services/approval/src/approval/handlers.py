@@ -113,7 +113,7 @@ def announcement(entry: consent.Entry, benchmark_id: str, kind: m.EntityKind, en
 
 async def decide(uow: UnitOfWork, command: Envelope[m.Payload], benchmark_id: str, kind: m.EntityKind, entity_id: str,
                  step, *roles: m.Role, joining: bool = False) -> m.CommandReply:  # type: ignore[no-untyped-def]
-    """Authenticate, load the pair, take the step (a consent function of the pair, the actor and the policy), save.
+    """Authenticate, load the pair, take the step (a function of the pair, the actor who signed and the policy), save.
     `joining`: a request or invitation, which only a benchmark the operator approved takes. What is already so (the
     same command sent twice) says so and changes nothing."""
     actor = await authenticate(uow.session, command, *roles)
@@ -124,7 +124,7 @@ async def decide(uow: UnitOfWork, command: Envelope[m.Payload], benchmark_id: st
     if joining and (entity := await uow.session.get(Entity, (kind.value, entity_id))) and entity.archived:
         raise Refused(f"{kind.value} {entity_id} is archived: it joins nothing any more")
     try:
-        after = step(pair, actor.actor_id, await pairs.policy(benchmark_id, kind))
+        after = step(pair, actor, await pairs.policy(benchmark_id, kind))
     except consent.Already as already:
         return m.CommandReply(ok=True, message=str(already))
     except consent.Refusal as refusal:
@@ -151,33 +151,33 @@ async def request_association(command: Envelope[m.RequestAssociation], uow: Unit
     cmd = command.data
     role = m.Role.MODEL_OWNER if cmd.kind is m.EntityKind.MODEL else m.Role.SITE
     return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                        lambda pair, actor, policy: consent.request(pair, actor, utcnow(), policy), role,
-                        joining=True)
+                        lambda pair, actor, policy: consent.request(pair, actor.actor_id, utcnow(), policy,
+                                                                    actor.organisation), role, joining=True)
 
 
 async def invite_association(command: Envelope[m.InviteAssociation], uow: UnitOfWork) -> m.CommandReply:
     cmd = command.data
     return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                        lambda pair, actor, _: consent.invite(pair, actor, utcnow()), m.Role.BENCHMARK_OWNER,
+                        lambda pair, actor, _: consent.invite(pair, actor.actor_id, utcnow()), m.Role.BENCHMARK_OWNER,
                         joining=True)
 
 
 async def approve_association(command: Envelope[m.ApproveAssociation], uow: UnitOfWork) -> m.CommandReply:
     cmd = command.data
     return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                        lambda pair, actor, _: consent.approve(pair, actor, utcnow()), m.Role.BENCHMARK_OWNER)
+                        lambda pair, actor, _: consent.approve(pair, actor.actor_id, utcnow()), m.Role.BENCHMARK_OWNER)
 
 
 async def reject_association(command: Envelope[m.RejectAssociation], uow: UnitOfWork) -> m.CommandReply:
     cmd = command.data
     return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                        lambda pair, actor, _: consent.reject(pair, actor, cmd.reason, utcnow()), *SIDES)
+                        lambda pair, actor, _: consent.reject(pair, actor.actor_id, cmd.reason, utcnow()), *SIDES)
 
 
 async def revoke_association(command: Envelope[m.RevokeAssociation], uow: UnitOfWork) -> m.CommandReply:
     cmd = command.data
     return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                        lambda pair, actor, _: consent.revoke(pair, actor, cmd.reason, utcnow()), *SIDES)
+                        lambda pair, actor, _: consent.revoke(pair, actor.actor_id, cmd.reason, utcnow()), *SIDES)
 
 
 async def set_approval_policy(command: Envelope[m.SetApprovalPolicy], uow: UnitOfWork) -> m.CommandReply:
@@ -187,7 +187,7 @@ async def set_approval_policy(command: Envelope[m.SetApprovalPolicy], uow: UnitO
     if benchmark.owner_id != owner.actor_id:
         raise Refused(f"only the owner of benchmark {cmd.benchmark_id} ({benchmark.owner_id}) sets its policies")
     if cmd.mode is m.ApprovalMode.ALLOW and not cmd.allowed:
-        raise Refused("an allow-list policy needs the actors it approves (--allow ACTOR, repeated)")
+        raise Refused("an allow-list policy needs the actors or organisations it approves (--allow ID, repeated)")
     row = await uow.session.get(ApprovalPolicy, (cmd.benchmark_id, cmd.kind.value)) or ApprovalPolicy(
         benchmark_id=cmd.benchmark_id, kind=cmd.kind.value, mode=cmd.mode.value)
     row.mode, row.allowed = cmd.mode.value, sorted(cmd.allowed) if cmd.mode is m.ApprovalMode.ALLOW else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TypeVar
 
+from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -23,6 +24,8 @@ class KnownActor(SQLModel, table=True):
     public_key: str = Field(max_length=64)
     key_id: str = Field(unique=True, max_length=64)
     display_name: str = Field(max_length=200)
+    also: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # more roles it holds
+    organisation: str | None = Field(default=None, max_length=64)
     suspended: str | None = Field(default=None, max_length=2000)  # the operator's reason: nothing it signs counts
     suspended_at: datetime | None = None
 
@@ -82,7 +85,8 @@ async def authenticate(session: AsyncSession, envelope: Envelope[P], *roles: Rol
         raise Refused(f"signature check failed: {exc}") from exc
     if actor.suspended is not None:
         raise Refused(f"actor {actor.actor_id} is suspended by the operator: {actor.suspended}")
-    if roles and actor.role not in roles:
+    if roles and not {actor.role, *actor.also} & {r.value for r in roles}:
         allowed = ", ".join(r.value for r in roles)
-        raise Refused(f"actor {actor.actor_id} has role {actor.role}; this command needs {allowed}")
+        held = f"role {actor.role}" if not actor.also else f"roles {', '.join([actor.role, *actor.also])}"
+        raise Refused(f"actor {actor.actor_id} has {held}; this command needs {allowed}")
     return actor

@@ -65,6 +65,7 @@ class Signer:
     role: str
     public_key: str
     retired_at: datetime | None = None  # the actor replaced this key then: nothing signed later with it counts
+    also: tuple[str, ...] = ()  # the other roles it holds
 
 
 def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer | None) -> Verdict:
@@ -87,7 +88,7 @@ def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer
         return Verdict.reject(Check.SIGNATURE, f"signed at {envelope.time.isoformat(timespec='seconds')} with key "
                                                f"{key_id}, which {signer.actor_id} retired at "
                                                f"{signer.retired_at.isoformat(timespec='seconds')}")
-    if signer.role != Role.SITE:
+    if Role.SITE not in (signer.role, *signer.also):
         return Verdict.reject(Check.SIGNER_ROLE,
                               f"signed by {signer.actor_id}, whose role is {signer.role}; only a site signs results")
     if signer.actor_id != result.site_id:

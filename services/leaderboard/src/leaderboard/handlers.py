@@ -206,7 +206,7 @@ async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork, bo
         if late := outside_window(query, utcnow()):
             raise Refused(late)
         actor = await authenticate(uow.session, query)
-        asker = Asker(actor.actor_id, actor.role)
+        asker = Asker(actor.actor_id, actor.role, tuple(actor.also))
     board, listing = await current(store, benchmark, boards)
     return view(board, benchmark, owner_id=await store.owner(benchmark_id) or "", asker=asker,
                 model_owners={row.model_id: row.model_owner for row in listing},

@@ -22,6 +22,10 @@ class Asker:
 
     actor_id: str | None = None
     role: str | None = None
+    also: tuple[str, ...] = ()  # the other roles it holds
+
+    def holds(self, role: Role) -> bool:
+        return role in (self.role, *self.also)
 
 
 NOBODY = Asker()
@@ -33,7 +37,7 @@ def pseudonyms(sites_in_order: Sequence[str]) -> dict[str, str]:
 
 
 def sees_everything(asker: Asker, owner_id: str) -> bool:
-    return asker.role == Role.AUDITOR or (asker.actor_id is not None and asker.actor_id == owner_id)
+    return asker.holds(Role.AUDITOR) or (asker.actor_id is not None and asker.actor_id == owner_id)
 
 
 def view(board: Leaderboard, benchmark: BenchmarkSpec, *, owner_id: str, asker: Asker,
@@ -46,7 +50,7 @@ def view(board: Leaderboard, benchmark: BenchmarkSpec, *, owner_id: str, asker: 
     rows, hidden = [], 0
     for row in board.rows:
         own = asker.actor_id is not None and model_owners.get(row.model_id) == asker.actor_id
-        ran_here = asker.role == Role.SITE and asker.actor_id in row.site_values
+        ran_here = asker.holds(Role.SITE) and asker.actor_id in row.site_values
         if not (own or ran_here or public):
             hidden += 1
             continue

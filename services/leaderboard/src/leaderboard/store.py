@@ -93,12 +93,14 @@ class Store:
         """The actor holding `key_id`, or that held it until it retired it (with when)."""
         actor = (await self.session.exec(select(KnownActor).where(KnownActor.key_id == key_id))).first()
         if actor is not None:
-            return Signer(actor_id=actor.actor_id, role=actor.role, public_key=actor.public_key)
+            return Signer(actor_id=actor.actor_id, role=actor.role, public_key=actor.public_key,
+                          also=tuple(actor.also))
         if (retired := await self.session.get(RetiredKey, key_id)) is None:
             return None
         holder = await self.session.get(KnownActor, retired.actor_id)
         return None if holder is None else Signer(actor_id=holder.actor_id, role=holder.role,
-                                                  public_key=retired.public_key, retired_at=retired.retired_at)
+                                                  public_key=retired.public_key, retired_at=retired.retired_at,
+                                                  also=tuple(holder.also))
 
     async def knows(self, actor_id: str) -> bool:
         """Whether `actor_id` is registered here (with the one key it may sign with: the first registration wins)."""

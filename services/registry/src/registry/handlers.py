@@ -9,7 +9,7 @@ from contracts.envelope import Envelope, utcnow
 from contracts.signing import key_id_of
 from registry import lifecycle
 from registry.listing import listed
-from registry.models import Benchmark, Dataset, Model, Status
+from registry.models import Benchmark, Dataset, Model, Organisation, Status
 from service_kit.actors import KnownActor, RetiredKey, authenticate, remember_rotation
 from service_kit.edge import NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
@@ -26,11 +26,33 @@ async def register_actor(command: Envelope[m.RegisterActor], uow: UnitOfWork) ->
         if existing.public_key == cmd.public_key and existing.role == cmd.role:
             return m.CommandReply(ok=True, message=f"actor {cmd.actor_id} is already registered")
         raise Refused(f"actor_id {cmd.actor_id!r} is taken by another key or role; choose another id")
+    if cmd.organisation is not None and await uow.session.get(Organisation, cmd.organisation) is None:
+        raise Refused(f"organisation {cmd.organisation!r} is not registered; enrol it first (assay organisation "
+                      "register)")
+    if m.Role.OPERATOR in cmd.also or (cmd.role is m.Role.OPERATOR and cmd.also):
+        raise Refused("the operator's role is held alone")
     holder = (await uow.session.exec(select(KnownActor).where(KnownActor.key_id == key_id_of(cmd.public_key)))).first()
     if holder is not None:
         raise Refused(f"public_key is already enrolled as actor {holder.actor_id}; every actor has its own key")
-    enrol(uow, cmd.actor_id, cmd.role, cmd.public_key, cmd.display_name)
-    return m.CommandReply(ok=True, message=f"registered {cmd.role.value} {cmd.actor_id}")
+    enrol(uow, cmd.actor_id, cmd.role, cmd.public_key, cmd.display_name, also=cmd.also,
+          organisation=cmd.organisation)
+    more = f" (also {', '.join(r.value for r in cmd.also)})" if cmd.also else ""
+    of = f" of {cmd.organisation}" if cmd.organisation else ""
+    return m.CommandReply(ok=True, message=f"registered {cmd.role.value} {cmd.actor_id}{more}{of}")
+
+
+async def register_organisation(command: Envelope[m.RegisterOrganisation], uow: UnitOfWork) -> m.CommandReply:
+    operator = await authenticate(uow.session, command, m.Role.OPERATOR)
+    cmd = command.data
+    if (existing := await uow.session.get(Organisation, cmd.organisation_id)) is not None:
+        if existing.name == cmd.name:
+            return m.CommandReply(ok=True, message=f"organisation {cmd.organisation_id} is already registered")
+        raise Refused(f"organisation_id {cmd.organisation_id!r} is taken; choose another id")
+    uow.session.add(Organisation(organisation_id=cmd.organisation_id, name=cmd.name))
+    uow.emit(m.OrganisationRegistered(organisation_id=cmd.organisation_id, name=cmd.name,
+                                      registered_by=operator.actor_id))
+    return m.CommandReply(ok=True, message=f"registered organisation {cmd.organisation_id}; register its actors "
+                                           f"with --organisation {cmd.organisation_id}")
 
 
 async def rotate_key(command: Envelope[m.RotateKey], uow: UnitOfWork) -> m.CommandReply:
@@ -70,10 +92,11 @@ async def suspend_actor(command: Envelope[m.SuspendActor], uow: UnitOfWork) -> m
 
 
 def enrol(uow: Transaction, actor_id: str, role: m.Role, public_key: str, display_name: str,
-          event_id: str | None = None) -> None:
+          event_id: str | None = None, also: tuple[m.Role, ...] = (), organisation: str | None = None) -> None:
     """Record an actor and announce it, so every service learns its key."""
     event = m.ActorRegistered(actor_id=actor_id, role=role, public_key=public_key, key_id=key_id_of(public_key),
-                              display_name=display_name)
+                              display_name=display_name, also=tuple(dict.fromkeys(r for r in also if r != role)),
+                              organisation=organisation)
     uow.session.add(KnownActor(**event.model_dump(mode="json")))
     uow.emit(event, id=event_id)
 
@@ -201,12 +224,14 @@ async def mark_operational(approved: Envelope[m.BenchmarkApproved], uow: UnitOfW
 
 WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
-    requests=tuple(Request(handle) for handle in (register_actor, rotate_key, suspend_actor, register_benchmark,
+    requests=tuple(Request(handle) for handle in (register_actor, register_organisation, rotate_key, suspend_actor,
+                                                  register_benchmark,
                                                   register_model,
                                                   register_dataset, edit_benchmark, archive_entity, get_benchmark,
                                                   list_entities)),
     consumers=(Consumer(mark_operational),),
     publishes=tuple(Outlet.event(event) for event in (m.ActorRegistered, m.BenchmarkRegistered, m.ModelRegistered,
                                                        m.DatasetRegistered, m.BenchmarkEdited, m.EntityArchived,
-                                                       m.ActorSuspended, m.ActorKeyRotated)),
+                                                       m.ActorSuspended, m.ActorKeyRotated,
+                                                       m.OrganisationRegistered)),
 )

@@ -8,7 +8,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts import messages as m
-from registry.models import Benchmark, Dataset, Model
+from registry.models import Benchmark, Dataset, Model, Organisation
 from service_kit.actors import KnownActor
 
 
@@ -34,15 +34,25 @@ def _dataset(row: Dataset) -> m.EntitySummary:
 
 
 def _actor(row: KnownActor) -> m.EntitySummary:
+    detail = {"key": row.key_id, **({"also": ", ".join(row.also)} if row.also else {}),
+              **({"organisation": row.organisation} if row.organisation else {}),
+              **({"suspended": row.suspended} if row.suspended else {})}
     return m.EntitySummary(kind=m.EntityType.ACTOR, entity_id=row.actor_id, name=row.display_name,
-                           owner_id=row.actor_id, state=row.role, detail={"key": row.key_id})
+                           owner_id=row.actor_id, state="SUSPENDED" if row.suspended else row.role, detail=detail)
+
+
+def _organisation(row: Organisation) -> m.EntitySummary:
+    return m.EntitySummary(kind=m.EntityType.ORGANISATION, entity_id=row.organisation_id, name=row.name,
+                           owner_id=row.organisation_id, state="OPERATION")
 
 
 TABLES: dict[m.EntityType, tuple[Any, Any, Any, Any]] = {  # table, its id, its owner column, how it is listed
     m.EntityType.BENCHMARK: (Benchmark, Benchmark.benchmark_id, Benchmark.owner_id, _benchmark),
     m.EntityType.MODEL: (Model, Model.model_id, Model.owner_id, _model),
     m.EntityType.DATASET: (Dataset, Dataset.dataset_id, Dataset.site_id, _dataset),
-    m.EntityType.ACTOR: (KnownActor, KnownActor.actor_id, KnownActor.actor_id, _actor),
+    m.EntityType.ACTOR: (KnownActor, KnownActor.actor_id, KnownActor.organisation, _actor),  # owner: its organisation
+    m.EntityType.ORGANISATION: (Organisation, Organisation.organisation_id, Organisation.organisation_id,
+                                _organisation),
 }
 
 

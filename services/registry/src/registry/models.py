@@ -45,4 +45,10 @@ class Dataset(SQLModel, table=True):
     status: str = Status.OPERATION
 
 
-TABLES = [Benchmark.__table__, Model.__table__, Dataset.__table__]  # type: ignore[attr-defined]
+class Organisation(SQLModel, table=True):
+    __tablename__ = "reg_organisation"
+    organisation_id: str = Field(primary_key=True)
+    name: str
+
+
+TABLES = [Benchmark.__table__, Model.__table__, Dataset.__table__, Organisation.__table__]  # type: ignore[attr-defined]
