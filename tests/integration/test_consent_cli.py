@@ -151,3 +151,28 @@ async def test_watch_shows_the_approver_a_request_as_it_arrives(federation: Fede
     assert "watching for owner: 1 benchmark(s)" in said
     assert "waiting for you: vendor asks model model-1 into bench (assay association approve bench --model model-1)" \
         in said
+
+
+async def test_an_organisations_hospital_also_owning_a_model_joins_with_both_and_its_policy_admits_its_actors(
+        federation: Federation):
+    await federation.benchmark()
+    federation.key("leeds")
+    code, said = await cli(federation, "organisation", "register", "uh-leeds", "--name", "Leeds Teaching Hospitals",
+                           "--as", "operator")
+    assert code == 0, said
+    pub = federation.root / "keys" / "leeds.pub"
+    code, said = await cli(federation, "actor", "register", "leeds", "--role", "site", "--also", "model_owner",
+                           "--organisation", "uh-leeds", "--public-key", str(pub), "--as", "operator")
+    assert code == 0 and "registered site leeds (also model_owner) of uh-leeds" in said
+    code, said = await cli(federation, "association", "policy", "bench", "--kind", "model", "--mode", "allow",
+                           "--allow", "uh-leeds", "--as", "owner")
+    assert code == 0
+    await federation.send(m.RegisterModel(model_id="leeds-net", name="n", image=m.ImageRef(
+        digest="sha256:" + "3" * 64, name="n")), "leeds")
+
+    code, said = await cli(federation, "association", "request", "bench", "--model", "leeds-net", "--as", "leeds")
+    assert code == 0 and "approved for bench by the benchmark's approval policy" in said
+    code, sites = await cli(federation, "site", "list", "--as", "owner")
+    assert code == 0 and "leeds" in sites and "organisation uh-leeds" in sites
+    code, orgs = await cli(federation, "organisation", "list", "--as", "owner")
+    assert code == 0 and "Leeds Teaching Hospitals" in orgs

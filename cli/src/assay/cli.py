@@ -14,7 +14,7 @@ from rich.console import Console
 
 from assay.association_cli import association_app
 from assay.audit_cli import audit_app
-from assay.entities_cli import lister, shower
+from assay.entities_cli import lister, shower, site_list
 from assay.watch_cli import watch
 from assay.home import Home
 from assay.site_cli import policy_app, prefetch, results_app
@@ -39,6 +39,7 @@ for sub, kind in ((benchmark_app, m.EntityType.BENCHMARK), (model_app, m.EntityT
     sub.command("list")(lister(kind))
 for sub, kind in ((model_app, m.EntityType.MODEL), (dataset_app, m.EntityType.DATASET)):
     sub.command("show")(shower(kind))
+site_app.command("list")(site_list)
 site_app.add_typer(policy_app, name="policy")
 site_app.command("prefetch")(prefetch)
 sites_app = typer.Typer(help="Site workers' heartbeats: who is online, busy, or silent.", no_args_is_help=True)

@@ -53,6 +53,18 @@ def lister(kind: m.EntityType) -> Callable[..., None]:
     return entity_list
 
 
+def site_list(actor: As, organisation: Annotated[str | None, typer.Option(help="only this one's")] = None,
+              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The sites the registry holds (actors whose role, or one of them, is site); `assay sites list` shows which are
+    online."""
+    found = m.EntityList.model_validate(_send(m.ListEntities(kind=m.EntityType.ACTOR, owner=organisation), actor))
+    sites = tuple(e for e in found.entities if e.state == "site" or "site" in e.detail.get("also", ""))
+    if as_json:
+        print(m.EntityList(entities=sites).model_dump_json(indent=2))
+    else:
+        console.print(entities_table(m.EntityType.ACTOR, sites))
+
+
 def shower(kind: m.EntityType) -> Callable[..., None]:
     def entity_show(entity_id: str, actor: As) -> None:
         from assay.association_cli import associations_table
