@@ -14,6 +14,27 @@ from tests.integration.test_verify import scoring
 from tests.support.federation import Federation, next_events
 
 
+async def counted(federation: Federation) -> None:
+    """model-1's result from site-a on the board (site-a's worker scores its two cases), and an auditor."""
+    await federation.start_site("site-a", scoring({"c1": (1, 0.9), "c2": (0, 0.2)}, {"auc": 1.0, "sensitivity": 1.0}))
+    await federation.benchmark()
+    await federation.enrol("auditor", m.Role.AUDITOR)
+    await federation.model("model-1")
+    await federation.dataset("site-a", "ds-a")
+    await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
+
+
+async def counted_and_queued(federation: Federation) -> None:
+    """And model-1's job for site-b's dataset, waiting in the queue of a site that runs no worker."""
+    await counted(federation)
+    await registered_dataset(federation, "site-b", "ds-b")
+    await federation.send(m.RequestAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-b"),
+                          "site-b")
+    await federation.send(m.ApproveAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-b"),
+                          "owner")
+    await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 2)
+
+
 async def test_a_frozen_field_is_refused_in_operation_after_the_diff_and_a_name_may_change(federation: Federation):
     spec = await federation.benchmark()
     edited = spec.model_copy(update={"name": "Renamed", "primary_metric": "sensitivity"})
@@ -31,18 +52,7 @@ async def test_a_frozen_field_is_refused_in_operation_after_the_diff_and_a_name_
 
 
 async def test_an_archived_model_is_never_scheduled_again_and_its_results_stay_marked(federation: Federation):
-    await federation.start_site("site-a", scoring({"c1": (1, 0.9), "c2": (0, 0.2)}, {"auc": 1.0, "sensitivity": 1.0}))
-    await federation.benchmark()
-    await federation.enrol("auditor", m.Role.AUDITOR)
-    await federation.model("model-1")
-    await federation.dataset("site-a", "ds-a")
-    await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
-    await registered_dataset(federation, "site-b", "ds-b")  # site-b runs no worker: its job waits in the queue
-    await federation.send(m.RequestAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-b"),
-                          "site-b")
-    await federation.send(m.ApproveAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-b"),
-                          "owner")
-    await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 2)
+    await counted_and_queued(federation)
 
     code, said = await cli(federation, "model", "archive", "model-1", "--reason", "superseded by model-2",
                            "--as", "vendor")
@@ -65,18 +75,7 @@ async def test_an_archived_model_is_never_scheduled_again_and_its_results_stay_m
 
 
 async def test_a_suspended_actor_is_refused_its_jobs_cancelled_and_its_results_marked(federation: Federation):
-    await federation.start_site("site-a", scoring({"c1": (1, 0.9), "c2": (0, 0.2)}, {"auc": 1.0, "sensitivity": 1.0}))
-    await federation.benchmark()
-    await federation.enrol("auditor", m.Role.AUDITOR)
-    await federation.model("model-1")
-    await federation.dataset("site-a", "ds-a")
-    await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
-    await registered_dataset(federation, "site-b", "ds-b")  # no worker: its job waits in the queue
-    await federation.send(m.RequestAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-b"),
-                          "site-b")
-    await federation.send(m.ApproveAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-b"),
-                          "owner")
-    await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 2)
+    await counted_and_queued(federation)
 
     code, said = await cli(federation, "actor", "suspend", "site-b", "--reason", "its key was leaked",
                            "--as", "operator")
@@ -102,12 +101,7 @@ async def test_a_suspended_actor_is_refused_its_jobs_cancelled_and_its_results_m
 
 
 async def test_a_rotated_key_keeps_what_it_signed_before_and_signs_nothing_after(federation: Federation):
-    await federation.start_site("site-a", scoring({"c1": (1, 0.9), "c2": (0, 0.2)}, {"auc": 1.0, "sensitivity": 1.0}))
-    await federation.benchmark()
-    await federation.enrol("auditor", m.Role.AUDITOR)
-    await federation.model("model-1")
-    await federation.dataset("site-a", "ds-a")
-    await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
+    await counted(federation)
 
     code, said = await cli(federation, "keys", "rotate", "site-a")
     assert code == 0 and "signs with key" in said and "retired" in said
