@@ -22,13 +22,15 @@ from assay.sites_cli import sites_list
 from contracts import messages as m
 
 app = typer.Typer(help="Assay: federated benchmarking for medical AI.", no_args_is_help=True, add_completion=False)
-keys_app = typer.Typer(help="Actor keys (Ed25519).", no_args_is_help=True)
-actor_app = typer.Typer(help="Enrol actors (operator).", no_args_is_help=True)
-benchmark_app = typer.Typer(help="Benchmarks (owner, operator).", no_args_is_help=True)
+keys_app = typer.Typer(help="Actor keys (Ed25519): make one, rotate one.", no_args_is_help=True)
+actor_app = typer.Typer(help="Actors: enrol and suspend (operator), list (anyone).", no_args_is_help=True)
+benchmark_app = typer.Typer(help="Benchmarks: register, edit, archive (owner); approve, reject (operator); list.",
+                            no_args_is_help=True)
 model_app = typer.Typer(help="Models (model owner).", no_args_is_help=True)
 dataset_app = typer.Typer(help="Datasets, prepared at the site (data owner).", no_args_is_help=True)
 site_app = typer.Typer(help="Site workers.", no_args_is_help=True)
-leaderboard_app = typer.Typer(help="Results.", no_args_is_help=True)
+leaderboard_app = typer.Typer(help="The board: show it, plot it (as much as the asker may see).",
+                              no_args_is_help=True)
 job_app = typer.Typer(help="Where each job stands (everyone).", no_args_is_help=True)
 for sub, name in ((keys_app, "keys"), (actor_app, "actor"), (benchmark_app, "benchmark"), (model_app, "model"),
                   (dataset_app, "dataset"), (association_app, "association"), (site_app, "site"),
