@@ -34,6 +34,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def aware(moment: datetime) -> datetime:
+    """`moment` with its time zone: SQLite gives back a naive time of what was stored as UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 class Envelope(BaseModel, Generic[D]):
     model_config = ConfigDict(extra="forbid")
 

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 
 from contracts import subjects
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, aware
 from contracts.messages import (
     BenchmarkSpec,
     Evidence,
@@ -84,7 +84,7 @@ def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer
         verify(envelope, signer.public_key)
     except SignatureError as exc:
         return Verdict.reject(Check.SIGNATURE, f"{exc} (key {key_id} of {signer.actor_id})")
-    if signer.retired_at is not None and _utc(envelope.time) >= _utc(signer.retired_at):
+    if signer.retired_at is not None and aware(envelope.time) >= aware(signer.retired_at):
         return Verdict.reject(Check.SIGNATURE, f"signed at {envelope.time.isoformat(timespec='seconds')} with key "
                                                f"{key_id}, which {signer.actor_id} retired at "
                                                f"{signer.retired_at.isoformat(timespec='seconds')}")
@@ -100,9 +100,6 @@ def check_origin(envelope: Envelope[SiteResult], *, subject: str, signer: Signer
                               f"published on {subject}, but a result of site {result.site_id} travels on {expected}")
     return ACCEPTED
 
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def check_job(result: SiteResult, *, scheduler_key: str) -> Verdict:

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, aware
 from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Histograms, SiteResult
 from leaderboard.board import Score
 from leaderboard.domain import Signer
@@ -157,9 +157,9 @@ class Store:
         """Keep the later of each: a revocation (`revoked`: by whom, why) or an approval at `at`."""
         row = await self.session.get(PairConsent, (benchmark_id, kind, entity_id), with_for_update=True) or \
             PairConsent(benchmark_id=benchmark_id, kind=kind, entity_id=entity_id)
-        if revoked is not None and (row.revoked_at is None or _utc(row.revoked_at) < _utc(at)):
+        if revoked is not None and (row.revoked_at is None or aware(row.revoked_at) < aware(at)):
             row.revoked_at, (row.revoked_by, row.reason) = at, revoked
-        if revoked is None and (row.approved_at is None or _utc(row.approved_at) < _utc(at)):
+        if revoked is None and (row.approved_at is None or aware(row.approved_at) < aware(at)):
             row.approved_at = at
         self.session.add(row)
 
@@ -173,12 +173,6 @@ class Listed:
     said: str  # its metrics and cases: a row changed in the database makes its model pooled again
     dataset_id: str
     finished_at: datetime
-
-
-def _utc(moment: datetime) -> datetime:
-    from datetime import UTC
-
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def score_of(row: AcceptedResult) -> Score:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
+from contracts.envelope import aware
 from contracts.messages import Leaderboard
 
 Pair = tuple[str, str]  # (kind, entity id): ("model", "m1") or ("dataset", "ds-1")
@@ -25,7 +26,7 @@ def with_archives(withdrawn: Mapping[Pair, Withdrawal], archived: Mapping[Pair, 
     """The withdrawals of a board's pairs, and the archived models and datasets (the earlier of the two counts)."""
     merged = dict(withdrawn)
     for pair, archive in archived.items():
-        if pair not in merged or _utc(archive.at) < _utc(merged[pair].at):
+        if pair not in merged or aware(archive.at) < aware(merged[pair].at):
             merged[pair] = archive
     return merged
 
@@ -53,25 +54,22 @@ class Consents:
     def withdrawn(self) -> dict[Pair, Withdrawal]:
         """The pairs whose last word is a revocation."""
         return {pair: w for pair, w in self.revoked.items()
-                if pair not in self.approved or _utc(self.approved[pair]) < _utc(w.at)}
+                if pair not in self.approved or aware(self.approved[pair]) < aware(w.at)}
 
 
 def counts(model_id: str, dataset_id: str, finished_at: datetime, withdrawn: Mapping[Pair, Withdrawal]) -> bool:
     """Whether a result counts: none finished after its model's or its dataset's consent was withdrawn."""
-    return all(_utc(finished_at) <= _utc(w.at) for pair, w in withdrawn.items()
+    return all(aware(finished_at) <= aware(w.at) for pair, w in withdrawn.items()
                if pair in (("model", model_id), ("dataset", dataset_id)))
 
 
 def marks(model_id: str, datasets: Iterable[str], withdrawn: Mapping[Pair, Withdrawal]) -> tuple[str, ...]:
     """What the board says beside a model's row: each withdrawal that concerns it."""
     concerned = [("model", model_id), *(("dataset", d) for d in sorted(set(datasets)))]
-    return tuple(f"{kind} {entity} {w.what} by {w.by} on {_utc(w.at):%Y-%m-%d %H:%M} UTC: {w.reason}; results "
+    return tuple(f"{kind} {entity} {w.what} by {w.by} on {aware(w.at):%Y-%m-%d %H:%M} UTC: {w.reason}; results "
                  "finished before stay, marked, later ones do not count"
                  for kind, entity in concerned if (w := withdrawn.get((kind, entity))) is not None)
 
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def marked(board: Leaderboard, datasets: Mapping[str, Iterable[str]],

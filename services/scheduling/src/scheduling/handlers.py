@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 
 from faststream import Context
@@ -13,7 +13,7 @@ from sqlmodel import col, select
 
 from contracts import messages as m
 from contracts import subjects
-from contracts.envelope import Envelope, utcnow
+from contracts.envelope import Envelope, aware, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, plan_jobs
 from scheduling.models import Benchmark, Dataset, ImageKey, Job, Member, Model
@@ -216,7 +216,7 @@ async def record_report(report: Envelope[m.SiteReport], uow: UnitOfWork, deliver
     job = await uow.session.get(Job, said.job_id, with_for_update=True)
     if job is None or job.site_id != said.site_id:
         raise Refused(f"site {said.site_id} reports on job {said.job_id}, which was never sent to it")
-    if job.status in (m.JobState.DONE, m.JobState.CANCELLED) or said.at < _aware(job.updated_at):
+    if job.status in (m.JobState.DONE, m.JobState.CANCELLED) or said.at < aware(job.updated_at):
         log.info("job %s is %s since %s: the %s report of %s does not change it", job.job_id, job.status,
                  job.updated_at, said.state, said.at)
         return
@@ -226,15 +226,11 @@ async def record_report(report: Envelope[m.SiteReport], uow: UnitOfWork, deliver
                                model_id=job.model_id, state=said.state, reason=said.reason))
 
 
-def _aware(moment: datetime) -> datetime:
-    """SQLite gives back a naive time of what was stored as UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
 
 def status_of(job: Job) -> m.JobStatus:
     return m.JobStatus(job_id=job.job_id, benchmark_id=job.benchmark_id, model_id=job.model_id,
                        dataset_id=job.dataset_id, site_id=job.site_id, state=m.JobState(job.status),
-                       reason=job.reason, updated_at=_aware(job.updated_at))
+                       reason=job.reason, updated_at=aware(job.updated_at))
 
 
 async def list_jobs(query: Envelope[m.ListJobs], uow: UnitOfWork) -> m.JobList:
