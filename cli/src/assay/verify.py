@@ -36,7 +36,7 @@ from contracts.messages import (
 )
 from leaderboard.board import Score, aggregate
 from leaderboard.domain import Signer, check_binding, check_job, check_origin
-from leaderboard.withdrawn import Consents, Withdrawal, counts, marked, with_archives, with_suspensions
+from leaderboard.withdrawn import Consents, Withdrawal, counts, marked, retirement, withdrawals
 from service_kit.edge import Refused
 from service_kit.trust import Trust
 
@@ -174,10 +174,9 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
             continue
         counted.add(envelope.data.job_id)
         valid.append(envelope)
-    withdrawn = with_suspensions(
-        with_archives(world.consent(benchmark_id).withdrawn(), world.archived), world.suspended,
-        [(e.data.binding.model_id, e.data.job.data.model_owner, e.data.site_id, e.data.binding.dataset_id)
-         for e in valid])
+    withdrawn = withdrawals(world.consent(benchmark_id), world.archived, world.suspended,
+                            [(e.data.binding.model_id, e.data.job.data.model_owner, e.data.site_id,
+                              e.data.binding.dataset_id) for e in valid])
     scores, datasets = [], {}
     for envelope in valid:
         bound = envelope.data.binding
@@ -187,10 +186,8 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
             continue
         scores.append(score_of(envelope.data))
         datasets.setdefault(bound.model_id, set()).add(bound.dataset_id)
-    rebuilt.board = marked(aggregate(benchmark, scores), datasets, withdrawn)
-    if (retired := world.archived.get(("benchmark", benchmark_id))) is not None:
-        rebuilt.board = rebuilt.board.model_copy(update={
-            "archived": f"archived by {retired.by} on {retired.at:%Y-%m-%d %H:%M}: {retired.reason}"})
+    rebuilt.board = marked(aggregate(benchmark, scores), datasets, withdrawn).model_copy(
+        update={"archived": retirement(world.archived, benchmark_id)})
     rebuilt.accepted = len(scores)
     return rebuilt
 

@@ -30,7 +30,7 @@ from contracts.messages import (
 )
 from leaderboard import domain
 from leaderboard.current import Boards
-from leaderboard.withdrawn import counts, marked, marks, with_archives, with_suspensions
+from leaderboard.withdrawn import counts, marked, marks, retirement, withdrawals
 from leaderboard.sharing import NOBODY, Asker, announcement, view
 from leaderboard.store import Listed, Store
 from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation
@@ -57,22 +57,18 @@ Made = Annotated[Boards, Context("boards")]  # the models this process pooled, e
 async def current(store: Store, benchmark: BenchmarkSpec, boards: Boards) -> tuple[Leaderboard, list[Listed]]:
     """The whole board of `benchmark` as its accepted results make it now (those that count: see
     `leaderboard.withdrawn`), with each withdrawal marked on its rows; and the listing of what counts."""
-    archived, every = await store.archived(), await store.listing(benchmark.benchmark_id)
-    withdrawn = with_suspensions(with_archives((await store.consents(benchmark.benchmark_id)).withdrawn(), archived),
-                                 await store.suspended(),
-                                 [(r.model_id, r.model_owner, r.site_id, r.dataset_id) for r in every])
-    listing = [r for r in every
-               if counts(r.model_id, r.dataset_id, r.finished_at, withdrawn)]
+    every, archived = await store.listing(benchmark.benchmark_id), await store.archived()
+    withdrawn = withdrawals(await store.consents(benchmark.benchmark_id), archived, await store.suspended(),
+                            [(r.model_id, r.model_owner, r.site_id, r.dataset_id) for r in every])
+    listing = [r for r in every if counts(r.model_id, r.dataset_id, r.finished_at, withdrawn)]
     jobs = {r.job_id for r in listing}
     board = await boards.board(benchmark, [(r.model_id, r.job_id, r.said) for r in listing],
                                lambda models: store.scores(benchmark.benchmark_id, models, jobs))
     datasets: dict[str, set[str]] = {}
     for r in listing:
         datasets.setdefault(r.model_id, set()).add(r.dataset_id)
-    board = marked(board, datasets, withdrawn)
-    if (retired := archived.get(("benchmark", benchmark.benchmark_id))) is not None:
-        board = board.model_copy(update={"archived": f"archived by {retired.by} on {retired.at:%Y-%m-%d %H:%M}: "
-                                                     f"{retired.reason}"})
+    board = marked(board, datasets, withdrawn).model_copy(
+        update={"archived": retirement(archived, benchmark.benchmark_id)})
     return board, listing
 
 
@@ -167,9 +163,8 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
                                        accepted_before=await store.has_result(job.job_id))
     if verdict.ok:
         bound = site_result.binding
-        withdrawn = with_suspensions(
-            with_archives((await store.consents(benchmark.benchmark_id)).withdrawn(), await store.archived()),
-            await store.suspended(), [(bound.model_id, job.model_owner, site_result.site_id, bound.dataset_id)])
+        withdrawn = await store.withdrawn(benchmark.benchmark_id, [(bound.model_id, job.model_owner,
+                                                                    site_result.site_id, bound.dataset_id)])
         if not counts(bound.model_id, bound.dataset_id, site_result.finished_at, withdrawn):
             return reject(uow, result, f"withdrawn: {'; '.join(marks(bound.model_id, [bound.dataset_id], withdrawn))}")
     if not verdict.ok:

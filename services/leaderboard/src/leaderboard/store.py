@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,7 +17,7 @@ from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Hi
 from leaderboard.board import Score
 from leaderboard.domain import Signer
 from leaderboard.models import AcceptedResult, Archived, KnownBenchmark, PairConsent, ParkedResult
-from leaderboard.withdrawn import Consents, Withdrawal
+from leaderboard.withdrawn import Consents, Withdrawal, withdrawals
 from service_kit.actors import KnownActor, RetiredKey
 from service_kit.inbox import digest
 
@@ -53,6 +53,11 @@ class Store:
         return {r.actor_id: Withdrawal(r.suspended_at or datetime.min, "the operator", r.suspended or "",
                                        what=f"suspended (its {'site' if r.role == 'site' else 'owner'})")
                 for r in rows}
+
+    async def withdrawn(self, benchmark_id: str,
+                        results: Iterable[tuple[str, str | None, str, str]]) -> dict[tuple[str, str], Withdrawal]:
+        """Every withdrawal that concerns these results of the benchmark (see `leaderboard.withdrawn`)."""
+        return withdrawals(await self.consents(benchmark_id), await self.archived(), await self.suspended(), results)
 
     async def owner(self, benchmark_id: str) -> str | None:
         row = await self.session.get(KnownBenchmark, benchmark_id)

@@ -57,6 +57,19 @@ class Consents:
                 if pair not in self.approved or aware(self.approved[pair]) < aware(w.at)}
 
 
+def withdrawals(consents: Consents, archived: Mapping[Pair, Withdrawal], suspended: Mapping[str, Withdrawal],
+                results: Iterable[tuple[str, str | None, str, str]]) -> dict[Pair, Withdrawal]:
+    """Every withdrawal that concerns `results` (model, its owner, site, dataset): revocations of one benchmark's
+    pairs, archived models and datasets, and suspended owners and sites; the earliest of each pair's counts."""
+    return with_suspensions(with_archives(consents.withdrawn(), archived), suspended, results)
+
+
+def retirement(archived: Mapping[Pair, Withdrawal], benchmark_id: str) -> str:
+    """What the board of an archived benchmark says of it; "" while it is not."""
+    retired = archived.get(("benchmark", benchmark_id))
+    return "" if retired is None else f"archived by {retired.by} on {retired.at:%Y-%m-%d %H:%M}: {retired.reason}"
+
+
 def counts(model_id: str, dataset_id: str, finished_at: datetime, withdrawn: Mapping[Pair, Withdrawal]) -> bool:
     """Whether a result counts: none finished after its model's or its dataset's consent was withdrawn."""
     return all(aware(finished_at) <= aware(w.at) for pair, w in withdrawn.items()
