@@ -71,14 +71,21 @@ def test_the_readme_walkthrough_works_as_written(tmp_path: Path, docker_client) 
                 break
         else:
             pytest.fail("assay up did not come up")
+        def states(check: bool) -> list[str]:
+            listed = json.loads(shell("assay job list --benchmark my-benchmark --json"))["jobs"]
+            return [job["state"] for job in listed if (job["check"] is not None) == check]
+
         said = {}
         for line in commands(rest):
-            if line.startswith("assay results pending"):
-                wait_for(lambda: "HELD" in shell("assay job list --benchmark my-benchmark"), "the job to be held")
+            if line.startswith("assay results pending"):  # the dataset's check first, then the benchmark's job
+                wait_for(lambda: "HELD" in states(True) + states(False), "a job to be held")
+            if line.startswith("assay association list --pending"):
+                wait_for(lambda: "DONE" in states(True), "the dataset's check to pass")
             if line.startswith("assay leaderboard show"):
-                wait_for(lambda: "DONE" in shell("assay job list --benchmark my-benchmark"), "the result to count")
+                wait_for(lambda: "DONE" in states(False), "the result to count")
             said[line.split()[1] + " " + line.split()[2]] = shell(line, answer="y\n")
         flat = {key: " ".join(value.split()) for key, value in said.items()}
+        assert "PASSED" in flat["association list"]  # the approver saw how the dataset's check went
         assert "my-model" in flat["leaderboard show"] and "view: full" in flat["leaderboard show"]
         assert (home / "board.png").read_bytes()[:4] == b"\x89PNG"
         assert "the board of my-benchmark is the one its signed results give" in flat["verify my-benchmark"]

@@ -12,7 +12,7 @@ import pytest
 
 from contracts import messages as m
 from tests.integration.test_cli import assay
-from tests.support.federation import PREPARATOR, Federation, make_dataset, next_events
+from tests.support.federation import MODEL, PREPARATOR, Federation, make_dataset, next_events
 
 
 @pytest.fixture
@@ -83,25 +83,32 @@ async def test_pending_requests_are_listed_previewed_and_approved_at_once_and_ea
     assert "1 association(s)" in said and "ds-b" not in said  # a site sees only its own
 
 
-async def test_a_policy_approves_at_once_and_a_revocation_cancels_the_queued_job(federation: Federation):
-    await federation.benchmark()
-    code, said = await cli(federation, "association", "policy", "bench", "--kind", "dataset", "--mode", "allow",
-                           "--allow", "site-a", "--as", "owner")
-    assert code == 0 and "approved at once: those of site-a" in said
-    await federation.model("model-1")
-    await registered_dataset(federation, "site-a", "ds-a")  # site-a runs no worker: its job waits in the queue
+async def test_a_policy_approves_at_once_and_a_revocation_cancels_the_queued_jobs(federation: Federation):
+    await federation.benchmark()  # it has no demo data: a model's request runs no check, so its policy acts at once
+    code, said = await cli(federation, "association", "policy", "bench", "--kind", "model", "--mode", "allow",
+                           "--allow", "vendor", "--as", "owner")
+    assert code == 0 and "approved at once: those of vendor" in said
+    await registered_dataset(federation, "site-a", "ds-a")  # site-a runs no worker: its jobs wait in the queue
+    await federation.send(m.RequestAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-a"),
+                          "site-a")
+    await federation.send(m.ApproveAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id="ds-a"),
+                          "owner")
+    await federation.enrol("vendor", m.Role.MODEL_OWNER)
+    await federation.send(m.RegisterModel(model_id="model-1", name="m", image=m.ImageRef(digest=MODEL, name="m")),
+                          "vendor")
 
-    code, said = await cli(federation, "association", "request", "bench", "--dataset", "ds-a", "--as", "site-a")
+    code, said = await cli(federation, "association", "request", "bench", "--model", "model-1", "--as", "vendor")
     assert code == 0 and "approved for bench by the benchmark's approval policy" in said
-    (scheduled,) = await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 1)
+    scheduled = await next_events(federation.nats_url, "assay.v1.evt.job.scheduled", 2)  # the dataset's check too
     code, said = await cli(federation, "association", "revoke", "bench", "--dataset", "ds-a", "--reason",
                            "ethics review pending", "--as", "site-a")
     assert code == 0 and "its open jobs are cancelled" in said
 
-    (changed,) = await next_events(federation.nats_url, "assay.v1.evt.job.state_changed", 1)
-    assert (changed["data"]["job_id"], changed["data"]["state"]) == (scheduled["data"]["job"]["job_id"], "CANCELLED")
+    changed = await next_events(federation.nats_url, "assay.v1.evt.job.state_changed", 2)
+    assert sorted((c["data"]["job_id"], c["data"]["state"]) for c in changed) == sorted(
+        (s["data"]["job"]["job_id"], "CANCELLED") for s in scheduled)
     code, jobs = await cli(federation, "job", "list", "--benchmark", "bench")
-    assert "CANCELLED" in jobs and "ethics review pending" in jobs
+    assert jobs.count("CANCELLED") == 2 and "ethics review pending" in jobs
 
 
 async def test_what_exists_is_listed_and_a_model_shows_its_associations_and_their_history(federation: Federation):

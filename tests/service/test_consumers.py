@@ -19,7 +19,7 @@ from contracts import subjects
 from contracts.catalog import EVENT_PUBLISHERS
 from contracts.envelope import Envelope
 from contracts.signing import metrics_hash
-from scheduling.domain import job_id
+from scheduling.domain import check_id, job_id
 from site_worker.datasets import content_hash
 from tests.support.federation import EVALUATOR, MODEL, PREPARATOR, make_dataset
 from tests.support.service import Actors, Harness
@@ -129,6 +129,48 @@ EDITED = m.BenchmarkEdited(benchmark=SPEC.model_copy(update={"name": "Renamed"})
                            edited_by="owner")
 
 
+DEMO = m.DemoData(archive=m.Archive(sha256="sha256:" + "e" * 64, size=1000), cases=2)
+EDITED_DEMO = m.BenchmarkEdited(benchmark=SPEC.model_copy(update={"demo_data": DEMO, "check_site": "owner"}),
+                                changed=("demo_data", "check_site"), edited_by="owner")
+DATASET_CHECK = m.CheckOf(kind=m.EntityKind.DATASET, entity_id="ds-a")
+
+
+def check_job() -> m.JobSpec:
+    return job().model_copy(update={"job_id": "check-1", "check": DATASET_CHECK})
+
+
+CHECKED = m.CheckCompleted(job_id="check-1", site_id="site-a", benchmark_id="bm", kind=m.EntityKind.DATASET,
+                           entity_id="ds-a", metrics={"auc": 0.9, "sensitivity": 0.8}, case_count=2)
+
+
+async def a_planned_check(app: Harness, actors: Actors) -> None:
+    await app.learn(m.JobScheduled(job=check_job()))
+
+
+async def a_planned_check_of_a_known_dataset(app: Harness, actors: Actors) -> None:
+    await a_known_dataset(app, actors)
+    await a_planned_check(app, actors)
+
+
+async def a_known_dataset(app: Harness, actors: Actors) -> None:
+    await app.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC))
+    await app.learn(m.DatasetRegistered(dataset_id="ds-a", site_id="site-a", benchmark_id="bm", name="ds",
+                                        content_hash=DATASET_HASH, case_count=2, statistics={}))
+
+
+REQUESTED = m.AssociationRequested(benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a",
+                                   requested_by="site-a")
+
+
+def request_of_ds_a(actors: Actors) -> Envelope[Any]:
+    return actors.key("approval").sign(Envelope.wrap(REQUESTED, source="service:approval", id="request-1"))
+
+
+async def a_requested_check(app: Harness, actors: Actors) -> None:
+    await a_known_dataset(app, actors)
+    await app.deliver(subjects.evt("association", "requested"), request_of_ds_a(actors))
+
+
 @dataclass(frozen=True)
 class Case:
     world: Callable[[Harness, Actors], Awaitable[None]]     # what the app must have heard of first
@@ -203,6 +245,18 @@ CASES: dict[tuple[str, str], Case] = {
     ("leaderboard", "leaderboard-results"): Case(leaderboard_world, lambda a, x: result(x)),  # parks what it
     # cannot judge yet, acked (tests/service/test_leaderboard.py)
     ("site", "site-site-a-jobs"): Case(prepared_site, signed_job),
+    ("approval", "approval-benchmark-edited"): Case(
+        lambda a, x: a.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC)),
+        lambda a, x: event(EDITED_DEMO), True),
+    ("approval", "approval-job-scheduled"): Case(nothing, lambda a, x: event(m.JobScheduled(job=check_job()))),
+    ("approval", "approval-job-state_changed"): Case(a_planned_check, lambda a, x: event(m.JobStateChanged(
+        job_id="check-1", site_id="site-a", benchmark_id="bm", model_id="model-1", state=m.JobState.HELD,
+        reason="it ran; its result waits at the site", check=DATASET_CHECK)), True),
+    ("approval", "approval-check-completed"): Case(a_planned_check_of_a_known_dataset, lambda a, x: event(CHECKED),
+                                                   True),
+    ("scheduling", "scheduling-association-requested"): Case(a_known_dataset, lambda a, x: request_of_ds_a(x), True),
+    ("scheduling", "scheduling-check-completed"): Case(a_requested_check, lambda a, x: event(CHECKED.model_copy(
+        update={"job_id": check_id("request-1", "bm", m.EntityKind.DATASET, "ds-a")}))),
 }
 
 

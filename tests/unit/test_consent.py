@@ -17,6 +17,7 @@ from approval.consent import (
     Status,
     accept,
     approve,
+    checked,
     invite,
     reject,
     request,
@@ -125,3 +126,45 @@ def test_no_sequence_self_approves_schedules_after_a_revoke_or_loses_history(act
             assert entry.actor != asked_by
     if same_owner:  # one actor holding both sides can never give both consents
         assert not pair.schedulable
+
+
+CHECKED_ACTIONS = st.lists(st.tuples(
+    st.sampled_from(("request", "invite", "accept", "approve", "override", "reject", "revoke", "fail", "pass")),
+    st.sampled_from(ACTORS), st.sampled_from(("never", "always", "allow"))), max_size=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(CHECKED_ACTIONS)
+def test_no_sequence_approves_a_failed_check_without_an_override_nor_lets_a_policy_approve_one(actions):
+    """Each request runs a check: pending until it fails or passes. A policy approves only once it passed; the
+    benchmark's owner approves a failed one only with an override, and the history says so."""
+    pair, check = fresh(), None
+    for action, actor, mode in actions:
+        policy = Policy(mode=mode, allowed=frozenset({"vendor"}))
+        before = pair
+        try:
+            if action == "request":
+                pair = request(pair, actor, NOW, policy, checking=True)
+                check = "pending" if pair.history[-1].action is Action.REQUESTED else check
+            elif action in ("fail", "pass"):
+                if check != "pending":
+                    continue
+                check = {"fail": "failed", "pass": "passed"}[action]
+                pair = checked(pair, NOW, policy) if action == "pass" else pair
+            elif action == "invite":
+                pair = invite(pair, actor, NOW, "it crashed" if check == "failed" else None)
+            elif action in ("approve", "override"):
+                pair = approve(pair, actor, NOW, "why" if action == "override" else "",
+                               "it crashed" if check == "failed" else None)
+            else:
+                pair = step(pair, action, actor, mode)
+        except Refusal:
+            assert pair == before
+            continue
+        new = pair.history[len(before.history):]
+        assert pair.history[:len(before.history)] == before.history
+        for entry in new:
+            if entry.action is Action.APPROVED and entry.by_policy:
+                assert action == "pass"  # a policy approves a checked request only once its check passed
+            if entry.action is Action.APPROVED and check == "failed":
+                assert action == "override" and entry.reason == "check overridden: why"

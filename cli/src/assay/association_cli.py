@@ -77,18 +77,36 @@ def _listed(actor: str, benchmark_id: str | None = None, pending: bool = False) 
                                                   actor))
 
 
+STYLES = {"APPROVED": "green", "REQUESTED": "yellow", "INVITED": "yellow", "REJECTED": "red", "REVOKED": "red",
+          "PASSED": "green", "SCHEDULED": "yellow", "HELD": "yellow"}
+
+
+def check_line(check: m.CheckView | None, sep: str = ", ") -> str:
+    """How the request's check went: its metrics (`sep` between them), or its state and reason (rich markup)."""
+    if check is None:
+        return ""
+    said = (sep.join(f"{name} {value:.3f}" for name, value in sorted(check.metrics.items())) if check.state == "PASSED"
+            else check.reason)
+    return f"[{STYLES.get(check.state, 'red')}]{check.state}[/] at {check.site_id}" + (f":{sep[1:] or ' '}"
+                                                                                        f"{escape(said)}" if said
+                                                                                        else "")
+
+
 def associations_table(listed: m.AssociationList, title: str) -> Table:
-    table = Table(title=title)
-    for column in ("benchmark", "kind", "entity", "owner", "status", "last step"):
-        table.add_column(column, overflow="fold")
-    styles = {"APPROVED": "green", "REQUESTED": "yellow", "INVITED": "yellow", "REJECTED": "red", "REVOKED": "red"}
+    """One row per pair; one benchmark's pairs name it in the title, not on every row."""
+    benchmarks = {pair.benchmark_id for pair in listed.associations}
+    one = benchmarks.pop() if len(benchmarks) == 1 else None
+    table = Table(title=title + (f" in {one}" if one else ""))
+    for column in ("benchmark", "kind", "entity", "owner", "status", "check", "last step")[1 if one else 0:]:
+        table.add_column(column, overflow="fold", ratio=2 if column == "check" else None)
     for pair in listed.associations:
         last = pair.history[-1] if pair.history else None
         step = "" if last is None else (f"{last.action} by {last.actor} {last.at:%Y-%m-%d %H:%M}"
                                         + (" (policy)" if last.by_policy else "")
                                         + (f": {last.reason}" if last.reason else ""))
-        table.add_row(pair.benchmark_id, pair.kind.value, pair.entity_id, pair.entity_owner,
-                      f"[{styles.get(pair.status, 'white')}]{pair.status}[/]", escape(step))
+        cells = (pair.benchmark_id, pair.kind.value, pair.entity_id, pair.entity_owner,
+                 f"[{STYLES.get(pair.status, 'white')}]{pair.status}[/]", check_line(pair.check, ",\n"), escape(step))
+        table.add_row(*cells[1 if one else 0:])
     return table
 
 
@@ -117,6 +135,9 @@ def association_show(benchmark_id: str, actor: As, model: Model = None, dataset:
         raise typer.Exit(1)
     pair = found[0]
     console.print(f"{kind.value} {entity} in {benchmark_id} (owner {pair.entity_owner}): [bold]{pair.status}[/bold]")
+    if (check := pair.check) is not None:
+        what = "on the benchmark's demo data" if kind is m.EntityKind.MODEL else "with the benchmark's reference model"
+        console.print(f"its check {what}, job {check.job_id} ({check.at:%Y-%m-%d %H:%M:%S}): {check_line(check)}")
     history = Table(show_header=True)
     for column in ("when", "step", "by", "reason"):
         history.add_column(column, overflow="fold")
@@ -154,12 +175,18 @@ AllPending = Annotated[bool, typer.Option("--all-pending", help="every request w
 Yes = Annotated[bool, typer.Option("--yes", help="do not ask")]
 
 
+Override = Annotated[str, typer.Option("--override", help="approve although its check failed: why, kept in its "
+                                                           "history")]
+
+
 @association_app.command("approve")
 def association_approve(benchmark_id: str, actor: As, model: Model = None, dataset: Dataset = None,
-                        all_pending: AllPending = False, yes: Yes = False) -> None:
-    """Approve a requested model or dataset (benchmark owner); --all-pending shows them all first and asks."""
+                        all_pending: AllPending = False, yes: Yes = False, override: Override = "") -> None:
+    """Approve a requested model or dataset (benchmark owner); --all-pending shows them all first and asks. A request
+    whose check failed is approved only with --override REASON."""
     _decide_many(benchmark_id, actor, model, dataset, all_pending, yes, "approve",
-                 lambda kind, entity: m.ApproveAssociation(benchmark_id=benchmark_id, kind=kind, entity_id=entity))
+                 lambda kind, entity: m.ApproveAssociation(benchmark_id=benchmark_id, kind=kind, entity_id=entity,
+                                                           override=override))
 
 
 @association_app.command("reject")

@@ -174,20 +174,55 @@ def actor_suspend(name: str, actor: As,
     _send(m.SuspendActor(actor_id=name, reason=reason), actor)
 
 
+DemoFolder = Annotated[Path | None, typer.Option("--demo-data", help="a small folder of cases (raw, or prepared: "
+                                                                   "data/ and labels/) that models are checked on; "
+                                                                   "pushed to the artefact store")]
+DemoCases = Annotated[int, typer.Option("--demo-cases", help="how many cases the demo data holds")]
+
+
 @benchmark_app.command("register")
-def benchmark_register(spec_file: Path, actor: As) -> None:
-    """Register a benchmark from a JSON spec; images given by tag are pinned to their local image id."""
-    _send(m.RegisterBenchmark(benchmark=_spec(spec_file)), actor)
+def benchmark_register(spec_file: Path, actor: As, demo_data: DemoFolder = None, demo_cases: DemoCases = 0) -> None:
+    """Register a benchmark from a JSON spec; images given by tag are pinned to their local image id. With
+    --demo-data (and the spec's `check_site`), a model asking to join is first run on it at that site."""
+    _send(m.RegisterBenchmark(benchmark=_with_demo(_spec(spec_file), demo_data, demo_cases)), actor)
+
+
+def _with_demo(spec: m.BenchmarkSpec, folder: Path | None, cases: int) -> m.BenchmarkSpec:
+    """The spec with the demo data in `folder` pushed and named (by its archive's sha256)."""
+    if folder is None:
+        return spec
+    from assay.push import push_demo
+
+    if not folder.is_dir() or cases < 1:
+        say_error(f"--demo-data {folder} must be a folder and --demo-cases the number of cases it holds (at least 1)")
+        raise typer.Exit(2)
+    if spec.check_site is None:
+        say_error(f"{spec.benchmark_id}: demo data needs `check_site` in the spec: your own site worker, which runs "
+                  "each model on it")
+        raise typer.Exit(2)
+    with console.status(f"pushing the demo data in {folder}"):
+        try:
+            demo = asyncio.run(push_demo(_home(), folder, cases))
+        except ValueError as exc:
+            say_error(str(exc))
+            raise typer.Exit(1) from None
+    console.print(f"demo data {folder}: {demo.archive.sha256} ({demo.archive.size:,} bytes, "
+                  f"{'prepared' if demo.prepared else 'raw: the preparator runs on it'}, {cases} cases)")
+    return spec.model_copy(update={"demo_data": demo})
 
 
 @benchmark_app.command("edit")
-def benchmark_edit(spec_file: Path, actor: As) -> None:
+def benchmark_edit(spec_file: Path, actor: As, demo_data: DemoFolder = None, demo_cases: DemoCases = 0) -> None:
     """Change a benchmark from its edited JSON spec: shows each changed field first. In OPERATION only what does not
-    define results may change (name, description, limits, sharing); the registry says which field it refuses."""
+    define results may change (name, description, limits, sharing, demo data); the registry says which field it
+    refuses. The demo data stays as it was unless --demo-data gives it again."""
     from rich.table import Table
 
     new = _spec(spec_file)
     old = m.BenchmarkSpec.model_validate(_send(m.GetBenchmark(benchmark_id=new.benchmark_id), None)["benchmark"])
+    if demo_data is None and new.demo_data is None and new.check_site is not None:
+        new = new.model_copy(update={"demo_data": old.demo_data})  # the spec file names no archive: keep the one
+    new = _with_demo(new, demo_data, demo_cases)
     before, after = old.model_dump(mode="json"), new.model_dump(mode="json")
     diff = Table(title=f"benchmark {new.benchmark_id}: what changes")
     for column in ("field", "now", "after the edit"):

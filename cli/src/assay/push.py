@@ -13,7 +13,7 @@ import docker
 
 from assay.client import connected
 from assay.home import Home
-from contracts.messages import Archive, GrantImageKey, ImageRef
+from contracts.messages import Archive, DemoData, GrantImageKey, ImageRef
 from contracts.sealing import encrypt_file, new_key, seal_key
 from contracts.subjects import IMAGES_BUCKET
 
@@ -103,3 +103,35 @@ def pushed(home: Home, image_id: str) -> Archive | None:
 def image_ref(home: Home, image_id: str, name: str) -> ImageRef:
     """The image as a command names it: with its archive when it was pushed from here."""
     return ImageRef(digest=image_id, name=name, archive=pushed(home, image_id))
+
+
+def pack(folder: Path, into: Path) -> Archive:
+    """`folder` as a tar archive that depends on its files alone (sorted names, no times, owners or modes beyond
+    read and execute), so the same folder always has the same sha256."""
+    import tarfile
+
+    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if info.isdir() or info.mode & 0o111 else 0o644
+        return info
+
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_dir())
+    if not any(p.is_file() for p in paths):
+        raise ValueError(f"{folder} holds no files: demo data is a folder of cases")
+    with tarfile.open(into, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in paths:
+            if path.is_symlink():
+                raise ValueError(f"{path} is a link: demo data holds plain files and folders only")
+            tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False, filter=plain)
+    return Archive(sha256=_sha256(into), size=into.stat().st_size)
+
+
+async def push_demo(home: Home, folder: Path, cases: int) -> DemoData:
+    """The benchmark's demo data into the artefact store under its archive's sha256: prepared when the folder holds
+    data/ and labels/, else raw (the check site runs the preparator on it)."""
+    with tempfile.TemporaryDirectory(prefix="assay-demo-") as scratch:
+        path = Path(scratch) / "demo.tar"
+        archive = pack(folder, path)
+        await upload(home.nats_url(), archive.sha256, path)
+    return DemoData(archive=archive, prepared=(folder / "data").is_dir() and (folder / "labels").is_dir(),
+                    cases=cases)

@@ -43,6 +43,8 @@ def jobs_table(jobs: JobList) -> Table:
     for job in jobs.jobs:
         style = STATE_STYLES.get(job.state, "")
         model = job.model_id if table.title.endswith(job.benchmark_id) else f"{job.benchmark_id}/{job.model_id}"
+        if job.check is not None:  # a check before joining: never on the board
+            model = f"{model} [dim](check of {job.check.kind.value} {job.check.entity_id})[/dim]"
         table.add_row(short_id(job.job_id), model, job.site_id, f"[{style}]{job.state.value}[/{style}]",
                       when(job.updated_at), job.reason or "")
     return table

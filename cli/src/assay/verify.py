@@ -49,6 +49,7 @@ class Rebuilt:
     board: Leaderboard | None = None
     accepted: int = 0
     refused: list[str] = field(default_factory=list)    # results the checks refuse, and why
+    checks: int = 0                                     # checks before joining, verified, never counted
     problems: list[str] = field(default_factory=list)   # events not signed by the service that publishes them
 
 
@@ -145,6 +146,8 @@ def judged(envelope: Envelope[SiteResult], subject: str, world: World, benchmark
                                 accepted_before=result.job_id in counted)
     if not verdict.ok:
         return verdict.reason
+    if result.job.data.check is not None:  # a check before joining: verified like any result, its pair only asked
+        return None
     bound = result.binding
     if bound.benchmark_id not in world.approved_benchmarks:
         return f"benchmark {bound.benchmark_id} was never approved by the operator"
@@ -171,6 +174,9 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
             continue
         if (reason := judged(envelope, subject, world, benchmark, trust, counted)) is not None:
             rebuilt.refused.append(f"result {envelope.id} of job {envelope.data.job_id}: {reason}")
+            continue
+        if envelope.data.job.data.check is not None:
+            rebuilt.checks += 1  # never on the board
             continue
         counted.add(envelope.data.job_id)
         valid.append(envelope)
@@ -289,6 +295,7 @@ async def verified(home: Any, benchmark_id: str, actor: str, service_keys: Mappi
     summary = Table(title=f"assay verify {benchmark_id}", show_header=False)
     summary.add_row("results counted from the streams", str(rebuilt.accepted))
     summary.add_row("results the checks refuse", str(len(rebuilt.refused)))
+    summary.add_row("checks before joining (verified, never counted)", str(rebuilt.checks))
     summary.add_row("models on the service's board", str(len(service.rows)))
     summary.add_row("differences", f"[red]{len(found)}[/red]" if found else "[green]0[/green]")
     console.print(summary)

@@ -28,6 +28,7 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.JobStateChanged: evt("job", "state_changed"),
     m.ResultAccepted: evt("result", "accepted"),
     m.ResultRejected: evt("result", "rejected"),
+    m.CheckCompleted: evt("check", "completed"),
     m.LeaderboardUpdated: evt("leaderboard", "updated"),
 }
 
@@ -41,7 +42,7 @@ EVENT_PUBLISHERS: dict[type[Payload], str] = {
     m.AssociationRejected: "approval", m.AssociationRevoked: "approval", m.ApprovalPolicySet: "approval",
     m.JobScheduled: "scheduling", m.JobStateChanged: "scheduling",
     m.ResultAccepted: "leaderboard",
-    m.ResultRejected: "leaderboard", m.LeaderboardUpdated: "leaderboard",
+    m.ResultRejected: "leaderboard", m.LeaderboardUpdated: "leaderboard", m.CheckCompleted: "leaderboard",
 }
 
 # commands change state; queries only read. Both are request/reply on assay.v1.cmd.<service>.<verb>.

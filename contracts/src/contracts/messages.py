@@ -152,6 +152,19 @@ class Sharing(Payload):
     public: PublicView = PublicView.POOLED
 
 
+MAX_CASES = 100_000_000  # more cases than any hospital's dataset holds: a count above it is a mistake or a lie
+
+
+class DemoData(Payload):
+    """The benchmark's demo data: a small folder (raw, as its preparator reads it; or prepared, its `data/` and
+    `labels/`), a tar archive in the artefact store under the archive's sha256. A model asking to join is run on it
+    first, at the benchmark's check site, and the approver sees how it went."""
+
+    archive: Archive = Field(description="the folder as `assay benchmark register --demo-data` packed and pushed it")
+    prepared: bool = Field(default=False, description="it holds data/ and labels/ already; else the preparator runs")
+    cases: int = Field(ge=1, le=MAX_CASES, description="the cases it holds: a check's evaluator scores exactly these")
+
+
 class BenchmarkSpec(Payload):
     benchmark_id: Id
     name: Name
@@ -166,9 +179,14 @@ class BenchmarkSpec(Payload):
                                                                            "none: the evaluator sees what they wrote")
     pooling: Pooling = Field(default_factory=Pooling, description="replicates and aggregates the sites send")
     sharing: Sharing = Field(default_factory=Sharing, description="who sees what of the board")
+    demo_data: DemoData | None = Field(default=None, description="what a model's compatibility check runs on")
+    check_site: Id | None = Field(default=None, description="the benchmark owner's own site worker, which runs the "
+                                                            "compatibility checks on the demo data")
 
     @model_validator(mode="after")
     def _primary_is_declared(self) -> BenchmarkSpec:
+        if self.demo_data is not None and self.check_site is None:
+            raise ValueError("demo_data needs check_site: the benchmark owner's site worker that runs models on it")
         names = [m.name for m in self.metrics]
         if len(set(names)) != len(names):
             raise ValueError(f"metric names must be unique, got {names}")
@@ -249,7 +267,6 @@ class RegisterModel(Payload):
                                                           "changed model is a new version, never an edited one")
 
 
-MAX_CASES = 100_000_000  # more cases than any hospital's dataset holds: a count above it is a mistake or a lie
 
 
 class RegisterDataset(Payload):
@@ -286,6 +303,8 @@ class RequestAssociation(PairOf):
 
 class ApproveAssociation(PairOf):
     TYPE: ClassVar[str] = "assay.v1.ApproveAssociation"
+    override: str = Field(default="", max_length=2000, description="approve although its check failed: why, kept in "
+                                                                   "the pair's history")
 
 
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)]
@@ -574,6 +593,18 @@ class HistoryEntry(Payload):
     by_policy: bool = False
 
 
+class CheckView(Payload):
+    """A check before joining as the approver sees it: SCHEDULED, HELD (at its site, for review), PASSED (with its
+    metrics), or FAILED, REFUSED, DECLINED or CANCELLED (with the reason)."""
+
+    job_id: Id
+    site_id: Id
+    state: str
+    reason: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    at: datetime
+
+
 class AssociationView(Payload):
     benchmark_id: Id
     kind: EntityKind
@@ -581,6 +612,7 @@ class AssociationView(Payload):
     entity_owner: Id
     status: str = Field(description="REQUESTED, INVITED, APPROVED, REJECTED or REVOKED")
     history: tuple[HistoryEntry, ...]
+    check: CheckView | None = Field(default=None, description="the check its last request ran, and how it went")
 
 
 class EntitySummary(Payload):
@@ -605,6 +637,14 @@ class AssociationList(Payload):
 
     TYPE: ClassVar[str] = "assay.v1.AssociationList"
     associations: tuple[AssociationView, ...]
+
+
+class CheckOf(Payload):
+    """What a check job checks: the model (on the demo data) or the dataset (with the reference model) asking to
+    join."""
+
+    kind: EntityKind
+    entity_id: Id
 
 
 class JobBinding(Payload):
@@ -640,6 +680,12 @@ class JobSpec(Payload):
                                                                              "evaluator) by image id")
     pooling: Pooling | None = Field(default=None, description="the benchmark's: what the site computes and sends "
                                                               "besides the metrics")
+    check: CheckOf | None = Field(default=None, description="a check before joining: its result is shown to the "
+                                                            "approver and never counts on the board")
+    demo_data: DemoData | None = Field(default=None, description="a compatibility check runs on the benchmark's demo "
+                                                                 "data (its archive's sha256 is the binding's "
+                                                                 "dataset_hash), not on a dataset of the site")
+    preparator: Digest | None = Field(default=None, description="the preparator that prepares raw demo data first")
 
 
 class JobScheduled(Payload):
@@ -719,6 +765,21 @@ class JobStateChanged(Payload):
     model_id: Id
     state: JobState
     reason: str
+    check: CheckOf | None = Field(default=None, description="set when the job is a check before joining")
+
+
+class CheckCompleted(Payload):
+    """A check job's result, verified like any result (the site's signature, the scheduler's job, its binding) and
+    never counted on the board: its metrics go to the pair's approver."""
+
+    TYPE: ClassVar[str] = "assay.v1.CheckCompleted"
+    job_id: Id
+    site_id: Id
+    benchmark_id: Id
+    kind: EntityKind
+    entity_id: Id
+    metrics: dict[str, float]
+    case_count: int
 
 
 class ResultAccepted(Payload):
@@ -822,6 +883,7 @@ class JobStatus(Payload):
     state: JobState
     reason: str = Field(default="", description="why it is in this state, as its site reported it")
     updated_at: datetime
+    check: CheckOf | None = Field(default=None, description="set when the job is a check before joining")
 
 
 class JobList(Payload):
@@ -888,8 +950,8 @@ class DeadLetter(Payload):
 
 
 COMMANDS: tuple[type[Payload], ...] = (
-    RegisterActor, RegisterOrganisation, RotateKey, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity, ApproveBenchmark, RejectBenchmark, RegisterModel,
-    RegisterDataset,
+    RegisterActor, RegisterOrganisation, RotateKey, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity,
+    ApproveBenchmark, RejectBenchmark, RegisterModel, RegisterDataset,
     RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
     SetApprovalPolicy, GrantImageKey,
 )
@@ -898,9 +960,10 @@ QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, G
 REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails,
                                       AssociationList, EntityList)
 EVENTS: tuple[type[Payload], ...] = (
-    ActorRegistered, OrganisationRegistered, ActorKeyRotated, ActorSuspended, BenchmarkRegistered, BenchmarkEdited, EntityArchived, BenchmarkApproved, BenchmarkRejected,
-    ModelRegistered, DatasetRegistered,
+    ActorRegistered, OrganisationRegistered, ActorKeyRotated, ActorSuspended, BenchmarkRegistered, BenchmarkEdited,
+    EntityArchived, BenchmarkApproved, BenchmarkRejected, ModelRegistered, DatasetRegistered,
     AssociationRequested, AssociationInvited, AssociationApproved, AssociationRejected, AssociationRevoked,
     ApprovalPolicySet, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected, LeaderboardUpdated,
+    CheckCompleted,
 )
 WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, SiteReport, SiteHeartbeat, DeadLetter)

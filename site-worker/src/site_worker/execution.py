@@ -134,10 +134,10 @@ def dataset_folder(datasets_file: Path, dataset_id: str, site_id: str) -> Path:
 
 
 def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: Path, limits: Limits,
-            gpus: tuple[str, ...] = ()) -> Metrics:
-    """Run one job; its metrics, once they may leave. Digests and the dataset hash are checked again right before
-    the containers run, and the evaluator must have scored exactly the registered cases. `gpus` (device ids) go to the
-    model only."""
+            gpus: tuple[str, ...] = (), expected_hash: str | None = None) -> Metrics:
+    """Run one job; its metrics, once they may leave. Digests and the dataset hash (the binding's, or
+    `expected_hash`: the demo data's as prepared here) are checked again right before the containers run, and the
+    evaluator must have scored exactly the registered cases. `gpus` (device ids) go to the model only."""
     data, labels = dataset_dir / "data", dataset_dir / "labels"
     bound = job.binding
     try:
@@ -146,7 +146,7 @@ def execute(job: JobSpec, dataset_dir: Path, runner: ContainerRunner, work_dir: 
         raise JobRefused(f"dataset {bound.dataset_id} in {dataset_dir} is not readable by this worker (uid "
                          f"{os.geteuid()}), nor by its containers, which run as it: give the folder to it "
                          f"(chown -R {os.geteuid()}:{os.getegid()} {dataset_dir})") from None
-    if found != bound.dataset_hash:
+    if found != (expected_hash or bound.dataset_hash):
         raise JobRefused(f"dataset {bound.dataset_id} no longer matches its registered hash {bound.dataset_hash}")
     for image in (bound.model_image, bound.evaluator_image):
         if runner.image_id(image) != image:

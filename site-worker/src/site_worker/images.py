@@ -178,7 +178,7 @@ async def ensure_images(job: JobSpec, runner: ContainerRunner, store: ImageStore
     """Make every image of `job` present in the engine; the ids fetched. Cached images are reused. A private image
     is opened with the key the job carries, sealed to `site`."""
     fetched = []
-    for image in (job.binding.model_image, job.binding.evaluator_image):
+    for image in (job.binding.model_image, job.binding.evaluator_image, *filter(None, (job.preparator,))):
         if runner.image_id(image) == image:
             continue
         archive = job.archives.get(image)

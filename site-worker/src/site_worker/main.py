@@ -29,6 +29,7 @@ from site_worker.audit import AuditLog, verify_log
 from site_worker.capacity import Budget, Capacity
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
+from site_worker.demo import demo_folder
 from site_worker.execution import JobRefused, RunFailed, clean_failed, dataset_folder, execute
 from site_worker.heartbeat import LazyBucket, beat, beat_forever
 from site_worker.images import BusImageStore, ImageStore, ensure_images, s3_store
@@ -121,13 +122,18 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site) -> None:
     policy = await asyncio.to_thread(policy_in_force, site)
     if not (verdict := judge(policy, job)):
         raise JobRefused(f"{verdict.reason}; nothing was run")
-    folder = dataset_folder(settings.datasets_file, bound.dataset_id, settings.site_id)
+    if job.demo_data is None:
+        folder, expected = dataset_folder(settings.datasets_file, bound.dataset_id, settings.site_id), None
     for image in await ensure_images(job, site.runner, site.images, settings.work_dir / ".images",
                                      policy.limits.image_mb << 20, site.key):
         await note(site, "image_fetched", job.job_id, image=image, sha256=job.archives[image].sha256,
                    size=job.archives[image].size)
+    if job.demo_data is not None:  # a compatibility check: on the benchmark's demo data, prepared here
+        demo = await demo_folder(job, site.runner, site.images, settings.work_dir, limits_of(job))
+        folder, expected = demo.folder, demo.content_hash
     async with site.capacity.granted(job) as gpus:
-        metrics = await asyncio.to_thread(execute, job, folder, site.runner, settings.work_dir, limits_of(job), gpus)
+        metrics = await asyncio.to_thread(execute, job, folder, site.runner, settings.work_dir, limits_of(job), gpus,
+                                          expected)
     await note(site, "job_run", job.job_id, model_image=bound.model_image, evaluator_image=bound.evaluator_image,
                dataset_hash=bound.dataset_hash, cases=bound.case_count, kept_at_site=list(metrics.kept))
     result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=bound, metrics=metrics.leaving,

@@ -101,7 +101,10 @@ def describe_sites() -> list[SiteSummary]:
 
 def write_site_raw(site_index: int, directory: Path) -> Path:
     """Write `cases.csv` (case_id, the 30 features, diagnosis M/B) as the site holds it."""
-    cases = site_cases(site_index)
+    return _write_raw(site_cases(site_index), directory)
+
+
+def _write_raw(cases: Cases, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "cases.csv"
     with path.open("w", newline="") as stream:
@@ -110,6 +113,17 @@ def write_site_raw(site_index: int, directory: Path) -> Path:
         for case_id, row, label in zip(cases.case_ids, cases.features, cases.labels):
             writer.writerow([case_id, *(repr(float(x)) for x in row), "M" if label == 1 else "B"])
     return path
+
+
+def write_demo_raw(directory: Path, per_class: int = 10) -> int:
+    """The benchmark's demo data: the first `per_class` malignant and benign cases of the development split (held by
+    no site), as `cases.csv` in the sites' raw format; how many cases it holds."""
+    cases = load_cases()
+    development = np.array(split_cases().development)
+    chosen = np.sort(np.concatenate([development[cases.labels[development] == label][:per_class] for label in (1, 0)]))
+    demo = cases.subset(chosen)
+    _write_raw(demo, directory)
+    return len(demo.case_ids)
 
 
 def train_models(directory: Path) -> dict[str, Path]:

@@ -25,7 +25,16 @@ from rich.progress import (
 from assay.client import request
 from assay.home import Home
 from assay.platform import Platform
-from contracts.messages import JobList, JobState, Leaderboard, ListJobs, ShowLeaderboard
+from contracts.messages import (
+    AssociationList,
+    AssociationView,
+    JobList,
+    JobState,
+    Leaderboard,
+    ListAssociations,
+    ListJobs,
+    ShowLeaderboard,
+)
 
 BENCHMARK = "breast-cancer-dx"
 OPERATOR, OWNER, AUDITOR = "operator", "committee", "auditor"
@@ -52,6 +61,12 @@ rule = "auto"
 [release]
 rule = "benchmarks"
 benchmarks = ["{BENCHMARK}"]
+""",
+    OWNER: f"""# the committee's own site: it runs each model on the benchmark's demo data before it joins
+benchmarks = ["{BENCHMARK}"]
+
+[release]
+rule = "auto"
 """,
 }
 
@@ -92,7 +107,38 @@ def benchmark_spec(images_models_reference: str) -> dict:  # type: ignore[type-a
         "pooling": {"replicates": 1000, "threshold": 0.5, "confusion": True, "bins": 100, "min_count": 1},
         # model owners see their own rows with the sites' values under pseudonyms; anyone the pooled values
         "sharing": {"min_cases": 100, "pseudonyms": True, "public": "pooled"},
+        # a model that asks to join is first run on the demo data (20 cases no hospital holds) at the committee's site
+        "check_site": OWNER,
     }
+
+
+async def wait_for_pairs(home: Home, console: Console, what: str, expected: int,
+                         done: Callable[[AssociationView], bool], timeout_s: float = 600) -> None:
+    """Until `expected` of the benchmark's pairs are `done`, as the committee sees them."""
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(what, total=expected)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            listed = AssociationList.model_validate(await request(
+                home.nats_url(), ListAssociations(benchmark_id=BENCHMARK), actor=OWNER, key=home.key(OWNER)))
+            count = sum(1 for pair in listed.associations if done(pair))
+            progress.update(task, completed=count)
+            for pair in listed.associations:
+                if pair.check is not None and pair.check.state in ("FAILED", "REFUSED", "DECLINED", "CANCELLED"):
+                    raise StepFailed(f"the check of {pair.kind.value} {pair.entity_id} is {pair.check.state}: "
+                                     f"{pair.check.reason}")
+            if count >= expected:
+                return
+            if time.monotonic() > deadline:
+                raise StepFailed(f"only {count} of {expected} {what} after {timeout_s:.0f} s; `assay association "
+                                 f"list --benchmark {BENCHMARK} --as {OWNER}` says where each stands")
+            await asyncio.sleep(0.5)
+
+
+def checked(kind: str, state: str = "PASSED") -> Callable[[AssociationView], bool]:
+    return lambda pair: pair.kind.value == kind and pair.check is not None and pair.check.state == state
 
 
 async def wait_for_results(home: Home, expected: int, console: Console, *, held: int = 0,
@@ -139,7 +185,7 @@ def run_demo(base: Home, console: Console, *, keep: bool = False,
                                    on_step=lambda s: console.print(f"  [dim]·[/dim] {s}"))
         console.rule("[bold]2. Keys for every actor")
         make_keys(console, home)
-        console.rule("[bold]3. The platform: nats-server, four services, three site workers, each with its policy")
+        console.rule("[bold]3. The platform: nats-server, four services, a site worker per hospital and the committee's")
         platform.start()
         for title, step in STEPS:
             console.rule(f"[bold]{title}")
@@ -177,7 +223,7 @@ def run_demo(base: Home, console: Console, *, keep: bool = False,
 def make_keys(console: Console, home: Home) -> None:
     for name in (OPERATOR, OWNER, AUDITOR, *sorted(set(MODEL_OWNERS.values())), *SITES):
         assay(console, home, "keys", "new", name)
-    for site in SITES:
+    for site in (OWNER, *SITES):
         policy = home.root / "policies" / f"{site}.toml"
         policy.parent.mkdir(exist_ok=True)
         policy.write_text(POLICIES[site])
@@ -190,7 +236,8 @@ def review(console: Console, home: Home) -> None:
 
 
 def enrol_actors(console: Console, home: Home) -> None:
-    assay(console, home, "actor", "register", OWNER, "--role", "benchmark_owner", "--as", OPERATOR)
+    # the committee runs a site worker of its own too, for the compatibility checks
+    assay(console, home, "actor", "register", OWNER, "--role", "benchmark_owner", "--also", "site", "--as", OPERATOR)
     assay(console, home, "actor", "register", AUDITOR, "--role", "auditor", "--as", OPERATOR)
     for owner in sorted(set(MODEL_OWNERS.values())):
         assay(console, home, "actor", "register", owner, "--role", "model_owner", "--as", OPERATOR)
@@ -200,8 +247,13 @@ def enrol_actors(console: Console, home: Home) -> None:
 
 def define_benchmark(console: Console, home: Home) -> None:
     spec_file = home.root / "benchmark.json"
+    from assay.demo.data import write_demo_raw
+
     spec_file.write_text(json.dumps(benchmark_spec("assay-demo/model-reference:1"), indent=2))
-    assay(console, home, "benchmark", "register", str(spec_file), "--as", OWNER)
+    demo = home.root / "demo-data"
+    cases = write_demo_raw(demo)
+    assay(console, home, "benchmark", "register", str(spec_file), "--demo-data", str(demo), "--demo-cases", str(cases),
+          "--as", OWNER)
     assay(console, home, "benchmark", "approve", BENCHMARK, "--as", OPERATOR)
     # the committee trusts these hospitals: their datasets join at once, by its policy (models it approves one by one)
     assay(console, home, "association", "policy", BENCHMARK, "--kind", "dataset", "--mode", "allow",
@@ -213,7 +265,11 @@ def join_models(console: Console, home: Home) -> None:
         assay(console, home, "model", "register", model, "--image", f"assay-demo/model-{model}:1", "--push",
               "--as", owner)
         assay(console, home, "association", "request", BENCHMARK, "--model", model, "--as", owner)
-        assay(console, home, "association", "approve", BENCHMARK, "--model", model, "--as", OWNER)
+    asyncio.run(wait_for_pairs(home, console, "compatibility checks on the demo data, at the committee's site",
+                               len(MODEL_OWNERS), checked("model")))
+    # the committee sees each check's metrics beside the request, then approves them all in one command
+    assay(console, home, "association", "list", "--benchmark", BENCHMARK, "--pending", "--as", OWNER)
+    assay(console, home, "association", "approve", BENCHMARK, "--all-pending", "--yes", "--as", OWNER)
 
 
 def join_datasets(console: Console, home: Home) -> None:
@@ -229,6 +285,13 @@ def join_datasets(console: Console, home: Home) -> None:
               "--raw", str(raw))
         assay(console, home, "dataset", "register", dataset, "--as", site)
         assay(console, home, "association", "request", BENCHMARK, "--dataset", dataset, "--as", site)
+    # each dataset is checked with the reference model at its own site; its result leaves by the site's own rules:
+    # hospital-a's data owner reviews it like any result
+    asyncio.run(wait_for_pairs(home, console, f"reference-model check held at {REVIEWING}", 1,
+                               checked("dataset", "HELD")))
+    review(console, home)
+    asyncio.run(wait_for_pairs(home, console, "datasets admitted by the committee's policy once their check passed",
+                               len(SITES), lambda pair: pair.kind.value == "dataset" and pair.status == "APPROVED"))
     assay(console, home, "association", "list", "--benchmark", BENCHMARK, "--as", OWNER)
 
 
@@ -236,6 +299,8 @@ STEPS: tuple[tuple[str, Callable[[Console, Home], None]], ...] = (
     ("4. The operator enrols the actors", enrol_actors),
     ("5. The committee defines the benchmark; the operator approves it; the committee's policy admits the hospitals",
      define_benchmark),
-    ("6. Model owners push their images, register them by digest and ask to join", join_models),
-    ("7. Each hospital prepares its data locally and registers metadata only", join_datasets),
+    ("6. Model owners push their images, register them by digest and ask to join; each is checked on the demo data",
+     join_models),
+    ("7. Each hospital prepares its data locally, registers metadata only and asks to join; the reference model "
+     "checks it there", join_datasets),
 )

@@ -103,9 +103,10 @@ def _reason(reason: str, what: str) -> str:
     return reason.strip()
 
 
-def request(pair: Pair, actor: str, at: datetime, policy: Policy = Policy(), organisation: str | None = None) -> Pair:
-    """The entity's owner asks to join; the benchmark's policy may approve at once. Asking on an invitation
-    accepts it."""
+def request(pair: Pair, actor: str, at: datetime, policy: Policy = Policy(), organisation: str | None = None,
+            checking: bool = False) -> Pair:
+    """The entity's owner asks to join; the benchmark's policy may approve at once, or, where the request runs a
+    check (`checking`), once it passed (`checked`). Asking on an invitation accepts it."""
     if actor != pair.entity_owner:
         raise Refusal(f"{pair.entity} belongs to {pair.entity_owner}, not to {actor}")
     if pair.status is Status.INVITED:
@@ -113,17 +114,26 @@ def request(pair: Pair, actor: str, at: datetime, policy: Policy = Policy(), org
     if pair.status not in OPEN:
         raise Already(f"already {pair.status.lower()}")  # type: ignore[union-attr]
     asked = pair._then(Entry(Action.REQUESTED, actor, at))
-    if policy.approves(actor, organisation) and actor != pair.benchmark_owner:
-        return asked._then(Entry(Action.APPROVED, pair.benchmark_owner, at, by_policy=True))
-    return asked
+    return asked if checking else checked(asked, at, policy, organisation)
 
 
-def invite(pair: Pair, actor: str, at: datetime) -> Pair:
-    """The benchmark's owner asks the entity in; inviting what already asked approves it."""
+def checked(pair: Pair, at: datetime, policy: Policy, organisation: str | None = None) -> Pair:
+    """The request's check passed (or it runs none): the benchmark's policy approves it now if it approves the
+    requester; otherwise the pair is as it was, waiting for the benchmark's owner."""
+    requester = pair.asked_by
+    if pair.status is Status.REQUESTED and requester != pair.benchmark_owner and policy.approves(requester or "",
+                                                                                                  organisation):
+        return pair._then(Entry(Action.APPROVED, pair.benchmark_owner, at, by_policy=True))
+    return pair
+
+
+def invite(pair: Pair, actor: str, at: datetime, failed: str | None = None) -> Pair:
+    """The benchmark's owner asks the entity in; inviting what already asked approves it (one whose check `failed`
+    only by an approval with an override)."""
     if actor != pair.benchmark_owner:
         raise Refusal(f"only the benchmark's owner ({pair.benchmark_owner}) may invite to it")
     if pair.status is Status.REQUESTED:
-        return approve(pair, actor, at)
+        return approve(pair, actor, at, failed=failed)
     if pair.status not in OPEN:
         raise Already(f"already {pair.status.lower()}")  # type: ignore[union-attr]
     return pair._then(Entry(Action.INVITED, actor, at))
@@ -139,7 +149,9 @@ def accept(pair: Pair, actor: str, at: datetime) -> Pair:
     return pair._then(Entry(Action.ACCEPTED, actor, at))
 
 
-def approve(pair: Pair, actor: str, at: datetime, override: str = "") -> Pair:
+def approve(pair: Pair, actor: str, at: datetime, override: str = "", failed: str | None = None) -> Pair:
+    """The benchmark's owner consents to a request. One whose check `failed` (the reason) takes an `override`: why it
+    joins anyway, kept in the history."""
     if actor != pair.benchmark_owner:
         raise Refusal(f"only the owner of benchmark {pair.benchmark} ({pair.benchmark_owner}) may approve its members")
     if pair.status is Status.APPROVED:
@@ -149,7 +161,11 @@ def approve(pair: Pair, actor: str, at: datetime, override: str = "") -> Pair:
                       "request), or the benchmark's owner invite it (assay association invite)")
     if actor == pair.asked_by:
         raise Refusal("nobody may approve their own request")
-    return pair._then(Entry(Action.APPROVED, actor, at, override))
+    if failed is not None and not override.strip():
+        raise Refusal(f"the check of {pair.label} failed ({failed}); approve it only with --override REASON, which "
+                      "is kept in its history")
+    return pair._then(Entry(Action.APPROVED, actor, at, f"check overridden: {override.strip()}"
+                            if failed is not None else override.strip()))
 
 
 def reject(pair: Pair, actor: str, reason: str, at: datetime) -> Pair:

@@ -7,10 +7,10 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from approval import consent, domain
-from approval.models import ApprovalPolicy, Association, AssociationEntry, Benchmark, Entity
+from approval.models import FAILED, ApprovalPolicy, Association, AssociationEntry, Benchmark, Check, Entity
 from contracts import messages as m
 from contracts.envelope import Envelope, utcnow
-from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation
+from service_kit.actors import KnownActor, authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import UnitOfWork
@@ -89,6 +89,8 @@ class Pairs:
             self.session.add(AssociationEntry(**key, action=entry.action.value, actor=entry.actor, at=entry.at,
                                               reason=entry.reason, by_policy=entry.by_policy))
             self.uow.emit(announcement(entry, after.benchmark, kind, entity_id))
+            if entry.action is consent.Action.REQUESTED and (old := await self.session.get(Check, tuple(key.values()))):
+                await self.session.delete(old)  # a new request runs a new check: the last one's word is gone
         row = await self.session.get(Association, (after.benchmark, kind.value, entity_id))
         if row is None:
             row = Association(**key, requested_by=after.asked_by or "")
@@ -147,25 +149,48 @@ def outcome(pair: consent.Pair, last: consent.Entry) -> str:
 
 
 async def request_association(command: Envelope[m.RequestAssociation], uow: UnitOfWork) -> m.CommandReply:
-    """The entity's owner asks to join (or accepts an invitation); the benchmark's policy may approve at once."""
+    """The entity's owner asks to join (or accepts an invitation). Its check runs first (a dataset's always, a model's
+    where the benchmark has demo data); the benchmark's policy may approve it at once, or once its check passed."""
     cmd = command.data
     role = m.Role.MODEL_OWNER if cmd.kind is m.EntityKind.MODEL else m.Role.SITE
-    return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                        lambda pair, actor, policy: consent.request(pair, actor.actor_id, utcnow(), policy,
-                                                                    actor.organisation), role, joining=True)
+    benchmark = await uow.session.get(Benchmark, cmd.benchmark_id)  # `decide` says so when it is unknown
+    checking = cmd.kind is m.EntityKind.DATASET or (benchmark is not None and benchmark.checks_models)
+    reply = await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
+                         lambda pair, actor, policy: consent.request(pair, actor.actor_id, utcnow(), policy,
+                                                                     actor.organisation, checking),
+                         role, joining=True)
+    if checking and reply.message.endswith("waiting for the benchmark owner"):
+        what = "on the benchmark's demo data" if cmd.kind is m.EntityKind.MODEL else "with its reference model"
+        reply = reply.model_copy(update={"message": f"{reply.message}, who sees its check ({what}) in `assay "
+                                                    f"association show {cmd.benchmark_id} --{cmd.kind.value} "
+                                                    f"{cmd.entity_id}`"})
+    return reply
+
+
+async def failed_check(session: AsyncSession, pair: m.PairOf) -> tuple[Check | None, str | None]:
+    """The pair's check, and why it failed (None: it passed, runs still, or there is none)."""
+    check = await session.get(Check, (pair.benchmark_id, pair.kind.value, pair.entity_id))
+    return check, f"{check.state.lower()}: {check.reason}" if check is not None and check.state in FAILED else None
 
 
 async def invite_association(command: Envelope[m.InviteAssociation], uow: UnitOfWork) -> m.CommandReply:
     cmd = command.data
+    _, failed = await failed_check(uow.session, cmd)
     return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                        lambda pair, actor, _: consent.invite(pair, actor.actor_id, utcnow()), m.Role.BENCHMARK_OWNER,
-                        joining=True)
+                        lambda pair, actor, _: consent.invite(pair, actor.actor_id, utcnow(), failed),
+                        m.Role.BENCHMARK_OWNER, joining=True)
 
 
 async def approve_association(command: Envelope[m.ApproveAssociation], uow: UnitOfWork) -> m.CommandReply:
+    """The benchmark's owner consents; a request whose check failed only with an override, kept in the history."""
     cmd = command.data
-    return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                        lambda pair, actor, _: consent.approve(pair, actor.actor_id, utcnow()), m.Role.BENCHMARK_OWNER)
+    check, failed = await failed_check(uow.session, cmd)
+    reply = await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
+                         lambda pair, actor, _: consent.approve(pair, actor.actor_id, utcnow(), cmd.override, failed),
+                         m.Role.BENCHMARK_OWNER)
+    if check is not None and check.state not in (*FAILED, "PASSED") and reply.message.endswith(cmd.benchmark_id):
+        reply = reply.model_copy(update={"message": f"{reply.message}, before its check finished ({check.state})"})
+    return reply
 
 
 async def reject_association(command: Envelope[m.RejectAssociation], uow: UnitOfWork) -> m.CommandReply:
@@ -205,6 +230,7 @@ async def list_associations(query: Envelope[m.ListAssociations], uow: UnitOfWork
     session = uow.session
     owners = {b.benchmark_id: b.owner_id for b in (await session.exec(select(Benchmark))).all()}
     entities = {(e.kind, e.entity_id): e.owner_id for e in (await session.exec(select(Entity))).all()}
+    checks = {(c.benchmark_id, c.kind, c.entity_id): c for c in (await session.exec(select(Check))).all()}
     rows = (await session.exec(select(Association).order_by(col(Association.benchmark_id), col(Association.kind),
                                                             col(Association.entity_id)))).all()
     shown = []
@@ -216,6 +242,7 @@ async def list_associations(query: Envelope[m.ListAssociations], uow: UnitOfWork
             continue
         if query.data.pending and row.status not in PENDING:
             continue
+        check = checks.get((row.benchmark_id, row.kind, row.entity_id))
         history = (await session.exec(select(AssociationEntry).where(
             AssociationEntry.benchmark_id == row.benchmark_id, AssociationEntry.kind == row.kind,
             AssociationEntry.entity_id == row.entity_id).order_by(col(AssociationEntry.id)))).all()
@@ -223,7 +250,9 @@ async def list_associations(query: Envelope[m.ListAssociations], uow: UnitOfWork
             benchmark_id=row.benchmark_id, kind=m.EntityKind(row.kind), entity_id=row.entity_id,
             entity_owner=entity_owner, status=row.status,
             history=tuple(m.HistoryEntry(action=h.action, actor=h.actor, at=h.at, reason=h.reason,
-                                         by_policy=h.by_policy) for h in history)))
+                                         by_policy=h.by_policy) for h in history),
+            check=None if check is None else m.CheckView(job_id=check.job_id, site_id=check.site_id, state=check.state,
+                                                         reason=check.reason, metrics=check.metrics, at=check.at)))
     return m.AssociationList(associations=tuple(shown))
 
 
@@ -252,7 +281,69 @@ async def learn_actor(registered: Envelope[m.ActorRegistered], uow: UnitOfWork) 
 async def learn_benchmark(registered: Envelope[m.BenchmarkRegistered], uow: UnitOfWork) -> None:
     spec = registered.data.benchmark
     if await uow.session.get(Benchmark, spec.benchmark_id) is None:
-        uow.session.add(Benchmark(benchmark_id=spec.benchmark_id, owner_id=registered.data.owner_id))
+        uow.session.add(Benchmark(benchmark_id=spec.benchmark_id, owner_id=registered.data.owner_id,
+                                  checks_models=spec.demo_data is not None))
+
+
+async def learn_edit(edited: Envelope[m.BenchmarkEdited], uow: UnitOfWork) -> None:
+    """Demo data given (or taken away) while in development: models' requests from now on run a check (or none)."""
+    spec = edited.data.benchmark
+    benchmark = await _benchmark(uow.session, spec.benchmark_id)
+    benchmark.checks_models = spec.demo_data is not None
+    uow.session.add(benchmark)
+
+
+async def learn_check_job(scheduled: Envelope[m.JobScheduled], uow: UnitOfWork) -> None:
+    """A request's check was planned: the approver sees it waiting."""
+    job = scheduled.data.job
+    if job.check is None:
+        return
+    key = (job.binding.benchmark_id, job.check.kind.value, job.check.entity_id)
+    row = await uow.session.get(Check, key) or Check(benchmark_id=key[0], kind=key[1], entity_id=key[2],
+                                                      job_id=job.job_id, site_id=job.site_id, at=scheduled.time)
+    row.job_id, row.site_id, row.state, row.reason, row.metrics, row.at = (job.job_id, job.site_id, "SCHEDULED", "",
+                                                                          {}, scheduled.time)
+    uow.session.add(row)
+
+
+async def _check_row(uow: UnitOfWork, benchmark_id: str, check: m.CheckOf, job_id: str) -> Check | None:
+    """The pair's check row, if it is still this job's (None: a newer request's check replaced it)."""
+    row = await uow.session.get(Check, (benchmark_id, check.kind.value, check.entity_id))
+    if row is None:  # its JobScheduled is on the way (or a new request cleared the row and its check's is)
+        raise NotYetKnown(f"check job {job_id} of {check.kind.value} {check.entity_id} is not planned here yet")
+    return row if row.job_id == job_id else None
+
+
+async def learn_check_state(changed: Envelope[m.JobStateChanged], uow: UnitOfWork) -> None:
+    """Its site held, refused or failed the check, its owner declined to release it, or it was cancelled: the
+    approver sees the state and the reason."""
+    said = changed.data
+    if said.check is None:
+        return
+    if (row := await _check_row(uow, said.benchmark_id, said.check, said.job_id)) is None:
+        return
+    row.state, row.reason, row.at = said.state.value, said.reason, changed.time
+    uow.session.add(row)
+
+
+async def learn_check_result(completed: Envelope[m.CheckCompleted], uow: UnitOfWork) -> None:
+    """The check passed: its metrics go beside the request, and the benchmark's policy may approve it now."""
+    done = completed.data
+    if (row := await _check_row(uow, done.benchmark_id, m.CheckOf(kind=done.kind, entity_id=done.entity_id),
+                                done.job_id)) is None:
+        return
+    row.state, row.reason, row.metrics, row.at = "PASSED", "", dict(done.metrics), completed.time
+    uow.session.add(row)
+    pairs = Pairs(uow)
+    pair, benchmark = await pairs.load(done.benchmark_id, done.kind, done.entity_id)
+    entity = await uow.session.get(Entity, (done.kind.value, done.entity_id))
+    if domain.refuse_request(benchmark) is not None or entity is None or entity.archived:
+        return
+    requester = await uow.session.get(KnownActor, pair.asked_by) if pair.asked_by else None
+    after = consent.checked(pair, utcnow(), await pairs.policy(done.benchmark_id, done.kind),
+                            requester.organisation if requester else None)
+    if after is not pair:
+        await pairs.save(pair, after, done.kind, done.entity_id)
 
 
 async def learn_model(registered: Envelope[m.ModelRegistered], uow: UnitOfWork) -> None:
@@ -274,7 +365,8 @@ WIRING = Wiring(
         approve_benchmark, reject_benchmark, request_association, invite_association, approve_association,
         reject_association, revoke_association, set_approval_policy, list_associations)),
     consumers=tuple(Consumer(learn) for learn in (learn_actor, learn_benchmark, learn_model, learn_dataset,
-                                                  learn_archival, learn_suspension, learn_rotation)),
+                                                  learn_archival, learn_suspension, learn_rotation, learn_edit,
+                                                  learn_check_job, learn_check_state, learn_check_result)),
     publishes=tuple(Outlet.event(e) for e in (
         m.BenchmarkApproved, m.BenchmarkRejected, m.AssociationRequested, m.AssociationInvited, m.AssociationApproved,
         m.AssociationRejected, m.AssociationRevoked, m.ApprovalPolicySet)),

@@ -15,6 +15,7 @@ class Benchmark(SQLModel, table=True):
     approved: bool = False
     rejected: str | None = None  # the operator's reason, until it is approved after all
     archived: bool = False
+    checks_models: bool = False  # it has demo data: a model's request runs a compatibility check first
 
 
 class Entity(SQLModel, table=True):
@@ -53,6 +54,24 @@ class AssociationEntry(SQLModel, table=True):
     by_policy: bool = False
 
 
+class Check(SQLModel, table=True):
+    """The check a pair's last request ran, as the scheduler and the leaderboard told it: a new request replaces it."""
+
+    __tablename__ = "appr_check"
+    benchmark_id: str = Field(primary_key=True)
+    kind: str = Field(primary_key=True)
+    entity_id: str = Field(primary_key=True)
+    job_id: str = Field(index=True)
+    site_id: str
+    state: str = "SCHEDULED"  # SCHEDULED, HELD, PASSED, or FAILED, REFUSED, DECLINED, CANCELLED (see FAILED)
+    reason: str = ""
+    metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))  # type: ignore[type-arg]
+    at: datetime
+
+
+FAILED = ("FAILED", "REFUSED", "DECLINED", "CANCELLED")  # a check that ended without metrics: approving takes override
+
+
 class ApprovalPolicy(SQLModel, table=True):
     __tablename__ = "appr_policy"
     benchmark_id: str = Field(primary_key=True)
@@ -62,4 +81,4 @@ class ApprovalPolicy(SQLModel, table=True):
 
 
 TABLES = [Benchmark.__table__, Entity.__table__, Association.__table__, AssociationEntry.__table__,  # type: ignore[attr-defined]
-          ApprovalPolicy.__table__]  # type: ignore[attr-defined]
+          ApprovalPolicy.__table__, Check.__table__]  # type: ignore[attr-defined]

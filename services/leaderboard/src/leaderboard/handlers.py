@@ -21,6 +21,7 @@ from contracts.messages import (
     EntityArchived,
     BenchmarkRegistered,
     BenchmarkSpec,
+    CheckCompleted,
     Leaderboard,
     LeaderboardUpdated,
     ResultAccepted,
@@ -161,6 +162,12 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
                 return await store.park(result, subject, waiting_for)
         verdict = domain.check_binding(site_result, job=job, benchmark=benchmark,
                                        accepted_before=await store.has_result(job.job_id))
+    if verdict.ok and job.check is not None:  # a check before joining: its approver sees it; it never counts
+        bound = site_result.binding
+        uow.emit(CheckCompleted(job_id=job.job_id, site_id=site_result.site_id, benchmark_id=bound.benchmark_id,
+                                kind=job.check.kind, entity_id=job.check.entity_id, metrics=site_result.metrics,
+                                case_count=bound.case_count), id=f"check-{job.job_id}")
+        return
     if verdict.ok:
         bound = site_result.binding
         withdrawn = await store.withdrawn(benchmark.benchmark_id, [(bound.model_id, job.model_owner,
@@ -215,5 +222,5 @@ WIRING = Wiring(
                Consumer(learn_rotation),
                Consumer(record_result, subject=subjects.RESULTS_ALL)),
     requests=(Request(show_leaderboard),),
-    publishes=tuple(Outlet.event(e) for e in (ResultAccepted, ResultRejected, LeaderboardUpdated)),
+    publishes=tuple(Outlet.event(e) for e in (ResultAccepted, ResultRejected, LeaderboardUpdated, CheckCompleted)),
 )

@@ -101,11 +101,26 @@ def enrol(uow: Transaction, actor_id: str, role: m.Role, public_key: str, displa
     uow.emit(event, id=event_id)
 
 
+async def refuse_check_site(session, owner: KnownActor, spec: m.BenchmarkSpec) -> None:  # type: ignore[no-untyped-def]
+    """The compatibility checks run at the benchmark owner's own site worker: a registered site that is the owner
+    itself (holding the site role too) or of the owner's organisation."""
+    if spec.check_site is None:
+        return
+    site = await session.get(KnownActor, spec.check_site)
+    if site is None or m.Role.SITE not in (site.role, *site.also):
+        raise Refused(f"check_site {spec.check_site!r} is not a registered site; the operator registers the "
+                      "benchmark owner's own site first (assay actor register ... --role site)")
+    if site.actor_id != owner.actor_id and (owner.organisation is None or site.organisation != owner.organisation):
+        raise Refused(f"check_site {spec.check_site} is not {owner.actor_id}'s own: models are checked at a site of "
+                      f"the benchmark owner's organisation ({owner.organisation or 'it belongs to none'})")
+
+
 async def register_benchmark(command: Envelope[m.RegisterBenchmark], uow: UnitOfWork) -> m.CommandReply:
     owner = await authenticate(uow.session, command, m.Role.BENCHMARK_OWNER)
     spec = command.data.benchmark
     if await uow.session.get(Benchmark, spec.benchmark_id) is not None:
         raise Refused(f"benchmark_id {spec.benchmark_id!r} already exists; choose another id")
+    await refuse_check_site(uow.session, owner, spec)
     uow.session.add(Benchmark(benchmark_id=spec.benchmark_id, owner_id=owner.actor_id,
                               spec=spec.model_dump(mode="json")))
     uow.emit(m.BenchmarkRegistered(owner_id=owner.actor_id, benchmark=spec))
@@ -180,6 +195,7 @@ async def edit_benchmark(command: Envelope[m.EditBenchmark], uow: UnitOfWork) ->
     if row.status == Status.OPERATION and (frozen := [name for name in changed if name in lifecycle.FROZEN]):
         raise Refused(f"{', '.join(frozen)} of benchmark {spec.benchmark_id} cannot change in OPERATION: they define "
                       "the results already on its board; register a new benchmark (a new id) to change them")
+    await refuse_check_site(uow.session, owner, spec)
     row.spec = spec.model_dump(mode="json")
     uow.session.add(row)
     uow.emit(m.BenchmarkEdited(benchmark=spec, changed=tuple(changed), edited_by=owner.actor_id))

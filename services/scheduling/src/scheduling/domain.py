@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from contracts.messages import Archive, BenchmarkSpec, JobBinding, JobSpec
+from contracts.messages import Archive, BenchmarkSpec, CheckOf, EntityKind, JobBinding, JobSpec
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,51 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
                                 archives={image: pushed[image] for image in (digest, benchmark.evaluator.digest)
                                           if image in pushed}))
     return jobs
+
+
+DEMO_DATASET = "demo-data"  # the dataset id a compatibility check's binding names: the benchmark's demo data
+REFERENCE_MODEL = "reference-model"  # the model id a dataset check's binding names: the benchmark's reference model
+
+
+def check_id(request_id: str, benchmark_id: str, kind: EntityKind, entity_id: str) -> str:
+    """One check per request (the AssociationRequested event's id): asking again after a fix runs it again."""
+    key = "|".join((request_id, benchmark_id, kind.value, entity_id))
+    return "check-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def model_check(benchmark: BenchmarkSpec, request_id: str, model_id: str, digest: str, expires_at: datetime,
+                owner: str | None = None, archive: Archive | None = None, key: str | None = None) -> JobSpec | None:
+    """The model on the benchmark's demo data, with its preparator and evaluator, at its check site (None when the
+    benchmark has no demo data). A private image's key, sealed to the check site, travels with it (without one, the
+    site says so, and the approver sees why)."""
+    demo = benchmark.demo_data
+    if demo is None or benchmark.check_site is None:
+        return None
+    binding = JobBinding(benchmark_id=benchmark.benchmark_id, model_id=model_id, dataset_id=DEMO_DATASET,
+                         model_image=digest, evaluator_image=benchmark.evaluator.digest,
+                         dataset_hash=demo.archive.sha256, case_count=demo.cases)
+    preparator = None if demo.prepared else benchmark.preparator
+    pushed = {ref.digest: ref.archive for ref in (benchmark.evaluator, preparator) if ref and ref.archive}
+    if archive is not None:
+        pushed[digest] = archive
+    return JobSpec(job_id=check_id(request_id, benchmark.benchmark_id, EntityKind.MODEL, model_id),
+                   site_id=benchmark.check_site, binding=binding, metrics=benchmark.metrics, expires_at=expires_at,
+                   model_owner=owner, limits=benchmark.limits, predictions=benchmark.predictions,
+                   keys={digest: key} if key else {}, archives=pushed,
+                   check=CheckOf(kind=EntityKind.MODEL, entity_id=model_id), demo_data=demo,
+                   preparator=preparator.digest if preparator else None)
+
+
+def dataset_check(benchmark: BenchmarkSpec, request_id: str, dataset: PlannedDataset, expires_at: datetime,
+                  owner: str | None = None) -> JobSpec:
+    """The benchmark's reference model on the dataset, at its site: its result passes the site's release rules like
+    any result."""
+    reference, evaluator = benchmark.reference_model, benchmark.evaluator
+    binding = JobBinding(benchmark_id=benchmark.benchmark_id, model_id=REFERENCE_MODEL, dataset_id=dataset.dataset_id,
+                         model_image=reference.digest, evaluator_image=evaluator.digest,
+                         dataset_hash=dataset.content_hash, case_count=dataset.case_count)
+    return JobSpec(job_id=check_id(request_id, benchmark.benchmark_id, EntityKind.DATASET, dataset.dataset_id),
+                   site_id=dataset.site_id, binding=binding, metrics=benchmark.metrics, expires_at=expires_at,
+                   model_owner=owner, limits=benchmark.limits, predictions=benchmark.predictions,
+                   archives={ref.digest: ref.archive for ref in (reference, evaluator) if ref.archive},
+                   check=CheckOf(kind=EntityKind.DATASET, entity_id=dataset.dataset_id))

@@ -15,7 +15,7 @@ from contracts import messages as m
 from contracts import subjects
 from contracts.envelope import Envelope, aware, utcnow
 from contracts.signing import KeyPair
-from scheduling.domain import PlannedDataset, plan_jobs
+from scheduling.domain import PlannedDataset, dataset_check, model_check, plan_jobs
 from scheduling.models import Benchmark, Dataset, ImageKey, Job, Member, Model
 from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import Delivery, NotYetKnown, Refused
@@ -60,18 +60,52 @@ async def plan(uow: Transaction, benchmark_id: str, dispatch: Dispatch) -> int:
     planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, existing,
                         expires_at=utcnow() + dispatch.ttl, owners=owners, archives=archives, keys=keys)
     for job in planned:
-        session.add(Job(job_id=job.job_id, benchmark_id=benchmark_id, model_id=job.binding.model_id,
-                        dataset_id=job.binding.dataset_id, site_id=job.site_id, spec=job.model_dump(mode="json")))
-        uow.emit(m.JobScheduled(job=job), id=f"scheduled-{job.job_id}")
-        uow.send(subjects.jobs(job.site_id), dispatch.key.sign(Envelope.wrap(job, source=f"service:{SERVICE}",
-                                                                            id=job.job_id)))
+        dispatched(uow, job, dispatch)
     return len(planned)
+
+
+def dispatched(uow: Transaction, job: m.JobSpec, dispatch: Dispatch) -> None:
+    """Stage one job: its row, its JobScheduled event, and the signed job on its site's queue."""
+    uow.session.add(Job(job_id=job.job_id, benchmark_id=job.binding.benchmark_id, model_id=job.binding.model_id,
+                        dataset_id=job.binding.dataset_id, site_id=job.site_id, spec=job.model_dump(mode="json")))
+    uow.emit(m.JobScheduled(job=job), id=f"scheduled-{job.job_id}")
+    uow.send(subjects.jobs(job.site_id), dispatch.key.sign(Envelope.wrap(job, source=f"service:{SERVICE}",
+                                                                        id=job.job_id)))
+
+
+async def learn_request(requested: Envelope[m.AssociationRequested], uow: UnitOfWork, dispatch: Jobs) -> None:
+    """A request to join runs its check first: a model on the benchmark's demo data at its check site, or the
+    benchmark's reference model on a dataset at the dataset's site. One check per request; none for a benchmark
+    without demo data (a model) or that is archived."""
+    pair, session = requested.data, uow.session
+    benchmark = await session.get(Benchmark, pair.benchmark_id)
+    if benchmark is None:
+        raise NotYetKnown(f"benchmark {pair.benchmark_id} asked to join before its registration arrived")
+    spec, expires = m.BenchmarkSpec.model_validate(benchmark.spec), utcnow() + dispatch.ttl
+    if benchmark.archived:
+        return
+    if pair.kind is m.EntityKind.MODEL:
+        if (model := await session.get(Model, pair.entity_id)) is None:
+            raise NotYetKnown(f"model {pair.entity_id} asked to join before its registration arrived")
+        sealed = await session.get(ImageKey, (model.digest, spec.check_site)) if spec.check_site else None
+        job = model_check(spec, requested.id, model.model_id, model.digest, expires, owner=model.owner_id,
+                          archive=m.Archive.model_validate(model.archive) if model.archive else None,
+                          key=sealed.sealed_key if sealed else None)
+    else:
+        if (dataset := await session.get(Dataset, pair.entity_id)) is None:
+            raise NotYetKnown(f"dataset {pair.entity_id} asked to join before its registration arrived")
+        job = dataset_check(spec, requested.id, PlannedDataset(dataset.dataset_id, dataset.site_id,
+                                                              dataset.content_hash, dataset.case_count),
+                            expires, owner=benchmark.owner_id)
+    if job is not None and await session.get(Job, job.job_id) is None:
+        dispatched(uow, job, dispatch)
 
 
 async def learn_benchmark(registered: Envelope[m.BenchmarkRegistered], uow: UnitOfWork, dispatch: Jobs) -> None:
     spec = registered.data.benchmark
     if await uow.session.get(Benchmark, spec.benchmark_id) is None:
-        uow.session.add(Benchmark(benchmark_id=spec.benchmark_id, spec=spec.model_dump(mode="json")))
+        uow.session.add(Benchmark(benchmark_id=spec.benchmark_id, spec=spec.model_dump(mode="json"),
+                                  owner_id=registered.data.owner_id))
     await plan(uow, spec.benchmark_id, dispatch)
 
 
@@ -169,8 +203,7 @@ async def cancel_open(uow: UnitOfWork, jobs, reason: str) -> None:  # type: igno
         if job.status in OPEN:
             job.status, job.reason, job.updated_at = m.JobState.CANCELLED.value, reason, utcnow()
             uow.session.add(job)
-            uow.emit(m.JobStateChanged(job_id=job.job_id, site_id=job.site_id, benchmark_id=job.benchmark_id,
-                                       model_id=job.model_id, state=m.JobState.CANCELLED, reason=reason))
+            uow.emit(state_changed(job, m.JobState.CANCELLED, reason))
 
 
 async def grant_image_key(grant: Envelope[m.GrantImageKey], uow: UnitOfWork, dispatch: Jobs) -> m.CommandReply:
@@ -222,15 +255,23 @@ async def record_report(report: Envelope[m.SiteReport], uow: UnitOfWork, deliver
         return
     job.status, job.reason, job.updated_at = said.state.value, said.reason, said.at
     uow.session.add(job)
-    uow.emit(m.JobStateChanged(job_id=job.job_id, site_id=job.site_id, benchmark_id=job.benchmark_id,
-                               model_id=job.model_id, state=said.state, reason=said.reason))
+    uow.emit(state_changed(job, said.state, said.reason))
+
+
+def check_of(job: Job) -> m.CheckOf | None:
+    return m.CheckOf.model_validate(job.spec["check"]) if job.spec.get("check") else None
+
+
+def state_changed(job: Job, state: m.JobState, reason: str) -> m.JobStateChanged:
+    return m.JobStateChanged(job_id=job.job_id, site_id=job.site_id, benchmark_id=job.benchmark_id,
+                             model_id=job.model_id, state=state, reason=reason, check=check_of(job))
 
 
 
 def status_of(job: Job) -> m.JobStatus:
     return m.JobStatus(job_id=job.job_id, benchmark_id=job.benchmark_id, model_id=job.model_id,
                        dataset_id=job.dataset_id, site_id=job.site_id, state=m.JobState(job.status),
-                       reason=job.reason, updated_at=aware(job.updated_at))
+                       reason=job.reason, updated_at=aware(job.updated_at), check=check_of(job))
 
 
 async def list_jobs(query: Envelope[m.ListJobs], uow: UnitOfWork) -> m.JobList:
@@ -256,7 +297,16 @@ async def get_job(query: Envelope[m.GetJob], uow: UnitOfWork) -> m.JobDetails:
 
 
 async def mark_done(accepted: Envelope[m.ResultAccepted], uow: UnitOfWork) -> None:
-    job = await uow.session.get(Job, accepted.data.job_id)
+    await done(uow, accepted.data.job_id)
+
+
+async def mark_checked(checked: Envelope[m.CheckCompleted], uow: UnitOfWork) -> None:
+    """A check's result was verified and went to its approver: the check job is done."""
+    await done(uow, checked.data.job_id)
+
+
+async def done(uow: UnitOfWork, job_id: str) -> None:
+    job = await uow.session.get(Job, job_id)
     if job is not None:
         job.status, job.reason, job.updated_at = m.JobState.DONE.value, "", utcnow()
         uow.session.add(job)
@@ -266,7 +316,8 @@ WIRING = Wiring(
     owner=SERVICE, source=f"service:{SERVICE}",
     consumers=(*(Consumer(handle) for handle in (learn_actor, learn_benchmark, learn_approval, learn_model,
                                                  learn_dataset, learn_association, learn_revocation, learn_archival,
-                                                 learn_edit, learn_suspension, learn_rotation, mark_done)),
+                                                 learn_edit, learn_suspension, learn_rotation, learn_request,
+                                                 mark_done, mark_checked)),
                Consumer(record_report, subject=subjects.REPORTS_ALL)),
     requests=(Request(list_jobs), Request(get_job), Request(grant_image_key)),
     publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec)),

@@ -14,6 +14,7 @@ class Benchmark(SQLModel, table=True):
     __tablename__ = "sched_benchmark"
     benchmark_id: str = Field(primary_key=True)
     spec: dict = Field(sa_column=Column(JSON))  # type: ignore[type-arg]
+    owner_id: str | None = None  # the reference model's owner, as a site's policy sees it
     approved: bool = False
     archived: bool = False  # never planned again
 
