@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,15 +19,6 @@ from tests.support.federation import EVALUATOR, MODEL, PREPARATOR, Federation, f
 
 BROKEN = "sha256:" + "9" * 64  # a model image whose `infer` crashes
 METRICS = {"auc": 0.875, "sensitivity": 0.75}
-
-
-@pytest.fixture
-async def federation(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
-    await fed.start_services()
-    (tmp_path / "platform.json").write_text(json.dumps({"nats_url": nats_url}))
-    yield fed
-    await fed.stop()
 
 
 def containers():  # type: ignore[no-untyped-def]

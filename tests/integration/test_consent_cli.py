@@ -5,23 +5,12 @@ a revocation that cancels the pair's queued job."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
-import pytest
 
 from contracts import messages as m
 from tests.integration.test_cli import assay
 from tests.support.federation import MODEL, PREPARATOR, Federation, make_dataset, next_events
-
-
-@pytest.fixture
-async def federation(nats_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    fed = Federation(nats_url, tmp_path, lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db")
-    await fed.start_services()
-    (tmp_path / "platform.json").write_text(json.dumps({"nats_url": nats_url}))
-    yield fed
-    await fed.stop()
 
 
 async def cli(fed: Federation, *args: str, answer: str | None = None) -> tuple[int, str]:

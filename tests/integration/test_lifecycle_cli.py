@@ -9,7 +9,6 @@ import asyncio
 
 from contracts import messages as m
 from tests.integration.test_consent_cli import cli, registered_dataset
-from tests.integration.test_consent_cli import federation as federation  # noqa: F401  (the fixture, by name)
 from tests.integration.test_verify import scoring
 from tests.support.federation import Federation, next_events
 
