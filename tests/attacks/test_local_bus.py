@@ -96,6 +96,27 @@ def test_each_process_of_assay_up_may_do_only_what_it_does(platform: Path) -> No
     assert not [user for user, url in users.items() if urlsplit(url).password in logs], "a password was logged"
 
 
+def test_only_the_scheduler_cancels_and_a_site_reads_only_its_own_cancellations(platform: Path) -> None:
+    users = urls(platform)
+
+    async def attempts() -> None:
+        scheduler = await nats.connect(users["scheduling"], inbox_prefix="_INBOX.scheduling")
+        for site_id in ("hospital-a", "hospital-b"):
+            await scheduler.jetstream().publish(subjects.cancelled(site_id, "job-1"), site_id.encode(), timeout=10)
+        await scheduler.close()
+        site = await nats.connect(users["site-hospital-a"], inbox_prefix="_INBOX.site-hospital-a")
+        bucket = await site.jetstream().key_value(subjects.CANCELLED_BUCKET)
+        assert (await bucket.get("hospital-a.job-1")).value == b"hospital-a"
+        await site.close()
+        for subject in (subjects.cancelled("hospital-a", "job-2"),
+                        "$JS.API.DIRECT.GET.KV_assay-cancelled.$KV.assay-cancelled.hospital-b.job-1",
+                        "$JS.API.STREAM.MSG.GET.KV_assay-cancelled"):
+            said = await violation(users["site-hospital-a"], subject)
+            assert f'permissions violation for publish to "{subject}"'.lower() in said.lower(), (subject, said)
+
+    asyncio.run(attempts())
+
+
 def test_a_command_through_the_cli_still_works_as_its_own_user(platform: Path) -> None:
     KeyPair.generate().save(platform / "keys" / "vendor.key")
     done = subprocess.run([sys.executable, "-m", "assay", "--home", str(platform), "actor", "register", "vendor",

@@ -331,6 +331,23 @@ async def test_a_site_may_publish_only_its_own_results_and_dead_letters(central_
     await site.close()
 
 
+async def test_only_the_scheduler_cancels_and_a_site_reads_only_its_own_cancellations(
+        central_nats: CentralNats) -> None:
+    await provision(central_nats)
+    scheduler, _ = await central_nats.connect("scheduling")
+    for site_id in (SITE, "hospital-b"):
+        await scheduler.jetstream().publish(subjects.cancelled(site_id, "job-1"), site_id.encode(), timeout=10)
+    site, violations = await central_nats.connect(f"site-{SITE}")
+    bucket = await site.jetstream().key_value(subjects.CANCELLED_BUCKET)
+    assert (await bucket.get(f"{SITE}.job-1")).value == SITE.encode()
+    for subject in (subjects.cancelled(SITE, "job-2"),  # a site cannot cancel, nor un-cancel, a job
+                    "$JS.API.DIRECT.GET.KV_assay-cancelled.$KV.assay-cancelled.hospital-b.job-1",
+                    "$JS.API.STREAM.MSG.GET.KV_assay-cancelled"):  # the get that names no subject is refused too
+        await refused(site, violations, subject)
+    for nc in (scheduler, site):
+        await nc.close()
+
+
 async def test_a_site_may_pull_and_ack_only_its_own_queue(central_nats: CentralNats) -> None:
     await provision(central_nats)
     scheduler, _ = await central_nats.connect("scheduling")

@@ -5,12 +5,13 @@ a revocation that cancels the pair's queued job."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 
 from contracts import messages as m
 from tests.integration.test_cli import assay
-from tests.support.federation import MODEL, PREPARATOR, Federation, make_dataset, next_events
+from tests.support.federation import MODEL, PREPARATOR, Federation, fake_containers, make_dataset, next_events
 
 
 async def cli(fed: Federation, *args: str, answer: str | None = None) -> tuple[int, str]:
@@ -98,6 +99,19 @@ async def test_a_policy_approves_at_once_and_a_revocation_cancels_the_queued_job
         (s["data"]["job"]["job_id"], "CANCELLED") for s in scheduled)
     code, jobs = await cli(federation, "job", "list", "--benchmark", "bench")
     assert jobs.count("CANCELLED") == 2 and "ethics review pending" in jobs
+
+    # site-a comes online: it finds both jobs cancelled, runs neither, and its audit log says so
+    runner = fake_containers({"auc": 0.9, "sensitivity": 0.8})
+    await federation.start_site("site-a", runner)
+    audit = federation.root / "sites" / "site-a" / "audit.jsonl"
+    for _ in range(120):
+        entries = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+        if len(cancelled := [e for e in entries if e["kind"] == "job_cancelled"]) == 2:
+            break
+        await asyncio.sleep(0.25)
+    assert sorted(e["job_id"] for e in cancelled) == sorted(s["data"]["job"]["job_id"] for s in scheduled)
+    assert all("ethics review pending" in e["details"]["reason"] for e in cancelled)
+    assert runner.specs == []
 
 
 async def test_what_exists_is_listed_and_a_model_shows_its_associations_and_their_history(federation: Federation):

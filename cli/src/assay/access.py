@@ -28,7 +28,8 @@ def consuming(stream: str, durable: str | None = None) -> list[str]:
 def service_permissions(service: str) -> dict[str, object]:
     publish = ["assay.v1.evt.>", "assay.v1.dlq.*", *consuming(subjects.EVENTS_STREAM)]
     if service == "scheduling":
-        publish.append(subjects.JOBS_ALL)  # the only publisher of jobs
+        publish += [subjects.JOBS_ALL, f"$KV.{subjects.CANCELLED_BUCKET}.>"]  # the only publisher of jobs, and of
+        # their cancellations
         publish += consuming(subjects.RESULTS_STREAM, subjects.durable(service, subjects.REPORTS_ALL))  # sites' reports
     if service == "leaderboard":
         publish += consuming(subjects.RESULTS_STREAM)  # the only reader of results
@@ -69,6 +70,16 @@ def heartbeat_rights(site_id: str) -> list[str]:
     return [f"$KV.{subjects.SITES_BUCKET}.{subjects.token(site_id, 'site id')}.>", f"$JS.API.STREAM.INFO.{HEARTBEATS}"]
 
 
+CANCELLED = f"KV_{subjects.CANCELLED_BUCKET}"
+
+
+def cancellation_rights(site_id: str) -> list[str]:
+    """What a site reads of the cancelled bucket: the bucket's info, and by direct get its own keys only."""
+    site = subjects.token(site_id, "site id")
+    return [f"$JS.API.STREAM.INFO.{CANCELLED}",
+            f"$JS.API.DIRECT.GET.{CANCELLED}.$KV.{subjects.CANCELLED_BUCKET}.{site}.>"]
+
+
 # what a reader (`assay sites list`) must be allowed to publish: the bucket's info (its keys) and each key's value
 READ_HEARTBEATS = [f"$JS.API.STREAM.INFO.{HEARTBEATS}", f"$JS.API.STREAM.MSG.GET.{HEARTBEATS}"]
 
@@ -79,7 +90,7 @@ def site_permissions(site_id: str) -> dict[str, object]:
                         f"$JS.API.CONSUMER.INFO.JOBS.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.JOBS.{durable}",
                         f"$JS.ACK.JOBS.{durable}.>", subjects.results(site_id), subjects.reports(site_id),
                         subjects.dead_letter(durable),
-                        "$JS.API.INFO", *READ_IMAGES, *heartbeat_rights(site_id)],
+                        "$JS.API.INFO", *READ_IMAGES, *heartbeat_rights(site_id), *cancellation_rights(site_id)],
             "subscribe": [f"_INBOX.site-{site_id}.>"]}
 
 

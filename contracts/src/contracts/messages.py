@@ -768,6 +768,16 @@ class JobStateChanged(Payload):
     check: CheckOf | None = Field(default=None, description="set when the job is a check before joining")
 
 
+class JobCancelled(Payload):
+    """The scheduler's word, signed, that a job must not run: kept under the job's key of the cancelled bucket, which
+    its site looks up before it runs the job (its pair was revoked, an entity archived, an actor suspended)."""
+
+    TYPE: ClassVar[str] = "assay.v1.JobCancelled"
+    job_id: Id
+    site_id: Id
+    reason: str = Field(max_length=2000)
+
+
 class CheckCompleted(Payload):
     """A check job's result, verified like any result (the site's signature, the scheduler's job, its binding) and
     never counted on the board: its metrics go to the pair's approver."""
@@ -966,4 +976,4 @@ EVENTS: tuple[type[Payload], ...] = (
     ApprovalPolicySet, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected, LeaderboardUpdated,
     CheckCompleted,
 )
-WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, SiteReport, SiteHeartbeat, DeadLetter)
+WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, SiteReport, SiteHeartbeat, DeadLetter, JobCancelled)

@@ -47,6 +47,18 @@ async def ensure_streams(js: JetStreamContext) -> None:
     images = ObjectStoreConfig(storage=StorageType.FILE, description="docker save archives, named by image id")
     await js.create_object_store(s.IMAGES_BUCKET, config=images)
     await ensure_sites_bucket(js)
+    await ensure_cancelled_bucket(js)
+
+
+async def ensure_cancelled_bucket(js: JetStreamContext) -> KeyValue:
+    """The bucket of cancellations: read by direct get only (a site's permission names its own keys), kept as long
+    as a job may wait in its queue."""
+    try:
+        return await js.create_key_value(bucket=s.CANCELLED_BUCKET, history=1, storage=StorageType.FILE,
+                                         ttl=31 * DAY_S, direct=True, max_value_size=HEARTBEAT_BYTES,
+                                         description="the scheduler's signed JobCancelled, by site and job")
+    except BadRequestError:
+        return await js.key_value(s.CANCELLED_BUCKET)
 
 
 async def ensure_sites_bucket(js: JetStreamContext) -> KeyValue:

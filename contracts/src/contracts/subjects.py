@@ -11,12 +11,14 @@ RESULTS_STREAM = "RESULTS"
 DEAD_LETTERS_STREAM = "DEAD_LETTERS"
 SITES_BUCKET = "assay-sites"    # KV: each site worker's latest SiteHeartbeat, under `<site_id>.<worker_id>`
 IMAGES_BUCKET = "assay-images"  # object store: `docker save` tarballs of images, named by image id
+CANCELLED_BUCKET = "assay-cancelled"  # KV: the scheduler's signed JobCancelled, under `<site_id>.<job_id>`
 
 EVENTS_ALL = f"{PREFIX}.evt.>"
 JOBS_ALL = f"{PREFIX}.jobs.*"
 RESULTS_ALL = f"{PREFIX}.results.*"
 REPORTS_ALL = f"{PREFIX}.reports.*"
 DEAD_LETTERS_ALL = f"{PREFIX}.dlq.>"
+CANCELLED_ALL = f"$KV.{CANCELLED_BUCKET}.*.*"  # a KV put is a publish: the scheduler stages it in its outbox
 
 _TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SITE = "{site_id}"  # where a site's id goes in its subjects, as the AsyncAPI document shows them
@@ -54,6 +56,12 @@ def reports(site_id: str) -> str:
     return f"{PREFIX}.reports.{_site(site_id)}"
 
 
+def cancelled(site_id: str, job_id: str) -> str:
+    """Where the scheduler says a job of `site_id` is cancelled: the key `<site_id>.<job_id>` of the cancelled
+    bucket, which that site alone may read."""
+    return f"$KV.{CANCELLED_BUCKET}.{_site(site_id)}.{token(job_id, 'job id')}"
+
+
 def dead_letter(consumer: str) -> str:
     return f"{PREFIX}.dlq.{consumer}"
 
@@ -81,6 +89,8 @@ def matches(pattern: str, subject: str) -> bool:
 
 def stream_of(subject: str) -> str:
     """The stream that stores `subject`."""
+    if subject.startswith(f"$KV.{CANCELLED_BUCKET}."):
+        return f"KV_{CANCELLED_BUCKET}"
     kind = subject.removeprefix(PREFIX + ".").split(".", 1)[0]
     streams = {"evt": EVENTS_STREAM, "jobs": JOBS_STREAM, "results": RESULTS_STREAM, "reports": RESULTS_STREAM,
                "dlq": DEAD_LETTERS_STREAM}

@@ -26,6 +26,7 @@ from service_kit.connection import connection_options, inbox_of
 from service_kit.edge import Delivery, Refused, Retry
 from service_kit.wiring import Consumer, Outlet, Outlets, Wiring
 from site_worker.audit import AuditLog, verify_log
+from site_worker.cancelled import Cancellations
 from site_worker.capacity import Budget, Capacity
 from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits
@@ -58,6 +59,7 @@ class Site:
     sending: asyncio.Lock
     images: ImageStore | None
     capacity: Capacity
+    cancellations: Cancellations
 
 
 SiteDep = Annotated[Site, Context("site")]
@@ -73,6 +75,10 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, d
     spec = job.data
     if spec.site_id != site.settings.site_id:
         raise JobRefused(f"job {spec.job_id} is addressed to site {spec.site_id}, not {site.settings.site_id}")
+    if (reason := await site.cancellations.reason(spec.site_id, spec.job_id)) is not None:
+        await note(site, "job_cancelled", spec.job_id, reason=reason)
+        log.info("job %s was cancelled by the scheduler before it ran (%s): not run", spec.job_id, reason)
+        return  # acknowledged: the scheduler has it CANCELLED already
     if (kept := await asyncio.to_thread(site.review.get, spec.job_id)) is not None:
         raise JobRefused(f"job {spec.job_id} already ran at this site (its result was kept at "
                          f"{kept.held_at.isoformat(timespec='seconds')}); a job runs once per site, so this delivery "
@@ -253,7 +259,9 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
     site = Site(settings, key, runner, outlets, plan.source, policies, Review(settings.review_file),
                 AuditLog(settings.audit_file, key), asyncio.Lock(),
                 images or (s3_store(settings.images_s3) if settings.images_s3 else BusImageStore(broker)),
-                Capacity.of(runner, settings.gpus))
+                Capacity.of(runner, settings.gpus),
+                Cancellations(lambda: broker.key_value(subjects.CANCELLED_BUCKET, declare=False),
+                              settings.scheduler_public_key))
     context.set_global("site", site)
     app = FastStream(broker)
     tasks: list[asyncio.Task[None]] = []

@@ -38,9 +38,13 @@ class Transaction:
     def emit(self, payload: P, *, id: str | None = None) -> Envelope[P]:
         """Stage an event on its subject, signed with the service's key; it is published once the transaction
         commits, and every consumer checks the signature before it changes anything."""
-        envelope = self._signer.sign(Envelope.wrap(payload, source=self._wiring.source, id=id))
+        envelope = self.signed(payload, id=id)
         self.send(EVENT_SUBJECTS[type(payload)], envelope)
         return envelope
+
+    def signed(self, payload: P, *, id: str | None = None) -> Envelope[P]:
+        """`payload` in an envelope from this service, signed with its key (to `send` on a subject of its own)."""
+        return self._signer.sign(Envelope.wrap(payload, source=self._wiring.source, id=id))
 
     def send(self, subject: str, envelope: Envelope[P]) -> None:
         """Stage any message (a signed job, say) on a declared subject."""

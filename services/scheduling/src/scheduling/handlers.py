@@ -199,11 +199,16 @@ async def learn_edit(edited: Envelope[m.BenchmarkEdited], uow: UnitOfWork, dispa
 
 
 async def cancel_open(uow: UnitOfWork, jobs, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """Each open job of `jobs` is cancelled: announced, and put, signed, under its key of the cancelled bucket, which
+    its site looks up before it runs a job (a job waiting in the queue of a site that is offline is never run)."""
     for job in (await uow.session.exec(jobs)).all():
         if job.status in OPEN:
             job.status, job.reason, job.updated_at = m.JobState.CANCELLED.value, reason, utcnow()
             uow.session.add(job)
             uow.emit(state_changed(job, m.JobState.CANCELLED, reason))
+            uow.send(subjects.cancelled(job.site_id, job.job_id), uow.signed(
+                m.JobCancelled(job_id=job.job_id, site_id=job.site_id, reason=reason[:2000]),
+                id=f"cancelled-{job.job_id}"))
 
 
 async def grant_image_key(grant: Envelope[m.GrantImageKey], uow: UnitOfWork, dispatch: Jobs) -> m.CommandReply:
@@ -320,5 +325,6 @@ WIRING = Wiring(
                                                  mark_done, mark_checked)),
                Consumer(record_report, subject=subjects.REPORTS_ALL)),
     requests=(Request(list_jobs), Request(get_job), Request(grant_image_key)),
-    publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec)),
+    publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec),
+               Outlet(subjects.CANCELLED_ALL, m.JobCancelled)),
 )
