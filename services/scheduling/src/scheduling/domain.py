@@ -29,11 +29,13 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
               existing: set[str], expires_at: datetime,
               owners: Mapping[str, str | None] | None = None,
               archives: Mapping[str, Archive] | None = None,
-              keys: Mapping[tuple[str, str], str] | None = None) -> list[JobSpec]:
+              keys: Mapping[tuple[str, str], str] | None = None,
+              cancelled: set[str] | frozenset[str] = frozenset()) -> list[JobSpec]:
     """The jobs still missing: `models` maps approved model ids to their image digests, `owners` to who registered
     them (a site's policy may accept only some), `archives` the pushed model images by digest (a site that lacks one
     fetches it). A private image (its archive encrypted) is planned at a site only once `keys` holds its key sealed
-    to that site, (digest, site id) -> sealed key; the job carries it."""
+    to that site, (digest, site id) -> sealed key; the job carries it. A pair whose every job so far was
+    `cancelled` (its consent was withdrawn, then given again) is planned once more, as round `-r<n>`."""
     pushed = dict(archives or {})
     if benchmark.evaluator.archive is not None:
         pushed[benchmark.evaluator.digest] = benchmark.evaluator.archive
@@ -42,10 +44,12 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
         for ds in sorted(datasets, key=lambda d: d.dataset_id):
             jid = job_id(benchmark.benchmark_id, digest, benchmark.evaluator.digest, ds.content_hash, model_id,
                          ds.dataset_id)
+            rounds = [j for j in existing if j == jid or j.startswith(f"{jid}-r")]
             private = digest in pushed and pushed[digest].encrypted
             sealed = (keys or {}).get((digest, ds.site_id))
-            if jid in existing or (private and sealed is None):
+            if any(j not in cancelled for j in rounds) or (private and sealed is None):
                 continue
+            jid = f"{jid}-r{len(rounds)}" if rounds else jid
             binding = JobBinding(benchmark_id=benchmark.benchmark_id, model_id=model_id, dataset_id=ds.dataset_id,
                                  model_image=digest, evaluator_image=benchmark.evaluator.digest,
                                  dataset_hash=ds.content_hash, case_count=ds.case_count)

@@ -17,7 +17,7 @@ from contracts.envelope import Envelope, aware, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, dataset_check, model_check, plan_jobs
 from scheduling.models import Benchmark, Dataset, ImageKey, Job, Member, Model
-from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation
+from service_kit.actors import KnownActor, authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import Delivery, NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
@@ -48,17 +48,21 @@ async def plan(uow: Transaction, benchmark_id: str, dispatch: Dispatch) -> int:
     members = (await session.exec(select(Member).where(Member.benchmark_id == benchmark_id))).all()
     model_ids = {x.entity_id for x in members if x.kind == "model"}
     dataset_ids = {x.entity_id for x in members if x.kind == "dataset"}
-    known = [x for x in (await session.exec(select(Model))).all() if x.model_id in model_ids and not x.archived]
+    suspended = set((await session.exec(select(KnownActor.actor_id).where(
+        col(KnownActor.suspended).is_not(None)))).all())  # a suspended site or owner gets no job, again or anew
+    known = [x for x in (await session.exec(select(Model))).all()
+             if x.model_id in model_ids and not x.archived and x.owner_id not in suspended]
     models, owners = {x.model_id: x.digest for x in known}, {x.model_id: x.owner_id for x in known}
     archives = {x.digest: m.Archive.model_validate(x.archive) for x in known if x.archive}
     keys = {(k.image, k.site_id): k.sealed_key for k in (await session.exec(select(ImageKey))).all()
             if k.image in models.values()}
     datasets = [PlannedDataset(d.dataset_id, d.site_id, d.content_hash, d.case_count)
                 for d in (await session.exec(select(Dataset).where(Dataset.benchmark_id == benchmark_id))).all()
-                if d.dataset_id in dataset_ids and not d.archived]
-    existing = set((await session.exec(select(Job.job_id).where(Job.benchmark_id == benchmark_id))).all())
-    planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, existing,
-                        expires_at=utcnow() + dispatch.ttl, owners=owners, archives=archives, keys=keys)
+                if d.dataset_id in dataset_ids and not d.archived and d.site_id not in suspended]
+    jobs = (await session.exec(select(Job.job_id, Job.status).where(Job.benchmark_id == benchmark_id))).all()
+    planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, {j for j, _ in jobs},
+                        expires_at=utcnow() + dispatch.ttl, owners=owners, archives=archives, keys=keys,
+                        cancelled={j for j, status in jobs if status == m.JobState.CANCELLED.value})
     for job in planned:
         dispatched(uow, job, dispatch)
     return len(planned)
