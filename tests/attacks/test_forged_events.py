@@ -46,8 +46,10 @@ async def test_a_forged_approval_gets_no_model_scheduled(federation: Federation)
     letters = await next_events(federation.nats_url, subjects.dead_letter("scheduling-association-approved"), 2)
     assert all(letter["data"]["error"].startswith("a AssociationApproved must be signed by approval: ")
                for letter in letters)
+    [check] = await next_events(federation.nats_url, subjects.evt("job", "scheduled"), 1)
+    assert check["data"]["job"]["check"] == {"kind": "dataset", "entity_id": "ds-a"}  # the dataset's own check
     with pytest.raises(TimeoutError):  # no job was planned for the model nobody approved
-        await next_events(federation.nats_url, subjects.evt("job", "scheduled"), 1, timeout_s=1.5)
+        await next_events(federation.nats_url, subjects.evt("job", "scheduled"), 2, timeout_s=1.5)
     assert (await federation.board()).rows == ()
 
 

@@ -108,7 +108,8 @@ async def test_a_captured_job_replayed_under_new_ids_never_runs_again(federation
         await nc.close()
 
     assert all("already ran at this site" in letter["data"]["error"] for letter in letters)
-    assert [spec.task for spec in runner.specs] == ["infer", "evaluate"]  # one run, no container for the replays
+    # one run of each job (the dataset's check, then the benchmark's job), no container for the replays
+    assert [spec.task for spec in runner.specs] == ["infer", "evaluate"] * 2
 
 
 # --- a hostile evaluator ---------------------------------------------------------------------------------------------
@@ -190,16 +191,17 @@ async def test_a_leaking_evaluators_labels_are_in_no_message_on_any_stream(feder
         await federation.send(m.ApproveAssociation(benchmark_id="bench", kind=m.EntityKind.DATASET, entity_id=name),
                               "owner")
 
-    letters = await next_events(federation.nats_url, subjects.dead_letter("site-site-a-jobs"), 2, timeout_s=120)
+    # each dataset's check (the reference model is the hostile image too) and its job
+    letters = await next_events(federation.nats_url, subjects.dead_letter("site-site-a-jobs"), 4, timeout_s=120)
 
     # refused output fails the same way again: dead-lettered at the first delivery, and the scheduler told why
     assert sorted(letter["data"]["error"] for letter in letters) == [
-        "/assay/out/metrics.json: the evaluator wrote no file of UTF-8 JSON",
-        "metrics.json: metric 'auc' must be a finite number"]
-    assert [letter["data"]["deliveries"] for letter in letters] == [1, 1]
+        "/assay/out/metrics.json: the evaluator wrote no file of UTF-8 JSON"] * 2 + [
+        "metrics.json: metric 'auc' must be a finite number"] * 2
+    assert [letter["data"]["deliveries"] for letter in letters] == [1] * 4
     everything = await every_message(federation.nats_url)
     assert sum(b"metrics.json" in msg for msg in everything) >= 4, "the scan reads the dead letters and reports too"
     for secret in (*SECRETS, "case_id,label"):
         assert [msg[:300] for msg in everything if secret.encode() in msg] == [], f"{secret!r} left the site"
     assert (await federation.board()).rows == ()
-    assert len(list((site / "jobs").glob("*/evaluation/metrics.json"))) == 2, "what it wrote stays at the site"
+    assert len(list((site / "jobs").glob("*/evaluation/metrics.json"))) == 4, "what it wrote stays at the site"

@@ -54,9 +54,14 @@ def test_demo_leaderboard_matches_metrics_computed_independently(tmp_path: Path,
     cases: dict[str, tuple[list[int], list[float]]] = {model: ([], []) for model in MODEL_OWNERS}
     for site in SITES:
         labels = home.site_dir(site) / "datasets" / f"{site}-wdbc" / "labels" / "labels.csv"
-        for job_file in (home.site_dir(site) / "jobs").glob("*/job.json"):
-            job = json.loads(job_file.read_text())
-            y, s = scored_cases(job_file.parent, labels)
+        jobs = [json.loads(job_file.read_text()) | {"folder": job_file.parent}
+                for job_file in (home.site_dir(site) / "jobs").glob("*/job.json")]
+        checks = [job for job in jobs if job["check"] is not None]  # its dataset's check with the reference model
+        assert [job["binding"]["model_id"] for job in checks] == ["reference-model"]
+        for job in jobs:
+            if job["check"] is not None:
+                continue
+            y, s = scored_cases(job["folder"], labels)
             expected[(job["binding"]["model_id"], site)] = independent_metrics(y, s)
             cases[job["binding"]["model_id"]][0].extend(y)
             cases[job["binding"]["model_id"]][1].extend(s)

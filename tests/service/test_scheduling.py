@@ -186,3 +186,40 @@ async def test_a_revoked_pair_has_its_open_jobs_cancelled_with_the_reason_and_no
     details = m.JobDetails.model_validate(await scheduling.ask(actors.sign("anyone", m.GetJob(job_id=planned.job_id))))
     assert details.status.state is m.JobState.CANCELLED  # a site's later word does not bring it back
     assert len(jobs_sent(scheduling)) == 1
+
+
+async def test_a_cancelled_job_is_put_signed_where_its_site_looks_it_up(scheduling, actors):
+    planned = await planned_job(scheduling)
+
+    await scheduling.learn(m.AssociationRevoked(benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1",
+                                                revoked_by="vendor", reason="a bug found in the model"))
+
+    [notice] = scheduling.published(subjects.cancelled("site-a", planned.job_id))
+    cancelled = Envelope[m.JobCancelled].model_validate(notice)
+    verify(cancelled, actors.key("scheduling").public_key)
+    assert cancelled.data == m.JobCancelled(job_id=planned.job_id, site_id="site-a",
+                                            reason="model model-1 was revoked from bm by vendor: a bug found in the "
+                                                   "model")
+
+
+async def test_a_pair_approved_again_after_a_revocation_is_planned_anew_and_a_suspended_site_is_not(
+        scheduling, actors):
+    planned = await planned_job(scheduling)
+    await scheduling.learn(m.AssociationRevoked(benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1",
+                                                revoked_by="vendor", reason="a bug found in the model"))
+
+    await scheduling.learn(member(m.EntityKind.MODEL, "model-1"))  # asked again, approved again
+    await scheduling.learn(member(m.EntityKind.MODEL, "model-1"))  # announced twice: still one new job
+
+    again = [job.data for job in jobs_sent(scheduling)][1:]
+    assert [job.job_id for job in again] == [f"{planned.job_id}-r1"]
+    assert again[0].binding == planned.binding
+    await scheduling.learn(m.ActorRegistered(actor_id="site-a", role=m.Role.SITE, display_name="a",
+                                             public_key=actors.key("site-a").public_key,
+                                             key_id=actors.key("site-a").key_id))
+    await scheduling.learn(m.ActorSuspended(actor_id="site-a", role=m.Role.SITE, suspended_by="operator",
+                                            reason="key leaked"))
+    await scheduling.learn(m.AssociationRevoked(benchmark_id="bm", kind=m.EntityKind.MODEL, entity_id="model-1",
+                                                revoked_by="vendor", reason="again"))
+    await scheduling.learn(member(m.EntityKind.MODEL, "model-1"))
+    assert len(jobs_sent(scheduling)) == 2  # the suspended site gets nothing anew

@@ -51,6 +51,19 @@ def fake_containers(metrics: dict[str, float]) -> FakeRunner:
     return runner
 
 
+def tasks_by_job(specs: list[RunSpec]) -> dict[str, list[str]]:
+    """The container tasks each job ran, by job id (a dataset's check runs before its benchmark jobs)."""
+    ran: dict[str, list[str]] = {}
+    for spec in specs:
+        ran.setdefault(spec.env.get("ASSAY_JOB_ID", ""), []).append(spec.task)
+    return ran
+
+
+def benchmark_tasks(specs: list[RunSpec]) -> list[str]:
+    """The container tasks of the benchmark's own jobs, in order: what a check before joining ran left out."""
+    return [spec.task for spec in specs if spec.env.get("ASSAY_JOB_ID", "").startswith("job-")]
+
+
 def make_dataset(folder: Path) -> str:
     (folder / "data").mkdir(parents=True)
     (folder / "labels").mkdir()
