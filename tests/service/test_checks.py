@@ -5,11 +5,15 @@ with an override, and a policy approves only what passed."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+
+import pytest
 
 from contracts import messages as m
 from contracts import subjects
 from contracts.envelope import Envelope
+from contracts.sealing import SealError, seal, unseal
 from contracts.signing import metrics_hash
 from tests.support.service import Actors, Harness
 
@@ -90,7 +94,7 @@ async def test_a_completed_check_is_done_and_listed_as_a_check(scheduling, actor
     [check] = jobs_sent(scheduling)
 
     await scheduling.learn(m.CheckCompleted(job_id=check.job_id, site_id="hospital", benchmark_id="bm",
-                                            kind=m.EntityKind.DATASET, entity_id="ds-a", metrics={"auc": 0.9},
+                                            kind=m.EntityKind.DATASET, entity_id="ds-a", sealed_metrics="x",
                                             case_count=40))
 
     listed = m.JobList.model_validate(await scheduling.ask(actors.sign("owner", m.ListJobs(benchmark_id="bm"))))
@@ -125,9 +129,13 @@ async def test_a_checks_result_is_verified_announced_to_the_approver_and_never_o
 
     await leaderboard.deliver(subjects.results("hospital"), check_result(actors))
 
-    assert leaderboard.events(m.CheckCompleted) == [m.CheckCompleted(
+    [checked] = leaderboard.events(m.CheckCompleted)
+    assert checked.model_copy(update={"sealed_metrics": ""}) == m.CheckCompleted(
         job_id="check-1", site_id="hospital", benchmark_id="bm", kind=m.EntityKind.DATASET, entity_id="ds-a",
-        metrics={"auc": 0.91}, case_count=40)]
+        sealed_metrics="", case_count=40)
+    assert json.loads(unseal(checked.sealed_metrics, actors.key("approval"))) == {"auc": 0.91}  # for it alone
+    with pytest.raises(SealError):
+        unseal(checked.sealed_metrics, actors.key("hospital"))
     assert leaderboard.events(m.ResultAccepted) == [] and leaderboard.events(m.LeaderboardUpdated) == []
     board = m.Leaderboard.model_validate(await leaderboard.ask(actors.sign("owner", m.ShowLeaderboard(
         benchmark_id="bm"))))
@@ -172,9 +180,10 @@ def failed(job_id: str = "check-1") -> m.JobStateChanged:
                                                                                     entity_id="model-1"))
 
 
-def passed(kind: m.EntityKind, entity_id: str, job_id: str = "check-1") -> m.CheckCompleted:
+def passed(actors: Actors, kind: m.EntityKind, entity_id: str, job_id: str = "check-1") -> m.CheckCompleted:
+    sealed = seal(json.dumps({"auc": 0.87}).encode(), actors.key("approval").public_key)
     return m.CheckCompleted(job_id=job_id, site_id="owner", benchmark_id="bm", kind=kind, entity_id=entity_id,
-                            metrics={"auc": 0.87}, case_count=20)
+                            sealed_metrics=sealed, case_count=20)
 
 
 async def pairs(approval: Harness, actors: Actors, asker: str = "owner") -> dict[str, m.AssociationView]:
@@ -188,7 +197,7 @@ async def test_the_approver_sees_the_checks_metrics_beside_the_request(approval,
     await approval.learn(planned(m.EntityKind.MODEL, "model-1", "owner"))
     waiting = (await pairs(approval, actors))["model-1"].check
 
-    await approval.learn(passed(m.EntityKind.MODEL, "model-1"))
+    await approval.learn(passed(actors, m.EntityKind.MODEL, "model-1"))
 
     seen = (await pairs(approval, actors))["model-1"]
     assert "who sees its check (on the benchmark's demo data)" in asked["message"]
@@ -233,7 +242,7 @@ async def test_a_policy_approves_a_request_only_once_its_check_passed(approval, 
     waiting = approval.events(m.AssociationApproved)
 
     await approval.learn(failed())
-    await approval.learn(passed(m.EntityKind.DATASET, "ds-a", "check-2"))
+    await approval.learn(passed(actors, m.EntityKind.DATASET, "ds-a", "check-2"))
 
     assert waiting == []
     assert approval.events(m.AssociationApproved) == [m.AssociationApproved(**DATASET, approved_by="owner",
@@ -262,7 +271,7 @@ async def test_asking_again_runs_a_new_check_and_forgets_the_last_ones_word(appr
     cleared = (await pairs(approval, actors))["model-1"].check
     await approval.learn(planned(m.EntityKind.MODEL, "model-1", "owner", "check-2"))
     await approval.learn(failed("check-1"))  # the old check's late word changes nothing
-    await approval.learn(passed(m.EntityKind.MODEL, "model-1", "check-2"))
+    await approval.learn(passed(actors, m.EntityKind.MODEL, "model-1", "check-2"))
 
     check = (await pairs(approval, actors))["model-1"].check
     assert cleared is None

@@ -18,6 +18,7 @@ from contracts import messages as m
 from contracts import subjects
 from contracts.catalog import EVENT_PUBLISHERS
 from contracts.envelope import Envelope
+from contracts.sealing import seal
 from contracts.signing import metrics_hash
 from scheduling.domain import check_id, job_id
 from site_worker.datasets import content_hash
@@ -139,8 +140,10 @@ def check_job() -> m.JobSpec:
     return job().model_copy(update={"job_id": "check-1", "check": DATASET_CHECK})
 
 
-CHECKED = m.CheckCompleted(job_id="check-1", site_id="site-a", benchmark_id="bm", kind=m.EntityKind.DATASET,
-                           entity_id="ds-a", metrics={"auc": 0.9, "sensitivity": 0.8}, case_count=2)
+def checked(actors: Actors, job_id: str = "check-1") -> m.CheckCompleted:
+    sealed = seal(json.dumps({"auc": 0.9, "sensitivity": 0.8}).encode(), actors.key("approval").public_key)
+    return m.CheckCompleted(job_id=job_id, site_id="site-a", benchmark_id="bm", kind=m.EntityKind.DATASET,
+                            entity_id="ds-a", sealed_metrics=sealed, case_count=2)
 
 
 async def a_planned_check(app: Harness, actors: Actors) -> None:
@@ -252,11 +255,11 @@ CASES: dict[tuple[str, str], Case] = {
     ("approval", "approval-job-state_changed"): Case(a_planned_check, lambda a, x: event(m.JobStateChanged(
         job_id="check-1", site_id="site-a", benchmark_id="bm", model_id="model-1", state=m.JobState.HELD,
         reason="it ran; its result waits at the site", check=DATASET_CHECK)), True),
-    ("approval", "approval-check-completed"): Case(a_planned_check_of_a_known_dataset, lambda a, x: event(CHECKED),
+    ("approval", "approval-check-completed"): Case(a_planned_check_of_a_known_dataset, lambda a, x: event(checked(x)),
                                                    True),
     ("scheduling", "scheduling-association-requested"): Case(a_known_dataset, lambda a, x: request_of_ds_a(x), True),
-    ("scheduling", "scheduling-check-completed"): Case(a_requested_check, lambda a, x: event(CHECKED.model_copy(
-        update={"job_id": check_id("request-1", "bm", m.EntityKind.DATASET, "ds-a")}))),
+    ("scheduling", "scheduling-check-completed"): Case(a_requested_check, lambda a, x: event(checked(
+        x, check_id("request-1", "bm", m.EntityKind.DATASET, "ds-a")))),
 }
 
 

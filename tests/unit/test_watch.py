@@ -39,3 +39,13 @@ def test_what_i_register_while_watching_becomes_mine():
                                    invited_by="owner")
     assert concerns(invited, mine) == ("invited: owner invites model model-2 into bm (assay association accept bm "
                                        "--model model-2)")
+
+
+def test_a_passed_check_concerns_both_sides_of_the_pair_and_says_where_its_metrics_are():
+    checked = m.CheckCompleted(job_id="check-1", site_id="committee", benchmark_id="bm", kind=m.EntityKind.MODEL,
+                               entity_id="model-1", sealed_metrics="sealed", case_count=20)
+    line = ("check passed: model model-1 for bm, at committee (its metrics: assay association show bm --model "
+            "model-1)")
+    assert concerns(checked, Mine("vendor", models={"model-1"})) == line
+    assert concerns(checked, Mine("owner", benchmarks={"bm"})) == line
+    assert concerns(checked, Mine("rival", models={"model-2"})) is None

@@ -1,5 +1,6 @@
 """`assay watch`: the events that concern you, live, one line each: a request waiting for your approval, your
-request decided, a new result of your model, a job of yours failed or cancelled, an invitation to you."""
+request decided, its check passed (or, as a job of yours, failed), a new result of your model, a job of yours failed
+or cancelled, an invitation to you."""
 
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ def concerns(event: m.Payload, mine: Mine) -> str | None:
                                                 or event.site_id == mine.actor):
         return (f"new result: model {event.binding.model_id} at {event.site_id} on {event.binding.benchmark_id} "
                 f"(assay leaderboard show {event.binding.benchmark_id} --as {mine.actor})")
+    if isinstance(event, m.CheckCompleted) and (mine.owns(event.kind, event.entity_id)
+                                                or event.benchmark_id in mine.benchmarks):
+        return (f"check passed: {event.kind.value} {event.entity_id} for {event.benchmark_id}, at {event.site_id} "
+                f"(its metrics: assay association show {event.benchmark_id} --{event.kind.value} {event.entity_id})")
     if isinstance(event, m.JobStateChanged) and event.state in TROUBLE and (
             event.model_id in mine.models or event.site_id == mine.actor or event.benchmark_id in mine.benchmarks):
         return (f"job {event.job_id[:13]} {event.state.value.lower()}: model {event.model_id} at {event.site_id}: "

@@ -780,7 +780,8 @@ class JobCancelled(Payload):
 
 class CheckCompleted(Payload):
     """A check job's result, verified like any result (the site's signature, the scheduler's job, its binding) and
-    never counted on the board: its metrics go to the pair's approver."""
+    never counted on the board. Its metrics are sealed to the approval service, which shows them to the pair's two
+    sides only: nobody else who reads the events learns a site's or a model's figures from them."""
 
     TYPE: ClassVar[str] = "assay.v1.CheckCompleted"
     job_id: Id
@@ -788,7 +789,7 @@ class CheckCompleted(Payload):
     benchmark_id: Id
     kind: EntityKind
     entity_id: Id
-    metrics: dict[str, float]
+    sealed_metrics: str = Field(max_length=20_000, description="the metrics as JSON, sealed to the approval service")
     case_count: int
 
 

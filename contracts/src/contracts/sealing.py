@@ -63,17 +63,26 @@ def decrypt_file(source: Path, target: Path, key: bytes) -> None:
     raise SealError("the archive ends before its last chunk: it was cut short")
 
 
-def seal_key(key: bytes, site_public_key: str) -> str:
-    """`key`, readable only with the private key of the site whose Ed25519 public key this is."""
-    recipient = nacl.signing.VerifyKey(_unb64(site_public_key)).to_curve25519_public_key()
-    return base64.urlsafe_b64encode(nacl.public.SealedBox(recipient).encrypt(key)).decode()
+def seal(data: bytes, public_key: str) -> str:
+    """`data` (a few KiB at most), readable only with the private key of whose Ed25519 public key this is."""
+    recipient = nacl.signing.VerifyKey(_unb64(public_key)).to_curve25519_public_key()
+    return base64.urlsafe_b64encode(nacl.public.SealedBox(recipient).encrypt(data)).decode()
 
 
-def open_key(sealed: str, site: KeyPair) -> bytes:
-    seed = site.private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+def unseal(sealed: str, keys: KeyPair, refusal: str = "it is not sealed to this key") -> bytes:
+    seed = keys.private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                       serialization.NoEncryption())
     mine = nacl.signing.SigningKey(seed).to_curve25519_private_key()
     try:
         return bytes(nacl.public.SealedBox(mine).decrypt(base64.urlsafe_b64decode(sealed)))
     except (nacl.exceptions.CryptoError, ValueError):
-        raise SealError("the image's key is not sealed to this site's key") from None
+        raise SealError(refusal) from None
+
+
+def seal_key(key: bytes, site_public_key: str) -> str:
+    """`key`, readable only with the private key of the site whose Ed25519 public key this is."""
+    return seal(key, site_public_key)
+
+
+def open_key(sealed: str, site: KeyPair) -> bytes:
+    return unseal(sealed, site, "the image's key is not sealed to this site's key")

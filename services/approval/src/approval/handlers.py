@@ -3,6 +3,8 @@ approve, reject, revoke, auto-approval policies), every step kept in the pair's 
 
 from __future__ import annotations
 
+import json
+
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -10,6 +12,7 @@ from approval import consent, domain
 from approval.models import FAILED, ApprovalPolicy, Association, AssociationEntry, Benchmark, Check, Entity
 from contracts import messages as m
 from contracts.envelope import Envelope, utcnow
+from contracts.sealing import SealError
 from service_kit.actors import KnownActor, authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
@@ -332,7 +335,11 @@ async def learn_check_result(completed: Envelope[m.CheckCompleted], uow: UnitOfW
     if (row := await _check_row(uow, done.benchmark_id, m.CheckOf(kind=done.kind, entity_id=done.entity_id),
                                 done.job_id)) is None:
         return
-    row.state, row.reason, row.metrics, row.at = "PASSED", "", dict(done.metrics), completed.time
+    try:
+        metrics = json.loads(uow.unsealed(done.sealed_metrics))
+    except (SealError, ValueError) as exc:  # the leaderboard signed it: a fault of ours, for the dead letters
+        raise Refused(f"the metrics of check job {done.job_id} do not open: {exc}") from None
+    row.state, row.reason, row.metrics, row.at = "PASSED", "", metrics, completed.time
     uow.session.add(row)
     pairs = Pairs(uow)
     pair, benchmark = await pairs.load(done.benchmark_id, done.kind, done.entity_id)

@@ -42,6 +42,12 @@ class Transaction:
         self.send(EVENT_SUBJECTS[type(payload)], envelope)
         return envelope
 
+    def unsealed(self, sealed: str) -> bytes:
+        """What another service sealed to this one (SealError when it is not sealed to this service's key)."""
+        from contracts.sealing import unseal
+
+        return unseal(sealed, self._signer, f"it is not sealed to the key of {self._wiring.owner}")
+
     def signed(self, payload: P, *, id: str | None = None) -> Envelope[P]:
         """`payload` in an envelope from this service, signed with its key (to `send` on a subject of its own)."""
         return self._signer.sign(Envelope.wrap(payload, source=self._wiring.source, id=id))

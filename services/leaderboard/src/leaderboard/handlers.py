@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -11,6 +12,7 @@ from faststream import Context
 
 from contracts import subjects
 from contracts.envelope import Envelope, utcnow
+from contracts.sealing import seal
 from contracts.messages import (
     ActorKeyRotated,
     ActorRegistered,
@@ -164,8 +166,9 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
                                        accepted_before=await store.has_result(job.job_id))
     if verdict.ok and job.check is not None:  # a check before joining: its approver sees it; it never counts
         bound = site_result.binding
+        sealed = seal(json.dumps(site_result.metrics).encode(), trust.keys["approval"])
         uow.emit(CheckCompleted(job_id=job.job_id, site_id=site_result.site_id, benchmark_id=bound.benchmark_id,
-                                kind=job.check.kind, entity_id=job.check.entity_id, metrics=site_result.metrics,
+                                kind=job.check.kind, entity_id=job.check.entity_id, sealed_metrics=sealed,
                                 case_count=bound.case_count), id=f"check-{job.job_id}")
         return
     if verdict.ok:
