@@ -214,6 +214,24 @@ async def test_a_job_run_twice_and_signed_anew_is_counted_once(leaderboard, acto
     assert (await board(leaderboard)).rows[0].case_count == 300
 
 
+async def test_a_second_round_of_a_pair_already_counted_is_not_counted(leaderboard, actors):
+    await learn_world(leaderboard, actors)
+    await send(leaderboard, site_result(actors, "job-1", 0.8))
+    JOBS["job-1-r1"] = JOBS["job-1"].model_copy(update={"job_id": "job-1-r1"})  # retried, or planned again
+    try:
+        again = site_result(actors, "job-1-r1", 0.95)
+        await send(leaderboard, again)
+    finally:
+        del JOBS["job-1-r1"]
+
+    [rejected] = leaderboard.events(ResultRejected)
+    assert (rejected.message_id, rejected.reason) == (again.id, (
+        "duplicate: model model-1 on dataset data-site-a already has an accepted result (job job-1); this one is not "
+        "counted"))
+    [row] = (await board(leaderboard, actors=actors)).rows
+    assert (row.case_count, row.site_values["site-a"]["auc"]) == (300, 0.8)
+
+
 @pytest.mark.parametrize("known", [{"sites": False}, {"benchmark": False}])
 async def test_a_result_about_what_is_not_known_yet_is_parked_acked_and_judged_when_it_arrives(
         leaderboard, actors, known):

@@ -57,7 +57,7 @@ def signer(actor_id: str = "site-a", key: KeyPair = SITE_A, role: str = Role.SIT
 
 
 def check_result(envelope: Envelope[SiteResult], *, subject: str, signer: Signer | None,
-                 accepted_before: bool = False) -> Verdict:
+                 accepted_before: str | None = None) -> Verdict:
     """Every check, in the leaderboard's order: who sent it, then what it claims."""
     for verdict in (check_origin(envelope, subject=subject, signer=signer),
                     check_job(envelope.data, scheduler_key=SCHEDULER.public_key)):
@@ -67,7 +67,7 @@ def check_result(envelope: Envelope[SiteResult], *, subject: str, signer: Signer
 
 
 def check(envelope: Envelope[SiteResult], *, subject: str = subjects.results("site-a"),
-          who: Signer | None = None, accepted_before: bool = False) -> Verdict:
+          who: Signer | None = None, accepted_before: str | None = None) -> Verdict:
     return check_result(envelope, subject=subject, signer=who or signer(), accepted_before=accepted_before)
 
 
@@ -162,7 +162,7 @@ def test_a_result_that_differs_from_its_job_in_a_bound_field_is_rejected(field):
 
 
 def test_a_result_claiming_another_benchmark_than_its_job_is_rejected():
-    verdict = check_binding(result({"benchmark_id": "bm-2"}), job=JOB, benchmark=benchmark(), accepted_before=False)
+    verdict = check_binding(result({"benchmark_id": "bm-2"}), job=JOB, benchmark=benchmark(), accepted_before=None)
 
     assert verdict.check is Check.BINDING and "benchmark_id is bm-2, the job has bm" in verdict.reason
 
@@ -182,7 +182,7 @@ def test_a_result_with_an_undeclared_metric_is_rejected():
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_a_result_with_a_metric_that_is_not_a_finite_number_is_rejected(value):
     verdict = check_binding(result(metrics={"auc": value, "brier": 0.2}), job=JOB, benchmark=benchmark(),
-                            accepted_before=False)
+                            accepted_before=None)
 
     assert verdict.check is Check.METRIC_VALUE and "not a finite number" in verdict.reason
 
@@ -206,9 +206,16 @@ def test_a_result_whose_metrics_hash_does_not_match_its_metrics_is_rejected():
 
 
 def test_a_second_valid_result_for_a_job_is_not_counted():
-    verdict = check(signed(result()), accepted_before=True)
+    verdict = check(signed(result()), accepted_before="job-1")
 
     assert verdict.check is Check.DUPLICATE and "job-1 already has an accepted result" in verdict.reason
+
+
+def test_a_result_of_another_round_of_a_pair_already_counted_is_not_counted():
+    verdict = check(signed(result()), accepted_before="job-1-r1")
+
+    assert verdict.check is Check.DUPLICATE
+    assert "already has an accepted result (job job-1-r1); this one is not counted" in verdict.reason
 
 
 def test_every_rejection_reason_starts_with_the_name_of_the_failed_check():

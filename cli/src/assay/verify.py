@@ -131,7 +131,7 @@ def score_of(result: SiteResult) -> Score:
 
 
 def judged(envelope: Envelope[SiteResult], subject: str, world: World, benchmark: BenchmarkSpec, trust: Trust,
-           counted: set[str]) -> str | None:
+           counted: dict[tuple[str, str], str]) -> str | None:
     """Why the result may not count, or None: the leaderboard's checks, and the two consents of its pair."""
     result = envelope.data
     verdict = check_job(result, scheduler_key=trust.keys["scheduling"])
@@ -143,7 +143,7 @@ def judged(envelope: Envelope[SiteResult], subject: str, world: World, benchmark
         verdict = check_origin(envelope, subject=subject, signer=signer)
     if verdict.ok:
         verdict = check_binding(result, job=result.job.data, benchmark=benchmark,
-                                accepted_before=result.job_id in counted)
+                                accepted_before=counted.get((result.binding.model_id, result.binding.dataset_id)))
     if not verdict.ok:
         return verdict.reason
     if result.job.data.check is not None:  # a check before joining: verified like any result, its pair only asked
@@ -165,7 +165,8 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
     if registered is None:
         rebuilt.problems.append(f"benchmark {benchmark_id} is not registered in the EVENTS stream")
         return rebuilt
-    benchmark, counted, valid = registered.benchmark, set(), []
+    benchmark, valid = registered.benchmark, []
+    counted: dict[tuple[str, str], str] = {}  # (model, dataset) -> the job whose result counts
     for subject, body in results:
         if not subjects.matches(subjects.RESULTS_ALL, subject):
             continue  # a site's report on a job: not a result
@@ -178,7 +179,7 @@ def rebuild(benchmark_id: str, events: Iterable[Message], results: Iterable[Mess
         if envelope.data.job.data.check is not None:
             rebuilt.checks += 1  # never on the board
             continue
-        counted.add(envelope.data.job_id)
+        counted[(envelope.data.binding.model_id, envelope.data.binding.dataset_id)] = envelope.data.job_id
         valid.append(envelope)
     withdrawn = withdrawals(world.consent(benchmark_id), world.archived, world.suspended,
                             [(e.data.binding.model_id, e.data.job.data.model_owner, e.data.site_id,

@@ -111,8 +111,11 @@ def check_job(result: SiteResult, *, scheduler_key: str) -> Verdict:
     return ACCEPTED
 
 
-def check_binding(result: SiteResult, *, job: JobSpec, benchmark: BenchmarkSpec, accepted_before: bool) -> Verdict:
-    """What it claims: the job it answers, the pinned artefacts, the declared metrics in range, and counted once."""
+def check_binding(result: SiteResult, *, job: JobSpec, benchmark: BenchmarkSpec,
+                  accepted_before: str | None) -> Verdict:
+    """What it claims: the job it answers, the pinned artefacts, the declared metrics in range, and counted once:
+    `accepted_before` is the job whose result counts for this model on this dataset already, if any (this job, or an
+    earlier round of it: a job retried or planned again after its pair was approved again)."""
     if result.job_id != job.job_id or job.binding.benchmark_id != benchmark.benchmark_id:
         return Verdict.reject(Check.BINDING, f"result of job {result.job_id} checked against job {job.job_id} "
                                              f"of benchmark {job.binding.benchmark_id} and benchmark "
@@ -135,8 +138,12 @@ def check_binding(result: SiteResult, *, job: JobSpec, benchmark: BenchmarkSpec,
                               f"metrics_hash is {result.metrics_hash}, the metrics hash to {expected}")
     if job.check is None and (reason := evidence_disagreement(result, benchmark)):  # a check sends none
         return Verdict.reject(Check.EVIDENCE, reason)
-    if accepted_before:
+    if accepted_before == job.job_id:
         return Verdict.reject(Check.DUPLICATE, f"job {job.job_id} already has an accepted result; this one is not counted")
+    if accepted_before is not None:
+        return Verdict.reject(Check.DUPLICATE, f"model {job.binding.model_id} on dataset {job.binding.dataset_id} "
+                                               f"already has an accepted result (job {accepted_before}); this one is "
+                                               "not counted")
     return ACCEPTED
 
 

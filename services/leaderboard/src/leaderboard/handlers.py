@@ -163,7 +163,7 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
             if (benchmark := await store.benchmark(job.binding.benchmark_id, lock=True)) is None:
                 return await store.park(result, subject, waiting_for)
         verdict = domain.check_binding(site_result, job=job, benchmark=benchmark,
-                                       accepted_before=await store.has_result(job.job_id))
+                                       accepted_before=await store.counted_for(job))
     if verdict.ok and job.check is not None:  # a check before joining: its approver sees it; it never counts
         bound = site_result.binding
         sealed = seal(json.dumps(site_result.metrics).encode(), trust.keys["approval"])

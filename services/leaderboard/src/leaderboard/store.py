@@ -13,7 +13,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts.envelope import Envelope, aware
-from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Histograms, SiteResult
+from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Histograms, JobSpec, SiteResult
 from leaderboard.board import Score
 from leaderboard.domain import Signer
 from leaderboard.models import AcceptedResult, Archived, KnownBenchmark, PairConsent, ParkedResult
@@ -111,8 +111,15 @@ class Store:
         """Whether `actor_id` is registered here (with the one key it may sign with: the first registration wins)."""
         return await self.session.get(KnownActor, actor_id) is not None
 
-    async def has_result(self, job_id: str) -> bool:
-        return await self.session.get(AcceptedResult, job_id) is not None
+    async def counted_for(self, job: JobSpec) -> str | None:
+        """The job whose result counts for the model and dataset `job` binds, if one was accepted (`job` itself, or
+        another round of the pair)."""
+        if await self.session.get(AcceptedResult, job.job_id) is not None:
+            return job.job_id
+        bound = job.binding
+        return (await self.session.exec(select(AcceptedResult.job_id).where(
+            AcceptedResult.benchmark_id == bound.benchmark_id, AcceptedResult.model_id == bound.model_id,
+            AcceptedResult.dataset_id == bound.dataset_id).limit(1))).first()
 
     async def record(self, envelope: Envelope[SiteResult]) -> None:
         result, bound = envelope.data, envelope.data.binding
