@@ -90,6 +90,9 @@ CASES = {
                           (m.Role.MODEL_OWNER,), "site_id", "Site A"),
     "ListJobs": Case("scheduling", lambda a: m.ListJobs(site_id="site-a"), (), "state", "LOST"),
     "GetJob": Case("scheduling", lambda a: m.GetJob(job_id="job-1"), (), "job_id", "Job One"),
+    "ListDeadLetters": Case("scheduling", lambda a: m.ListDeadLetters(consumer="site-a-jobs"), (), "limit", 0),
+    "RetryJobs": Case("scheduling", lambda a: m.RetryJobs(job_id="job-1"),
+                      (m.Role.OPERATOR, m.Role.BENCHMARK_OWNER, m.Role.SITE), "site_id", "Site A"),
 }
 COMMANDS = {name: case for name, case in CASES.items() if case.roles}
 ROLES = [(case.service, name, role) for name, case in COMMANDS.items() for role in m.Role if role not in case.roles]

@@ -258,6 +258,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("approval", "approval-check-completed"): Case(a_planned_check_of_a_known_dataset, lambda a, x: event(checked(x)),
                                                    True),
     ("scheduling", "scheduling-association-requested"): Case(a_known_dataset, lambda a, x: request_of_ds_a(x), True),
+    ("scheduling", "scheduling-dlq"): Case(nothing, lambda a, x: Envelope.wrap(m.DeadLetter(
+        consumer="registry-benchmark-approved", subject="assay.v1.evt.benchmark.approved", message_id="m-1",
+        deliveries=1, error="a BenchmarkApproved must be signed by approval"), source="service:registry")),
     ("scheduling", "scheduling-check-completed"): Case(a_requested_check, lambda a, x: event(checked(
         x, check_id("request-1", "bm", m.EntityKind.DATASET, "ds-a")))),
 }
@@ -279,6 +282,8 @@ def subject_of(durable: str) -> str:
         return subjects.results("site-a")
     if durable == "scheduling-reports":
         return subjects.reports("site-a")
+    if durable == "scheduling-dlq":
+        return subjects.dead_letter("registry-benchmark-approved")
     entity, _, fact = durable.split("-", 1)[1].rpartition("-")
     return subjects.evt(entity, fact)
 
@@ -307,7 +312,10 @@ async def test_a_message_delivered_twice_acts_once(app, actors, durable):
 
     await app.deliver(subject_of(durable), message, attempt=2)
 
-    if durable == "site-site-a-jobs":  # a site runs a job once: the second delivery is refused, its reason recorded
+    if durable == "scheduling-dlq":  # the operator's record of the letter, kept once; no letter about the letter
+        assert [row[0] for row in (await app.stored())["sched_dead_letter"]] == [message.id]
+        assert [letter.message_id for letter in app.dead_letters()] == ["m-1"]
+    elif durable == "site-site-a-jobs":  # a site runs a job once: the second delivery is refused, its reason recorded
         [letter] = app.dead_letters()
         assert "job job-1 already ran at this site" in letter.error
         assert len(app.published(subjects.results("site-a"))) == 1
@@ -358,15 +366,20 @@ async def effects(app: Harness) -> Any:
 
 
 async def stored(app: Harness) -> Any:
-    """The app's rows, or for a site (which has no database) the files it wrote."""
+    """The app's rows, or for a site (which has no database) the files it wrote; the scheduler's record of the dead
+    letters it read aside (it reads every consumer's, its own too)."""
     if hasattr(app.app, "db"):
-        return await app.stored()
+        rows = await app.stored()
+        rows.pop("sched_dead_letter", None)
+        if "inbox" in rows:
+            rows["inbox"] = [row for row in rows["inbox"] if row[0] != "scheduling-dlq"]
+        return rows
     work = site_folder(app) / "jobs"
     return sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.exists() else []
 
 
 EVENTS = {key: case for key, case in CASES.items()
-          if key[1] not in ("leaderboard-results", "site-site-a-jobs", "scheduling-reports")}
+          if key[1] not in ("leaderboard-results", "site-site-a-jobs", "scheduling-reports", "scheduling-dlq")}
 
 
 @pytest.mark.parametrize("forger", ["nobody", "an actor", "another service"])

@@ -223,3 +223,84 @@ async def test_a_pair_approved_again_after_a_revocation_is_planned_anew_and_a_su
                                                 revoked_by="vendor", reason="again"))
     await scheduling.learn(member(m.EntityKind.MODEL, "model-1"))
     assert len(jobs_sent(scheduling)) == 2  # the suspended site gets nothing anew
+
+
+async def refused_job(scheduling: Harness, actors) -> m.JobSpec:  # type: ignore[no-untyped-def]
+    """A job its site refused: its image was not there."""
+    planned = await planned_job(scheduling)
+    for name, role in (("site-a", m.Role.SITE), ("site-b", m.Role.SITE), ("owner", m.Role.BENCHMARK_OWNER),
+                       ("vendor", m.Role.MODEL_OWNER), ("operator", m.Role.OPERATOR)):
+        await scheduling.learn(actors.registered(name, role))
+    await scheduling.deliver(subjects.reports("site-a"), report(
+        actors, planned.job_id, reason=f"image {planned.binding.model_image} is not present at this site"))
+    return planned
+
+
+async def test_a_refused_job_retried_by_its_benchmarks_owner_runs_again_as_a_new_round(scheduling, actors):
+    planned = await refused_job(scheduling, actors)
+
+    reply = await scheduling.ask(actors.sign("owner", m.RetryJobs(job_id=planned.job_id[:12])))
+
+    again = f"{planned.job_id}-r1"
+    assert reply == {"ok": True, "retry": False, "message": f"1 job(s) sent again: {planned.job_id} as {again}"}
+    sent = jobs_sent(scheduling)[-1]
+    verify(sent, actors.key("scheduling").public_key)
+    assert (sent.data.job_id, sent.data.binding, sent.data.site_id) == (again, planned.binding, "site-a")
+    assert scheduling.events(m.JobScheduled)[-1].job == sent.data
+    old = m.JobDetails.model_validate(await scheduling.ask(actors.sign("x", m.GetJob(job_id=planned.job_id))))
+    assert (old.status.state, old.status.retried_as) == (m.JobState.REFUSED, again)
+    assert old.status.reason.endswith(f"; retried as {again}")
+    twice = await scheduling.ask(actors.sign("owner", m.RetryJobs(job_id=planned.job_id)))
+    assert twice["message"].startswith(f"job {planned.job_id} was retried already")
+
+
+async def test_only_the_operator_the_benchmarks_owner_and_the_jobs_site_retry_and_only_what_failed(
+        scheduling, actors):
+    planned = await refused_job(scheduling, actors)
+
+    stranger = await scheduling.ask(actors.sign("site-b", m.RetryJobs(job_id=planned.job_id)))
+    vendor = await scheduling.ask(actors.sign("vendor", m.RetryJobs(job_id=planned.job_id)))
+    nothing = await scheduling.ask(actors.sign("site-b", m.RetryJobs(failed=True)))
+    mine = await scheduling.ask(actors.sign("site-a", m.RetryJobs(failed=True, site_id="site-a")))
+    [retried] = [j.data for j in jobs_sent(scheduling)][1:]
+    again = await scheduling.ask(actors.sign("operator", m.RetryJobs(job_id=retried.job_id)))
+
+    assert stranger["message"] == (f"site-b may not retry job {planned.job_id}: the operator, the owner of benchmark "
+                                   "bm and site site-a may")
+    assert vendor["message"] == "actor vendor has role model_owner; this command needs operator, benchmark_owner, site"
+    assert nothing["message"] == "0 job(s) sent again: none REFUSED or FAILED"
+    assert mine["message"] == f"1 job(s) sent again: {planned.job_id} as {planned.job_id}-r1"
+    assert again["message"] == f"job {retried.job_id} is SCHEDULED: only a REFUSED or FAILED job is retried"
+
+
+def letter(job_id: str, site: str = "site-a", error: str = "invalid Job: data.binding: Field required",
+           on: str | None = None) -> tuple[str, Envelope[m.DeadLetter]]:
+    consumer = f"site-{site}-jobs"
+    said = m.DeadLetter(consumer=consumer, subject=subjects.jobs(site), message_id=job_id, deliveries=1, error=error)
+    return on or subjects.dead_letter(consumer), Envelope.wrap(said, source=f"site:{site}/worker-1")
+
+
+async def test_a_job_its_site_gave_up_on_without_a_word_is_failed_with_the_reason_and_kept_for_the_operator(
+        scheduling, actors):
+    planned = await planned_job(scheduling)
+    await scheduling.learn(actors.registered("operator", m.Role.OPERATOR))
+    await scheduling.learn(actors.registered("site-a", m.Role.SITE))
+    await scheduling.deliver(*letter(planned.job_id, site="site-b", on=subjects.dead_letter("site-site-a-jobs")))
+    untouched = m.JobDetails.model_validate(await scheduling.ask(actors.sign("x", m.GetJob(job_id=planned.job_id))))
+
+    await scheduling.deliver(*letter(planned.job_id))
+
+    [changed] = scheduling.events(m.JobStateChanged)
+    assert untouched.status.state is m.JobState.SCHEDULED  # a letter naming another site's queue changes nothing
+    assert (changed.job_id, changed.state, changed.reason) == (
+        planned.job_id, m.JobState.FAILED, "its site gave up on it after 1 deliveries: invalid Job: data.binding: "
+                                           "Field required")
+    listed = m.DeadLetterList.model_validate(await scheduling.ask(actors.sign(
+        "operator", m.ListDeadLetters(consumer="site-site-a-jobs"))))
+    assert [(x.consumer, x.message_id) for x in listed.letters] == [("site-site-a-jobs", planned.job_id)]
+    refused = await scheduling.ask(actors.sign("site-a", m.ListDeadLetters()))
+    assert refused["message"] == "actor site-a has role site; this command needs operator"
+    # the site's own word, sent before the letter but read after it, is what stands
+    await scheduling.deliver(subjects.reports("site-a"), report(actors, planned.job_id))
+    details = m.JobDetails.model_validate(await scheduling.ask(actors.sign("x", m.GetJob(job_id=planned.job_id))))
+    assert details.status.state is m.JobState.REFUSED

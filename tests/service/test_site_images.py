@@ -36,8 +36,10 @@ def travelling_job(site: Harness, archive: m.Archive | None) -> m.JobSpec:
                                       "archives": {TRAVELLER: archive} if archive else {}})
 
 
-def reports(site: Harness) -> list[m.SiteReport]:
-    return [m.SiteReport.model_validate(sent["data"]) for sent in site.published(subjects.reports("site-a"))]
+def reports(site: Harness, *, running: bool = False) -> list[m.SiteReport]:
+    """What the site said became of its jobs (and, `running`, that it took them)."""
+    said = [m.SiteReport.model_validate(sent["data"]) for sent in site.published(subjects.reports("site-a"))]
+    return [r for r in said if running or r.state is not m.JobState.RUNNING]
 
 
 async def test_a_pushed_model_is_fetched_checked_loaded_and_run(site, actors, runner: FakeRunner):
@@ -60,8 +62,9 @@ async def test_a_model_neither_here_nor_pushed_is_refused_with_what_to_do(site, 
 
     [report] = reports(site)
     assert report.state is m.JobState.REFUSED and runner.specs == []
-    assert report.reason == (f"image {TRAVELLER}: not present at this site and not pushed to the artefact store "
-                             "(`assay model push`); the job is not run")
+    assert report.reason == (f"image {TRAVELLER}: not present at this site and not pushed to the artefact store: "
+                             "push it (`assay model push`) or load it here (`docker load`), then retry the job "
+                             "(`assay job retry`); the job is not run")
 
 
 async def test_an_archive_changed_in_the_store_is_refused_and_nothing_is_loaded(site, actors, runner):

@@ -23,8 +23,10 @@ from tests.support.service import Actors, Harness
 HOLD = '[release]\nrule = "hold"\n'
 
 
-def reports(site: Harness) -> list[m.SiteReport]:
-    return [m.SiteReport.model_validate(sent["data"]) for sent in site.published(subjects.reports("site-a"))]
+def reports(site: Harness, *, running: bool = False) -> list[m.SiteReport]:
+    """What the site said became of its jobs (and, `running`, that it took them)."""
+    said = [m.SiteReport.model_validate(sent["data"]) for sent in site.published(subjects.reports("site-a"))]
+    return [r for r in said if running or r.state is not m.JobState.RUNNING]
 
 
 def results(site: Harness) -> list[Envelope[m.SiteResult]]:
@@ -131,7 +133,7 @@ async def test_a_rejection_sends_the_fact_and_the_reason_never_the_metrics(tmp_p
         assert declined.state is m.JobState.DECLINED
         assert declined.reason == "the data owner declined to release its result: the cohort was mislabelled"
         sent = site.published(subjects.reports("site-a"))[-1]["data"]
-        assert set(sent) == {"job_id", "site_id", "state", "reason", "worker_id", "at"}  # no metrics, no hash
+        assert set(sent) == {"job_id", "site_id", "state", "reason", "worker_id", "at", "attempt"}  # no metrics
         assert "0.91" not in sent["reason"] and "auc" not in sent["reason"]
 
 
@@ -173,7 +175,10 @@ async def test_a_transient_failure_is_reported_only_after_the_last_attempt(site,
 
     [report] = reports(site)
     assert report.state is m.JobState.FAILED and report.reason.endswith("(attempt 3 of 3)")
-    assert "patient 17" not in report.reason
+    assert report.attempt == 3 and "patient 17" not in report.reason
+    # each time it took the job, the site said it runs it, and which attempt it is on
+    assert [(r.state, r.attempt) for r in reports(site, running=True)][:3] == [
+        (m.JobState.RUNNING, 1), (m.JobState.RUNNING, 2), (m.JobState.RUNNING, 3)]
 
 
 async def test_an_evaluators_undeclared_metrics_stay_at_the_site(site, actors, runner):

@@ -100,11 +100,21 @@ class Harness:
             await self.app.relay.flush()
 
     def published(self, subject: str) -> list[dict[str, Any]]:
-        """What the publishers declared for `subject` sent (the envelopes, decoded); a pattern names several."""
-        return [call.args[0] for publisher in self.broker.publishers
-                if subjects.matches(subject, publisher.subject.template)
-                or subjects.matches(publisher.subject.template, subject)
-                for call in publisher.mock.call_args_list]
+        """What the publishers declared for `subject` sent (the envelopes, decoded); a pattern names several. The test
+        broker records a message in the mock of every publisher whose subject a subscriber's wildcard takes (the
+        scheduler reads every dead letter): each envelope is counted once."""
+        sent, seen = [], set()
+        for publisher in self.broker.publishers:
+            if not (subjects.matches(subject, publisher.subject.template)
+                    or subjects.matches(publisher.subject.template, subject)):
+                continue
+            for call in publisher.mock.call_args_list:
+                body = call.args[0]
+                key = body.get("id") if isinstance(body, dict) else None
+                if key is None or key not in seen:
+                    seen.add(key)
+                    sent.append(body)
+        return sent
 
     def events(self, kind: type[Payload]) -> list[Any]:
         """The payloads of the events of `kind` the app published, in order."""
@@ -115,12 +125,14 @@ class Harness:
         return [DeadLetter.model_validate(sent["data"]) for sent in self.published(subjects.DEAD_LETTERS_ALL)]
 
     def sent(self) -> int:
-        """How many messages the app has published in all."""
-        return sum(len(publisher.mock.call_args_list) for publisher in self.broker.publishers)
+        """How many messages the app has published in all (each envelope once: see `published`)."""
+        return len(self.published(">"))
 
     async def state(self) -> dict[str, list[tuple[Any, ...]]]:
-        """What handlers change: every row but the inbox's (which remembers what was seen, refusals too)."""
-        return {table: rows for table, rows in (await self.stored()).items() if table != "inbox"}
+        """What handlers change: every row but the inbox's (which remembers what was seen, refusals too) and the dead
+        letters the scheduler keeps for the operator."""
+        return {table: rows for table, rows in (await self.stored()).items()
+                if table not in ("inbox", "sched_dead_letter")}  # the record of what was refused is no change
 
     async def stored(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table the app owns: what a refusal must leave as it was."""

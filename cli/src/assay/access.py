@@ -31,6 +31,7 @@ def service_permissions(service: str) -> dict[str, object]:
         publish += [subjects.JOBS_ALL, f"$KV.{subjects.CANCELLED_BUCKET}.>"]  # the only publisher of jobs, and of
         # their cancellations
         publish += consuming(subjects.RESULTS_STREAM, subjects.durable(service, subjects.REPORTS_ALL))  # sites' reports
+        publish += consuming(subjects.DEAD_LETTERS_STREAM, subjects.durable(service, subjects.DEAD_LETTERS_ALL))
     if service == "leaderboard":
         publish += consuming(subjects.RESULTS_STREAM)  # the only reader of results
     return {"publish": publish, "subscribe": [subjects.cmd(service, ">"), f"_INBOX.{service}.>"],

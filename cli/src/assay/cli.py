@@ -31,11 +31,16 @@ dataset_app = typer.Typer(help="Datasets, prepared at the site (data owner).", n
 site_app = typer.Typer(help="Site workers.", no_args_is_help=True)
 leaderboard_app = typer.Typer(help="The board: show it, plot it (as much as the asker may see).",
                               no_args_is_help=True)
-job_app = typer.Typer(help="Where each job stands (everyone).", no_args_is_help=True)
+job_app = typer.Typer(help="Where each job stands (everyone); run again what failed (its owners).",
+                      no_args_is_help=True)
 for sub, name in ((keys_app, "keys"), (actor_app, "actor"), (benchmark_app, "benchmark"), (model_app, "model"),
                   (dataset_app, "dataset"), (association_app, "association"), (site_app, "site"),
                   (leaderboard_app, "leaderboard"), (job_app, "job"), (results_app, "results"), (audit_app, "audit")):
     app.add_typer(sub, name=name)
+app.add_typer(job_app, name="jobs", hidden=True)  # `assay jobs list` reads as well as `assay job list`
+dead_letters_app = typer.Typer(help="What the platform's consumers gave up on, and why (operator).",
+                               no_args_is_help=True)
+app.add_typer(dead_letters_app, name="dead-letters")
 for sub, kind in ((benchmark_app, m.EntityType.BENCHMARK), (model_app, m.EntityType.MODEL),
                   (dataset_app, m.EntityType.DATASET), (actor_app, m.EntityType.ACTOR)):
     sub.command("list")(lister(kind))
@@ -383,8 +388,62 @@ def job_show(job_id: str) -> None:
     details = m.JobDetails.model_validate(_send(m.GetJob(job_id=job_id), None))
     status = details.status
     console.print(f"job {job_id}: [bold]{status.state.value}[/bold] since {status.updated_at:%Y-%m-%d %H:%M:%S}"
-                  + (f": {status.reason}" if status.reason else ""))
+                  + (f": {status.reason}" if status.reason else ""), highlight=False, soft_wrap=True)
+    console.print(f"its site took it {status.attempts} time(s)"
+                  + (f"; it runs again as {status.retried_as}" if status.retried_as else ""), highlight=False)
+    if status.state in (m.JobState.REFUSED, m.JobState.FAILED) and not status.retried_as:
+        console.print(f"once the cause is fixed: assay job retry {status.job_id} --as ME (the operator, the owner "
+                      f"of {status.benchmark_id} or site {status.site_id})", highlight=False, soft_wrap=True)
     console.print_json(details.job.model_dump_json())
+
+
+@job_app.command("retry")
+def job_retry(actor: As, job_id: Annotated[str | None, typer.Argument(help="the job (any unique start)")] = None,
+              failed: Annotated[bool, typer.Option("--failed", help="every REFUSED or FAILED job you may retry")
+                                ] = False,
+              benchmark: Annotated[str | None, typer.Option(help="with --failed: of this benchmark")] = None,
+              site: Annotated[str | None, typer.Option(help="with --failed: at this site")] = None) -> None:
+    """Run again a REFUSED or FAILED job once its cause is fixed (an image loaded, data restored), as a new round of
+    it; or, --failed, every such job you may (the operator: any; a benchmark's owner: its own; a site: its own)."""
+    if (job_id is None) == (not failed):
+        say_error("name one JOB_ID or give --failed (with --benchmark B or --site S to narrow it)")
+        raise typer.Exit(2)
+    _send(m.RetryJobs(job_id=job_id, failed=failed, benchmark_id=benchmark, site_id=site), actor)
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(actor: As, consumer: Annotated[str | None, typer.Option(
+                          help="one consumer's, e.g. site-hospital-a-jobs or leaderboard-results")] = None,
+                      as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The messages each consumer gave up on, newest first: which, after how many deliveries, why."""
+    from rich.table import Table
+
+    from assay.tables import when
+
+    listed = m.DeadLetterList.model_validate(_send(m.ListDeadLetters(consumer=consumer), actor))
+    if as_json:
+        print(listed.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{len(listed.letters)} dead letter(s)" + (f" of {consumer}" if consumer else ""),
+                  caption="assay dead-letters show ID --as ME: the whole letter")
+    for column in ("letter", "when", "consumer", "message", "tries", "why"):
+        table.add_column(column, overflow="fold")
+    for letter in listed.letters:
+        table.add_row(letter.letter_id[:8], when(letter.at), letter.consumer, letter.message_id[:20],
+                      str(letter.deliveries), letter.error)
+    console.print(table)
+
+
+@dead_letters_app.command("show")
+def dead_letters_show(letter_id: Annotated[str, typer.Argument(help="the letter (any unique start)")],
+                      actor: As) -> None:
+    """One dead letter, whole."""
+    found = m.DeadLetterList.model_validate(_send(m.ListDeadLetters(letter_id=letter_id, limit=2), actor)).letters
+    if len(found) != 1:
+        say_error(f"dead letter {letter_id}: " + ("more than one begins with it; give more of its id" if found else
+                                                  "none has it; `assay dead-letters list` shows them"))
+        raise typer.Exit(1)
+    console.print_json(found[0].model_dump_json())
 
 
 @dataset_app.command("prepare")

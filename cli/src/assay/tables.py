@@ -16,12 +16,15 @@ from rich.text import Text
 from contracts.messages import Interval, JobList, JobState, Leaderboard, LeaderboardRow, SiteValue
 
 STATE_STYLES = {JobState.DONE: "green", JobState.HELD: "yellow", JobState.REFUSED: "red", JobState.FAILED: "red",
-                JobState.DECLINED: "magenta", JobState.SCHEDULED: "cyan", JobState.CANCELLED: "magenta"}
+                JobState.DECLINED: "magenta", JobState.SCHEDULED: "cyan", JobState.CANCELLED: "magenta",
+                JobState.RUNNING: "blue"}
 
 
 def short_id(job_id: str) -> str:
-    """Enough of a job id to name it: every command that takes a job id takes a unique start of one."""
-    return job_id[:13]
+    """Enough of a job id to name it: every command that takes a job id takes a unique start of one (and a round
+    of it, `-r<n>`, after that start)."""
+    base, _, round_ = job_id.partition("-r")
+    return base[:13] + (f"-r{round_}" if round_ else "")
 
 
 def when(moment: datetime) -> str:
@@ -45,6 +48,8 @@ def jobs_table(jobs: JobList) -> Table:
         model = job.model_id if table.title.endswith(job.benchmark_id) else f"{job.benchmark_id}/{job.model_id}"
         if job.check is not None:  # a check before joining: never on the board
             model = f"{model} [dim](check of {job.check.kind.value} {job.check.entity_id})[/dim]"
+        if job.attempts > 1:
+            model = f"{model} [dim](attempt {job.attempts})[/dim]"
         table.add_row(short_id(job.job_id), model, job.site_id, f"[{style}]{job.state.value}[/{style}]",
                       when(job.updated_at), job.reason or "")
     return table

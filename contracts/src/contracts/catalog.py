@@ -65,6 +65,7 @@ COMMAND_SUBJECTS: dict[type[Payload], str] = {
     m.RevokeAssociation: cmd("approval", "revoke_association"),
     m.SetApprovalPolicy: cmd("approval", "set_approval_policy"),
     m.GrantImageKey: cmd("scheduling", "grant_image_key"),
+    m.RetryJobs: cmd("scheduling", "retry_jobs"),
 }
 QUERY_SUBJECTS: dict[type[Payload], str] = {
     m.GetBenchmark: cmd("registry", "get_benchmark"),
@@ -73,6 +74,7 @@ QUERY_SUBJECTS: dict[type[Payload], str] = {
     m.GetJob: cmd("scheduling", "get_job"),
     m.ListAssociations: cmd("approval", "list_associations"),
     m.ListEntities: cmd("registry", "list_entities"),
+    m.ListDeadLetters: cmd("scheduling", "list_dead_letters"),
 }
 REQUEST_SUBJECTS: dict[type[Payload], str] = {**COMMAND_SUBJECTS, **QUERY_SUBJECTS}
 
@@ -85,4 +87,5 @@ REPLY_TYPES: dict[type[Payload], type[Payload]] = {
     m.GetJob: m.JobDetails,
     m.ListAssociations: m.AssociationList,
     m.ListEntities: m.EntityList,
+    m.ListDeadLetters: m.DeadLetterList,
 }

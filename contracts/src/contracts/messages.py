@@ -39,9 +39,11 @@ class EntityType(StrEnum):
 
 
 class JobState(StrEnum):
-    """Where a job stands. A site reports REFUSED, FAILED, HELD and DECLINED; an accepted result makes it DONE."""
+    """Where a job stands. A site reports RUNNING, REFUSED, FAILED, HELD and DECLINED; an accepted result makes it
+    DONE. A REFUSED or FAILED job is run again only when an owner retries it (`assay job retry`), as a new round."""
 
     SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"    # its site took it and runs it (the attempt it is on is beside it)
     REFUSED = "REFUSED"    # the site would not run it (its policy, a wrong image, changed data): never retried
     FAILED = "FAILED"      # it ran and failed for good (timed out, out of memory, output rejected, out of attempts)
     HELD = "HELD"          # it ran; its result waits at the site for the data owner's review
@@ -50,7 +52,7 @@ class JobState(StrEnum):
     CANCELLED = "CANCELLED"  # its pair's consent was revoked before a result counted: never run, never counted
 
 
-SITE_STATES = (JobState.REFUSED, JobState.FAILED, JobState.HELD, JobState.DECLINED)
+SITE_STATES = (JobState.RUNNING, JobState.REFUSED, JobState.FAILED, JobState.HELD, JobState.DECLINED)
 
 
 class Archive(Payload):
@@ -386,6 +388,36 @@ class ListJobs(Payload):
 class GetJob(Payload):
     TYPE: ClassVar[str] = "assay.v1.GetJob"
     job_id: Id
+
+
+class ListDeadLetters(Payload):
+    """The messages the platform's consumers gave up on, newest first, as the scheduling service keeps them (the
+    operator's, signed)."""
+
+    TYPE: ClassVar[str] = "assay.v1.ListDeadLetters"
+    consumer: Annotated[str, StringConstraints(max_length=200)] | None = Field(default=None, description="one "
+                                                                               "consumer's, e.g. site-hospital-a-jobs")
+    letter_id: Annotated[str, StringConstraints(max_length=200)] | None = Field(default=None, description="one "
+                                                                                "letter, by the start of its id")
+    limit: int = Field(default=200, ge=1, le=1000)
+
+
+class RetryJobs(Payload):
+    """Run again a job that was REFUSED or FAILED, once its cause is fixed (an image loaded, data restored): one job,
+    or every such job of a benchmark or a site (`failed`). Each becomes a new round of its job (`<id>-r<n>`), sent to
+    its site anew. The operator, the benchmark's owner and the job's site may."""
+
+    TYPE: ClassVar[str] = "assay.v1.RetryJobs"
+    job_id: Id | None = None
+    failed: bool = Field(default=False, description="every REFUSED or FAILED job not retried yet (narrowed below)")
+    benchmark_id: Id | None = None
+    site_id: Id | None = None
+
+    @model_validator(mode="after")
+    def _one_or_many(self) -> RetryJobs:
+        if (self.job_id is None) == (not self.failed):
+            raise ValueError("name one job (job_id) or ask for every failed one (failed), not both nor neither")
+        return self
 
 
 class EditBenchmark(Payload):
@@ -746,6 +778,7 @@ class SiteReport(Payload):
     reason: str = Field(max_length=2000)
     worker_id: Name
     at: datetime
+    attempt: int = Field(default=1, ge=1, description="which delivery of the job this is (its queue's count)")
 
     @field_validator("state")
     @classmethod
@@ -895,6 +928,8 @@ class JobStatus(Payload):
     reason: str = Field(default="", description="why it is in this state, as its site reported it")
     updated_at: datetime
     check: CheckOf | None = Field(default=None, description="set when the job is a check before joining")
+    attempts: int = Field(default=0, description="how often its site took it (the last report's attempt)")
+    retried_as: Id | None = Field(default=None, description="the job that runs it again, once an owner retried it")
 
 
 class JobList(Payload):
@@ -960,16 +995,33 @@ class DeadLetter(Payload):
     error: str
 
 
+class DeadLetterView(Payload):
+    letter_id: str
+    consumer: str
+    subject: str
+    message_id: str
+    deliveries: int
+    error: str
+    at: datetime
+
+
+class DeadLetterList(Payload):
+    """The reply to ListDeadLetters."""
+
+    TYPE: ClassVar[str] = "assay.v1.DeadLetterList"
+    letters: tuple[DeadLetterView, ...]
+
+
 COMMANDS: tuple[type[Payload], ...] = (
     RegisterActor, RegisterOrganisation, RotateKey, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity,
     ApproveBenchmark, RejectBenchmark, RegisterModel, RegisterDataset,
     RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
-    SetApprovalPolicy, GrantImageKey,
+    SetApprovalPolicy, GrantImageKey, RetryJobs,
 )
 QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, GetJob, ListAssociations,
-                                      ListEntities)
+                                      ListEntities, ListDeadLetters)
 REPLIES: tuple[type[Payload], ...] = (CommandReply, BenchmarkDetails, Leaderboard, JobList, JobDetails,
-                                      AssociationList, EntityList)
+                                      AssociationList, EntityList, DeadLetterList)
 EVENTS: tuple[type[Payload], ...] = (
     ActorRegistered, OrganisationRegistered, ActorKeyRotated, ActorSuspended, BenchmarkRegistered, BenchmarkEdited,
     EntityArchived, BenchmarkApproved, BenchmarkRejected, ModelRegistered, DatasetRegistered,

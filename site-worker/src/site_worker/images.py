@@ -183,7 +183,8 @@ async def ensure_images(job: JobSpec, runner: ContainerRunner, store: ImageStore
             continue
         archive = job.archives.get(image)
         if archive is None or store is None:
-            raise _refuse(image, "not present at this site and not pushed to the artefact store (`assay model push`)"
+            raise _refuse(image, "not present at this site and not pushed to the artefact store: push it (`assay "
+                          "model push`) or load it here (`docker load`), then retry the job (`assay job retry`)"
                           if store is not None else "not present at this site, which fetches no images")
         key = None
         if archive.encrypted:

@@ -84,18 +84,22 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, d
                          f"{kept.held_at.isoformat(timespec='seconds')}); a job runs once per site, so this delivery "
                          "is a replay or a redelivery after its result was kept")
     ticker = asyncio.create_task(heartbeat(message, site.settings.heartbeat_s))
+    attempt = delivery.attempt
     try:
-        await run_and_keep(job, site)
+        await run_and_keep(job, site, attempt)
     except JobRefused as exc:
-        await tell(site, spec, JobState.REFUSED, str(exc))
+        await tell(site, spec, JobState.REFUSED, str(exc), attempt=attempt)
         raise
     except RunFailed as exc:
         if exc.recurs:
-            await tell(site, spec, JobState.FAILED, f"{exc} (not tried again: it would fail the same way)")
+            await tell(site, spec, JobState.FAILED, f"{exc} (not tried again: it would fail the same way)",
+                       attempt=attempt)
             raise FailedForGood(str(exc)) from exc
-        if delivery.attempt >= site.settings.max_deliver:
-            tries = f"attempt {delivery.attempt} of {site.settings.max_deliver}"
-            await tell(site, spec, JobState.FAILED, f"{exc} ({tries})")
+        tries = f"attempt {attempt} of {site.settings.max_deliver}"
+        if attempt >= site.settings.max_deliver:
+            await tell(site, spec, JobState.FAILED, f"{exc} ({tries})", attempt=attempt)
+        else:  # the operator sees why it is tried again, as the job's state and in the worker's log
+            log.warning("job %s failed, %s; it is tried again: %s", spec.job_id, tries, exc)
         raise
     finally:
         ticker.cancel()
@@ -116,9 +120,9 @@ def limits_of(job: JobSpec) -> Limits:
                   output_bytes=asked.output_mb << 20, output_files=max(10_000, 2 * job.binding.case_count + 100))
 
 
-async def run_and_keep(signed_job: Envelope[JobSpec], site: Site) -> None:
-    """Judge the job by the policy, run it, and keep its result: released at once where the policy says so, else
-    held for the data owner (and the scheduler told so)."""
+async def run_and_keep(signed_job: Envelope[JobSpec], site: Site, attempt: int = 1) -> None:
+    """Judge the job by the policy, run it (the scheduler told it runs), and keep its result: released at once
+    where the policy says so, else held for the data owner (and the scheduler told so)."""
     job, settings = signed_job.data, site.settings
     bound = job.binding
     await note(site, "job_received", job.job_id, benchmark=bound.benchmark_id, model=bound.model_id,
@@ -128,6 +132,8 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site) -> None:
     policy = await asyncio.to_thread(policy_in_force, site)
     if not (verdict := judge(policy, job)):
         raise JobRefused(f"{verdict.reason}; nothing was run")
+    await tell(site, job, JobState.RUNNING, f"worker {settings.worker_id} runs it (attempt {attempt})",
+               attempt=attempt)
     if job.demo_data is None:
         folder, expected = dataset_folder(settings.datasets_file, bound.dataset_id, settings.site_id), None
     for image in await ensure_images(job, site.runner, site.images, settings.work_dir / ".images",
@@ -185,10 +191,11 @@ async def publish_result(site: Site, held: Held) -> None:
     log.info("job %s: its result left (%s)", held.job_id, held.result.metrics)
 
 
-async def tell(site: Site, job: JobSpec, state: JobState, reason: str, id: str | None = None) -> None:
+async def tell(site: Site, job: JobSpec, state: JobState, reason: str, id: str | None = None,
+               attempt: int = 1) -> None:
     """Report a job's state to the scheduler, signed; and keep it in the site's audit log."""
     report = SiteReport(job_id=job.job_id, site_id=site.settings.site_id, state=state, reason=reason[:2000],
-                        worker_id=site.settings.worker_id, at=utcnow())
+                        worker_id=site.settings.worker_id, at=utcnow(), attempt=attempt)
     signed = site.key.sign(Envelope.wrap(report, source=site.source, id=id))
     await site.outlets.publish(subjects.reports(site.settings.site_id), signed.model_dump_json().encode(), signed.id)
     if state in (JobState.REFUSED, JobState.FAILED):

@@ -4,6 +4,7 @@ what sites report of their jobs, and answer where each job stands."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
@@ -16,7 +17,7 @@ from contracts import subjects
 from contracts.envelope import Envelope, aware, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, dataset_check, model_check, plan_jobs
-from scheduling.models import Benchmark, Dataset, ImageKey, Job, Member, Model
+from scheduling.models import Benchmark, Dataset, DeadLetter, ImageKey, Job, Member, Model
 from service_kit.actors import KnownActor, authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import Delivery, NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
@@ -59,10 +60,12 @@ async def plan(uow: Transaction, benchmark_id: str, dispatch: Dispatch) -> int:
     datasets = [PlannedDataset(d.dataset_id, d.site_id, d.content_hash, d.case_count)
                 for d in (await session.exec(select(Dataset).where(Dataset.benchmark_id == benchmark_id))).all()
                 if d.dataset_id in dataset_ids and not d.archived and d.site_id not in suspended]
-    jobs = (await session.exec(select(Job.job_id, Job.status).where(Job.benchmark_id == benchmark_id))).all()
-    planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, {j for j, _ in jobs},
+    jobs = (await session.exec(select(Job.job_id, Job.status, Job.retried_as).where(
+        Job.benchmark_id == benchmark_id))).all()
+    planned = plan_jobs(m.BenchmarkSpec.model_validate(benchmark.spec), models, datasets, {j for j, _, _ in jobs},
                         expires_at=utcnow() + dispatch.ttl, owners=owners, archives=archives, keys=keys,
-                        cancelled={j for j, status in jobs if status == m.JobState.CANCELLED.value})
+                        cancelled={j for j, status, later in jobs  # what no longer stands for its pair
+                                   if status == m.JobState.CANCELLED.value or later is not None})
     for job in planned:
         dispatched(uow, job, dispatch)
     return len(planned)
@@ -258,11 +261,13 @@ async def record_report(report: Envelope[m.SiteReport], uow: UnitOfWork, deliver
     job = await uow.session.get(Job, said.job_id, with_for_update=True)
     if job is None or job.site_id != said.site_id:
         raise Refused(f"site {said.site_id} reports on job {said.job_id}, which was never sent to it")
-    if job.status in (m.JobState.DONE, m.JobState.CANCELLED) or said.at < aware(job.updated_at):
+    if job.status in (m.JobState.DONE, m.JobState.CANCELLED) or (said.at < aware(job.updated_at)
+                                                                 and not job.from_letter):
         log.info("job %s is %s since %s: the %s report of %s does not change it", job.job_id, job.status,
                  job.updated_at, said.state, said.at)
         return
-    job.status, job.reason, job.updated_at = said.state.value, said.reason, said.at
+    job.status, job.reason, job.updated_at, job.attempts = said.state.value, said.reason, said.at, said.attempt
+    job.from_letter = False
     uow.session.add(job)
     uow.emit(state_changed(job, said.state, said.reason))
 
@@ -280,7 +285,8 @@ def state_changed(job: Job, state: m.JobState, reason: str) -> m.JobStateChanged
 def status_of(job: Job) -> m.JobStatus:
     return m.JobStatus(job_id=job.job_id, benchmark_id=job.benchmark_id, model_id=job.model_id,
                        dataset_id=job.dataset_id, site_id=job.site_id, state=m.JobState(job.status),
-                       reason=job.reason, updated_at=aware(job.updated_at), check=check_of(job))
+                       reason=job.reason, updated_at=aware(job.updated_at), check=check_of(job),
+                       attempts=job.attempts, retried_as=job.retried_as)
 
 
 async def list_jobs(query: Envelope[m.ListJobs], uow: UnitOfWork) -> m.JobList:
@@ -294,15 +300,148 @@ async def list_jobs(query: Envelope[m.ListJobs], uow: UnitOfWork) -> m.JobList:
     return m.JobList(jobs=tuple(status_of(job) for job in rows))
 
 
-async def get_job(query: Envelope[m.GetJob], uow: UnitOfWork) -> m.JobDetails:
-    """A job by its id, or by the unique start of one (the tables show the first characters)."""
-    start = query.data.job_id
-    begins = Job.job_id.startswith(start, autoescape=True)  # type: ignore[attr-defined]
-    found = (await uow.session.exec(select(Job).where(begins).limit(2))).all()
+async def get_job_row(session, start: str) -> Job:  # type: ignore[no-untyped-def]
+    """A job by its id, or by the unique start of one (the tables show the first characters), and a round of it by
+    that start and its round (`job-11dc49d-r1`)."""
+    if (exact := await session.get(Job, start)) is not None:
+        return exact  # type: ignore[no-any-return]
+    named = re.fullmatch(r"(?P<start>.+?)(?P<round>-r\d+)?", start)
+    assert named is not None
+    begins = Job.job_id.startswith(named["start"], autoescape=True)  # type: ignore[attr-defined]
+    found = [job for job in (await session.exec(select(Job).where(begins).limit(1000))).all()
+             if job.job_id.endswith(named["round"] or "") and (named["round"] or round_of(job.job_id) == job.job_id)]
     if len(found) != 1:
         more = "more than one job begins with it; give more of its id" if found else "no job has it"
         raise Refused(f"job {start}: {more}; `assay job list` shows the jobs there are")
-    return m.JobDetails(status=status_of(found[0]), job=m.JobSpec.model_validate(found[0].spec))
+    return found[0]  # type: ignore[no-any-return]
+
+
+async def get_job(query: Envelope[m.GetJob], uow: UnitOfWork) -> m.JobDetails:
+    job = await get_job_row(uow.session, query.data.job_id)
+    return m.JobDetails(status=status_of(job), job=m.JobSpec.model_validate(job.spec))
+
+
+RETRYABLE = (m.JobState.REFUSED.value, m.JobState.FAILED.value)
+ROUND = re.compile(r"^(?P<base>.+?)(?:-r\d+)?$")
+
+
+def round_of(job_id: str) -> str:
+    """The job a round runs again: `job-…` for `job-…-r2`."""
+    return ROUND.fullmatch(job_id)["base"]  # type: ignore[index]
+
+
+async def retry_jobs(command: Envelope[m.RetryJobs], uow: UnitOfWork, dispatch: Jobs) -> m.CommandReply:
+    """Run again what was refused or failed, once its cause is fixed: each job a new round (`<id>-r<n>`), signed and
+    sent to its site anew, its old row pointing to it. The operator may retry any job, a benchmark's owner its
+    benchmark's, a site its own; a job whose pair or entity is withdrawn stays as it is."""
+    cmd, session = command.data, uow.session
+    actor = await authenticate(session, command, m.Role.OPERATOR, m.Role.BENCHMARK_OWNER, m.Role.SITE)
+    chosen = select(Job).where(col(Job.retried_as).is_(None))
+    if cmd.job_id is not None:
+        job = (await get_job_row(session, cmd.job_id))
+        chosen = chosen.where(Job.job_id == job.job_id)
+    for column, wanted in ((Job.benchmark_id, cmd.benchmark_id), (Job.site_id, cmd.site_id)):
+        if wanted is not None:
+            chosen = chosen.where(column == wanted)
+    jobs = (await session.exec(chosen.order_by(col(Job.job_id)))).all()
+    owners = {b.benchmark_id: b.owner_id for b in (await session.exec(select(Benchmark))).all()}
+
+    def may(job: Job) -> bool:
+        return (m.Role.OPERATOR.value in (actor.role, *actor.also)
+                or actor.actor_id in (owners.get(job.benchmark_id), job.site_id))
+
+    if cmd.job_id is not None:
+        if not jobs:
+            raise Refused(f"job {cmd.job_id} was retried already; `assay job show {cmd.job_id}` names the round "
+                          "that runs it again")
+        if not may(jobs[0]):
+            raise Refused(f"{actor.actor_id} may not retry job {jobs[0].job_id}: the operator, the owner of benchmark "
+                          f"{jobs[0].benchmark_id} and site {jobs[0].site_id} may")
+        if jobs[0].status not in RETRYABLE:
+            raise Refused(f"job {jobs[0].job_id} is {jobs[0].status}: only a REFUSED or FAILED job is retried")
+    retried = []
+    for job in jobs:
+        if job.status in RETRYABLE and may(job) and await still_wanted(session, job):
+            retried.append((job.job_id, await again(uow, job, dispatch)))
+    if cmd.job_id is not None and not retried:
+        raise Refused(f"job {cmd.job_id} is not run again: its pair's consent was withdrawn, or its benchmark, model "
+                      "or dataset archived, or its site or model owner suspended")
+    said = "; ".join(f"{old} as {new}" for old, new in retried)
+    return m.CommandReply(ok=True, message=f"{len(retried)} job(s) sent again" + (f": {said}" if said else
+                                                                                      ": none REFUSED or FAILED"))
+
+
+async def still_wanted(session, job: Job) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the job's pair is still one to run: approved, nothing of it archived, nobody of it suspended."""
+    benchmark = await session.get(Benchmark, job.benchmark_id)
+    model, dataset = await session.get(Model, job.model_id), await session.get(Dataset, job.dataset_id)
+    if benchmark is None or benchmark.archived or (model is not None and model.archived) or (
+            dataset is not None and dataset.archived):
+        return False
+    suspended = {a.actor_id for a in (await session.exec(select(KnownActor).where(
+        col(KnownActor.suspended).is_not(None)))).all()}
+    if job.site_id in suspended or (model is not None and model.owner_id in suspended):
+        return False
+    if job.spec.get("check"):  # a check before joining answers its request, whatever the consent says yet
+        return True
+    members = {(x.kind, x.entity_id) for x in (await session.exec(select(Member).where(
+        Member.benchmark_id == job.benchmark_id))).all()}
+    return {("model", job.model_id), ("dataset", job.dataset_id)} <= members
+
+
+async def again(uow: Transaction, job: Job, dispatch: Dispatch) -> str:
+    """The next round of `job`: its spec as it was signed, under the next round's id and a new expiry."""
+    base = round_of(job.job_id)
+    rounds = (await uow.session.exec(select(Job.job_id).where(
+        Job.job_id.startswith(base, autoescape=True)))).all()  # type: ignore[attr-defined]
+    taken = [j for j in rounds if round_of(j) == base]
+    spec = m.JobSpec.model_validate(job.spec).model_copy(update={
+        "job_id": f"{base}-r{len(taken)}", "expires_at": utcnow() + dispatch.ttl})
+    job.retried_as, job.reason = spec.job_id, f"{job.reason}; retried as {spec.job_id}"[:2000]
+    uow.session.add(job)
+    dispatched(uow, spec, dispatch)
+    return spec.job_id
+
+
+SITE_QUEUE = re.compile(r"^site-(?P<site>[a-z0-9][a-z0-9_-]{0,62})-jobs$")
+
+
+async def record_dead_letter(letter: Envelope[m.DeadLetter], uow: UnitOfWork, delivery: Delivery) -> None:
+    """Keep what a consumer gave up on, for the operator. A site that gave up on a job it never reported on (a
+    message it could not read, say) leaves that job FAILED with the reason, never SCHEDULED for ever; a site speaks
+    only of its own queue's jobs."""
+    said, session = letter.data, uow.session
+    if await session.get(DeadLetter, letter.id) is None:
+        session.add(DeadLetter(letter_id=letter.id, consumer=said.consumer, subject=said.subject,
+                               message_id=said.message_id, deliveries=said.deliveries, error=said.error[:4000],
+                               at=letter.time))
+    queue = SITE_QUEUE.fullmatch(said.consumer)
+    if queue is None or delivery.subject != subjects.dead_letter(said.consumer):
+        return
+    job = await session.get(Job, said.message_id, with_for_update=True)
+    if job is None or job.site_id != queue["site"] or job.status not in (*OPEN, m.JobState.RUNNING.value):
+        return
+    if job.status == m.JobState.HELD.value:
+        return  # its result waits at the site: what was dead-lettered is a replay of it
+    reason = f"its site gave up on it after {said.deliveries} deliveries: {said.error}"[:2000]
+    job.status, job.reason, job.updated_at, job.from_letter = m.JobState.FAILED.value, reason, letter.time, True
+    session.add(job)
+    uow.emit(state_changed(job, m.JobState.FAILED, reason))
+
+
+async def list_dead_letters(query: Envelope[m.ListDeadLetters], uow: UnitOfWork) -> m.DeadLetterList:
+    """What the consumers gave up on, newest first: the operator's to see (an error may name what a sender sent)."""
+    await authenticate(uow.session, query, m.Role.OPERATOR)
+    asked = query.data
+    chosen = select(DeadLetter)
+    if asked.consumer is not None:
+        chosen = chosen.where(DeadLetter.consumer == asked.consumer)
+    if asked.letter_id is not None:
+        chosen = chosen.where(DeadLetter.letter_id.startswith(asked.letter_id, autoescape=True))  # type: ignore[attr-defined]
+    rows = (await uow.session.exec(chosen.order_by(col(DeadLetter.at).desc()).limit(asked.limit))).all()
+    return m.DeadLetterList(letters=tuple(m.DeadLetterView(
+        letter_id=row.letter_id, consumer=row.consumer, subject=row.subject, message_id=row.message_id,
+        deliveries=row.deliveries, error=row.error, at=aware(row.at)) for row in rows))
 
 
 async def mark_done(accepted: Envelope[m.ResultAccepted], uow: UnitOfWork) -> None:
@@ -327,8 +466,10 @@ WIRING = Wiring(
                                                  learn_dataset, learn_association, learn_revocation, learn_archival,
                                                  learn_edit, learn_suspension, learn_rotation, learn_request,
                                                  mark_done, mark_checked)),
-               Consumer(record_report, subject=subjects.REPORTS_ALL)),
-    requests=(Request(list_jobs), Request(get_job), Request(grant_image_key)),
+               Consumer(record_report, subject=subjects.REPORTS_ALL),
+               Consumer(record_dead_letter, subject=subjects.DEAD_LETTERS_ALL)),
+    requests=(Request(list_jobs), Request(get_job), Request(grant_image_key), Request(retry_jobs),
+              Request(list_dead_letters)),
     publishes=(Outlet.event(m.JobScheduled), Outlet.event(m.JobStateChanged), Outlet(subjects.JOBS_ALL, m.JobSpec),
                Outlet(subjects.CANCELLED_ALL, m.JobCancelled)),
 )

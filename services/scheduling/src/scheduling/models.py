@@ -56,6 +56,9 @@ class Job(SQLModel, table=True):
     site_id: str = Field(index=True)
     status: str = "SCHEDULED"
     reason: str = ""  # why it is in this state, as its site reported it
+    attempts: int = 0  # the attempt its site's last report named
+    retried_as: str | None = None  # the round that runs it again, once an owner retried it
+    from_letter: bool = False  # its state is a dead letter's word: the site's own report, however late, replaces it
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True)))
     spec: dict = Field(default_factory=dict, sa_column=Column(JSON))  # type: ignore[type-arg]  # the JobSpec sent
 
@@ -70,4 +73,17 @@ class ImageKey(SQLModel, table=True):
     granted_by: str
 
 
-TABLES = [t.__table__ for t in (Benchmark, Model, Dataset, Member, Job, ImageKey)]  # type: ignore[attr-defined]
+class DeadLetter(SQLModel, table=True):
+    """A message a consumer gave up on, as its DeadLetter said: kept for the operator (`assay dead-letters`)."""
+
+    __tablename__ = "sched_dead_letter"
+    letter_id: str = Field(primary_key=True)
+    consumer: str = Field(index=True)
+    subject: str
+    message_id: str
+    deliveries: int
+    error: str
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True)))
+
+
+TABLES = [t.__table__ for t in (Benchmark, Model, Dataset, Member, Job, ImageKey, DeadLetter)]  # type: ignore[attr-defined]
