@@ -81,6 +81,7 @@ class Federation:
     keys: dict[str, KeyPair] = field(default_factory=dict)
     apps: list[FastStream] = field(default_factory=list)
     runners: dict[str, FakeRunner] = field(default_factory=dict)
+    connection: dict[str, Any] = field(default_factory=dict)  # the services' nats_creds and nats_ca, where needed
 
     def key(self, name: str) -> KeyPair:
         if name not in self.keys:
@@ -102,7 +103,7 @@ class Federation:
 
         def common(name: str) -> dict[str, Any]:
             return {"nats_url": self.nats_url, "database_url": self.database_url(name),
-                    "key_file": self.root / "keys" / f"{name}.key", "service_keys": keys}
+                    "key_file": self.root / "keys" / f"{name}.key", "service_keys": keys, **self.connection}
 
         self.apps += [
             registry(RegistrySettings(**common("registry"), operator_public_key=self.key("operator").public_key)),

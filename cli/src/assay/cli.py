@@ -61,8 +61,28 @@ As = Annotated[str, typer.Option("--as", help="the key (actor) that signs this c
 
 
 @app.callback()
-def main_options(home: Annotated[Path, typer.Option(envvar="ASSAY_HOME", help="state folder")] = Path(".assay")) -> None:
+def main_options(home: Annotated[Path, typer.Option(envvar="ASSAY_HOME", help="state folder")] = Path(".assay"),
+                 nats: Annotated[str | None, typer.Option(
+                     "--nats", envvar="ASSAY_NATS_URL", help="a deployment's bus: nats://user:password@host:4222 or "
+                                                             "tls://host:4222 (default: the `assay up` of --home)")
+                 ] = None,
+                 creds: Annotated[Path | None, typer.Option(envvar="ASSAY_NATS_CREDS",
+                                                            help="your NATS credentials file (nkey or user JWT)")
+                                  ] = None,
+                 ca: Annotated[Path | None, typer.Option(envvar="ASSAY_NATS_CA",
+                                                         help="the CA bundle the server's TLS certificate is "
+                                                              "checked against (default: the system's)")] = None,
+                 profile: Annotated[Path | None, typer.Option(
+                     envvar="ASSAY_PROFILE", help="a TOML file of nats_url, creds and ca (default: "
+                                                  "HOME/profile.toml when it exists)")] = None) -> None:
+    from assay.home import use_bus
+
     state["home"] = Home(home.resolve())
+    try:
+        use_bus(state["home"], nats, creds, ca, profile)
+    except (OSError, ValueError) as exc:
+        say_error(str(exc))
+        raise typer.Exit(2) from None
 
 
 def say_error(message: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,24 +18,40 @@ from nats.errors import TimeoutError as NatsTimeout
 from contracts.catalog import REQUEST_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
+from assay.home import BUS_URL, bus_security
 from service_kit.connection import inbox_of, where
 
 
 @asynccontextmanager
-async def connected(nats_url: str, advice: str = "is `assay up` running?") -> AsyncIterator[tuple[NATS, list[str]]]:
+async def connected(nats_url: str, advice: str | None = None) -> AsyncIterator[tuple[NATS, list[str]]]:
     """The CLI's connection (replies to its own user's inbox), and what the server said went wrong on it; a failed
-    connect is a ConnectionError naming the address (never the password) and the server's last reason."""
+    connect is a ConnectionError naming the address (never the password) and the server's last reason, at once."""
     errors: list[str] = []
+    advice = advice or ("check --nats, --creds and --ca (or ASSAY_NATS_URL, _CREDS, _CA, or the profile)"
+                        if os.environ.get(BUS_URL) else "is `assay up` running?")
+
+    hopeless = asyncio.Event()  # trying again cannot help: the server's certificate, or who we are, is refused
 
     async def note(exc: Exception) -> None:
         errors.append(str(exc) or type(exc).__name__)
+        if isinstance(exc, ssl.SSLError) or "authorization" in str(exc).lower():
+            hopeless.set()
 
-    try:
-        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1,
-                                error_cb=note, inbox_prefix=inbox_of(nats_url))
-    except Exception as exc:  # nats-py raises several kinds; the user needs the address and the last reason
+    connecting = asyncio.ensure_future(nats.connect(
+        nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1, error_cb=note,
+        inbox_prefix=inbox_of(nats_url), **bus_security(nats_url)))
+    giving_up = asyncio.ensure_future(hopeless.wait())
+    try:  # bounded as well: nats-py may go on trying a server whose TLS it cannot verify
+        await asyncio.wait({connecting, giving_up}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            raise TimeoutError("no connection")
+        nc = connecting.result()
+    except (Exception, asyncio.CancelledError) as exc:  # the user needs the address and the last reason
         raise ConnectionError(f"cannot connect to NATS at {where(nats_url)}: {errors[-1] if errors else exc}; "
                               f"{advice}") from None
+    finally:
+        giving_up.cancel()
     try:
         yield nc, errors
     finally:
@@ -58,8 +76,7 @@ async def request(nats_url: str, payload: Payload, *, actor: str, key: KeyPair |
     """
     body = signed(payload, actor, key)
     subject = REQUEST_SUBJECTS[type(payload)]
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, inbox_prefix=inbox_of(nats_url))
-    try:
+    async with connected(nats_url) as (nc, _):
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + patience_s, 0.1
         while True:
@@ -75,8 +92,6 @@ async def request(nats_url: str, payload: Payload, *, actor: str, key: KeyPair |
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-    finally:
-        await nc.close()
     if reply.get("ok") is False:
         raise CommandFailed(reply["message"])
     return reply

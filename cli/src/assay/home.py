@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +60,45 @@ class Home:
         return self.site_dir(site_id) / "datasets.json"
 
     def nats_url(self, user: str = "nats") -> str:
-        """The bus as the CLI's user (`nats`), or as another the platform made (`auditor`: read only)."""
+        """The bus as the CLI's user (`nats`), or as another the platform made (`auditor`: read only); a deployment's
+        (`--nats`, ASSAY_NATS_URL or a profile) as the credentials given with it, whoever asks."""
+        if target := os.environ.get(BUS_URL):
+            return target
         if not self.platform_file.exists():
             raise ConnectionError(f"no platform is running for {self.root}; start one with: assay up")
         state = json.loads(self.platform_file.read_text())
         return state.get(f"{user}_url", state["nats_url"])
+
+
+BUS_URL, BUS_CREDS, BUS_CA = "ASSAY_NATS_URL", "ASSAY_NATS_CREDS", "ASSAY_NATS_CA"
+PROFILE_KEYS = {"nats_url": BUS_URL, "creds": BUS_CREDS, "ca": BUS_CA}
+
+
+def use_bus(home: Home, url: str | None, creds: Path | None, ca: Path | None, profile: Path | None) -> None:
+    """Which bus this command (and what it starts) talks to, and as whom: the flags, else the environment (typer
+    reads both), else a profile file (`profile`, or `HOME/profile.toml` when it exists), else the `assay up` of
+    `home`. What is chosen goes into this process's environment, where every connection it opens reads it."""
+    chosen = {BUS_URL: url, BUS_CREDS: str(creds) if creds else None, BUS_CA: str(ca) if ca else None}
+    found = profile or (home.root / "profile.toml")
+    if profile is not None or found.exists():
+        try:
+            written = tomllib.loads(found.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"the profile {found} is not TOML: {exc}") from None
+        if unknown := sorted(set(written) - set(PROFILE_KEYS)):
+            raise ValueError(f"the profile {found} has {unknown}; it may set {sorted(PROFILE_KEYS)} only")
+        for key, variable in PROFILE_KEYS.items():
+            if chosen[variable] is None and key in written:
+                value = str(written[key])
+                chosen[variable] = str(Path(value).expanduser()) if key != "nats_url" else value
+    for variable, value in chosen.items():
+        if value is not None:
+            os.environ[variable] = value
+
+
+def bus_security(url: str) -> dict[str, object]:
+    """nats-py options for the credentials and TLS this command was given (see `use_bus`)."""
+    from service_kit.connection import secured
+
+    creds, ca = os.environ.get(BUS_CREDS), os.environ.get(BUS_CA)
+    return secured(url, Path(creds) if creds else None, Path(ca) if ca else None)

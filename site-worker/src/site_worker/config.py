@@ -10,7 +10,9 @@ class Settings(BaseSettings):
     site_id: str
     key_file: Path                      # the site's Ed25519 key: results, reports and the audit head are signed with it
     scheduler_public_key: str           # jobs not signed by this key are never run
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # tls://… for TLS; the worker only ever connects out
+    nats_creds: Path | None = None      # its NATS credentials file (nkey or user JWT), where the URL carries none
+    nats_ca: Path | None = None         # the CA bundle the central server's certificate is checked against
     datasets_file: Path                 # JSON {dataset_id: prepared dataset folder}, written by `assay dataset prepare`
     work_dir: Path                      # per-job outputs; per-case scores stay here
     state_dir: Path | None = None       # the held results and the audit log (default: work_dir)

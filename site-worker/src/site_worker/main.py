@@ -261,7 +261,7 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
     plan = site_wiring(settings)
     broker = NatsBroker(settings.nats_url, logger=None, context=context,
                         middlewares=nats_middlewares(f"site-worker-{settings.site_id}", settings.otlp_endpoint),
-                        **connection_options(plan.owner, settings.nats_url))
+                        **connection_options(plan.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
     outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url))
     site = Site(settings, key, runner, outlets, plan.source, policies, Review(settings.review_file),
                 AuditLog(settings.audit_file, key), asyncio.Lock(),

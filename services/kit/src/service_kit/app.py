@@ -30,7 +30,9 @@ KIT_TABLES = [OutboxMessage.__table__, ProcessedMessage.__table__, KnownActor.__
 
 
 class ServiceSettings(BaseSettings):
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # tls://… for TLS
+    nats_creds: Path | None = None  # its NATS credentials file (nkey or user JWT), where the URL carries none
+    nats_ca: Path | None = None  # the CA bundle the server's TLS certificate is checked against (none: the system's)
     database_url: str = "sqlite+aiosqlite:///assay-service.db"
     otlp_endpoint: str | None = None
     key_file: Path | None = None  # the service's Ed25519 key: it signs every event it publishes
@@ -63,7 +65,7 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
     signer, trust = settings.signer_and_trust()
     broker = NatsBroker(settings.nats_url, middlewares=nats_middlewares(wiring.owner, settings.otlp_endpoint),
                         logger=None, context=ContextRepo({"trust": trust, **(context or {})}),
-                        **connection_options(wiring.owner, settings.nats_url))
+                        **connection_options(wiring.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
     db = Database(make_engine(settings.database_url))
     units = Units(db, wiring, signer)
     outlets = wiring.declare(broker, units, trust, inbox=inbox_of(settings.nats_url))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,8 +26,26 @@ def inbox_of(url: str) -> str:
     return f"_INBOX.{user}" if user else "_INBOX"
 
 
-def connection_options(owner: str, url: str) -> dict[str, Any]:
-    """nats-py options for `owner`'s broker: endless reconnects, each failure and recovery logged."""
+def secured(url: str, creds: Path | None = None, ca: Path | None = None) -> dict[str, Any]:
+    """nats-py options for the connection's own credentials and TLS: a NATS credentials file (a user JWT and its seed,
+    as `nsc` writes it, or an nkey seed alone), and TLS for a `tls://` URL or a CA bundle, verifying the server against
+    that bundle (else the system's). Credentials in the URL (`nats://user:password@host`) need nothing here."""
+    options: dict[str, Any] = {}
+    if creds is not None:
+        if not creds.is_file():
+            raise FileNotFoundError(f"the NATS credentials file {creds} does not exist")
+        jwt = "-----BEGIN NATS USER JWT-----" in creds.read_text(errors="replace")
+        options["user_credentials" if jwt else "nkeys_seed"] = str(creds)  # a .creds file, or an nkey seed alone
+    if ca is not None or url.startswith("tls://"):
+        if ca is not None and not ca.is_file():
+            raise FileNotFoundError(f"the CA bundle {ca} does not exist")
+        options["tls"] = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    return options
+
+
+def connection_options(owner: str, url: str, creds: Path | None = None, ca: Path | None = None) -> dict[str, Any]:
+    """nats-py options for `owner`'s broker: endless reconnects, each failure and recovery logged; its own
+    credentials and TLS (`secured`)."""
 
     async def failed(exc: Exception) -> None:
         log.error("%s cannot reach NATS at %s: %s: %s; trying again", owner, where(url), type(exc).__name__, exc)
@@ -45,5 +65,11 @@ def connection_options(owner: str, url: str) -> dict[str, Any]:
     async def back() -> None:
         log.info("%s is connected to NATS at %s again", owner, where(url))
 
-    return {"error_cb": failed, "disconnected_cb": lost, "closed_cb": closed, "reconnected_cb": back, "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 2, "connect_timeout": 5, "inbox_prefix": inbox_of(url)}
+    options = secured(url, creds, ca)
+    if (context := options.pop("tls", None)) is not None:  # faststream takes TLS as a security object
+        from faststream.security import BaseSecurity
+
+        options["security"] = BaseSecurity(ssl_context=context)
+    return {"error_cb": failed, "disconnected_cb": lost, "closed_cb": closed, "reconnected_cb": back,
+            "max_reconnect_attempts": -1, "reconnect_time_wait": 2, "connect_timeout": 5, "inbox_prefix": inbox_of(url),
+            **options}
