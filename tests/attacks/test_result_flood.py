@@ -48,8 +48,8 @@ async def test_2000_forged_results_delay_a_genuine_one_only_by_the_time_to_rejec
     nc = await nats.connect(federation.nats_url)
     try:
         js = nc.jetstream()
-        captured = await js.get_msg(subjects.RESULTS_STREAM, 1)  # the intruder read a genuine result off the wire
-        flood = forgeries(Envelope[m.SiteResult].model_validate_json(captured.data))
+        captured = await js.get_msg(subjects.RESULTS_STREAM, subject=subjects.results("site-a"))  # the intruder
+        flood = forgeries(Envelope[m.SiteResult].model_validate_json(captured.data))  # read a genuine result
         started = time.monotonic()
         for forged in flood:
             await js.publish(subjects.results("site-a"), forged.model_dump_json().encode(),

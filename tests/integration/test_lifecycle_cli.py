@@ -10,7 +10,7 @@ import asyncio
 from contracts import messages as m
 from tests.integration.test_consent_cli import cli, registered_dataset
 from tests.integration.test_verify import scoring
-from tests.support.federation import Federation, next_events
+from tests.support.federation import Federation, in_state, next_events
 
 
 async def counted(federation: Federation) -> None:
@@ -56,7 +56,8 @@ async def test_an_archived_model_is_never_scheduled_again_and_its_results_stay_m
     code, said = await cli(federation, "model", "archive", "model-1", "--reason", "superseded by model-2",
                            "--as", "vendor")
     assert code == 0 and "model model-1 archived: never scheduled again" in said
-    (cancelled,) = await next_events(federation.nats_url, "assay.v1.evt.job.state_changed", 1)
+    (cancelled,) = await next_events(federation.nats_url, "assay.v1.evt.job.state_changed", 1,
+                                     where=in_state("CANCELLED"))
     assert cancelled["data"]["state"] == "CANCELLED" and "archived by vendor" in cancelled["data"]["reason"]
 
     version = await federation.send(m.RegisterModel(model_id="model-2", name="m2", image=m.ImageRef(
@@ -79,7 +80,8 @@ async def test_a_suspended_actor_is_refused_its_jobs_cancelled_and_its_results_m
     code, said = await cli(federation, "actor", "suspend", "site-b", "--reason", "its key was leaked",
                            "--as", "operator")
     assert code == 0 and "actor site-b suspended" in said
-    (cancelled,) = await next_events(federation.nats_url, "assay.v1.evt.job.state_changed", 1)
+    (cancelled,) = await next_events(federation.nats_url, "assay.v1.evt.job.state_changed", 1,
+                                     where=in_state("CANCELLED"))
     assert cancelled["data"]["state"] == "CANCELLED" and "site site-b was suspended" in cancelled["data"]["reason"]
     code, said = await cli(federation, "association", "revoke", "bench", "--dataset", "ds-b", "--reason", "x",
                            "--as", "site-b")

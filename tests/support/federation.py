@@ -184,8 +184,10 @@ class Federation:
         return m.Leaderboard.model_validate(await self.send(m.ShowLeaderboard(benchmark_id=benchmark_id), asker))
 
 
-async def next_events(nats_url: str, subject: str, count: int, timeout_s: float = 30) -> list[dict[str, Any]]:
-    """Wait for `count` messages on `subject` in the EVENTS history (from the start), decoded."""
+async def next_events(nats_url: str, subject: str, count: int, timeout_s: float = 30,
+                      where: Callable[[dict[str, Any]], bool] = lambda _: True) -> list[dict[str, Any]]:
+    """Wait for `count` messages on `subject` in the EVENTS history (from the start), decoded; only those `where`
+    says (a job's state changes to CANCELLED, say, among its RUNNING ones)."""
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
@@ -194,7 +196,13 @@ async def next_events(nats_url: str, subject: str, count: int, timeout_s: float 
         async with asyncio.timeout(timeout_s):
             while len(out) < count:
                 msg = await sub.next_msg(timeout=timeout_s)
-                out.append(json.loads(msg.data))
+                if where(event := json.loads(msg.data)):
+                    out.append(event)
         return out
     finally:
         await nc.close()
+
+
+def in_state(state: str) -> Callable[[dict[str, Any]], bool]:
+    """A JobStateChanged event of `state` (for `next_events`)."""
+    return lambda event: event["data"].get("state") == state
