@@ -175,6 +175,18 @@ def test_every_variable_the_compose_files_require_is_in_their_example_env_file()
     assert nats_needs == set(CENTRAL["services"]["nats"]["environment"]), "nats gets exactly its users' passwords"
 
 
+def test_every_image_is_pinned_and_each_site_is_a_compose_project_of_its_own() -> None:
+    for name in ("central.yml", "site.yml"):
+        for service, spec in load(name)["services"].items():
+            image = re.sub(r"\$\{\w+:-([^}]+)\}", r"\1", spec["image"])  # the default the file names
+            assert ":" in image and not image.endswith((":latest", ":dev")) or image.startswith("assay-"), (
+                f"{name}: {service} runs {image}, not a pinned version")
+    central, site = env_file(".env.example")["COMPOSE_PROJECT_NAME"], env_file("site.env.example")
+    assert central == "assay-central" and site["COMPOSE_PROJECT_NAME"] == f"assay-site-{site['ASSAY_SITE_ID']}"
+    published = CENTRAL["services"]["nats"]["ports"]
+    assert published == ["${NATS_BIND:-127.0.0.1}:${NATS_PORT:-4222}:4222"], "NATS on this host only by default"
+
+
 def test_no_password_is_written_into_the_compose_files() -> None:
     for name in ("central.yml", "site.yml"):
         for service, spec in load(name)["services"].items():
