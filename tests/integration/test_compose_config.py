@@ -187,6 +187,15 @@ def test_every_image_is_pinned_and_each_site_is_a_compose_project_of_its_own() -
     assert published == ["${NATS_BIND:-127.0.0.1}:${NATS_PORT:-4222}:4222"], "NATS on this host only by default"
 
 
+def test_every_long_running_service_and_the_site_worker_have_a_health_check_on_the_file_they_write() -> None:
+    running = {name: spec for name, spec in CENTRAL["services"].items() if name in SERVICES}
+    running["site worker"] = load("site.yml")["services"]["worker"]
+    for name, spec in running.items():
+        [alive_file] = [v for k, v in spec["environment"].items() if k.endswith("_ALIVE_FILE")]
+        assert spec["healthcheck"]["test"][:3] == ["CMD", "assay", "alive"], name
+        assert spec["healthcheck"]["test"][3] == alive_file and alive_file.startswith("/tmp/"), name  # tmpfs
+
+
 def test_no_password_is_written_into_the_compose_files() -> None:
     for name in ("central.yml", "site.yml"):
         for service, spec in load(name)["services"].items():

@@ -585,6 +585,19 @@ def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")]) -
 
 
 @app.command()
+def alive(file: Annotated[Path, typer.Argument(help="the ALIVE_FILE a service or site worker writes")],
+          within: Annotated[float, typer.Option(help="seconds: older than this is unwell")] = 30.0) -> None:
+    """A container's health check: 0 while the process writing FILE wrote it within the last WITHIN seconds (its bus
+    and its database or Docker engine answered), 1 and why otherwise."""
+    from service_kit.alive import unwell
+
+    if (why := unwell(file, within)) is not None:
+        say_error(why)
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/green] {file} written within {within:.0f} s")
+
+
+@app.command()
 def up() -> None:
     """Start the platform on this machine (nats-server, services, site workers); Ctrl-C, SIGTERM or SIGHUP stop it."""
     from assay.platform import Platform, stopping_signals

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     sites_every_s: float = 10.0         # how often it says it is alive (and what it has free) in the sites' bucket
     images_s3: str | None = None        # pushed images in S3/MinIO (s3://KEY:SECRET@host:port/bucket); none: the bus's
     otlp_endpoint: str | None = None
+    alive_file: Path | None = None      # written every few seconds while the bus and the Docker engine answer
 
     @property
     def state(self) -> Path:

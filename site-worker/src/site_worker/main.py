@@ -22,6 +22,7 @@ from contracts.envelope import Envelope, utcnow
 from contracts import messages as m
 from contracts.messages import JobSpec, JobState, SiteReport, SiteResult
 from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
+from service_kit.alive import keep_alive
 from service_kit.connection import connection_options, inbox_of
 from service_kit.edge import Delivery, Refused, Retry
 from service_kit.wiring import Consumer, Outlet, Outlets, Wiring
@@ -288,6 +289,16 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
         tasks.append(asyncio.create_task(clean_forever(site)))
         sites = LazyBucket(lambda: broker.key_value(subjects.SITES_BUCKET, declare=False))
         tasks.append(asyncio.create_task(beat_forever(sites, key, lambda: alive(site), settings.sites_every_s)))
+        if settings.alive_file is not None:
+
+            async def bus() -> bool:
+                return await broker.ping(timeout=2.0)
+
+            async def engine() -> bool:
+                await asyncio.to_thread(runner.host)  # the engine answers (what it has is in the heartbeat)
+                return True
+
+            tasks.append(asyncio.create_task(keep_alive(settings.alive_file, [bus, engine])))
 
     @app.on_shutdown
     async def stop_sending() -> None:

@@ -12,11 +12,13 @@ from faststream import FastStream
 from faststream.context import ContextRepo
 from faststream.nats import NatsBroker
 from pydantic_settings import BaseSettings
+from sqlalchemy import text
 
 from assay_telemetry import nats_middlewares
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from service_kit.actors import KnownActor, RetiredKey
+from service_kit.alive import keep_alive
 from service_kit.connection import connection_options, inbox_of
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.inbox import ProcessedMessage
@@ -34,6 +36,7 @@ class ServiceSettings(BaseSettings):
     nats_creds: Path | None = None  # its NATS credentials file (nkey or user JWT), where the URL carries none
     nats_ca: Path | None = None  # the CA bundle the server's TLS certificate is checked against (none: the system's)
     database_url: str = "sqlite+aiosqlite:///assay-service.db"
+    alive_file: Path | None = None  # written every few seconds while the bus and the database answer (health check)
     otlp_endpoint: str | None = None
     key_file: Path | None = None  # the service's Ed25519 key: it signs every event it publishes
     service_keys: dict[str, str] = {}  # every service's public key, by name: who may have published each event
@@ -87,12 +90,27 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
         if on_start is not None:
             await on_start(units)
         tasks.append(asyncio.create_task(relay.run(), name=f"{wiring.owner}-outbox-relay"))
+        if settings.alive_file is not None:
+
+            async def bus() -> bool:
+                return await broker.ping(timeout=2.0)
+
+            async def database() -> bool:
+                async with db.engine.connect() as connection:
+                    await connection.execute(text("SELECT 1"))
+                return True
+
+            well = asyncio.create_task(keep_alive(settings.alive_file, [bus, database]), name=f"{wiring.owner}-alive")
+            tasks.append(well)
 
     @app.on_shutdown
     async def stop_relay() -> None:
         relay.stop()
         for task in tasks:
-            await task  # finishes the flush in progress, then returns
+            if task.get_name().endswith("-alive"):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # the relay finishes the flush in progress, then returns
         with contextlib.suppress(Exception):  # the bus may be gone; rows stay for the next start
             await relay.flush()
 
