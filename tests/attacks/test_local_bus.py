@@ -123,3 +123,35 @@ def test_a_command_through_the_cli_still_works_as_its_own_user(platform: Path) -
                            "--role", "model_owner", "--as", "operator"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0 and "registered model_owner vendor" in done.stdout, done.stderr
+
+
+def test_an_integration_follows_the_events_through_its_own_durable_and_loses_none_while_away(platform: Path) -> None:
+    def assay(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "assay", "--home", str(platform), *args], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+    def registered(lines: str) -> list[str]:
+        return [json.loads(line)["data"]["actor_id"] for line in lines.splitlines()
+                if json.loads(line)["type"] == "assay.v1.ActorRegistered"]
+
+    for name in ("vendor", "rival"):
+        KeyPair.generate().save(platform / "keys" / f"{name}.key")
+    assert assay("actor", "register", "vendor", "--role", "model_owner", "--as", "operator").returncode == 0
+    first = assay("events", "follow", "--count", "2", "--json")  # from the start of the history
+    assert assay("actor", "register", "rival", "--role", "model_owner", "--as", "operator").returncode == 0  # away
+    second = assay("events", "follow", "--count", "1", "--json")
+    none_left = assay("events", "follow", "--count", "1", "--wait", "1")
+
+    assert first.returncode == 0 and registered(first.stdout) == ["operator", "vendor"], first.stderr
+    assert second.returncode == 0 and registered(second.stdout) == ["rival"], second.stderr  # not vendor's again
+    assert none_left.returncode == 1 and "only 0 of 1 event(s) came within 1 s" in none_left.stderr
+    users = urls(platform)
+
+    async def attempts() -> None:
+        for subject in (subjects.evt("actor", "registered"), subjects.cmd("registry", "register_actor"),
+                        "$JS.API.CONSUMER.CREATE.EVENTS.registry-actor-registered",
+                        "$JS.API.CONSUMER.CREATE.RESULTS", "$JS.API.STREAM.INFO.JOBS"):
+            said = await violation(users["integration"], subject)
+            assert f'permissions violation for publish to "{subject}"'.lower() in said.lower(), (subject, said)
+
+    asyncio.run(attempts())

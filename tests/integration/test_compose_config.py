@@ -369,6 +369,30 @@ async def test_only_the_scheduler_cancels_and_a_site_reads_only_its_own_cancella
         await nc.close()
 
 
+async def test_an_integration_pulls_the_events_through_its_durable_and_may_do_nothing_else(
+        central_nats: CentralNats) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    await provision(central_nats)
+    registry, _ = await central_nats.connect("registry")
+    for n in (1, 2):
+        await registry.jetstream().publish(subjects.evt("actor", "registered"), f"event {n}".encode(), timeout=10)
+    integration, violations = await central_nats.connect("integration")
+    queue = await integration.jetstream().pull_subscribe(
+        subjects.EVENTS_ALL, durable="integration", stream=subjects.EVENTS_STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT))
+    [first] = await queue.fetch(1, timeout=10)
+    await first.ack_sync(timeout=10)
+    [second] = await queue.fetch(1, timeout=10)
+    assert (first.data, second.data) == (b"event 1", b"event 2")
+    for subject in (subjects.evt("actor", "registered"), subjects.cmd("registry", "register_actor"),
+                    "$JS.API.CONSUMER.CREATE.EVENTS.registry-actor-registered", "$JS.API.STREAM.INFO.JOBS",
+                    "$JS.API.CONSUMER.MSG.NEXT.RESULTS.leaderboard-results"):
+        await refused(integration, violations, subject)
+    for nc in (registry, integration):
+        await nc.close()
+
+
 async def test_a_site_may_pull_and_ack_only_its_own_queue(central_nats: CentralNats) -> None:
     await provision(central_nats)
     scheduler, _ = await central_nats.connect("scheduling")

@@ -13,6 +13,7 @@ from contracts.catalog import SERVICES
 
 ADMIN, CLI = "supervisor", "cli"  # the supervisor provisions the streams and watches readiness; the CLI commands
 AUDITOR = "auditor"  # `assay verify`: reads the history and the results, and asks for the board; changes nothing
+INTEGRATION = "integration"  # a dashboard, a notifier, an archive: its own durable consumer of the events, nothing else
 
 
 def consuming(stream: str, durable: str | None = None) -> list[str]:
@@ -56,6 +57,10 @@ def reading(stream: str) -> list[str]:
     return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>"]
 
+
+# an integration pulls the events through its own durable consumer (`integration`), so it loses nothing while away;
+# it may create and read that consumer only, and publish nothing but its acks
+FOLLOW_EVENTS = [*consuming(subjects.EVENTS_STREAM, INTEGRATION), "$JS.API.INFO"]
 
 # the auditor reads the event history and the sites' results, and asks the leaderboard for the board
 AUDIT = [*reading(subjects.EVENTS_STREAM), *reading(subjects.RESULTS_STREAM), "$JS.API.STREAM.NAMES",
@@ -101,7 +106,7 @@ class Access:
 
     @classmethod
     def new(cls, sites: list[str]) -> Access:
-        users = [ADMIN, CLI, AUDITOR, *SERVICES, *(f"site-{site}" for site in sites)]
+        users = [ADMIN, CLI, AUDITOR, INTEGRATION, *SERVICES, *(f"site-{site}" for site in sites)]
         return cls({user: secrets.token_urlsafe(24) for user in users})
 
     def url(self, user: str, hostport: str) -> str:
@@ -115,6 +120,8 @@ class Access:
                     "subscribe": [f"_INBOX.{CLI}.>", subjects.EVENTS_ALL]}
         if user == AUDITOR:
             return {"publish": AUDIT, "subscribe": [f"_INBOX.{AUDITOR}.>"]}
+        if user == INTEGRATION:
+            return {"publish": FOLLOW_EVENTS, "subscribe": [f"_INBOX.{INTEGRATION}.>"]}
         if user in SERVICES:
             return service_permissions(user)
         return site_permissions(user.removeprefix("site-"))

@@ -26,7 +26,11 @@ Events (`assay.v1.evt.<entity>.<fact>`, stream EVENTS), jobs (`assay.v1.jobs.<si
 scheduler) and results (`assay.v1.results.<site_id>`, stream RESULTS, signed by the site) are published with
 `Nats-Msg-Id` set, and read by durable pull consumers named `<owner>-<what it reads>`. What a consumer gives up on
 goes to `assay.v1.dlq.<consumer>` (stream DEAD_LETTERS) with the reason. A channel is named after its owner: the
-service or site that consumes it (`leaderboard-results`) or publishes it (`registry:ActorRegistered`)."""
+service or site that consumes it (`leaderboard-results`) or publishes it (`registry:ActorRegistered`).
+An integration (a dashboard, a notifier, an audit archive) reads every event here through its own durable pull
+consumer `integration` on EVENTS, as the NATS user `integration`, which may create, read and acknowledge that
+consumer and nothing else: what happens while it is away waits for it (`assay events follow`). Check each event's
+signature against the public key of the one service that publishes its type before acting on it."""
 
 
 def platform_broker() -> NatsBroker:

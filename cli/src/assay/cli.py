@@ -15,6 +15,7 @@ from rich.console import Console
 from assay.association_cli import association_app
 from assay.audit_cli import audit_app
 from assay.entities_cli import lister, shower, site_list
+from assay.events_cli import events_app
 from assay.watch_cli import watch
 from assay.home import Home
 from assay.site_cli import policy_app, prefetch, results_app
@@ -53,6 +54,7 @@ sites_app = typer.Typer(help="Site workers' heartbeats: who is online, busy, or 
 sites_app.command("list")(sites_list)
 app.add_typer(sites_app, name="sites")
 app.command("watch")(watch)
+app.add_typer(events_app, name="events")
 
 console = Console()
 err = Console(stderr=True)

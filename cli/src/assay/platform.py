@@ -22,7 +22,7 @@ from typing import IO
 import nats
 from pydantic_settings import BaseSettings
 
-from assay.access import ADMIN, AUDITOR, CLI, Access
+from assay.access import ADMIN, AUDITOR, CLI, INTEGRATION, Access
 from assay.home import Home
 from assay.supervisor import Supervisor, reap
 from contracts.catalog import SERVICES
@@ -221,6 +221,7 @@ class Platform:
         """platform.json: where the bus is, and which processes run (for the CLI, and for a platform started after
         this one was killed); replaced whole, so a reader never sees it half written."""
         state = {"nats_url": self.url_for(CLI), "admin_url": self.nats_url, "auditor_url": self.url_for(AUDITOR),
+                 "integration_url": self.url_for(INTEGRATION),
                  "pid": os.getpid(),
                  "pids": self.supervisor.pids()}
         partial = self.home.platform_file.with_suffix(".json.partial")
