@@ -72,3 +72,18 @@ async def test_what_s3_does_not_hold_as_registered_is_refused(bucket_url, tmp_pa
 def test_an_s3_url_that_names_no_bucket_is_refused_with_the_form_to_use() -> None:
     with pytest.raises(ValueError, match=r"s3://ACCESS:SECRET@host:port/bucket"):
         s3_store("https://key:secret@minio.example.org:9000/")
+
+
+async def test_a_large_archive_travels_in_parts_and_arrives_whole(bucket_url, tmp_path):
+    big = tmp_path / "big.tar"
+    big.write_bytes(hashlib.sha256(b"seed").digest() * (12 * (1 << 20) // 32))  # 12 MiB: above S3's 5 MiB part
+    store = s3_store(bucket_url)
+
+    store.put("sha256:" + "7" * 64, big)
+    stat = store._client.stat_object(store._bucket, store.name("sha256:" + "7" * 64))
+    with (tmp_path / "back.tar").open("wb") as back:
+        await store.fetch("sha256:" + "7" * 64, back)
+
+    assert stat.etag.rsplit("-", 1)[-1].isdigit() and "-" in stat.etag, "uploaded in parts (a multipart ETag)"
+    assert await store.size("sha256:" + "7" * 64) == big.stat().st_size
+    assert hashlib.sha256((tmp_path / "back.tar").read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest()
