@@ -114,7 +114,7 @@ class Federation:
         for app in self.apps:
             await app.start()
 
-    async def start_site(self, site: str, runner: FakeRunner, **overrides: Any) -> FastStream:
+    async def start_site(self, site: str, runner: FakeRunner, spans: Any = None, **overrides: Any) -> FastStream:
         self.key(site)
         site_dir = self.root / "sites" / site
         site_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ class Federation:
                                 scheduler_public_key=self.key("scheduling").public_key, nats_url=self.nats_url,
                                 datasets_file=site_dir / "datasets.json", work_dir=site_dir / "jobs",
                                 state_dir=site_dir, policy_file=policy, **overrides)
-        app = create_site(settings, runner)
+        app = create_site(settings, runner, spans=spans)
         await app.start()
         self.apps.append(app)
         self.runners[site] = runner

@@ -197,6 +197,32 @@ class ContainerRunner(Protocol):
         ...
 
 
+class TracedRunner:
+    """`runner` whose every container run is a span of its own, a child of the job's: its task, image, exit code and
+    outcome (a failure sets the span's error status with the cause, never what the container wrote)."""
+
+    def __init__(self, runner: ContainerRunner, tracer: Any, job: Any) -> None:
+        self._runner, self._tracer, self._job = runner, tracer, job
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def run(self, spec: RunSpec) -> RunOutcome:
+        from opentelemetry.trace import Status, StatusCode
+
+        bound = self._job.binding
+        with self._tracer.start_as_current_span(f"container {spec.task}", attributes={
+                "assay.task": spec.task, "assay.image": spec.image, "assay.job_id": self._job.job_id,
+                "assay.benchmark_id": bound.benchmark_id, "assay.model_id": bound.model_id,
+                "assay.dataset_id": bound.dataset_id, "assay.site_id": self._job.site_id}) as span:
+            outcome = self._runner.run(spec)
+            span.set_attribute("assay.exit_code", outcome.exit_code)
+            span.set_attribute("assay.outcome", outcome.failure.value if outcome.failure else "ok")
+            if not outcome.ok:
+                span.set_status(Status(StatusCode.ERROR, outcome.why))
+            return outcome
+
+
 def require_image_id(spec: RunSpec) -> None:
     """Images run by digest only: a tag can be moved to other content between check and run."""
     if not IMAGE_ID.fullmatch(spec.image):

@@ -16,7 +16,10 @@ from faststream.context import ContextRepo
 from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 
-from assay_telemetry import nats_middlewares
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import Tracer
+
+from assay_telemetry import nats_middlewares, tracer_provider
 from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts import messages as m
@@ -30,7 +33,7 @@ from site_worker.audit import AuditLog, verify_log
 from site_worker.cancelled import Cancellations
 from site_worker.capacity import Budget, Capacity
 from site_worker.config import Settings
-from site_worker.containers import ContainerRunner, Limits
+from site_worker.containers import ContainerRunner, Limits, TracedRunner
 from site_worker.demo import demo_folder
 from site_worker.execution import JobRefused, RunFailed, clean_failed, dataset_folder, execute
 from site_worker.heartbeat import LazyBucket, beat, beat_forever
@@ -61,6 +64,7 @@ class Site:
     images: ImageStore | None
     capacity: Capacity
     cancellations: Cancellations
+    tracer: Tracer  # the container runs' spans, children of the job's
 
 
 SiteDep = Annotated[Site, Context("site")]
@@ -145,8 +149,8 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site, attempt: int =
         demo = await demo_folder(job, site.runner, site.images, settings.work_dir, limits_of(job))
         folder, expected = demo.folder, demo.content_hash
     async with site.capacity.granted(job) as gpus:
-        metrics = await asyncio.to_thread(execute, job, folder, site.runner, settings.work_dir, limits_of(job), gpus,
-                                          expected)
+        metrics = await asyncio.to_thread(execute, job, folder, TracedRunner(site.runner, site.tracer, job),
+                                          settings.work_dir, limits_of(job), gpus, expected)
     await note(site, "job_run", job.job_id, model_image=bound.model_image, evaluator_image=bound.evaluator_image,
                dataset_hash=bound.dataset_hash, cases=bound.case_count, kept_at_site=list(metrics.kept))
     result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=bound, metrics=metrics.leaving,
@@ -253,15 +257,17 @@ def site_wiring(settings: Settings) -> Wiring:
                   max_deliver=settings.max_deliver, ack_wait_s=settings.ack_wait_s, max_jobs=settings.max_jobs)
 
 
-def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore | None = None) -> FastStream:
+def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore | None = None,
+               spans: SpanExporter | None = None) -> FastStream:
     """`images`: where pushed images are fetched from (unless given: S3 where `images_s3` says so, else the bus's
-    object store)."""
+    object store); `spans`: where the spans go (unless given: OTLP where `otlp_endpoint` says so, else nowhere)."""
     key = KeyPair.load(settings.key_file)
     policies = PolicyFile(settings.policy_file)
     context = ContextRepo()
     plan = site_wiring(settings)
+    provider = tracer_provider(f"site-worker-{settings.site_id}", settings.otlp_endpoint, spans)
     broker = NatsBroker(settings.nats_url, logger=None, context=context,
-                        middlewares=nats_middlewares(f"site-worker-{settings.site_id}", settings.otlp_endpoint),
+                        middlewares=nats_middlewares(f"site-worker-{settings.site_id}", provider=provider),
                         **connection_options(plan.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
     outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url))
     site = Site(settings, key, runner, outlets, plan.source, policies, Review(settings.review_file),
@@ -269,7 +275,7 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
                 images or (s3_store(settings.images_s3) if settings.images_s3 else BusImageStore(broker)),
                 Capacity.of(runner, settings.gpus),
                 Cancellations(lambda: broker.key_value(subjects.CANCELLED_BUCKET, declare=False),
-                              settings.scheduler_public_key))
+                              settings.scheduler_public_key), provider.get_tracer("site_worker"))
     context.set_global("site", site)
     app = FastStream(broker)
     tasks: list[asyncio.Task[None]] = []

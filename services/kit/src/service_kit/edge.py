@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from contracts.envelope import Envelope, Payload, describe, utcnow
 from contracts.messages import CommandReply
+from service_kit.spans import annotate, failed
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class Edge:
             envelope = self.route.expect(msg.body)
         except ValidationError as exc:
             return await self.dead_letter(delivery, f"invalid {name}: {describe(exc)}")
+        annotate(envelope)
         try:
             if self.trust is not None:
                 self.trust.check(envelope)  # before anything changes: a forged event is never applied
@@ -196,6 +198,7 @@ class Edge:
         """Record the message and why on `assay.v1.dlq.<consumer>`; the caller then acks it."""
         log.error("dead-lettering %s on %s after %d deliveries: %s", delivery.message_id, delivery.subject,
                   delivery.attempt, error, exc_info=exc)
+        failed("dead-lettered", error)
         await self.letters.dead_letter(self.route.consumer, delivery.subject, delivery.message_id, delivery.attempt,
                                        error)
 
@@ -205,7 +208,9 @@ class Edge:
         try:
             envelope = self.route.expect(msg.body)
         except ValidationError as exc:
-            return CommandReply(ok=False, message=f"invalid {self.route.payload.__name__}: {describe(exc)}")
+            failed("refused", reply := f"invalid {self.route.payload.__name__}: {describe(exc)}")
+            return CommandReply(ok=False, message=reply)
+        annotate(envelope)
         command = self.route.inbox
         if command and (late := outside_window(envelope, utcnow())):
             return CommandReply(ok=False, message=late)
@@ -221,6 +226,7 @@ class Edge:
             log.exception("%s failed to handle %s", self.route.consumer, self.route.payload.__name__)
             reply = CommandReply(ok=False, message=f"{self.route.consumer} failed to handle it; nothing was changed; "
                                  "see the service log")
+        failed("refused", reply.message)
         if command and self.units is not None:
             async with self.units.transaction() as unit:
                 await unit.first_time(self.route.refusals, msg.body)
