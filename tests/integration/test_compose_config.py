@@ -233,6 +233,14 @@ def test_the_observability_configuration_agrees_with_the_compose_file() -> None:
     assert any(p.get("repeat") == "service" for p in panels), "traces per service"
     services = next(v for v in dashboard["templating"]["list"] if v["name"] == "service")["query"].split(",")
     assert set(SERVICES) | {f"site-worker-{SITE}"} <= set(services)
+    # every span attribute a query names is one the code sets (service_kit.spans, site_worker.containers)
+    from service_kit.spans import DOMAIN
+
+    emitted = {f"assay.{name}" for name in (*DOMAIN, "message_id", "message_type", "outcome", "task", "image",
+                                            "exit_code")}
+    queried = set(re.findall(r"span\.(assay\.\w+)", json.dumps(dashboard)))
+    assert queried and queried <= emitted, queried - emitted
+    assert any("span.assay.job_id" in p["targets"][0]["query"] for p in panels), "a job's spans, by its id"
 
 
 @pytest.mark.parametrize(("name", "env"), [("central.yml", ".env.example"), ("site.yml", "site.env.example")])
