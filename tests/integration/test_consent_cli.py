@@ -50,6 +50,15 @@ async def test_a_rejected_benchmark_says_why_to_whoever_asks_to_join(federation:
     code, said = await cli(federation, "association", "request", "bench-2", "--model", "model-1", "--as", "vendor")
     assert code == 1 and "benchmark bench-2 was rejected by the operator: no demo data yet" in said
 
+    # its owner registers it again, as the operator asked, and the operator approves it this time
+    (federation.root / "again.json").write_text(spec.model_copy(update={"benchmark_id": "bench-3"}).model_dump_json())
+    code, said = await cli(federation, "benchmark", "register", str(federation.root / "again.json"), "--as", "owner")
+    assert code == 0 and "benchmark bench-3 registered (DEVELOPMENT)" in said, said
+    code, said = await cli(federation, "benchmark", "approve", "bench-3", "--as", "operator")
+    assert code == 0 and "benchmark bench-3 approved: OPERATION" in said
+    code, said = await cli(federation, "association", "request", "bench-3", "--model", "model-1", "--as", "vendor")
+    assert code == 0 and "model model-1 asked to join bench-3" in said, said
+
 
 async def test_pending_requests_are_listed_previewed_and_approved_at_once_and_each_keeps_its_history(
         federation: Federation):
