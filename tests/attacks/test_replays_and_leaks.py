@@ -100,6 +100,7 @@ async def test_a_captured_job_replayed_under_new_ids_never_runs_again(federation
         await federation.model("model-1")
         await federation.dataset("site-a", "ds-a")
         await next_events(federation.nats_url, subjects.evt("result", "accepted"), 1)
+        await next_events(federation.nats_url, subjects.evt("check", "completed"), 1)  # the dataset's check ran too
         job = await asyncio.wait_for(captured.get(), 10)
         for replay in range(5):
             await nc.jetstream().publish(subjects.jobs("site-a"), job, headers={"Nats-Msg-Id": f"replay-{replay}"})

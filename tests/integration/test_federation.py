@@ -12,9 +12,9 @@ import pytest
 from contracts import messages as m
 from contracts.envelope import Envelope, utcnow
 from contracts.signing import metrics_hash
-from site_worker.containers import RunOutcome
+from site_worker.containers import RunSpec
 from tests.conftest import new_database
-from tests.support.federation import Federation, fake_containers, next_events
+from tests.support.federation import Federation, benchmark_tasks, fake_containers, next_events
 
 METRICS = {"auc": 0.91, "sensitivity": 0.8}
 
@@ -55,13 +55,21 @@ async def test_signed_commands_drive_a_benchmark_to_ranked_results(federation: F
 
 async def test_a_failed_container_is_retried_and_the_result_counted_once(federation: Federation) -> None:
     runner = fake_containers(METRICS)
-    runner.script("evaluate", RunOutcome(exit_code=1, log_tail="transient failure"))
+    evaluate, failed = runner._actions["evaluate"], []
+
+    def once_failing(spec: RunSpec) -> None:  # the benchmark's job's first evaluation crashes (not the check's)
+        if spec.env["ASSAY_JOB_ID"].startswith("job-") and not failed:
+            failed.append(spec)
+            raise RuntimeError("transient failure")
+        evaluate(spec)
+
+    runner.on("evaluate", once_failing)
     await federation.start_site("site-a", runner)
     await federation.benchmark()
     await federation.model("model-1")
     await federation.dataset("site-a", "ds-a")
     await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
-    assert [s.task for s in runner.specs] == ["infer", "evaluate", "infer", "evaluate"]
+    assert benchmark_tasks(runner.specs) == ["infer", "evaluate", "infer", "evaluate"]
     board = await federation.board()
     assert board.rows[0].case_count == 2
     with pytest.raises(TimeoutError):  # no second acceptance arrives

@@ -18,11 +18,12 @@ METRICS = {"auc": 0.91, "sensitivity": 0.8}
 
 
 async def jobs_until(fed: Federation, done: Callable[[list[m.JobStatus]], bool],
-                     timeout_s: float = 60) -> list[m.JobStatus]:
+                     timeout_s: float = 60, checks: bool = False) -> list[m.JobStatus]:
+    """The benchmark's own jobs (or, `checks`, the datasets' checks before joining) once `done` says so."""
     deadline = time.monotonic() + timeout_s
     while True:
         listed = m.JobList.model_validate(await fed.send(m.ListJobs(benchmark_id="bench"), None)).jobs
-        jobs = [job for job in listed if job.check is None]  # the benchmark's own jobs, not the datasets' checks
+        jobs = [job for job in listed if (job.check is not None) == checks]
         if done(jobs):
             return jobs
         assert time.monotonic() < deadline, f"the jobs stand {[(j.site_id, j.state, j.reason) for j in jobs]}"
@@ -56,6 +57,8 @@ async def test_a_site_refuses_by_policy_and_holds_for_review_and_each_decision_i
         assert fed.runners["site-b"].specs == []  # neither its dataset's check nor the job ran there
         assert (await fed.board()).rows == ()  # the held result has not left
 
+        await jobs_until(fed, lambda js: {j.site_id: j.state for j in js}.get("site-a") is m.JobState.HELD,
+                         checks=True)  # its dataset's check is held there too
         await site_a.stop()  # the worker goes; what it holds stays
         fed.apps.remove(site_a)
         review = Review(fed.root / "sites" / "site-a" / "review.sqlite")

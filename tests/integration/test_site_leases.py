@@ -76,6 +76,7 @@ async def test_a_job_longer_than_the_ack_wait_keeps_its_lease_with_heartbeats(na
         await fed.model("model-1")
         await fed.dataset("site-a", "ds-a")
         await next_events(nats_url, "assay.v1.evt.result.accepted", 1)
+        await next_events(nats_url, "assay.v1.evt.check.completed", 1)
         # neither the dataset's check nor the benchmark's job was delivered a second time
         assert list(tasks_by_job(runs).values()) == [["infer", "evaluate"]] * 2
     finally:
