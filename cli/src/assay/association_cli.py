@@ -96,7 +96,7 @@ def associations_table(listed: m.AssociationList, title: str) -> Table:
     """One row per pair; one benchmark's pairs name it in the title, not on every row."""
     benchmarks = {pair.benchmark_id for pair in listed.associations}
     one = benchmarks.pop() if len(benchmarks) == 1 else None
-    table = Table(title=title + (f" in {one}" if one else ""))
+    table = Table(title=title + (f" in {one}" if one and one not in title else ""))
     for column in ("benchmark", "kind", "entity", "owner", "status", "check", "last step")[1 if one else 0:]:
         table.add_column(column, overflow="fold", ratio=2 if column == "check" else None)
     for pair in listed.associations:
