@@ -4,6 +4,7 @@ approve, reject, revoke, auto-approval policies), every step kept in the pair's 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -117,10 +118,11 @@ def announcement(entry: consent.Entry, benchmark_id: str, kind: m.EntityKind, en
 
 
 async def decide(uow: UnitOfWork, command: Envelope[m.Payload], benchmark_id: str, kind: m.EntityKind, entity_id: str,
-                 step, *roles: m.Role, joining: bool = False) -> m.CommandReply:  # type: ignore[no-untyped-def]
+                 step, *roles: m.Role, joining: bool = False,  # type: ignore[no-untyped-def]
+                 then: Callable[[consent.Pair], str] = lambda _: "") -> m.CommandReply:
     """Authenticate, load the pair, take the step (a function of the pair, the actor who signed and the policy), save.
     `joining`: a request or invitation, which only a benchmark the operator approved takes. What is already so (the
-    same command sent twice) says so and changes nothing."""
+    same command sent twice) says so and changes nothing. `then` adds what the pair's new state means to the reply."""
     actor = await authenticate(uow.session, command, *roles)
     pairs = Pairs(uow)
     pair, benchmark = await pairs.load(benchmark_id, kind, entity_id, joining)
@@ -135,7 +137,7 @@ async def decide(uow: UnitOfWork, command: Envelope[m.Payload], benchmark_id: st
     except consent.Refusal as refusal:
         raise Refused(str(refusal)) from None
     await pairs.save(pair, after, kind, entity_id)
-    return m.CommandReply(ok=True, message=outcome(after, after.history[-1]))
+    return m.CommandReply(ok=True, message=outcome(after, after.history[-1]) + then(after))
 
 
 def outcome(pair: consent.Pair, last: consent.Entry) -> str:
@@ -158,16 +160,18 @@ async def request_association(command: Envelope[m.RequestAssociation], uow: Unit
     role = m.Role.MODEL_OWNER if cmd.kind is m.EntityKind.MODEL else m.Role.SITE
     benchmark = await uow.session.get(Benchmark, cmd.benchmark_id)  # `decide` says so when it is unknown
     checking = cmd.kind is m.EntityKind.DATASET or (benchmark is not None and benchmark.checks_models)
-    reply = await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                         lambda pair, actor, policy: consent.request(pair, actor.actor_id, utcnow(), policy,
-                                                                     actor.organisation, checking),
-                         role, joining=True)
-    if checking and reply.message.endswith("waiting for the benchmark owner"):
-        what = "on the benchmark's demo data" if cmd.kind is m.EntityKind.MODEL else "with its reference model"
-        reply = reply.model_copy(update={"message": f"{reply.message}, who sees its check ({what}) in `assay "
-                                                    f"association show {cmd.benchmark_id} --{cmd.kind.value} "
-                                                    f"{cmd.entity_id}`"})
-    return reply
+    what = "on the benchmark's demo data" if cmd.kind is m.EntityKind.MODEL else "with its reference model"
+
+    def where_its_check_is(pair: consent.Pair) -> str:
+        if not checking or pair.status is not consent.Status.REQUESTED:
+            return ""
+        return (f", who sees its check ({what}) in `assay association show {cmd.benchmark_id} --{cmd.kind.value} "
+                f"{cmd.entity_id}`")
+
+    return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
+                        lambda pair, actor, policy: consent.request(pair, actor.actor_id, utcnow(), policy,
+                                                                    actor.organisation, checking),
+                        role, joining=True, then=where_its_check_is)
 
 
 async def failed_check(session: AsyncSession, pair: m.PairOf) -> tuple[Check | None, str | None]:
@@ -188,12 +192,11 @@ async def approve_association(command: Envelope[m.ApproveAssociation], uow: Unit
     """The benchmark's owner consents; a request whose check failed only with an override, kept in the history."""
     cmd = command.data
     check, failed = await failed_check(uow.session, cmd)
-    reply = await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
-                         lambda pair, actor, _: consent.approve(pair, actor.actor_id, utcnow(), cmd.override, failed),
-                         m.Role.BENCHMARK_OWNER)
-    if check is not None and check.state not in (*FAILED, "PASSED") and reply.message.endswith(cmd.benchmark_id):
-        reply = reply.model_copy(update={"message": f"{reply.message}, before its check finished ({check.state})"})
-    return reply
+    running = check is not None and check.state not in (*FAILED, "PASSED")
+    return await decide(uow, command, cmd.benchmark_id, cmd.kind, cmd.entity_id,
+                        lambda pair, actor, _: consent.approve(pair, actor.actor_id, utcnow(), cmd.override, failed),
+                        m.Role.BENCHMARK_OWNER,
+                        then=lambda pair: f", before its check finished ({check.state})" if running else "")
 
 
 async def reject_association(command: Envelope[m.RejectAssociation], uow: UnitOfWork) -> m.CommandReply:
