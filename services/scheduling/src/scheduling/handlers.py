@@ -359,9 +359,9 @@ async def retry_jobs(command: Envelope[m.RetryJobs], uow: UnitOfWork, dispatch: 
                           f"{jobs[0].benchmark_id} and site {jobs[0].site_id} may")
         if jobs[0].status not in RETRYABLE:
             raise Refused(f"job {jobs[0].job_id} is {jobs[0].status}: only a REFUSED or FAILED job is retried")
-    retried = []
+    retried, wanted = [], await Wanted.now(session)
     for job in jobs:
-        if job.status in RETRYABLE and may(job) and await still_wanted(session, job):
+        if job.status in RETRYABLE and may(job) and await wanted(session, job):
             retried.append((job.job_id, await again(uow, job, dispatch)))
     if cmd.job_id is not None and not retried:
         raise Refused(f"job {cmd.job_id} is not run again: its pair's consent was withdrawn, or its benchmark, model "
@@ -371,22 +371,33 @@ async def retry_jobs(command: Envelope[m.RetryJobs], uow: UnitOfWork, dispatch: 
                                                                                       ": none REFUSED or FAILED"))
 
 
-async def still_wanted(session, job: Job) -> bool:  # type: ignore[no-untyped-def]
-    """Whether the job's pair is still one to run: approved, nothing of it archived, nobody of it suspended."""
-    benchmark = await session.get(Benchmark, job.benchmark_id)
-    model, dataset = await session.get(Model, job.model_id), await session.get(Dataset, job.dataset_id)
-    if benchmark is None or benchmark.archived or (model is not None and model.archived) or (
-            dataset is not None and dataset.archived):
-        return False
-    suspended = {a.actor_id for a in (await session.exec(select(KnownActor).where(
-        col(KnownActor.suspended).is_not(None)))).all()}
-    if job.site_id in suspended or (model is not None and model.owner_id in suspended):
-        return False
-    if job.spec.get("check"):  # a check before joining answers its request, whatever the consent says yet
-        return True
-    members = {(x.kind, x.entity_id) for x in (await session.exec(select(Member).where(
-        Member.benchmark_id == job.benchmark_id))).all()}
-    return {("model", job.model_id), ("dataset", job.dataset_id)} <= members
+@dataclass(frozen=True)
+class Wanted:
+    """Whether a job's pair is still one to run: approved, nothing of it archived, nobody of it suspended (the
+    actors and the approved pairs read once, for every job one command retries)."""
+
+    suspended: frozenset[str]
+    members: frozenset[tuple[str, str, str]]  # (benchmark, kind, entity)
+
+    @classmethod
+    async def now(cls, session) -> Wanted:  # type: ignore[no-untyped-def]
+        suspended = (await session.exec(select(KnownActor.actor_id).where(
+            col(KnownActor.suspended).is_not(None)))).all()
+        members = (await session.exec(select(Member.benchmark_id, Member.kind, Member.entity_id))).all()
+        return cls(frozenset(suspended), frozenset(tuple(row) for row in members))
+
+    async def __call__(self, session, job: Job) -> bool:  # type: ignore[no-untyped-def]
+        benchmark = await session.get(Benchmark, job.benchmark_id)
+        model, dataset = await session.get(Model, job.model_id), await session.get(Dataset, job.dataset_id)
+        if benchmark is None or benchmark.archived or (model is not None and model.archived) or (
+                dataset is not None and dataset.archived):
+            return False
+        if job.site_id in self.suspended or (model is not None and model.owner_id in self.suspended):
+            return False
+        if job.spec.get("check"):  # a check before joining answers its request, whatever the consent says yet
+            return True
+        return {(job.benchmark_id, "model", job.model_id), (job.benchmark_id, "dataset", job.dataset_id)} <= \
+            self.members
 
 
 async def again(uow: Transaction, job: Job, dispatch: Dispatch) -> str:
