@@ -39,6 +39,12 @@ def job(dataset_hash: str, **changes: object) -> m.JobSpec:
     return planned.model_copy(update=changes)
 
 
+def reports(site: Harness, *, running: bool = False) -> list[m.SiteReport]:
+    """What the site said became of its jobs (and, `running`, that it took them)."""
+    said = [m.SiteReport.model_validate(sent["data"]) for sent in site.published(subjects.reports("site-a"))]
+    return [r for r in said if running or r.state is not m.JobState.RUNNING]
+
+
 def signed(actors: Actors, planned: m.JobSpec, by: str = "scheduling") -> Envelope[m.JobSpec]:
     return actors.key(by).sign(Envelope.wrap(planned, source="service:scheduling", id=planned.job_id))
 

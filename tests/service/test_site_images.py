@@ -12,7 +12,7 @@ import tarfile
 from contracts import messages as m
 from contracts import subjects
 from site_worker.containers import FakeRunner
-from tests.service.test_site import JOBS, job, prepare, signed
+from tests.service.test_site import JOBS, job, prepare, reports, signed
 from tests.support.federation import MODEL
 from tests.support.service import Harness
 
@@ -34,12 +34,6 @@ def travelling_job(site: Harness, archive: m.Archive | None) -> m.JobSpec:
     planned = job(prepare(site))
     return planned.model_copy(update={"binding": planned.binding.model_copy(update={"model_image": TRAVELLER}),
                                       "archives": {TRAVELLER: archive} if archive else {}})
-
-
-def reports(site: Harness, *, running: bool = False) -> list[m.SiteReport]:
-    """What the site said became of its jobs (and, `running`, that it took them)."""
-    said = [m.SiteReport.model_validate(sent["data"]) for sent in site.published(subjects.reports("site-a"))]
-    return [r for r in said if running or r.state is not m.JobState.RUNNING]
 
 
 async def test_a_pushed_model_is_fetched_checked_loaded_and_run(site, actors, runner: FakeRunner):

@@ -17,16 +17,10 @@ from site_worker.containers import RunOutcome
 from site_worker.main import send_decisions
 from site_worker.review import Decision
 from tests.service.conftest import started
-from tests.service.test_site import JOBS, job, prepare, signed
+from tests.service.test_site import JOBS, job, prepare, reports, signed
 from tests.support.service import Actors, Harness
 
 HOLD = '[release]\nrule = "hold"\n'
-
-
-def reports(site: Harness, *, running: bool = False) -> list[m.SiteReport]:
-    """What the site said became of its jobs (and, `running`, that it took them)."""
-    said = [m.SiteReport.model_validate(sent["data"]) for sent in site.published(subjects.reports("site-a"))]
-    return [r for r in said if running or r.state is not m.JobState.RUNNING]
 
 
 def results(site: Harness) -> list[Envelope[m.SiteResult]]:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import JSON, Column
-from sqlmodel import Field, SQLModel, select
+from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts.envelope import Envelope, Payload
@@ -55,6 +55,11 @@ async def remember_rotation(session: AsyncSession, event: ActorKeyRotated, at: d
 async def remember_actor(session: AsyncSession, event: ActorRegistered) -> None:
     if await session.get(KnownActor, event.actor_id) is None:
         session.add(KnownActor(**event.model_dump(mode="json")))
+
+
+async def suspended_ids(session: AsyncSession) -> set[str]:
+    """The actors the operator suspended: what they sign counts no more, and they get no job."""
+    return set((await session.exec(select(KnownActor.actor_id).where(col(KnownActor.suspended).is_not(None)))).all())
 
 
 async def remember_suspension(session: AsyncSession, event: ActorSuspended, at: datetime) -> KnownActor:

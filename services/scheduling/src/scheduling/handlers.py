@@ -18,7 +18,7 @@ from contracts.envelope import Envelope, aware, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, dataset_check, model_check, plan_jobs
 from scheduling.models import Benchmark, Dataset, DeadLetter, ImageKey, Job, Member, Model
-from service_kit.actors import KnownActor, authenticate, remember_actor, remember_suspension, remember_rotation
+from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation, suspended_ids
 from service_kit.edge import Delivery, NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
@@ -49,8 +49,7 @@ async def plan(uow: Transaction, benchmark_id: str, dispatch: Dispatch) -> int:
     members = (await session.exec(select(Member).where(Member.benchmark_id == benchmark_id))).all()
     model_ids = {x.entity_id for x in members if x.kind == "model"}
     dataset_ids = {x.entity_id for x in members if x.kind == "dataset"}
-    suspended = set((await session.exec(select(KnownActor.actor_id).where(
-        col(KnownActor.suspended).is_not(None)))).all())  # a suspended site or owner gets no job, again or anew
+    suspended = await suspended_ids(session)  # a suspended site or owner gets no job, again or anew
     known = [x for x in (await session.exec(select(Model))).all()
              if x.model_id in model_ids and not x.archived and x.owner_id not in suspended]
     models, owners = {x.model_id: x.digest for x in known}, {x.model_id: x.owner_id for x in known}
@@ -381,8 +380,7 @@ class Wanted:
 
     @classmethod
     async def now(cls, session) -> Wanted:  # type: ignore[no-untyped-def]
-        suspended = (await session.exec(select(KnownActor.actor_id).where(
-            col(KnownActor.suspended).is_not(None)))).all()
+        suspended = await suspended_ids(session)
         members = (await session.exec(select(Member.benchmark_id, Member.kind, Member.entity_id))).all()
         return cls(frozenset(suspended), frozenset(tuple(row) for row in members))
 
