@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -46,9 +45,8 @@ def platform(tmp_path: Path) -> Iterator[Path]:
 def urls(home: Path) -> dict[str, str]:
     """Every user's URL, from the server's configuration (which only this OS user may read)."""
     hostport = urlsplit(json.loads((home / "platform.json").read_text())["nats_url"]).netloc.split("@")[1]
-    conf = (home / "nats" / "nats.conf").read_text()
-    users = json.loads(re.search(r"users: (\[.*\])\s*\}", conf, re.DOTALL)[1])  # type: ignore[index]
-    return {u["user"]: f"nats://{u['user']}:{u['password']}@{hostport}" for u in users}
+    users = json.loads((home / "nats" / "users.conf").read_text().removeprefix("users: "))
+    return {u["user"]: f"nats://{u['user']}:{u['password']}@{hostport}" for u in users if "user" in u}
 
 
 async def violation(url: str, subject: str, *, subscribe: bool = False) -> str:

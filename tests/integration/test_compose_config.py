@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from assay.home import Home
+from assay.roster import public_of
 from assay.platform import SERVICES, Platform, nats_server_binary
 from contracts import subjects
 from contracts.catalog import EVENT_SUBJECTS, REQUEST_SUBJECTS
@@ -117,7 +118,9 @@ def test_every_service_gets_the_environment_assay_up_gives_it_plus_a_collector(t
         assert given[prefix + "DATABASE_URL"].startswith("postgresql+asyncpg://")
         database = urlsplit(given[prefix + "DATABASE_URL"])
         assert (database.username, database.path) == (name, f"/{name}"), "each service its own role and database"
-        assert urlsplit(given[prefix + "NATS_URL"]).username == name, "each service its own NATS user"
+        assert given[prefix + "NATS_CREDS"] == f"/run/secrets/{name}_nats", "each service its own NATS key"
+        assert CENTRAL["secrets"][f"{name}_nats"]["file"] == f"./secrets/nats-{name}.nk", "`assay bus init` puts it"
+        assert urlsplit(given[prefix + "NATS_URL"]).password is None, "no NATS password"
         assert given[prefix + "OTLP_ENDPOINT"] == "http://otel-collector:4318"
 
 
@@ -126,12 +129,14 @@ def test_the_site_worker_gets_the_environment_assay_up_gives_it(tmp_path: Path) 
     assert worker["command"] == ["site"]
     given = environment(worker, env_file("site.env.example"))
     assert set(platform_environment(tmp_path).site_env(SITE)) <= set(given)
-    assert urlsplit(given["ASSAY_SITE_NATS_URL"]).username == f"site-{SITE}"
+    assert urlsplit(given["ASSAY_SITE_NATS_URL"]).username is None, "no NATS password: its own nkey"
+    assert given["ASSAY_SITE_NATS_CREDS"] == "/run/secrets/site_nats"
     mounts = {volume.split(":")[1]: volume for volume in (interpolate(v, env_file("site.env.example"))
                                                          for v in worker["volumes"])}
     assert mounts[str(Path(given["ASSAY_SITE_DATASETS_FILE"]).parent)].endswith(":ro"), "datasets are read-only"
     assert given["ASSAY_SITE_WORK_DIR"] in mounts and "/var/run/docker.sock" in mounts
-    assert worker["secrets"] == ["site_key"] and given["ASSAY_SITE_KEY_FILE"] == "/run/secrets/site_key"
+    assert worker["secrets"] == ["site_key", "site_nats"]
+    assert given["ASSAY_SITE_KEY_FILE"] == "/run/secrets/site_key"
 
 
 def test_every_assay_container_runs_an_image_of_the_one_dockerfile_with_its_extras_as_a_non_root_user() -> None:
@@ -153,8 +158,7 @@ def test_every_assay_container_runs_an_image_of_the_one_dockerfile_with_its_extr
     assert SITE_FILE["services"]["worker"]["build"]["args"]["ASSAY_MODULES"] == "site_worker.main"
     assert re.search(r"^ARG ASSAY_EXTRAS=central$", dockerfile, re.M) and 'pip install ".[${ASSAY_EXTRAS}]"' in dockerfile
     assert assay["provision"]["entrypoint"] == ["assay", "provision"]
-    assert urlsplit(interpolate(assay["provision"]["environment"]["ASSAY_NATS_URL"],
-                                env_file(".env.example"))).username == "provision"
+    assert assay["provision"]["environment"]["ASSAY_NATS_CREDS"] == "/run/secrets/provision_nats"
     for name in SERVICES:
         assert CENTRAL["services"][name]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
 
@@ -171,8 +175,8 @@ def test_every_file_a_container_mounts_from_the_repository_exists(name: str) -> 
 def test_every_variable_the_compose_files_require_is_in_their_example_env_file() -> None:
     assert required_variables("central.yml") <= set(env_file(".env.example"))
     assert required_variables("site.yml") <= set(env_file("site.env.example"))
-    nats_needs = set(re.findall(r"password: \$(\w+)", NATS_CONF.read_text()))
-    assert nats_needs == set(CENTRAL["services"]["nats"]["environment"]), "nats gets exactly its users' passwords"
+    assert "password" not in NATS_CONF.read_text().lower().replace("no password", ""), "nkeys only"
+    assert "environment" not in CENTRAL["services"]["nats"], "the server needs no secret: it knows public keys only"
 
 
 def test_every_image_is_pinned_and_each_site_is_a_compose_project_of_its_own() -> None:
@@ -265,10 +269,13 @@ def test_jetstream_fsyncs_every_write_to_the_volume() -> None:
 # --- the NATS permissions, on a real server ----------------------------------------------------------------------
 
 
+MEMBERS = {SITE: "site", "operator": "operator", "integration": "integration", "vendor": "model_owner"}
+
+
 @dataclass
 class CentralNats:
     hostport: str
-    passwords: dict[str, str]   # compose/.env, as the test made it
+    seeds: dict[str, Path]   # every user's nkey seed, by roster name
     proc: subprocess.Popen[str]
     log: list[str]
     reader: threading.Thread
@@ -282,9 +289,12 @@ class CentralNats:
             self.reader.join(10)
         return "".join(self.log)
 
-    def url(self, user: str) -> str:
-        password = self.passwords[f"NATS_{user.upper().replace('-', '_')}_PASSWORD"]
-        return f"nats://{user}:{password}@{self.hostport}"
+    def options(self, user: str) -> dict[str, Any]:
+        """nats-py's options to connect as `user`: its seed, and the inbox only it may read."""
+        return {"nkeys_seed": str(self.seeds[user]), "inbox_prefix": f"_INBOX.{public_of(self.seeds[user])}"}
+
+    async def plain(self, user: str) -> nats.NATS:
+        return await nats.connect(f"nats://{self.hostport}", **self.options(user))
 
     async def connect(self, user: str) -> tuple[nats.NATS, asyncio.Queue[str]]:
         """A connection, and the permission violations the server reports on it."""
@@ -293,7 +303,9 @@ class CentralNats:
         async def on_error(exc: Exception) -> None:
             violations.put_nowait(str(exc))
 
-        return await nats.connect(self.url(user), error_cb=on_error, allow_reconnect=False), violations
+        nc = await nats.connect(f"nats://{self.hostport}", error_cb=on_error, allow_reconnect=False,
+                                **self.options(user))
+        return nc, violations
 
 
 @pytest.fixture(scope="module")
@@ -303,18 +315,44 @@ def dotenv() -> dict[str, str]:
     return {**env, **{key: secrets.token_hex(12) for key in env if "PASSWORD" in key}}
 
 
+def bus(home: Path, *args: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ASSAY_")}
+    done = subprocess.run([sys.executable, "-m", "assay", "--home", str(home), "bus", *args], capture_output=True,
+                          text=True, timeout=60, env={**clean, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def roster(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """The roster compose/README.md has the operator make, with the commands it names: `assay bus init` (the
+    provisioner and the services), then each member's `assay bus key` and the operator's `assay bus enrol`."""
+    root = tmp_path_factory.mktemp("deployment")
+    operator, secret_dir = root / "operator-home", root / "secrets"
+    bus(operator, "init", str(root / "nats" / "roster"), "--secrets", str(secret_dir), "--central", "tls://central:4222")
+    seeds = {name: secret_dir / f"nats-{name}.nk" for name in ("provision", *SERVICES)}
+    KeyPair.generate().save(root / "scheduling.key")
+    for name, role in MEMBERS.items():
+        member = root / f"{name}-home"
+        public = bus(member, "key", name).strip().splitlines()[-1]
+        said = bus(operator, "enrol", name, "--role", role, "--nkey", public, "--config", str(root / "nats" / "roster"),
+                   "--scheduler-key", str(root / "scheduling.pub"))
+        assert "the server takes it when it starts" in said, said
+        seeds[name] = member / "keys" / f"{name}.nk"
+    return root / "nats" / "roster", seeds
+
+
 @pytest.fixture
-def central_nats(tmp_path: Path, dotenv: dict[str, str]) -> Iterator[CentralNats]:
-    """nats-server with compose/nats/nats.conf and the environment central.yml gives the nats service."""
+def central_nats(tmp_path: Path, roster: tuple[Path, dict[str, Path]]) -> Iterator[CentralNats]:
+    """nats-server with compose/nats/nats.conf and the roster beside it, as central.yml mounts them."""
     store = tmp_path / "jetstream"
-    conf = tmp_path / "assay.conf"
+    conf = tmp_path / "nats.conf"
     text, count = re.subn(r'store_dir: "[^"]+"', f'store_dir: "{store}"', NATS_CONF.read_text())
     assert count == 1
     conf.write_text(text)
-    nats_env = environment(CENTRAL["services"]["nats"], dotenv)
+    shutil.copytree(roster[0], tmp_path / "roster")
     proc = subprocess.Popen([nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", "-1"],
-                            env={**os.environ, **nats_env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
     hostport = ""
     assert proc.stderr is not None
@@ -325,13 +363,13 @@ def central_nats(tmp_path: Path, dotenv: dict[str, str]) -> Iterator[CentralNats
         if "Server is ready" in line:
             break
     reader = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
-    bus = CentralNats(hostport, nats_env, proc, log, reader)
+    central = CentralNats(hostport, roster[1], proc, log, reader)
     try:
         assert hostport, f"nats-server refused compose/nats/nats.conf:\n{''.join(log)}"
         reader.start()
-        yield bus
+        yield central
     finally:
-        bus.stop()
+        central.stop()
 
 
 async def refused(nc: nats.NATS, violations: asyncio.Queue[str], subject: str) -> None:
@@ -343,14 +381,14 @@ async def refused(nc: nats.NATS, violations: asyncio.Queue[str], subject: str) -
 
 
 async def provision(bus: CentralNats) -> None:
-    nc = await nats.connect(bus.url("provision"))
+    nc = await bus.plain("provision")
     await ensure_streams(nc.jetstream())
     await nc.close()
 
 
 async def test_a_site_may_publish_only_its_own_results_and_dead_letters(central_nats: CentralNats) -> None:
     await provision(central_nats)
-    site, violations = await central_nats.connect(f"site-{SITE}")
+    site, violations = await central_nats.connect(SITE)
     js = site.jetstream()
     assert (await js.publish(subjects.results(SITE), b"{}", timeout=10)).stream == subjects.RESULTS_STREAM
     assert (await js.publish(subjects.dead_letter(SITE_DURABLE), b"{}", timeout=10)).stream == "DEAD_LETTERS"
@@ -366,7 +404,7 @@ async def test_only_the_scheduler_cancels_and_a_site_reads_only_its_own_cancella
     scheduler, _ = await central_nats.connect("scheduling")
     for site_id in (SITE, "hospital-b"):
         await scheduler.jetstream().publish(subjects.cancelled(site_id, "job-1"), site_id.encode(), timeout=10)
-    site, violations = await central_nats.connect(f"site-{SITE}")
+    site, violations = await central_nats.connect(SITE)
     bucket = await site.jetstream().key_value(subjects.CANCELLED_BUCKET)
     assert (await bucket.get(f"{SITE}.job-1")).value == SITE.encode()
     for subject in (subjects.cancelled(SITE, "job-2"),  # a site cannot cancel, nor un-cancel, a job
@@ -406,7 +444,7 @@ async def test_a_site_may_pull_and_ack_only_its_own_queue(central_nats: CentralN
     scheduler, _ = await central_nats.connect("scheduling")
     for site_id in (SITE, "hospital-b"):
         await scheduler.jetstream().publish(subjects.jobs(site_id), site_id.encode(), timeout=10)
-    site, violations = await central_nats.connect(f"site-{SITE}")
+    site, violations = await central_nats.connect(SITE)
     queue = await site.jetstream().pull_subscribe(subjects.jobs(SITE), durable=SITE_DURABLE,
                                                   stream=subjects.JOBS_STREAM)
     [job] = await queue.fetch(1, timeout=10)
@@ -422,7 +460,7 @@ async def test_a_site_may_pull_and_ack_only_its_own_queue(central_nats: CentralN
     await site.flush()
     violation = await asyncio.wait_for(violations.get(), 10)
     assert 'permissions violation for subscription to "assay.v1.>"' in violation.lower()
-    admin = await nats.connect(central_nats.url("provision"))
+    admin = await central_nats.plain("provision")
     assert (await admin.jetstream().stream_info(subjects.JOBS_STREAM)).state.messages == 1, "hospital-b's job waits"
     for nc in (scheduler, site, admin):
         await nc.close()
@@ -431,15 +469,43 @@ async def test_a_site_may_pull_and_ack_only_its_own_queue(central_nats: CentralN
 async def test_only_the_provisioner_may_change_streams_and_only_the_scheduler_may_send_jobs(
         central_nats: CentralNats) -> None:
     await provision(central_nats)
-    for user in (*SERVICES, "cli"):
+    for user in (*SERVICES, "operator"):
         nc, violations = await central_nats.connect(user)
         for subject in ("$JS.API.STREAM.DELETE.EVENTS", "$JS.API.STREAM.PURGE.RESULTS", subjects.results(SITE),
                         *([] if user == "scheduling" else [subjects.jobs(SITE)])):
             await refused(nc, violations, subject)
         await nc.close()
-    cli, violations = await central_nats.connect("cli")
+    cli, violations = await central_nats.connect("operator")
     await refused(cli, violations, subjects.evt("benchmark", "approved"))
     await cli.close()
+
+
+async def test_a_model_owner_reads_the_events_but_never_a_sites_dataset_statistics(central_nats: CentralNats) -> None:
+    await provision(central_nats)
+    registry, _ = await central_nats.connect("registry")
+    seen: dict[str, list[str]] = {"vendor": [], "operator": []}
+    readers = []
+    for name in seen:
+        nc, _ = await central_nats.connect(name)
+
+        async def note(msg: Any, name: str = name) -> None:
+            seen[name].append(msg.subject)
+
+        await nc.subscribe(subjects.EVENTS_ALL, cb=note)
+        await nc.flush()
+        readers.append(nc)
+    for subject in (subjects.evt("dataset", "registered"), subjects.evt("model", "registered")):
+        await registry.jetstream().publish(subject, b"{}", timeout=10)
+    for _ in range(100):
+        if len(seen["operator"]) == 2:
+            break
+        await asyncio.sleep(0.05)
+    for nc in readers:
+        await nc.flush()
+    assert seen == {"operator": [subjects.evt("dataset", "registered"), subjects.evt("model", "registered")],
+                    "vendor": [subjects.evt("model", "registered")]}
+    for nc in (registry, *readers):
+        await nc.close()
 
 
 async def answer(nc: nats.NATS, subject: str) -> dict[str, Any]:
@@ -503,17 +569,19 @@ async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users
     central_env = {**dotenv, "ASSAY_OPERATOR_PUBLIC_KEY": public["operator"],
                    "ASSAY_SERVICE_KEYS": json.dumps({name: public[name] for name in SERVICES})}
     site_env = {**env_file("site.env.example"), "ASSAY_CENTRAL_NATS": central_nats.hostport,
-                "ASSAY_SITE_NATS_PASSWORD": dotenv["NATS_SITE_HOSPITAL_A_PASSWORD"],
+                "ASSAY_SITE_NATS_KEY_FILE": str(central_nats.seeds[SITE]),
                 "ASSAY_SCHEDULER_PUBLIC_KEY": public["scheduling"], "ASSAY_SITE_KEY_FILE": str(keys / f"{SITE}.key"),
                 "ASSAY_SITE_DIR": str(tmp_path / "site"), "ASSAY_SITE_WORK_DIR": str(tmp_path / "work")}
     secret_files = {**{f"/run/secrets/{name}_key": str(keys / f"{name}.key") for name in SERVICES},
-                    "/run/secrets/site_key": str(keys / f"{SITE}.key")}
+                    **{f"/run/secrets/{name}_nats": str(central_nats.seeds[name]) for name in ("provision", *SERVICES)},
+                    "/run/secrets/site_key": str(keys / f"{SITE}.key"),
+                    "/run/secrets/site_nats": str(central_nats.seeds[SITE])}
 
     def here(spec: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
         """The container's environment, with compose's host names and secret paths pointing at this machine."""
         given = environment(spec, env)
         for key, value in given.items():
-            value = value.replace("@nats:4222", f"@{central_nats.hostport}")
+            value = value.replace("://nats:4222", f"://{central_nats.hostport}")
             value = value.replace("@postgres:5432", f"@{pg_hostport}")
             given[key] = "" if key.endswith("_OTLP_ENDPOINT") else secret_files.get(value, value)
         return {**os.environ, **given}
@@ -536,12 +604,11 @@ async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users
         return "".join(f"\n--- {n}\n{(tmp_path / f'{n}.log').read_text()[-3000:]}" for n in procs)
 
     try:
-        watcher = await nats.connect(central_nats.url("provision"))
+        watcher = await central_nats.plain("provision")
         dead_letters = await watcher.jetstream().subscribe(subjects.DEAD_LETTERS_ALL, stream="DEAD_LETTERS",
                                                            ordered_consumer=True)
         # a malformed message for every process to refuse, each on a subject only its own user may read
-        registry, scheduler, site = [await nats.connect(central_nats.url(user))
-                                     for user in ("registry", "scheduling", f"site-{SITE}")]
+        registry, scheduler, site = [await central_nats.plain(user) for user in ("registry", "scheduling", SITE)]
         for subject in EVENT_SUBJECTS.values():
             await registry.jetstream().publish(subject, b"{}", timeout=10)
         await scheduler.jetstream().publish(subjects.jobs(SITE), b"{}", timeout=10, headers={"Nats-Msg-Id": "bad-job"})
@@ -556,7 +623,7 @@ async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users
             consumer = Envelope[DeadLetter].model_validate_json(msg.data).data.consumer
             waiting.discard("site" if consumer == SITE_DURABLE else consumer.split("-")[0])
 
-        cli = await nats.connect(central_nats.url("cli"))
+        cli = await central_nats.plain("operator")
         for command in (GetBenchmark, ApproveBenchmark, ShowLeaderboard):  # request/reply across the accounts
             reply = await answer(cli, REQUEST_SUBJECTS[command])
             assert reply["ok"] is False and reply["message"].startswith(f"invalid {command.__name__}")

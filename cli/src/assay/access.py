@@ -26,7 +26,7 @@ def consuming(stream: str, durable: str | None = None) -> list[str]:
             f"$JS.ACK.{stream}.{durable}.>"]
 
 
-def service_permissions(service: str) -> dict[str, object]:
+def service_permissions(service: str, inbox: str | None = None) -> dict[str, object]:
     publish = ["assay.v1.evt.>", "assay.v1.dlq.*", *consuming(subjects.EVENTS_STREAM)]
     if service == "scheduling":
         publish += [subjects.JOBS_ALL, f"$KV.{subjects.CANCELLED_BUCKET}.>"]  # the only publisher of jobs, and of
@@ -35,7 +35,7 @@ def service_permissions(service: str) -> dict[str, object]:
         publish += consuming(subjects.DEAD_LETTERS_STREAM, subjects.durable(service, subjects.DEAD_LETTERS_ALL))
     if service == "leaderboard":
         publish += consuming(subjects.RESULTS_STREAM)  # the only reader of results
-    return {"publish": publish, "subscribe": [subjects.cmd(service, ">"), f"_INBOX.{service}.>"],
+    return {"publish": publish, "subscribe": [subjects.cmd(service, ">"), f"{inbox or '_INBOX.' + service}.>"],
             "allow_responses": True}
 
 
@@ -90,14 +90,52 @@ def cancellation_rights(site_id: str) -> list[str]:
 READ_HEARTBEATS = [f"$JS.API.STREAM.INFO.{HEARTBEATS}", f"$JS.API.STREAM.MSG.GET.{HEARTBEATS}"]
 
 
-def site_permissions(site_id: str) -> dict[str, object]:
+def site_permissions(site_id: str, inbox: str | None = None) -> dict[str, object]:
     durable = subjects.durable(f"site-{site_id}", subjects.jobs(site_id))
     return {"publish": [f"$JS.API.CONSUMER.CREATE.JOBS.{durable}.{subjects.jobs(site_id)}",
                         f"$JS.API.CONSUMER.INFO.JOBS.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.JOBS.{durable}",
                         f"$JS.ACK.JOBS.{durable}.>", subjects.results(site_id), subjects.reports(site_id),
                         subjects.dead_letter(durable),
                         "$JS.API.INFO", *READ_IMAGES, *heartbeat_rights(site_id), *cancellation_rights(site_id)],
-            "subscribe": [f"_INBOX.site-{site_id}.>"]}
+            "subscribe": [f"{inbox or '_INBOX.site-' + site_id}.>"]}
+
+
+# the events that carry a site's dataset statistics (DatasetRegistered): read by the operator, benchmark owners and the
+# services; not by model owners nor by other sites
+DATASET_EVENTS = subjects.evt("dataset", ">")
+CLIENT = ["assay.v1.cmd.>", *WRITE_IMAGES, *READ_IMAGES, *READ_HEARTBEATS]  # a person's CLI: signed commands,
+# pushed images and demo data, the sites' heartbeats
+ROLES = ("operator", "benchmark_owner", "model_owner", "data_owner", "site", "integration", "auditor", "service",
+         "provision")
+
+
+def role_permissions(role: str, name: str, inbox: str) -> dict[str, object]:
+    """What a NATS user of `role` may do: its replies come to `inbox` only (its own), and no other user reads them.
+    A site's user is its worker's (its own queue and outputs, no command); the hospital's people who register datasets
+    and decide on requests connect as a `data_owner` of their own."""
+    sees_statistics = role in ("operator", "benchmark_owner")
+    events = {"allow": [f"{inbox}.>", subjects.EVENTS_ALL]} if sees_statistics else {
+        "allow": [f"{inbox}.>", subjects.EVENTS_ALL], "deny": [DATASET_EVENTS]}
+    if role in ("operator", "benchmark_owner", "model_owner", "data_owner"):
+        return {"publish": CLIENT, "subscribe": events}
+    if role == "site":
+        return site_permissions(name, inbox)
+    if role == "integration":
+        return {"publish": FOLLOW_EVENTS, "subscribe": [f"{inbox}.>"]}
+    if role == "auditor":
+        return {"publish": AUDIT, "subscribe": [f"{inbox}.>"]}
+    if role == "service":
+        if name not in SERVICES:
+            raise ValueError(f"no service is called {name!r}; the services are {', '.join(SERVICES)}")
+        return service_permissions(name, inbox)
+    if role == "provision":  # declares the streams once, then exits: the only user that may change them
+        return {"publish": ["$JS.API.>"], "subscribe": [f"{inbox}.>"]}
+    raise ValueError(f"no NATS role {role!r}; the roles are {', '.join(ROLES)}")
+
+
+def render_users(users: list[dict[str, object]]) -> str:
+    """The `users` nats-server includes (in the `authorization` block, or an account's): JSON is valid there."""
+    return "users: " + json.dumps(users, indent=2) + "\n"
 
 
 @dataclass(frozen=True)
@@ -115,19 +153,20 @@ class Access:
     def permissions(self, user: str) -> dict[str, object]:
         if user == ADMIN:
             return {"publish": [">"], "subscribe": [">"]}
-        if user == CLI:
-            return {"publish": ["assay.v1.cmd.>", *WRITE_IMAGES, *READ_IMAGES, *READ_HEARTBEATS],
-                    "subscribe": [f"_INBOX.{CLI}.>", subjects.EVENTS_ALL]}
-        if user == AUDITOR:
-            return {"publish": AUDIT, "subscribe": [f"_INBOX.{AUDITOR}.>"]}
-        if user == INTEGRATION:
-            return {"publish": FOLLOW_EVENTS, "subscribe": [f"_INBOX.{INTEGRATION}.>"]}
+        inbox = f"_INBOX.{user}"
+        if user == CLI:  # the one person at this machine, in every role: what the operator may do
+            return role_permissions("operator", user, inbox)
+        if user in (AUDITOR, INTEGRATION):
+            return role_permissions(user, user, inbox)
         if user in SERVICES:
             return service_permissions(user)
         return site_permissions(user.removeprefix("site-"))
 
+    def users(self) -> list[dict[str, object]]:
+        """This platform's own processes, each with its password (new at every start) and its permissions."""
+        return [{"user": user, "password": password, "permissions": self.permissions(user)}
+                for user, password in self.passwords.items()]
+
     def config(self) -> str:
-        """The `authorization` block of nats-server's configuration."""
-        users = [{"user": user, "password": password, "permissions": self.permissions(user)}
-                 for user, password in self.passwords.items()]
-        return "authorization {\n  users: " + json.dumps(users, indent=2) + "\n}\n"
+        """An `authorization` block of these users alone, for a server with no roster."""
+        return "authorization {\n" + render_users(self.users()) + "}\n"

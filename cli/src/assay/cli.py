@@ -14,6 +14,7 @@ from rich.console import Console
 
 from assay.association_cli import association_app
 from assay.audit_cli import audit_app
+from assay.bus_cli import bus_app
 from assay.entities_cli import lister, shower, site_list
 from assay.events_cli import events_app
 from assay.watch_cli import watch
@@ -55,6 +56,7 @@ sites_app.command("list")(sites_list)
 app.add_typer(sites_app, name="sites")
 app.command("watch")(watch)
 app.add_typer(events_app, name="events")
+app.add_typer(bus_app, name="bus")
 
 console = Console()
 err = Console(stderr=True)

@@ -18,7 +18,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from contracts.catalog import REQUEST_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
-from assay.home import BUS_URL, bus_security
+from assay.home import BUS_URL, bus_creds, bus_security
 from service_kit.connection import inbox_of, where
 
 
@@ -39,7 +39,7 @@ async def connected(nats_url: str, advice: str | None = None) -> AsyncIterator[t
 
     connecting = asyncio.ensure_future(nats.connect(
         nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1, error_cb=note,
-        inbox_prefix=inbox_of(nats_url), **bus_security(nats_url)))
+        inbox_prefix=inbox_of(nats_url, bus_creds()), **bus_security(nats_url)))
     giving_up = asyncio.ensure_future(hopeless.wait())
     try:  # bounded as well: nats-py may go on trying a server whose TLS it cannot verify
         await asyncio.wait({connecting, giving_up}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
@@ -48,8 +48,9 @@ async def connected(nats_url: str, advice: str | None = None) -> AsyncIterator[t
             raise TimeoutError("no connection")
         nc = connecting.result()
     except (Exception, asyncio.CancelledError) as exc:  # the user needs the address and the last reason
-        raise ConnectionError(f"cannot connect to NATS at {where(nats_url)}: {errors[-1] if errors else exc}; "
-                              f"{advice}") from None
+        refused = [e for e in errors if "authorization" in e.lower()]  # said before the server hung up
+        reason = refused[-1] if refused else errors[-1] if errors else exc
+        raise ConnectionError(f"cannot connect to NATS at {where(nats_url)}: {reason}; {advice}") from None
     finally:
         giving_up.cancel()
     try:
@@ -68,14 +69,15 @@ def signed(payload: Payload, actor: str, key: KeyPair | None) -> bytes:
 
 
 async def request(nats_url: str, payload: Payload, *, actor: str, key: KeyPair | None = None,
-                  patience_s: float = 20.0) -> dict[str, Any]:
-    """Send one command or query; return the reply, retrying while the services catch up.
+                  patience_s: float = 20.0, subject: str | None = None) -> dict[str, Any]:
+    """Send one command or query; return the reply, retrying while the services catch up. `subject`: where a command
+    that every service answers goes (a replay: to the service of the letter's consumer).
 
     When nobody answered (or the answer was lost) the same envelope goes again: a command already done says so. When
     the service refused it for now (`retry`), a new envelope is signed: a refused command is never applied later.
     """
     body = signed(payload, actor, key)
-    subject = REQUEST_SUBJECTS[type(payload)]
+    subject = subject or REQUEST_SUBJECTS[type(payload)]
     async with connected(nats_url) as (nc, _):
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + patience_s, 0.1

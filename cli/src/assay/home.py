@@ -96,6 +96,12 @@ def use_bus(home: Home, url: str | None, creds: Path | None, ca: Path | None, pr
             os.environ[variable] = value
 
 
+def bus_creds() -> Path | None:
+    """The NATS credentials file this command was given, if any (see `use_bus`)."""
+    creds = os.environ.get(BUS_CREDS)
+    return Path(creds) if creds else None
+
+
 def bus_security(url: str) -> dict[str, object]:
     """nats-py options for the credentials and TLS this command was given (see `use_bus`)."""
     from service_kit.connection import secured

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings
 
 from assay.access import ADMIN, AUDITOR, CLI, INTEGRATION, Access
 from assay.home import Home
+from assay.roster import SYSTEM_ACCOUNT, SYSTEM_KEY, Roster, new_seed, public_of
 from assay.supervisor import Supervisor, reap
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
@@ -110,9 +111,14 @@ class Platform:
         for stale in store.glob("*.ports"):
             stale.unlink()
         self.access = Access.new(self.home.sites())
-        # fsync every write: results and the event history must survive a power cut; one user per process
+        self._write_users(store)
+        # fsync every write: results and the event history must survive a power cut; one user per process (its
+        # password new at every start) and the operator's roster of nkeys (`assay bus enrol`), which the system
+        # account's user has the server reload without a restart
         private(store / "nats.conf", f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
-                                     + self.access.config())
+                                     f'system_account: {SYSTEM_ACCOUNT}\n'
+                                     f'accounts {{\n  {SYSTEM_ACCOUNT} {{ include "system.conf" }}\n}}\n'
+                                     'authorization {\n  include "users.conf"\n}\n')
         self._spawn("nats", [nats_server_binary(), "-c", str(store / "nats.conf"), "-a", "127.0.0.1", "-p", "-1",
                              "--ports_file_dir", str(store)], {}, restartable=False)
         deadline = time.monotonic() + 20
@@ -125,6 +131,21 @@ class Platform:
                 break
             time.sleep(0.02)
         raise RuntimeError(f"nats-server did not start; see {self.home.logs / 'nats.log'}")
+
+    def _write_users(self, store: Path) -> None:
+        """users.conf: this platform's own processes, with this start's passwords (kept in local-users.json for
+        `assay bus enrol`, which renders the file again), and the roster's members."""
+        assert self.access is not None
+        system_seed = self.home.keys / f"{SYSTEM_KEY}.nk"
+        system = public_of(system_seed) if system_seed.exists() else new_seed(system_seed)
+        try:
+            roster = Roster.load(store)
+        except FileNotFoundError:
+            roster = Roster(store)
+        roster.system = system
+        private(store / "local-users.json", json.dumps(self.access.users()))
+        roster.local_users = self.access.users
+        roster.save()
 
     def url_for(self, user: str) -> str:
         """The URL a process connects with: as its own user, when this platform made the server."""
@@ -209,7 +230,8 @@ class Platform:
                     KeyPair.generate().save(self.home.key_file(service))
             self.home.public_key("operator")  # fails early, with the command to fix it
             self.start_nats()
-            self.on_step(f"nats-server on {where(self.nats_url)}, a user and password for each process (JetStream in {self.home.root / 'nats'})")
+            self.on_step(f"nats-server on {where(self.nats_url)}, a user and password for each process and the "
+                         f"roster's nkeys (JetStream in {self.home.root / 'nats'})")
             asyncio.run(self._provision_and_wait())
         except BaseException:
             self.stop()

@@ -269,12 +269,14 @@ async def verified(home: Any, benchmark_id: str, actor: str, service_keys: Mappi
 
     from assay.client import CommandFailed, connected, request
     from contracts.messages import ShowLeaderboard
+    from assay.home import bus_creds
     from service_kit.connection import inbox_of
 
     url = home.nats_url("auditor")
+    inbox = inbox_of(url, bus_creds())
     async with connected(url) as (nc, errors):
-        events = await read_stream(nc, subjects.EVENTS_STREAM, subjects.EVENTS_ALL, inbox_of(url))
-        results = await read_stream(nc, subjects.RESULTS_STREAM, subjects.RESULTS_ALL, inbox_of(url))
+        events = await read_stream(nc, subjects.EVENTS_STREAM, subjects.EVENTS_ALL, inbox)
+        results = await read_stream(nc, subjects.RESULTS_STREAM, subjects.RESULTS_ALL, inbox)
         await nc.flush()
     if errors:  # a refused read looks like an empty stream: never compare with what could not be read
         console.print(f"[red]error:[/red] the server refused to let this user read the streams: "

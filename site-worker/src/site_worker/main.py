@@ -269,7 +269,7 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
     broker = NatsBroker(settings.nats_url, logger=None, context=context,
                         middlewares=nats_middlewares(f"site-worker-{settings.site_id}", provider=provider),
                         **connection_options(plan.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
-    outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url))
+    outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url, settings.nats_creds))
     site = Site(settings, key, runner, outlets, plan.source, policies, Review(settings.review_file),
                 AuditLog(settings.audit_file, key), asyncio.Lock(),
                 images or (s3_store(settings.images_s3) if settings.images_s3 else BusImageStore(broker)),

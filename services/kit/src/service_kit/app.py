@@ -71,7 +71,7 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
                         **connection_options(wiring.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
     db = Database(make_engine(settings.database_url))
     units = Units(db, wiring, signer)
-    outlets = wiring.declare(broker, units, trust, inbox=inbox_of(settings.nats_url))
+    outlets = wiring.declare(broker, units, trust, inbox=inbox_of(settings.nats_url, settings.nats_creds))
 
     async def set_aside(row: OutboxMessage, reason: str) -> None:
         await outlets.dead_letter(wiring.outbox_consumer, row.subject, row.message_id, 1, reason)

@@ -19,9 +19,16 @@ def where(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port}"
 
 
-def inbox_of(url: str) -> str:
-    """Where the replies to a connection come: `_INBOX.<user>` when the URL names a user (the server lets each user
-    read only its own), nats-py's `_INBOX` otherwise."""
+def inbox_of(url: str, creds: Path | None = None) -> str:
+    """Where the replies to a connection come, an inbox the server lets only this user read: `_INBOX.<public nkey>`
+    for a user of the operator's roster (an nkey seed), `_INBOX.<user>` when the URL names a user, else nats-py's."""
+    if creds is not None and creds.is_file() and (seed := creds.read_bytes().strip()).startswith(b"SU"):
+        import nkeys
+
+        try:
+            return f"_INBOX.{nkeys.from_seed(bytearray(seed)).public_key.decode()}"
+        except (nkeys.NkeysError, ValueError, IndexError):
+            pass  # not a seed after all: the connection says why when it is refused
     user = urlsplit(url.split(",")[0]).username
     return f"_INBOX.{user}" if user else "_INBOX"
 
@@ -71,5 +78,6 @@ def connection_options(owner: str, url: str, creds: Path | None = None, ca: Path
 
         options["security"] = BaseSecurity(ssl_context=context)
     return {"error_cb": failed, "disconnected_cb": lost, "closed_cb": closed, "reconnected_cb": back,
-            "max_reconnect_attempts": -1, "reconnect_time_wait": 2, "connect_timeout": 5, "inbox_prefix": inbox_of(url),
+            "max_reconnect_attempts": -1, "reconnect_time_wait": 2, "connect_timeout": 5,
+            "inbox_prefix": inbox_of(url, creds),
             **options}
