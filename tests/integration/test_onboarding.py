@@ -62,7 +62,8 @@ def onboard(central: Path, member_home: Path, name: str, role: str) -> dict[str,
     assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
     assert "with no restart" in enrolled.stdout
     bundle = json.loads(enrolled.stdout[enrolled.stdout.index("{"):])
-    assert bundle["nkey"] == public and "SU" not in json.dumps(bundle), "the bundle holds no seed"
+    seed = (member_home / "keys" / f"{name}.nk").read_text().strip()
+    assert bundle["nkey"] == public and seed not in json.dumps(bundle), "the bundle holds no seed"
     return bundle
 
 
@@ -249,3 +250,16 @@ async def test_a_site_worker_runs_as_the_key_its_hospital_enrolled(central: Path
         worker.terminate()
         worker.wait(30)
     assert "violation" not in (tmp_path / "worker.log").read_text().lower()
+
+
+def test_on_assay_up_a_command_signed_as_an_enrolled_member_connects_as_its_key(central: Path) -> None:
+    onboard(central, central, "vendor", "model_owner")  # the demo's way: every actor's keys in one state folder
+    KeyPair.generate().save(central / "keys" / "vendor.key")
+    registered = assay(central, "actor", "register", "vendor", "--role", "model_owner", "--as", "operator")
+    assert registered.returncode == 0, registered.stderr
+    listed = assay(central, "model", "list", "--as", "vendor")
+    assert listed.returncode == 0, listed.stderr
+    assert assay(central, "bus", "revoke", "vendor").returncode == 0
+    refused = assay(central, "model", "list", "--as", "vendor")  # as its own NATS user, which is gone
+    assert refused.returncode == 1 and "Authorization Violation" in refused.stderr, refused.stdout + refused.stderr
+    assert assay(central, "model", "list", "--as", "operator").returncode == 0, "no key of its own: the local user"

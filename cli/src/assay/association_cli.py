@@ -11,12 +11,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from assay.home import speak_as
 from contracts import messages as m
 
 association_app = typer.Typer(help="Join a benchmark: request, invite, approve, reject, revoke, policies, lists.",
                               no_args_is_help=True)
 console = Console()
-As = Annotated[str, typer.Option("--as", help="the key (actor) that signs this command")]
+As = Annotated[str, typer.Option("--as", help="the key (actor) that signs this command", callback=speak_as)]
 Model = Annotated[str | None, typer.Option(help="the model")]
 Dataset = Annotated[str | None, typer.Option(help="the dataset")]
 Reason = Annotated[str, typer.Option("--reason", help="why: kept in the pair's history and told to the other side")]

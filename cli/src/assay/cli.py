@@ -18,7 +18,7 @@ from assay.bus_cli import bus_app
 from assay.entities_cli import lister, shower, site_list
 from assay.events_cli import events_app
 from assay.watch_cli import watch
-from assay.home import Home
+from assay.home import Home, speak_as
 from assay.site_cli import policy_app, prefetch, results_app
 from assay.sites_cli import sites_list
 from contracts import messages as m
@@ -61,7 +61,7 @@ app.add_typer(bus_app, name="bus")
 console = Console()
 err = Console(stderr=True)
 state: dict[str, Home] = {}
-As = Annotated[str, typer.Option("--as", help="the key (actor) that signs this command")]
+As = Annotated[str, typer.Option("--as", help="the key (actor) that signs this command", callback=speak_as)]
 
 
 @app.callback()
@@ -79,9 +79,10 @@ def main_options(home: Annotated[Path, typer.Option(envvar="ASSAY_HOME", help="s
                  profile: Annotated[Path | None, typer.Option(
                      envvar="ASSAY_PROFILE", help="a TOML file of nats_url, creds and ca (default: "
                                                   "HOME/profile.toml when it exists)")] = None) -> None:
-    from assay.home import use_bus
+    from assay.home import running_on, use_bus
 
     state["home"] = Home(home.resolve())
+    running_on(state["home"])
     try:
         use_bus(state["home"], nats, creds, ca, profile)
     except (OSError, ValueError) as exc:
@@ -518,7 +519,8 @@ def dataset_register(dataset_id: str, actor: As) -> None:
 
 
 Asker = Annotated[str | None, typer.Option("--as", help="who asks (signs the query): the board shows what this "
-                                                         "actor may see; without it, what is public")]
+                                                         "actor may see; without it, what is public",
+                                           callback=speak_as)]
 
 
 def _board(benchmark_id: str, actor: str | None) -> m.Leaderboard:
@@ -559,7 +561,8 @@ def leaderboard_plot(benchmark_id: str, out: Annotated[Path, typer.Option("-o", 
 
 @app.command("verify")
 def verify_board(benchmark_id: str, actor: Annotated[str, typer.Option(
-                     "--as", help="an auditor, or the benchmark's owner: who asks the service for the whole board")],
+                     "--as", help="an auditor, or the benchmark's owner: who asks the service for the whole board",
+                     callback=speak_as)],
                  service_keys: Annotated[Path | None, typer.Option(
                      help="JSON {service: public key}; by default the keys of this installation")] = None) -> None:
     """Rebuild the board from the streams alone (signed results, keys, approvals), check every signature and binding

@@ -11,10 +11,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from assay.home import speak_as
 from contracts import messages as m
 
 console = Console()
-As = Annotated[str, typer.Option("--as", help="who asks (any registered actor signs the query)")]
+As = Annotated[str, typer.Option("--as", help="who asks (any registered actor signs the query)", callback=speak_as)]
 
 
 def _send(payload: m.Payload, actor: str) -> dict:  # type: ignore[type-arg]

@@ -96,6 +96,27 @@ def use_bus(home: Home, url: str | None, creds: Path | None, ca: Path | None, pr
             os.environ[variable] = value
 
 
+_installation: list[Home] = []  # the state folder this command runs on (the CLI's main callback sets it)
+
+
+def running_on(home: Home) -> None:
+    _installation[:] = [home]
+
+
+def speak_as(actor: str | None) -> str | None:
+    """`--as ACTOR`, on this installation's own `assay up`: a command ACTOR signs also connects as ACTOR's own NATS
+    user when it has one here (`assay bus key ACTOR`, enrolled by the operator), with that role's rights alone. A bus
+    chosen by flag, environment or profile is left as it is."""
+    if actor and _installation and not os.environ.get(BUS_URL) and not os.environ.get(BUS_CREDS):
+        home = _installation[0]
+        seed = home.keys / f"{token(actor, 'actor')}.nk"
+        if seed.is_file() and home.platform_file.exists():
+            from service_kit.connection import where
+
+            os.environ[BUS_URL], os.environ[BUS_CREDS] = where(home.nats_url()), str(seed)
+    return actor
+
+
 def bus_creds() -> Path | None:
     """The NATS credentials file this command was given, if any (see `use_bus`)."""
     creds = os.environ.get(BUS_CREDS)

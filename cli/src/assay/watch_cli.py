@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from assay.home import speak_as
 from contracts import messages as m
 from contracts import subjects
 from contracts.catalog import EVENT_SUBJECTS
@@ -75,7 +76,7 @@ def concerns(event: m.Payload, mine: Mine) -> str | None:
     return None
 
 
-def watch(actor: Annotated[str, typer.Option("--as", help="whose business to follow")],
+def watch(actor: Annotated[str, typer.Option("--as", help="whose business to follow", callback=speak_as)],
           as_json: Annotated[bool, typer.Option("--json", help="each event as a JSON line")] = False,
           count: Annotated[int, typer.Option(help="stop after this many (0: until Ctrl-C)")] = 0) -> None:
     """Follow, live, the events that concern you, one line each (Ctrl-C stops)."""

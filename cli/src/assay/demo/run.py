@@ -235,7 +235,20 @@ def review(console: Console, home: Home) -> None:
     assay(console, home, "results", "approve", "--all", "--benchmark", BENCHMARK, "--site", REVIEWING, "--yes")
 
 
+def onboard(console: Console, home: Home, name: str, role: str) -> None:
+    """The member makes its NATS key and sends the public half; the operator enrols it with its role. From then on
+    every command it signs (`--as NAME`) connects as that key, with that role's rights alone."""
+    public = assay(console, home, "bus", "key", name).strip().splitlines()[-1]
+    bundles = home.root / "bundles"
+    bundles.mkdir(exist_ok=True)
+    assay(console, home, "bus", "enrol", name, "--role", role, "--nkey", public, "--out", str(bundles / f"{name}.json"))
+
+
 def enrol_actors(console: Console, home: Home) -> None:
+    for name, role in ((OPERATOR, "operator"), (OWNER, "benchmark_owner"), (AUDITOR, "auditor"),
+                       *((owner, "model_owner") for owner in sorted(set(MODEL_OWNERS.values()))),
+                       *((site, "data_owner") for site in SITES)):
+        onboard(console, home, name, role)
     # the committee runs a site worker of its own too, for the compatibility checks
     assay(console, home, "actor", "register", OWNER, "--role", "benchmark_owner", "--also", "site", "--as", OPERATOR)
     assay(console, home, "actor", "register", AUDITOR, "--role", "auditor", "--as", OPERATOR)
@@ -296,7 +309,8 @@ def join_datasets(console: Console, home: Home) -> None:
 
 
 STEPS: tuple[tuple[str, Callable[[Console, Home], None]], ...] = (
-    ("4. The operator enrols the actors", enrol_actors),
+    ("4. The operator enrols the actors: on the bus, each its own NATS key and role; in the registry, its signing key",
+     enrol_actors),
     ("5. The committee defines the benchmark; the operator approves it; the committee's policy admits the hospitals",
      define_benchmark),
     ("6. Model owners push their images, register them by digest and ask to join; each is checked on the demo data",
