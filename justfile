@@ -14,6 +14,11 @@ demo *ARGS:
 up:
     {{bin}}/assay up
 
+# the platform's images (assay-central:dev, assay-site:dev): a local Debian base, a wheelhouse made here, docker build
+# --network none; takes `assay images build` options (just images --image site)
+images *ARGS:
+    {{bin}}/assay images build {{ARGS}}
+
 # the whole suite: unit, service, integration (real nats-server, Docker, PostgreSQL), e2e; two workers; pytest args
 test *ARGS:
     {{bin}}/python -m pytest -q -p no:cacheprovider -n 2 {{ARGS}}

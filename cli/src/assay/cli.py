@@ -17,6 +17,7 @@ from assay.audit_cli import audit_app
 from assay.bus_cli import bus_app
 from assay.entities_cli import lister, shower, site_list
 from assay.events_cli import events_app
+from assay.images_cli import images_app
 from assay.watch_cli import watch
 from assay.home import Home, speak_as
 from assay.site_cli import policy_app, prefetch, results_app
@@ -57,6 +58,7 @@ app.add_typer(sites_app, name="sites")
 app.command("watch")(watch)
 app.add_typer(events_app, name="events")
 app.add_typer(bus_app, name="bus")
+app.add_typer(images_app, name="images")
 
 console = Console()
 err = Console(stderr=True)
