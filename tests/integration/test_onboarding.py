@@ -209,7 +209,9 @@ def test_what_the_operator_gets_wrong_is_refused_and_changes_nothing(central: Pa
                        (["hospital-d", "--role", "wizard", "--nkey", bundle["nkey"]], "no NATS role 'wizard'"),
                        (["hospital-d", "--role", "site", "--nkey", seed_text], "that is a seed"),
                        (["hospital-d", "--role", "site", "--nkey", "U" + "A" * 55], "not a NATS user public key"),
-                       (["registry2", "--role", "service", "--nkey", fresh], "no service is called 'registry2'")):
+                       (["registry2", "--role", "service", "--nkey", fresh], "no service is called 'registry2'"),
+                       (["vendor", "--role", "model_owner", "--site", "hospital-b", "--nkey", fresh],
+                        "names the site of a worker")):
         refused = assay(central, "bus", "enrol", *args)
         assert refused.returncode != 0 and says in refused.stderr.replace("\n", " "), refused.stderr
     assert (central / "nats" / "users.conf").read_text() == before

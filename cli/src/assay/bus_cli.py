@@ -131,6 +131,8 @@ def enrol(name: Annotated[str, typer.Argument(help="the member: a site id (role 
                                                  "integration, auditor")],
           nkey: Annotated[str, typer.Option(help="the public key (U...) the member's `assay bus key` printed")],
           config: Config = None,
+          site: Annotated[str | None, typer.Option(help="a worker's site, where NAME is not the site id (one key "
+                                                        "per GPU host: hospital-a-gpu2 --site hospital-a)")] = None,
           central: Annotated[str | None, typer.Option(help="the address in the bundle (default: the roster's)")] = None,
           scheduler_key: Annotated[Path | None, typer.Option(help="the scheduler's public key file, for a site's "
                                                                   "bundle (default: HOME/keys/scheduling.pub)")] = None,
@@ -145,9 +147,11 @@ def enrol(name: Annotated[str, typer.Argument(help="the member: a site id (role 
     try:
         roster = Roster.load(_folder(config))
         before = roster.snapshot()
-        member = roster.enrol(name, role, nkey)
+        member = roster.enrol(name, role, nkey, site)
         bundle: dict[str, Any] = {"assay_bundle": BUNDLE_VERSION, "name": member.name, "role": member.role,
                                   "nkey": member.nkey, "nats_url": central or roster.central or _local_address()}
+        if member.site:
+            bundle["site"] = member.site
         if role == "site":
             bundle["scheduler_public_key"] = (scheduler_key.read_text().strip() if scheduler_key
                                               else _home().public_key("scheduling"))
@@ -206,10 +210,11 @@ def users(config: Config = None) -> None:
         roster = Roster.load(_folder(config))
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    table = Table("name", "role", "public key", title=f"NATS users in {roster.folder}",
+    table = Table("name", "role", "site", "public key", title=f"NATS users in {roster.folder}",
                   caption="assay bus revoke NAME: cut one off")
     for member in sorted(roster.members, key=lambda m: (m.role, m.name)):
-        table.add_row(member.name, member.role, member.nkey)
+        table.add_row(member.name, member.role, member.site or (member.name if member.role == "site" else ""),
+                      member.nkey)
     console.print(table)
 
 
@@ -246,6 +251,7 @@ def join(bundle_file: Annotated[Path, typer.Argument(help="the bundle the operat
                   f"{who} ({bundle['role']})")
     if bundle["role"] == "site":
         console.print("its worker's environment (compose/site.env, or `python -m assay.serve site`):")
-        print(f"ASSAY_SITE_SITE_ID={who}\nASSAY_SITE_NATS_URL={bundle['nats_url']}\nASSAY_SITE_NATS_CREDS={seed}\n"
+        print(f"ASSAY_SITE_SITE_ID={bundle.get('site', who)}\nASSAY_SITE_NATS_URL={bundle['nats_url']}\n"
+              f"ASSAY_SITE_NATS_CREDS={seed}\n"
               f"ASSAY_SITE_SCHEDULER_PUBLIC_KEY={bundle['scheduler_public_key']}"
               + (f"\nASSAY_SITE_NATS_CA={home.keys / 'central-ca.pem'}" if bundle.get("ca") else ""))

@@ -74,9 +74,11 @@ class Member:
     name: str
     role: str
     nkey: str
+    site: str = ""  # a site worker's site, where its name is not the site id (one key per GPU host of a site)
 
     def user(self) -> dict[str, object]:
-        return {"nkey": self.nkey, "permissions": role_permissions(self.role, self.name, inbox_of_nkey(self.nkey))}
+        return {"nkey": self.nkey,
+                "permissions": role_permissions(self.role, self.site or self.name, inbox_of_nkey(self.nkey))}
 
 
 @dataclass
@@ -109,9 +111,11 @@ class Roster:
     def find(self, name: str) -> Member | None:
         return next((m for m in self.members if m.name == name), None)
 
-    def enrol(self, name: str, role: str, nkey: str) -> Member:
+    def enrol(self, name: str, role: str, nkey: str, site: str | None = None) -> Member:
         """Add a member; bad input changes nothing and says what is wrong."""
         token(name, "name")
+        if site is not None and role != "site":
+            raise ValueError(f"--site names the site of a worker (role site), not of a {role}")
         if role not in ROLES:
             raise ValueError(f"no NATS role {role!r}; the roles are {', '.join(ROLES)}")
         nkey = checked_nkey(nkey)
@@ -120,7 +124,7 @@ class Roster:
                              "replace its key")
         if any(m.nkey == nkey for m in self.members) or nkey == self.system:
             raise ValueError("that public key is enrolled already, under another name: every member has its own key")
-        member = Member(name, role, nkey)
+        member = Member(name, role, nkey, token(site, "site id") if site and site != name else "")
         member.user()  # a role that needs a known name (a service) says so now
         self.members.append(member)
         return member
