@@ -245,6 +245,20 @@ def test_the_observability_configuration_agrees_with_the_compose_file() -> None:
     queried = set(re.findall(r"span\.(assay\.\w+)", json.dumps(dashboard)))
     assert queried and queried <= emitted, queried - emitted
     assert any("span.assay.job_id" in p["targets"][0]["query"] for p in panels), "a job's spans, by its id"
+    # the metrics: OTLP in, served on the collector's prometheus exporter, scraped by the Prometheus Grafana reads
+    prometheus = yaml.safe_load((obs / "prometheus.yaml").read_text())
+    metrics_source = yaml.safe_load((obs / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    assert collector["service"]["pipelines"]["metrics"]["exporters"] == ["prometheus"]
+    served = collector["exporters"]["prometheus"]["endpoint"].split(":")[-1]
+    [target] = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert target == f"otel-collector:{served}"
+    mounts = dict(v.split(":")[:2] for v in CENTRAL["services"]["prometheus"]["volumes"])
+    assert mounts["../observability/prometheus.yaml"] == "/etc/prometheus/prometheus.yaml"
+    host = urlsplit(metrics_source["datasources"][0]["url"]).hostname
+    assert host in CENTRAL["services"] and "prometheus" in CENTRAL["services"]["grafana"]["depends_on"]
+    metrics_dashboard = json.loads((obs / "grafana/dashboards/assay-metrics.json").read_text())
+    uids = {p["datasource"]["uid"] for p in metrics_dashboard["panels"] if "datasource" in p}
+    assert uids == {metrics_source["datasources"][0]["uid"]}
 
 
 @pytest.mark.parametrize(("name", "env"), [("central.yml", ".env.example"), ("site.yml", "site.env.example")])
@@ -255,6 +269,39 @@ def test_docker_compose_accepts_the_file(name: str, env: str) -> None:
     done = subprocess.run([binary, "--env-file", str(COMPOSE / env), "-f", str(COMPOSE / name), "config", "-q"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("files", "env"), [(["central.yml", "telemetry-from-sites.yml"], ".env.example"),
+                                            (["site.yml", "site-telemetry.yml"], "site.env.example")])
+def test_docker_compose_accepts_the_telemetry_overrides(files: list[str], env: str) -> None:
+    binary = shutil.which("docker-compose")
+    assert binary is not None, "docker-compose is not installed (apt-get install docker-compose)"
+    chosen = [arg for name in files for arg in ("-f", str(COMPOSE / name))]
+    done = subprocess.run([binary, "--env-file", str(COMPOSE / env), *chosen, "config", "-q"], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "ASSAY_TELEMETRY_TLS_DIR": "/tmp",
+                                                    "ASSAY_SITE_OTLP_ENDPOINT": "https://central:4319"})
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_sites_telemetry_endpoint_takes_only_senders_with_a_certificate_from_the_sites_ca() -> None:
+    obs = ROOT / "observability"
+    sites = yaml.safe_load((obs / "otel-collector-sites.yaml").read_text())
+    http = sites["receivers"]["otlp/sites"]["protocols"]["http"]
+    assert set(http["tls"]) == {"cert_file", "key_file", "client_ca_file"}, "mutual TLS, nothing weaker"
+    override = load("telemetry-from-sites.yml")["services"]["otel-collector"]
+    mounted = {target: source for source, target, _mode in (v.rsplit(":", 2) for v in override["volumes"])}
+    assert mounted["/etc/otelcol/sites.yaml"] == "../observability/otel-collector-sites.yaml"
+    assert {str(Path(f).parent) for f in http["tls"].values()} == {"/etc/otelcol/tls"} <= set(mounted)
+    assert override["command"][-1] == "--config=/etc/otelcol/sites.yaml"
+    assert any(p.endswith(f":{http['endpoint'].split(':')[1]}:4319") for p in override["ports"])
+    for pipeline in ("traces", "metrics"):
+        assert "otlp/sites" in sites["service"]["pipelines"][pipeline]["receivers"]
+    worker = load("site-telemetry.yml")["services"]["worker"]["environment"]
+    from site_worker.config import Settings as SiteSettings
+
+    fields = {f"ASSAY_SITE_{name.upper()}" for name in SiteSettings.model_fields}
+    assert set(worker) <= fields and {"ASSAY_SITE_OTLP_CERT", "ASSAY_SITE_OTLP_KEY", "ASSAY_SITE_OTLP_CA"} <= set(worker)
+    assert "ASSAY_SITE_OTLP_CERT" not in SITE_FILE["services"]["worker"]["environment"], "the default sends nothing"
 
 
 def test_jetstream_fsyncs_every_write_to_the_volume() -> None:

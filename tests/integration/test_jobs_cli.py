@@ -43,6 +43,10 @@ async def test_a_job_refused_for_a_missing_image_is_retried_once_it_is_loaded_an
     assert "not present at this site" in letters  # the site set the job aside, and the operator sees why
     code, refused = await cli(fed, "dead-letters", "list", "--as", "owner")
     assert code == 1 and "this command needs operator" in refused
+    set_aside = m.DeadLetterList.model_validate(await fed.send(m.ListDeadLetters(consumer="site-site-a-jobs"),
+                                                               "operator")).letters[0]
+    code, refused = await cli(fed, "dead-letters", "replay", set_aside.letter_id[:8], "--as", "operator")
+    assert code == 1 and f"`assay job retry {set_aside.message_id} --as ME`" in refused, refused  # not replayed
 
     runner.add_image(MODEL)  # the operator loads the image
     code, said = await cli(fed, "jobs", "retry", "--failed", "--benchmark", "bench", "--as", "owner")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from faststream import FastStream
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from site_worker.containers import FakeRunner
 from tests.support.federation import fake_containers
@@ -24,31 +25,33 @@ def database(tmp_path: Path, name: str) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / name}.db"
 
 
-def create(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> FastStream:
-    """The app `name`, with test settings: a SQLite file, and keys the test's actors hold."""
+def create(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner,
+           reader: InMemoryMetricReader | None = None) -> FastStream:
+    """The app `name`, with test settings: a SQLite file, and keys the test's actors hold; its metrics in `reader`."""
     if name == "registry":
         from registry.config import Settings as RegistrySettings
         from registry.main import create_app as registry
 
         return registry(RegistrySettings(database_url=database(tmp_path, name), **actors.service_settings(name, tmp_path),
-                                         operator_public_key=actors.key("operator").public_key))
+                                         operator_public_key=actors.key("operator").public_key), metric_reader=reader)
     if name == "approval":
         from approval.config import Settings as ApprovalSettings
         from approval.main import create_app as approval
 
-        return approval(ApprovalSettings(database_url=database(tmp_path, name), **actors.service_settings(name, tmp_path)))
+        return approval(ApprovalSettings(database_url=database(tmp_path, name),
+                                         **actors.service_settings(name, tmp_path)), metric_reader=reader)
     if name == "scheduling":
         from scheduling.config import Settings as SchedulingSettings
         from scheduling.main import create_app as scheduling
 
         return scheduling(SchedulingSettings(database_url=database(tmp_path, name),
-                                             **actors.service_settings(name, tmp_path)))
+                                             **actors.service_settings(name, tmp_path)), metric_reader=reader)
     if name == "leaderboard":
         from leaderboard.config import Settings as LeaderboardSettings
         from leaderboard.main import create_app as leaderboard
 
         return leaderboard(LeaderboardSettings(database_url=database(tmp_path, name),
-                                               **actors.service_settings(name, tmp_path)))
+                                               **actors.service_settings(name, tmp_path)), metric_reader=reader)
     assert name == "site", name
     from site_worker.config import Settings as SiteSettings
     from site_worker.images import FakeImageStore
@@ -60,12 +63,14 @@ def create(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> Fas
     return site(SiteSettings(site_id="site-a", key_file=actors.save("site-a", tmp_path),
                              scheduler_public_key=actors.key("scheduling").public_key,
                              datasets_file=tmp_path / "datasets.json", work_dir=tmp_path / "jobs",
-                             state_dir=tmp_path / "state", policy_file=policy), runner, images=FakeImageStore())
+                             state_dir=tmp_path / "state", policy_file=policy), runner, images=FakeImageStore(),
+                metric_reader=reader)
 
 
 @asynccontextmanager
-async def started(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-    async with running(create(name, tmp_path, actors, runner), actors) as harness:
+async def started(name: str, tmp_path: Path, actors: Actors, runner: FakeRunner,
+                  reader: InMemoryMetricReader | None = None) -> AsyncIterator[Harness]:
+    async with running(create(name, tmp_path, actors, runner, reader), actors) as harness:
         yield harness
 
 
@@ -80,9 +85,15 @@ def runner() -> FakeRunner:
 
 
 @pytest.fixture
-async def app(request: pytest.FixtureRequest, tmp_path: Path, actors: Actors,
-              runner: FakeRunner) -> AsyncIterator[Harness]:
-    async with started(request.param, tmp_path, actors, runner) as harness:
+def metrics() -> InMemoryMetricReader:
+    """What the test's app measured (each app reads its metrics into the test's reader)."""
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+async def app(request: pytest.FixtureRequest, tmp_path: Path, actors: Actors, runner: FakeRunner,
+              metrics: InMemoryMetricReader) -> AsyncIterator[Harness]:
+    async with started(request.param, tmp_path, actors, runner, metrics) as harness:
         yield harness
 
 
@@ -90,8 +101,9 @@ def started_as(name: str):  # type: ignore[no-untyped-def]
     """A fixture that starts the app `name` for a test."""
 
     @pytest.fixture(name=name)
-    async def fixture(tmp_path: Path, actors: Actors, runner: FakeRunner) -> AsyncIterator[Harness]:
-        async with started(name, tmp_path, actors, runner) as harness:
+    async def fixture(tmp_path: Path, actors: Actors, runner: FakeRunner,
+                      metrics: InMemoryMetricReader) -> AsyncIterator[Harness]:
+        async with started(name, tmp_path, actors, runner, metrics) as harness:
             yield harness
 
     return fixture

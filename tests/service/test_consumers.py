@@ -16,7 +16,7 @@ import pytest
 
 from contracts import messages as m
 from contracts import subjects
-from contracts.catalog import EVENT_PUBLISHERS
+from contracts.catalog import publisher_of
 from contracts.envelope import Envelope
 from contracts.sealing import seal
 from contracts.signing import metrics_hash
@@ -183,7 +183,7 @@ class Case:
     def build(self, app: Harness, actors: Actors) -> Envelope[Any]:
         """The message, an event signed by the service that publishes it."""
         envelope = self.message(app, actors)
-        return actors.announce(envelope.data) if type(envelope.data) in EVENT_PUBLISHERS else envelope
+        return actors.announce(envelope.data) if publisher_of(envelope.data) else envelope
 
 
 CASES: dict[tuple[str, str], Case] = {
@@ -261,6 +261,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("scheduling", "scheduling-dlq"): Case(nothing, lambda a, x: Envelope.wrap(m.DeadLetter(
         consumer="registry-benchmark-approved", subject="assay.v1.evt.benchmark.approved", message_id="m-1",
         deliveries=1, error="a BenchmarkApproved must be signed by approval"), source="service:registry")),
+    ("scheduling", "scheduling-dead_letter-replayed"): Case(nothing, lambda a, x: event(m.DeadLetterReplayed(
+        service="approval", letter_id="letter-1", consumer="approval-benchmark-registered", stream="EVENTS",
+        sequence=7, message_id="m-1", outcome=m.ReplayOutcome.PROCESSED, replayed_by="operator"))),
     ("scheduling", "scheduling-check-completed"): Case(a_requested_check, lambda a, x: event(checked(
         x, check_id("request-1", "bm", m.EntityKind.DATASET, "ds-a")))),
 }
@@ -389,7 +392,7 @@ async def test_an_event_not_signed_by_its_publishing_service_is_dead_lettered_an
     case = BY_DURABLE[durable]
     await case.world(app, actors)
     genuine = case.build(app, actors)
-    publisher = EVENT_PUBLISHERS[type(genuine.data)]
+    publisher = publisher_of(genuine.data)
     unsigned = genuine.model_copy(update={"signature": None})
     forged = {"nobody": unsigned, "an actor": actors.key("mallory").sign(unsigned),
               "another service": actors.key("leaderboard" if publisher != "leaderboard" else "registry").sign(unsigned)}

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import text
 
+from assay_telemetry.metrics import DEAD_LETTERS, RESULTS
 from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.messages import (
@@ -28,6 +29,7 @@ from contracts.messages import (
     SiteResult,
 )
 from contracts.signing import KeyPair, metrics_hash
+from tests.support.metrics import measured, series
 from tests.support.service import Actors, Harness
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
@@ -350,3 +352,19 @@ async def test_a_revoked_pair_keeps_its_earlier_results_marked_and_counts_none_f
     await send(leaderboard, site_result(actors, "job-2", 0.5))  # approved again: it counts
     (row,) = (await board(leaderboard, actors=actors)).rows
     assert row.sites == 2 and row.marks == ()
+
+
+async def test_results_are_counted_by_outcome_and_a_rejection_by_the_check_it_failed(leaderboard, actors, metrics):
+    await learn_world(leaderboard, actors)
+    await send(leaderboard, site_result(actors, "job-1", 0.83))
+    await send(leaderboard, site_result(actors, "job-3", 0.99, key=actors.key("site-b")))
+    await send(leaderboard, site_result(actors, "job-2", 1.5))
+    await send(leaderboard, site_result(actors, "job-2", 1.7))
+    raw = site_result(actors, "job-2", 0.8).model_dump(mode="json")
+    raw["data"]["binding"]["case_count"] = "many"
+    await leaderboard.deliver(subjects.results("site-b"), json.dumps(raw).encode(), msg_id="bad-result")
+
+    assert measured(metrics, RESULTS) == {series(outcome="accepted"): 1,
+                                          series(outcome="rejected", check="signer_site"): 1,
+                                          series(outcome="rejected", check="metric_value"): 2}
+    assert measured(metrics, DEAD_LETTERS) == {series(consumer="leaderboard-results"): 1}  # not a result at all

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from assay_telemetry.metrics import JOBS, OUTBOX_LAG, OUTBOX_OLDEST, OUTBOX_PENDING, QUEUE
 from contracts import messages as m
 from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.signing import verify
+from tests.support.metrics import measured, series
 from tests.support.service import Harness
 
 IMAGE = m.ImageRef(digest="sha256:" + "1" * 64, name="prep")
@@ -304,3 +306,23 @@ async def test_a_job_its_site_gave_up_on_without_a_word_is_failed_with_the_reaso
     await scheduling.deliver(subjects.reports("site-a"), report(actors, planned.job_id))
     details = m.JobDetails.model_validate(await scheduling.ask(actors.sign("x", m.GetJob(job_id=planned.job_id))))
     assert details.status.state is m.JobState.REFUSED
+
+
+async def test_jobs_are_measured_by_state_and_each_sites_queue_by_what_it_has_not_finished(scheduling, actors, metrics):
+    planned = await refused_job(scheduling, actors)
+    await scheduling.ask(actors.sign("owner", m.RetryJobs(job_id=planned.job_id)))  # counted as its new round only
+    await learn(scheduling, dataset("ds-b", "site-b"), member(m.EntityKind.DATASET, "ds-b"))
+    [at_b] = [sent.data for sent in jobs_sent(scheduling) if sent.data.site_id == "site-b"]
+    await scheduling.deliver(subjects.reports("site-b"), report(actors, at_b.job_id, m.JobState.RUNNING, by="site-b",
+                                                                site="site-b", reason="worker-1 runs it"))
+    await scheduling.learn(m.ResultAccepted(job_id=f"{planned.job_id}-r1", site_id="site-a", binding=planned.binding))
+    await scheduling.app.gauges.refresh()  # the store is read every few seconds; a test does not wait
+
+    jobs = measured(metrics, JOBS)
+    assert {at: count for at, count in jobs.items() if count} == {
+        series(state="DONE", benchmark_id="bm", site_id="site-a"): 1,
+        series(state="RUNNING", benchmark_id="bm", site_id="site-b"): 1}
+    assert len(jobs) == 2 * len(m.JobState)  # every state of each benchmark and site, 0 too: none goes stale
+    assert measured(metrics, QUEUE) == {series(site_id="site-a"): 0, series(site_id="site-b"): 1}
+    assert measured(metrics, OUTBOX_PENDING) == {(): 0} and measured(metrics, OUTBOX_OLDEST) == {(): 0}
+    assert measured(metrics, OUTBOX_LAG) == {(): len(scheduling.published(">"))}  # each message it relayed

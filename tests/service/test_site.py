@@ -7,6 +7,7 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 
+from assay_telemetry.metrics import CONTAINER_RUNS, DEAD_LETTERS
 from contracts import messages as m
 from contracts import subjects
 from contracts.envelope import Envelope
@@ -15,6 +16,7 @@ from site_worker.containers import RunOutcome
 from site_worker.datasets import content_hash
 from tests.service.conftest import SITE_METRICS
 from tests.support.federation import EVALUATOR, MODEL, make_dataset
+from tests.support.metrics import Series, measured, series
 from tests.support.service import Actors, Harness
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)  # the jobs of these tests never expire
@@ -125,3 +127,17 @@ async def test_a_job_delivered_after_a_worker_died_in_its_last_attempt_is_dead_l
 
     [letter] = site.dead_letters()
     assert "more than the 3 attempts allowed" in letter.error and runner.specs == []
+
+
+async def test_each_container_run_is_timed_by_task_and_outcome_and_a_job_given_up_on_counted(site, actors, runner,
+                                                                                              metrics):
+    runner.script("evaluate", *[RunOutcome(exit_code=1, log_tail="bad")] * 3)
+    message = signed(actors, job(prepare(site)))
+    for attempt in (1, 2, 3):
+        await site.deliver(JOBS, message, attempt=attempt)
+
+    def run(task: str, outcome: str) -> Series:
+        return series(task=task, outcome=outcome, benchmark_id="bm", site_id="site-a")
+
+    assert measured(metrics, CONTAINER_RUNS) == {run("infer", "ok"): 3, run("evaluate", "exit_code"): 3}
+    assert measured(metrics, DEAD_LETTERS) == {series(consumer="site-site-a-jobs"): 1}

@@ -82,6 +82,7 @@ class Federation:
     apps: list[FastStream] = field(default_factory=list)
     runners: dict[str, FakeRunner] = field(default_factory=dict)
     connection: dict[str, Any] = field(default_factory=dict)  # the services' nats_creds and nats_ca, where needed
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # one service's own settings, by its name
 
     def key(self, name: str) -> KeyPair:
         if name not in self.keys:
@@ -90,6 +91,14 @@ class Federation:
         return self.keys[name]
 
     async def start_services(self) -> None:
+        services = [self.service(name) for name in SERVICES]
+        self.apps += services
+        for app in services:
+            await app.start()
+
+    def service(self, name: str) -> FastStream:
+        """The service `name`, configured as in a deployment, with what `overrides` gives it (its own NATS user, a
+        stale key)."""
         from approval.config import Settings as ApprovalSettings
         from approval.main import create_app as approval
         from leaderboard.config import Settings as LeaderboardSettings
@@ -99,20 +108,26 @@ class Federation:
         from scheduling.config import Settings as SchedulingSettings
         from scheduling.main import create_app as scheduling
 
-        keys = {service: self.key(service).public_key for service in SERVICES}
+        common = {"nats_url": self.nats_url, "database_url": self.database_url(name),
+                  "key_file": self.root / "keys" / f"{name}.key",
+                  "service_keys": {service: self.key(service).public_key for service in SERVICES}, **self.connection,
+                  **self.overrides.get(name, {})}
+        if name == "registry":
+            return registry(RegistrySettings(**common, operator_public_key=self.key("operator").public_key))
+        made = {"approval": (approval, ApprovalSettings), "scheduling": (scheduling, SchedulingSettings),
+                "leaderboard": (leaderboard, LeaderboardSettings)}[name]
+        return made[0](made[1](**common))  # type: ignore[operator]
 
-        def common(name: str) -> dict[str, Any]:
-            return {"nats_url": self.nats_url, "database_url": self.database_url(name),
-                    "key_file": self.root / "keys" / f"{name}.key", "service_keys": keys, **self.connection}
+    async def redeploy(self, name: str) -> FastStream:
+        """Stop the service `name` and start it again as `overrides` now says (its database kept): a redeploy."""
+        from service_kit.app import ServiceApp
 
-        self.apps += [
-            registry(RegistrySettings(**common("registry"), operator_public_key=self.key("operator").public_key)),
-            approval(ApprovalSettings(**common("approval"))),
-            scheduling(SchedulingSettings(**common("scheduling"))),
-            leaderboard(LeaderboardSettings(**common("leaderboard"))),
-        ]
-        for app in self.apps:
-            await app.start()
+        [old] = [app for app in self.apps if isinstance(app, ServiceApp) and app.wiring.owner == name]
+        await old.stop()
+        new = self.service(name)
+        self.apps[self.apps.index(old)] = new
+        await new.start()
+        return new
 
     async def start_site(self, site: str, runner: FakeRunner, spans: Any = None, **overrides: Any) -> FastStream:
         self.key(site)

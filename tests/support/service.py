@@ -20,11 +20,12 @@ from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from contracts import subjects
-from contracts.catalog import EVENT_PUBLISHERS, EVENT_SUBJECTS, REQUEST_SUBJECTS, SERVICES
+from contracts.catalog import EVENT_SUBJECTS, REQUEST_SUBJECTS, SERVICES, publisher_of
 from contracts.envelope import Envelope, Payload
 from contracts.messages import ActorRegistered, DeadLetter, Role
 from contracts.signing import KeyPair
 from service_kit.app import ServiceApp
+from service_kit.replay import FakeStreams
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Actors:
 
     def announce(self, payload: Payload) -> Envelope[Any]:
         """An event as the one service that publishes it signs it."""
-        service = EVENT_PUBLISHERS[type(payload)]
+        service = publisher_of(payload)
+        assert service is not None, f"{type(payload).__name__} is no event"
         return self.key(service).sign(Envelope.wrap(payload, source=f"service:{service}"))
 
     def save(self, name: str, folder: Path) -> Path:
@@ -67,15 +69,17 @@ class Harness:
     app: FastStream
     broker: NatsBroker
     actors: Actors
+    streams: FakeStreams = field(default_factory=FakeStreams)  # what was delivered, where a replay reads it back
 
     async def deliver(self, subject: str, message: Envelope[Any] | bytes, *, msg_id: str | None = None,
                       attempt: int = 1) -> None:
-        """Publish as JetStream would deliver it for the `attempt`-th time (its ack subject carries the count), then
-        let the app's relay publish what the handler staged."""
+        """Publish as JetStream would deliver it for the `attempt`-th time (its ack subject carries the count and its
+        sequence in the stream, which keeps it), then let the app's relay publish what the handler staged."""
         body = message if isinstance(message, bytes) else message.model_dump_json().encode()
-        stream = subjects.stream_of(subject)
-        await self.broker.publish(body, subject, stream=stream, reply_to=f"$JS.ACK.{stream}.test.{attempt}.1.1.0.0",
-                                  headers={"Nats-Msg-Id": msg_id or str(uuid.uuid4())})
+        stream, headers = subjects.stream_of(subject), {"Nats-Msg-Id": msg_id or str(uuid.uuid4())}
+        sequence = self.streams.keep(stream, subject, body, headers)
+        await self.broker.publish(body, subject, stream=stream, headers=headers,
+                                  reply_to=f"$JS.ACK.{stream}.test.{attempt}.{sequence}.{sequence}.0.0")
         await self.settle()
 
     async def learn(self, payload: Payload) -> Envelope[Any]:
@@ -84,13 +88,14 @@ class Harness:
         await self.deliver(EVENT_SUBJECTS[type(payload)], envelope)
         return envelope
 
-    async def ask(self, request: Envelope[Any] | bytes, payload: type[Payload] | None = None) -> dict[str, Any]:
-        """A command's or query's reply, as the CLI receives it."""
+    async def ask(self, request: Envelope[Any] | bytes, payload: type[Payload] | None = None, *,
+                  subject: str | None = None) -> dict[str, Any]:
+        """A command's or query's reply, as the CLI receives it (on `subject`, for one every service answers)."""
         if isinstance(request, bytes):
-            assert payload is not None, "name the request type of a raw body"
-            body, subject = request, REQUEST_SUBJECTS[payload]
+            assert payload is not None or subject is not None, "name the request type of a raw body"
+            body, subject = request, subject or REQUEST_SUBJECTS[payload]  # type: ignore[index]
         else:
-            body, subject = request.model_dump_json().encode(), REQUEST_SUBJECTS[type(request.data)]
+            body, subject = request.model_dump_json().encode(), subject or REQUEST_SUBJECTS[type(request.data)]
         reply = await self.broker.request(body, subject, timeout=30)  # a loaded machine is slow, never wrong
         await self.settle()
         return dict(json.loads(reply.body))
@@ -148,5 +153,7 @@ async def running(app: FastStream, actors: Actors) -> AsyncIterator[Harness]:
     """The app started under the test broker: its tables made, its start hooks run, its relay going."""
     async with TestNatsBroker(app.broker, connect_only=True) as broker, TestApp(app):
         harness = Harness(app, broker, actors)
+        if isinstance(app, ServiceApp):  # the test broker keeps no stream: a replay reads what the harness delivered
+            app.replays.streams = harness.streams
         await harness.settle()
         yield harness

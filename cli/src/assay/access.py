@@ -26,15 +26,24 @@ def consuming(stream: str, durable: str | None = None) -> list[str]:
             f"$JS.ACK.{stream}.{durable}.>"]
 
 
+def replaying(stream: str) -> str:
+    return f"$JS.API.STREAM.MSG.GET.{stream}"
+
+
 def service_permissions(service: str, inbox: str | None = None) -> dict[str, object]:
-    publish = ["assay.v1.evt.>", "assay.v1.dlq.*", *consuming(subjects.EVENTS_STREAM)]
+    # a dead letter's message, read back by its sequence when the operator replays it (`assay dead-letters replay`),
+    # from a stream the service reads anyway
+    publish = ["assay.v1.evt.>", "assay.v1.dlq.*", *consuming(subjects.EVENTS_STREAM),
+               replaying(subjects.EVENTS_STREAM)]
     if service == "scheduling":
         publish += [subjects.JOBS_ALL, f"$KV.{subjects.CANCELLED_BUCKET}.>"]  # the only publisher of jobs, and of
         # their cancellations
         publish += consuming(subjects.RESULTS_STREAM, subjects.durable(service, subjects.REPORTS_ALL))  # sites' reports
         publish += consuming(subjects.DEAD_LETTERS_STREAM, subjects.durable(service, subjects.DEAD_LETTERS_ALL))
+        publish.append(replaying(subjects.DEAD_LETTERS_STREAM))  # not RESULTS: the leaderboard alone reads results
     if service == "leaderboard":
-        publish += consuming(subjects.RESULTS_STREAM)  # the only reader of results
+        publish += [*consuming(subjects.RESULTS_STREAM), replaying(subjects.RESULTS_STREAM)]  # the one reader of
+        # results
     return {"publish": publish, "subscribe": [subjects.cmd(service, ">"), f"{inbox or '_INBOX.' + service}.>"],
             "allow_responses": True}
 

@@ -17,7 +17,7 @@ from pydantic.json_schema import models_json_schema
 
 from contracts import messages as m
 from contracts import subjects
-from contracts.catalog import REPLY_TYPES, REQUEST_SUBJECTS, SERVICES
+from contracts.catalog import REPLY_TYPES, REQUEST_SUBJECTS, SERVICES, replay_subject
 
 DOCUMENT = Path(__file__).resolve().parents[3] / "contracts" / "asyncapi" / "assay.json"
 DESCRIPTION = """Assay on NATS JetStream. Every message is a CloudEvents-named envelope whose `data` is the typed
@@ -25,12 +25,15 @@ payload. Commands and queries are request/reply on `assay.v1.cmd.<service>.<verb
 Events (`assay.v1.evt.<entity>.<fact>`, stream EVENTS), jobs (`assay.v1.jobs.<site_id>`, stream JOBS, signed by the
 scheduler) and results (`assay.v1.results.<site_id>`, stream RESULTS, signed by the site) are published with
 `Nats-Msg-Id` set, and read by durable pull consumers named `<owner>-<what it reads>`. What a consumer gives up on
-goes to `assay.v1.dlq.<consumer>` (stream DEAD_LETTERS) with the reason. A channel is named after its owner: the
+goes to `assay.v1.dlq.<consumer>` (stream DEAD_LETTERS) with the reason and where its stream keeps it; the operator
+replays it through the same consumer on `assay.v1.cmd.<service>.replay_dead_letter` of the service that owns it, which
+announces what became of it (DeadLetterReplayed, signed by that service). A channel is named after its owner: the
 service or site that consumes it (`leaderboard-results`) or publishes it (`registry:ActorRegistered`).
 An integration (a dashboard, a notifier, an audit archive) reads every event here through its own durable pull
 consumer `integration` on EVENTS, as the NATS user `integration`, which may create, read and acknowledge that
 consumer and nothing else: what happens while it is away waits for it (`assay events follow`). Check each event's
-signature against the public key of the one service that publishes its type before acting on it."""
+signature against the public key of the one service that publishes its type (a DeadLetterReplayed: of the service
+its `service` names) before acting on it."""
 
 
 def platform_broker() -> NatsBroker:
@@ -76,6 +79,7 @@ def add_replies(doc: dict[str, Any]) -> None:
         inbox["messages"][name] = {"$ref": f"#/components/messages/reply:{name}"}
     doc["channels"]["replies"] = inbox
     requests = {subject: request for request, subject in REQUEST_SUBJECTS.items()}
+    requests.update({replay_subject(service): m.ReplayDeadLetter for service in SERVICES})  # each its own consumers'
     for operation in doc["operations"].values():
         channel = doc["channels"][unquote(operation["channel"]["$ref"].rsplit("/", 1)[1])]
         if (request := requests.get(channel["address"])) is not None:

@@ -15,6 +15,7 @@ from rich.console import Console
 from assay.association_cli import association_app
 from assay.audit_cli import audit_app
 from assay.bus_cli import bus_app
+from assay.dead_letters_cli import dead_letters_replay
 from assay.entities_cli import lister, shower, site_list
 from assay.events_cli import events_app
 from assay.images_cli import images_app
@@ -41,7 +42,8 @@ for sub, name in ((keys_app, "keys"), (actor_app, "actor"), (benchmark_app, "ben
                   (leaderboard_app, "leaderboard"), (job_app, "job"), (results_app, "results"), (audit_app, "audit")):
     app.add_typer(sub, name=name)
 app.add_typer(job_app, name="jobs", hidden=True)  # `assay jobs list` reads as well as `assay job list`
-dead_letters_app = typer.Typer(help="What the platform's consumers gave up on, and why (operator).",
+dead_letters_app = typer.Typer(help="What the platform's consumers gave up on, and why; run it again once the cause "
+                                    "is fixed (operator).",
                                no_args_is_help=True)
 app.add_typer(dead_letters_app, name="dead-letters")
 for sub, kind in ((benchmark_app, m.EntityType.BENCHMARK), (model_app, m.EntityType.MODEL),
@@ -57,8 +59,8 @@ sites_app.command("list")(sites_list)
 app.add_typer(sites_app, name="sites")
 app.command("watch")(watch)
 app.add_typer(events_app, name="events")
-app.add_typer(bus_app, name="bus")
 app.add_typer(images_app, name="images")
+app.add_typer(bus_app, name="bus")
 
 console = Console()
 err = Console(stderr=True)
@@ -452,12 +454,14 @@ def dead_letters_list(actor: As, consumer: Annotated[str | None, typer.Option(
         print(listed.model_dump_json(indent=2))
         return
     table = Table(title=f"{len(listed.letters)} dead letter(s)" + (f" of {consumer}" if consumer else ""),
-                  caption="assay dead-letters show ID --as ME: the whole letter")
-    for column in ("letter", "when", "consumer", "message", "tries", "why"):
+                  caption="assay dead-letters show ID --as ME: the whole letter; replay ID --as ME: its message "
+                          "run again, once the cause is fixed")
+    for column in ("letter", "when", "consumer", "message", "tries", "why", "replayed"):
         table.add_column(column, overflow="fold")
     for letter in listed.letters:
+        last = letter.replays[-1] if letter.replays else None
         table.add_row(letter.letter_id[:8], when(letter.at), letter.consumer, letter.message_id[:20],
-                      str(letter.deliveries), letter.error)
+                      str(letter.deliveries), letter.error, f"{last.outcome.value} {when(last.at)}" if last else "")
     console.print(table)
 
 
@@ -471,6 +475,9 @@ def dead_letters_show(letter_id: Annotated[str, typer.Argument(help="the letter 
                                                   "none has it; `assay dead-letters list` shows them"))
         raise typer.Exit(1)
     console.print_json(found[0].model_dump_json())
+
+
+dead_letters_app.command("replay")(dead_letters_replay)
 
 
 @dataset_app.command("prepare")

@@ -30,6 +30,7 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.ResultRejected: evt("result", "rejected"),
     m.CheckCompleted: evt("check", "completed"),
     m.LeaderboardUpdated: evt("leaderboard", "updated"),
+    m.DeadLetterReplayed: evt("dead_letter", "replayed"),
 }
 
 # the one service that may publish each event: every consumer checks the event is signed by its key
@@ -44,6 +45,28 @@ EVENT_PUBLISHERS: dict[type[Payload], str] = {
     m.ResultAccepted: "leaderboard",
     m.ResultRejected: "leaderboard", m.LeaderboardUpdated: "leaderboard", m.CheckCompleted: "leaderboard",
 }
+# events every service publishes about itself (its own consumers' dead letters it replayed): each is signed by the
+# service its `service` names, which must own what it speaks of
+OWN_EVENTS: tuple[type[Payload], ...] = (m.DeadLetterReplayed,)
+
+
+def publisher_of(payload: Payload) -> str | None:
+    """The service whose key must sign the event `payload` (None: `payload` is no event)."""
+    if isinstance(payload, OWN_EVENTS):
+        return str(getattr(payload, "service"))
+    return EVENT_PUBLISHERS.get(type(payload))
+
+
+def service_of(consumer: str) -> str | None:
+    """The service whose durable consumer `consumer` is (durables are named `<owner>-<what it reads>`), if any."""
+    return next((service for service in SERVICES if consumer.startswith(f"{service}-")), None)
+
+
+def replay_subject(service: str) -> str:
+    """Where `service` answers the operator's replay of its own consumers' dead letters (m.ReplayDeadLetter): one
+    command, answered by each service on its own subject."""
+    return cmd(service, "replay_dead_letter")
+
 
 # commands change state; queries only read. Both are request/reply on assay.v1.cmd.<service>.<verb>.
 COMMAND_SUBJECTS: dict[type[Payload], str] = {
@@ -88,4 +111,5 @@ REPLY_TYPES: dict[type[Payload], type[Payload]] = {
     m.ListAssociations: m.AssociationList,
     m.ListEntities: m.EntityList,
     m.ListDeadLetters: m.DeadLetterList,
+    m.ReplayDeadLetter: m.CommandReply,  # on replay_subject(service), not one subject: the consumer's service answers
 }

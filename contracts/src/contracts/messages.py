@@ -420,6 +420,26 @@ class RetryJobs(Payload):
         return self
 
 
+StreamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+MessageId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class ReplayDeadLetter(Payload):
+    """Run a dead letter's message again through the consumer that gave up on it, once the cause is fixed (a bug fixed
+    and the service redeployed, what it refers to registered). The service that owns the consumer reads the message
+    back from its stream by sequence, checks it is the letter's, and hands it to the consumer's own handler with the
+    same checks and the same inbox, so it is processed once however often it is replayed. The operator's, signed;
+    sent to `assay.v1.cmd.<service>.replay_dead_letter` of the consumer's service (`assay dead-letters replay`)."""
+
+    TYPE: ClassVar[str] = "assay.v1.ReplayDeadLetter"
+    letter_id: MessageId = Field(description="the letter, as the scheduler keeps it (`assay dead-letters list`)")
+    consumer: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,127}$")]
+    stream: StreamName
+    sequence: int = Field(ge=1, description="the message's sequence in `stream`, as the letter gives it")
+    message_id: MessageId = Field(description="its Nats-Msg-Id, as the letter gives it: the message read back must "
+                                              "carry it")
+
+
 class EditBenchmark(Payload):
     """The benchmark's whole new spec (same id); the registry refuses a change to a field frozen in OPERATION."""
 
@@ -993,6 +1013,44 @@ class DeadLetter(Payload):
     message_id: str
     deliveries: int
     error: str
+    stream: str | None = Field(default=None, description="the stream that keeps the message (none: it never reached "
+                                                         "one, as an outbox's message the server refused)")
+    sequence: int | None = Field(default=None, ge=1, description="its sequence there: where a replay reads it back")
+
+
+class ReplayOutcome(StrEnum):
+    """What became of a dead letter's message, run again through its consumer (`assay dead-letters replay`)."""
+
+    PROCESSED = "PROCESSED"                  # its consumer's handler ran it, and what that changed is committed
+    ALREADY_PROCESSED = "ALREADY_PROCESSED"  # its consumer had processed it already (its inbox says so): nothing done
+    FAILED = "FAILED"                        # its handler failed or refused it again, for the reason given: nothing
+    # changed, and the letter stays for another replay once that is fixed
+
+
+class DeadLetterReplayed(Payload):
+    """A dead letter's message was run again through its consumer, for the operator: what became of it. Published by
+    the service that owns the consumer (each service of its own consumers' letters, signed with its key, which
+    `service` names); the scheduler keeps it with the letter."""
+
+    TYPE: ClassVar[str] = "assay.v1.DeadLetterReplayed"
+    service: Id
+    letter_id: MessageId
+    consumer: str
+    stream: StreamName
+    sequence: int = Field(ge=1)
+    message_id: MessageId
+    outcome: ReplayOutcome
+    reason: str = Field(default="", max_length=4000, description="why it failed again")
+    replayed_by: Id
+
+
+class LetterReplay(Payload):
+    """One replay of a letter's message, as the service that ran it said."""
+
+    outcome: ReplayOutcome
+    reason: str
+    replayed_by: str
+    at: datetime
 
 
 class DeadLetterView(Payload):
@@ -1003,6 +1061,9 @@ class DeadLetterView(Payload):
     deliveries: int
     error: str
     at: datetime
+    stream: str | None = None
+    sequence: int | None = None
+    replays: tuple[LetterReplay, ...] = Field(default=(), description="each replay of its message, oldest first")
 
 
 class DeadLetterList(Payload):
@@ -1016,7 +1077,7 @@ COMMANDS: tuple[type[Payload], ...] = (
     RegisterActor, RegisterOrganisation, RotateKey, SuspendActor, RegisterBenchmark, EditBenchmark, ArchiveEntity,
     ApproveBenchmark, RejectBenchmark, RegisterModel, RegisterDataset,
     RequestAssociation, ApproveAssociation, InviteAssociation, RejectAssociation, RevokeAssociation,
-    SetApprovalPolicy, GrantImageKey, RetryJobs,
+    SetApprovalPolicy, GrantImageKey, RetryJobs, ReplayDeadLetter,
 )
 QUERIES: tuple[type[Payload], ...] = (GetBenchmark, ShowLeaderboard, ListJobs, GetJob, ListAssociations,
                                       ListEntities, ListDeadLetters)
@@ -1027,6 +1088,6 @@ EVENTS: tuple[type[Payload], ...] = (
     EntityArchived, BenchmarkApproved, BenchmarkRejected, ModelRegistered, DatasetRegistered,
     AssociationRequested, AssociationInvited, AssociationApproved, AssociationRejected, AssociationRevoked,
     ApprovalPolicySet, JobScheduled, JobStateChanged, ResultAccepted, ResultRejected, LeaderboardUpdated,
-    CheckCompleted,
+    CheckCompleted, DeadLetterReplayed,
 )
 WORK: tuple[type[Payload], ...] = (JobSpec, SiteResult, SiteReport, SiteHeartbeat, DeadLetter, JobCancelled)

@@ -66,6 +66,15 @@ def dead_letter(consumer: str) -> str:
     return f"{PREFIX}.dlq.{consumer}"
 
 
+_SITE_QUEUE = re.compile(r"^site-(?P<site>[a-z0-9][a-z0-9_-]{0,62})-jobs$")
+
+
+def site_of_queue(consumer: str) -> str | None:
+    """The site whose job queue the durable `consumer` is (`site-<id>-jobs`), if it is one."""
+    found = _SITE_QUEUE.fullmatch(consumer)
+    return found["site"] if found else None
+
+
 def durable(owner: str, subject: str) -> str:
     """The one spelling of a durable consumer's name: its owner, then what it reads.
 

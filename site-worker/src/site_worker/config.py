@@ -27,7 +27,13 @@ class Settings(BaseSettings):
     keep_failed_days: float = 30.0      # what a failed job wrote (its log, its outputs) is removed after this long
     sites_every_s: float = 10.0         # how often it says it is alive (and what it has free) in the sites' bucket
     images_s3: str | None = None        # pushed images in S3/MinIO (s3://KEY:SECRET@host:port/bucket); none: the bus's
+    # the site's choice: no endpoint keeps its traces and metrics at the site (the default); its own collector; or the
+    # centre's authenticated endpoint (https://central:4319), proving who it is with the client certificate the
+    # operator issued (otlp_cert, otlp_key), the collector's certificate checked against otlp_ca
     otlp_endpoint: str | None = None
+    otlp_ca: Path | None = None
+    otlp_cert: Path | None = None
+    otlp_key: Path | None = None
     alive_file: Path | None = None      # written every few seconds while the bus and the Docker engine answer
 
     @property

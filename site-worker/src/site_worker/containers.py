@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -199,10 +200,11 @@ class ContainerRunner(Protocol):
 
 class TracedRunner:
     """`runner` whose every container run is a span of its own, a child of the job's: its task, image, exit code and
-    outcome (a failure sets the span's error status with the cause, never what the container wrote)."""
+    outcome (a failure sets the span's error status with the cause, never what the container wrote); and whose run
+    time is measured by task and outcome (`error`: the engine raised, the container may not have run)."""
 
-    def __init__(self, runner: ContainerRunner, tracer: Any, job: Any) -> None:
-        self._runner, self._tracer, self._job = runner, tracer, job
+    def __init__(self, runner: ContainerRunner, tracer: Any, job: Any, meters: Any) -> None:
+        self._runner, self._tracer, self._job, self._meters = runner, tracer, job, meters
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
@@ -210,17 +212,25 @@ class TracedRunner:
     def run(self, spec: RunSpec) -> RunOutcome:
         from opentelemetry.trace import Status, StatusCode
 
+        from assay_telemetry.metrics import BENCHMARK, CONTAINER_RUNS, OUTCOME, SITE, TASK
+
         bound = self._job.binding
-        with self._tracer.start_as_current_span(f"container {spec.task}", attributes={
-                "assay.task": spec.task, "assay.image": spec.image, "assay.job_id": self._job.job_id,
-                "assay.benchmark_id": bound.benchmark_id, "assay.model_id": bound.model_id,
-                "assay.dataset_id": bound.dataset_id, "assay.site_id": self._job.site_id}) as span:
-            outcome = self._runner.run(spec)
-            span.set_attribute("assay.exit_code", outcome.exit_code)
-            span.set_attribute("assay.outcome", outcome.failure.value if outcome.failure else "ok")
-            if not outcome.ok:
-                span.set_status(Status(StatusCode.ERROR, outcome.why))
-            return outcome
+        started, result = time.monotonic(), "error"
+        try:
+            with self._tracer.start_as_current_span(f"container {spec.task}", attributes={
+                    "assay.task": spec.task, "assay.image": spec.image, "assay.job_id": self._job.job_id,
+                    "assay.benchmark_id": bound.benchmark_id, "assay.model_id": bound.model_id,
+                    "assay.dataset_id": bound.dataset_id, "assay.site_id": self._job.site_id}) as span:
+                outcome = self._runner.run(spec)
+                result = outcome.failure.value if outcome.failure else "ok"
+                span.set_attribute("assay.exit_code", outcome.exit_code)
+                span.set_attribute("assay.outcome", result)
+                if not outcome.ok:
+                    span.set_status(Status(StatusCode.ERROR, outcome.why))
+                return outcome
+        finally:
+            self._meters.record(CONTAINER_RUNS, time.monotonic() - started, {
+                TASK: spec.task, OUTCOME: result, BENCHMARK: bound.benchmark_id, SITE: self._job.site_id})
 
 
 def require_image_id(spec: RunSpec) -> None:

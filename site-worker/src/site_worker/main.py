@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -16,10 +17,14 @@ from faststream.context import ContextRepo
 from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Tracer
 
-from assay_telemetry import nats_middlewares, tracer_provider
+from assay_telemetry import OtlpTls, telemetry
+from assay_telemetry.metrics import Meters
 from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts import messages as m
@@ -65,6 +70,7 @@ class Site:
     capacity: Capacity
     cancellations: Cancellations
     tracer: Tracer  # the container runs' spans, children of the job's
+    meters: Meters  # how long they ran, and what this worker dead-lettered
 
 
 SiteDep = Annotated[Site, Context("site")]
@@ -149,16 +155,20 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site, attempt: int =
         demo = await demo_folder(job, site.runner, site.images, settings.work_dir, limits_of(job))
         folder, expected = demo.folder, demo.content_hash
     async with site.capacity.granted(job) as gpus:
-        metrics = await asyncio.to_thread(execute, job, folder, TracedRunner(site.runner, site.tracer, job),
-                                          settings.work_dir, limits_of(job), gpus, expected)
+        traced = TracedRunner(site.runner, site.tracer, job, site.meters)
+        metrics = await asyncio.to_thread(execute, job, folder, traced, settings.work_dir, limits_of(job), gpus,
+                                          expected)
     await note(site, "job_run", job.job_id, model_image=bound.model_image, evaluator_image=bound.evaluator_image,
                dataset_hash=bound.dataset_hash, cases=bound.case_count, kept_at_site=list(metrics.kept))
     result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=bound, metrics=metrics.leaving,
                         metrics_hash=metrics_hash(metrics.leaving), worker_id=settings.worker_id,
                         finished_at=utcnow(), job=signed_job, evidence=metrics.evidence)
     hold = policy.holds(bound.benchmark_id)
+    trace: dict[str, str] = {}
+    propagate.inject(trace)  # the job's trace context: the result continues its trace whenever it leaves
     await asyncio.to_thread(site.review.keep, result, release=not hold, by=f"policy {policy.digest[:19]}",
-                            kept={"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}"})
+                            kept={"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}",
+                                  "trace": trace})
     if hold:
         await note(site, "result_held", job.job_id, metrics=sorted(metrics.leaving))
         await tell(site, job, JobState.HELD, "it ran; its result waits at the site for the data owner's review")
@@ -173,17 +183,30 @@ async def send_decisions(site: Site) -> int:
     sent = 0
     async with site.sending:
         for held in await asyncio.to_thread(site.review.unsent):
-            if held.state is Decision.APPROVED:
-                await publish_result(site, held)
-                await note(site, "result_released", held.job_id, by=held.decided_by,
-                           metrics_hash=held.result.metrics_hash)
-            else:
-                reason = f"the data owner declined to release its result: {held.reason or 'no reason given'}"
-                await tell(site, held.result.job.data, JobState.DECLINED, reason, id=f"declined-{held.job_id}")
-                await note(site, "rejection_sent", held.job_id, by=held.decided_by)
+            with in_its_trace(held):
+                if held.state is Decision.APPROVED:
+                    await publish_result(site, held)
+                    await note(site, "result_released", held.job_id, by=held.decided_by,
+                               metrics_hash=held.result.metrics_hash)
+                else:
+                    reason = f"the data owner declined to release its result: {held.reason or 'no reason given'}"
+                    await tell(site, held.result.job.data, JobState.DECLINED, reason, id=f"declined-{held.job_id}")
+                    await note(site, "rejection_sent", held.job_id, by=held.decided_by)
             await asyncio.to_thread(site.review.sent, held.job_id)
             sent += 1
     return sent
+
+
+@contextlib.contextmanager
+def in_its_trace(held: Held) -> Iterator[None]:
+    """Within the trace of the job `held` answers, as kept with it: what was decided leaves as part of its job's trace,
+    whether the policy released it at once or the data owner decided days later."""
+    kept = held.kept.get("trace")
+    token = otel_context.attach(propagate.extract(kept if isinstance(kept, dict) else {}))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 async def publish_result(site: Site, held: Held) -> None:
@@ -257,25 +280,39 @@ def site_wiring(settings: Settings) -> Wiring:
                   max_deliver=settings.max_deliver, ack_wait_s=settings.ack_wait_s, max_jobs=settings.max_jobs)
 
 
+def otlp_tls(settings: Settings) -> OtlpTls | None:
+    """The site's proof of who it is to the centre's authenticated telemetry endpoint, where it chose to export there;
+    a client certificate is never sent over plain HTTP."""
+    if settings.otlp_cert is None and settings.otlp_key is None and settings.otlp_ca is None:
+        return None
+    if not (settings.otlp_endpoint or "").startswith("https://"):
+        raise ValueError("otlp_ca, otlp_cert and otlp_key are for an https:// otlp_endpoint "
+                         f"(it is {settings.otlp_endpoint or 'unset'})")
+    return OtlpTls(settings.otlp_ca, settings.otlp_cert, settings.otlp_key)
+
+
 def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore | None = None,
-               spans: SpanExporter | None = None) -> FastStream:
+               spans: SpanExporter | None = None, metric_reader: MetricReader | None = None) -> FastStream:
     """`images`: where pushed images are fetched from (unless given: S3 where `images_s3` says so, else the bus's
-    object store); `spans`: where the spans go (unless given: OTLP where `otlp_endpoint` says so, else nowhere)."""
+    object store); `spans`, `metric_reader`: where the spans and metrics go (unless given: OTLP where `otlp_endpoint`
+    says so, else nowhere: a site's telemetry stays at the site unless it is configured to leave)."""
     key = KeyPair.load(settings.key_file)
     policies = PolicyFile(settings.policy_file)
     context = ContextRepo()
     plan = site_wiring(settings)
-    provider = tracer_provider(f"site-worker-{settings.site_id}", settings.otlp_endpoint, spans)
-    broker = NatsBroker(settings.nats_url, logger=None, context=context,
-                        middlewares=nats_middlewares(f"site-worker-{settings.site_id}", provider=provider),
+    told = telemetry(f"site-worker-{settings.site_id}", settings.otlp_endpoint, spans=spans,
+                     metric_reader=metric_reader, tls=otlp_tls(settings))
+    broker = NatsBroker(settings.nats_url, logger=None, context=context, middlewares=told.middlewares(),
                         **connection_options(plan.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
-    outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url, settings.nats_creds))
+    outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url, settings.nats_creds),
+                           meters=told.meters)
     site = Site(settings, key, runner, outlets, plan.source, policies, Review(settings.review_file),
                 AuditLog(settings.audit_file, key), asyncio.Lock(),
                 images or (s3_store(settings.images_s3) if settings.images_s3 else BusImageStore(broker)),
                 Capacity.of(runner, settings.gpus),
                 Cancellations(lambda: broker.key_value(subjects.CANCELLED_BUCKET, declare=False),
-                              settings.scheduler_public_key), provider.get_tracer("site_worker"))
+                              settings.scheduler_public_key), told.tracer_provider.get_tracer("site_worker"),
+                told.meters)
     context.set_global("site", site)
     app = FastStream(broker)
     tasks: list[asyncio.Task[None]] = []
@@ -312,6 +349,10 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    @app.after_shutdown
+    async def send_the_rest() -> None:
+        await asyncio.to_thread(told.shutdown)  # the last spans and metrics leave (a blocking HTTP call), if any
 
     return app
 

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from faststream import FastStream
 from faststream.context import ContextRepo
 from faststream.nats import NatsBroker
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace.export import SpanExporter
 from pydantic_settings import BaseSettings
 from sqlalchemy import text
 
-from assay_telemetry import nats_middlewares
+from assay_telemetry import Telemetry, telemetry
+from assay_telemetry.metrics import OUTBOX_LAG
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from service_kit.actors import KnownActor, RetiredKey
 from service_kit.alive import keep_alive
 from service_kit.connection import connection_options, inbox_of
 from service_kit.db import Database, create_tables, make_engine
+from service_kit.gauges import OUTBOX, Gauges, Sample
 from service_kit.inbox import ProcessedMessage
 from service_kit.outbox import OutboxMessage, Relay
+from service_kit.replay import JetStreamMessages, Replays
 from service_kit.trust import Trust
 from service_kit.wiring import Wiring
 from service_kit.work import Units
@@ -59,26 +64,39 @@ class ServiceApp(FastStream):
     relay: Relay
     wiring: Wiring
     units: Units
+    replays: Replays  # its consumers' dead letters the operator replays, and where it reads their messages back
+    telemetry: Telemetry
+    gauges: Gauges
 
 
 def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
                 context: Mapping[str, Any] | None = None,
-                on_start: Callable[[Units], Awaitable[None]] | None = None) -> ServiceApp:
-    """`context` holds what handlers ask for by name (the job terms, say); `on_start` runs once the tables exist."""
+                on_start: Callable[[Units], Awaitable[None]] | None = None, samples: Sequence[Sample] = (),
+                spans: SpanExporter | None = None, metric_reader: MetricReader | None = None) -> ServiceApp:
+    """`context` holds what handlers ask for by name (the job terms, say); `on_start` runs once the tables exist;
+    `samples` are the gauges read from its store besides its outbox's. Spans and metrics go to `spans` and
+    `metric_reader` where given (a test's), else over OTLP where `otlp_endpoint` says, else nowhere."""
     signer, trust = settings.signer_and_trust()
-    broker = NatsBroker(settings.nats_url, middlewares=nats_middlewares(wiring.owner, settings.otlp_endpoint),
+    told = telemetry(wiring.owner, settings.otlp_endpoint, spans=spans, metric_reader=metric_reader)
+    broker = NatsBroker(settings.nats_url, middlewares=told.middlewares(),
                         logger=None, context=ContextRepo({"trust": trust, **(context or {})}),
                         **connection_options(wiring.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
     db = Database(make_engine(settings.database_url))
-    units = Units(db, wiring, signer)
-    outlets = wiring.declare(broker, units, trust, inbox=inbox_of(settings.nats_url, settings.nats_creds))
+    units = Units(db, wiring, signer, told.meters)
+    replays = Replays(wiring.owner, units, JetStreamMessages(broker), trust)
+    broker.context.set_global("replays", replays)
+    outlets = wiring.declare(broker, units, trust, inbox=inbox_of(settings.nats_url, settings.nats_creds),
+                             meters=told.meters, replays=replays)
 
     async def set_aside(row: OutboxMessage, reason: str) -> None:
         await outlets.dead_letter(wiring.outbox_consumer, row.subject, row.message_id, 1, reason)
 
-    relay = Relay(db, outlets.publish, set_aside=set_aside)
+    relay = Relay(db, outlets.publish, set_aside=set_aside,
+                  waited=lambda seconds: told.meters.record(OUTBOX_LAG, seconds))
+    gauges = Gauges(db.engine, told.meters, [OUTBOX, *samples])
     app = ServiceApp(broker)
-    app.db, app.relay, app.wiring, app.units = db, relay, wiring, units
+    app.db, app.relay, app.wiring, app.units, app.telemetry, app.gauges = db, relay, wiring, units, told, gauges
+    app.replays = replays
     tasks: list[asyncio.Task[None]] = []
 
     @app.on_startup
@@ -87,9 +105,12 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
 
     @app.after_startup
     async def start_relay() -> None:
-        if on_start is not None:
-            await on_start(units)
+        if on_start is not None:  # in a span of its own: what it stages is published as part of its trace
+            with told.tracer_provider.get_tracer("service_kit").start_as_current_span(f"{wiring.owner} start"):
+                await on_start(units)
         tasks.append(asyncio.create_task(relay.run(), name=f"{wiring.owner}-outbox-relay"))
+        if told.measured:  # nothing reads the gauges otherwise: the store is not sampled for nothing
+            tasks.append(asyncio.create_task(gauges.run(), name=f"{wiring.owner}-gauges"))
         if settings.alive_file is not None:
 
             async def bus() -> bool:
@@ -107,15 +128,19 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
     async def stop_relay() -> None:
         relay.stop()
         for task in tasks:
-            if task.get_name().endswith("-alive"):
+            if task.get_name().endswith(("-alive", "-gauges")):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task  # the relay finishes the flush in progress, then returns
         with contextlib.suppress(Exception):  # the bus may be gone; rows stay for the next start
             await relay.flush()
+        if told.measured:
+            with contextlib.suppress(Exception):  # the gauges' last word, for the last export
+                await gauges.refresh()
 
     @app.after_shutdown
     async def close_database() -> None:
         await db.close()
+        await asyncio.to_thread(told.shutdown)  # the last metrics and spans leave (a blocking HTTP call)
 
     return app

@@ -4,7 +4,8 @@ becomes of a message whose handler cannot do its work.
 A handler is a typed function of its envelope and its dependencies (`UnitOfWork`, `Delivery`, ...). `Edge` is the
 faststream middleware around all of them: it checks the message against the handler's payload type, runs the
 handler inside the unit of work (the inbox check and the transaction), and turns the outcome into an ack, a nack
-with a delay, a dead letter or a command's reply. Nothing is dropped silently and a failure always says why.
+with a delay, a dead letter or a command's reply (or, for a dead letter's message the operator replays, what became
+of it). Nothing is dropped silently and a failure always says why.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from faststream import BaseMiddleware, Depends
 from faststream.exceptions import NackMessage
 from faststream.message import StreamMessage
 from faststream.nats.annotations import NatsMessage
+from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from pydantic import ValidationError
 
 from contracts.envelope import Envelope, Payload, describe, utcnow
-from contracts.messages import CommandReply
+from contracts.messages import CommandReply, ReplayOutcome
 from service_kit.spans import annotate, failed
 
 log = logging.getLogger(__name__)
@@ -48,15 +50,18 @@ class DeliveryInfo:
     attempt: int      # 1 for the first delivery; JetStream counts redeliveries, a core message has one
     subject: str      # the subject it was published on
     message_id: str   # its Nats-Msg-Id, else the id faststream gave it
+    stream: str | None = None    # the stream that keeps it, and its sequence there: where a replay reads it back
+    sequence: int | None = None
 
 
 def delivery_of(message: NatsMessage) -> DeliveryInfo:
     raw = message.raw_message
     try:
-        attempt = raw.metadata.num_delivered or 1
-    except NotJSMessageError:  # a request on core NATS; a test broker's message without a JetStream ack subject
-        attempt = 1
-    return DeliveryInfo(attempt, raw.subject, message.headers.get("Nats-Msg-Id", message.message_id))
+        metadata = raw.metadata
+        attempt, stream, sequence = metadata.num_delivered or 1, metadata.stream, metadata.sequence.stream
+    except NotJSMessageError:  # a request on core NATS; a test broker's message without a JetStream ack subject; a
+        attempt, stream, sequence = 1, None, None  # replay
+    return DeliveryInfo(attempt, raw.subject, message.headers.get("Nats-Msg-Id", message.message_id), stream, sequence)
 
 
 Delivery = Annotated[DeliveryInfo, Depends(delivery_of)]
@@ -109,7 +114,28 @@ class Checks(Protocol):
 class DeadLetters(Protocol):
     """Where what a consumer gives up on goes: `assay.v1.dlq.<consumer>`, with the reason."""
 
-    async def dead_letter(self, consumer: str, subject: str, message_id: str, deliveries: int, error: str) -> None: ...
+    async def dead_letter(self, consumer: str, subject: str, message_id: str, deliveries: int, error: str, *,
+                          stream: str | None = None, sequence: int | None = None) -> None: ...
+
+
+class Replay(Msg):
+    """A dead letter's message read back from its stream for the operator, handed to its consumer's subscriber as if
+    delivered: the edge runs it as it runs a delivery and says here what became of it. It is no delivery of the
+    server's, so nothing acknowledges it, delivers it again later or dead-letters it again."""
+
+    outcome: ReplayOutcome | None = None
+    reason: str = ""
+
+    @classmethod
+    def of(cls, subject: str, data: bytes, headers: dict[str, str]) -> Replay:
+        """The message as its stream keeps it; acknowledged already, so faststream's acknowledgement does nothing."""
+        return cls(_client=None, subject=subject, data=data, headers=headers, _ackd=True)  # type: ignore[arg-type]
+
+    def settle(self, outcome: ReplayOutcome, reason: str = "") -> None:
+        self.outcome, self.reason = outcome, reason
+
+
+DUPLICATE = object()  # what the edge's run gives for a message its consumer processed already
 
 
 @dataclass(frozen=True)
@@ -120,6 +146,8 @@ class Route:
     payload: type[Payload]
     answers: bool = False           # a request: every outcome is a reply
     inbox: bool = True              # False for queries, which change nothing
+    unit: bool = True               # False: the handler opens its own units of work (a replay runs its consumer's
+    # handler in the consumer's own, and the consumer's inbox, not the command's, makes it happen once)
 
     def expect(self, body: bytes) -> Envelope[Payload]:
         """The envelope in `body`, or ValidationError unless it is one of this route's payload. faststream validates
@@ -149,20 +177,26 @@ class Edge:
         return _Scope(msg, context=context, edge=self)
 
     async def run(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> Any:
-        """The handler, in its unit of work; the duplicate of a processed message is not handled again."""
+        """The handler, in its unit of work; the duplicate of a processed message is not handled again (DUPLICATE). A
+        handler that opens its own units runs after its command is checked not to have been refused before."""
         if self.units is None:
             return await call_next(msg)
         async with self.units.transaction() as unit:
-            if self.route.inbox and not await unit.first_time(self.route.consumer, msg.body):
-                return CommandReply(ok=True, message="already done (the same command)") if self.route.answers else None
+            if self.route.inbox and self.route.unit and not await unit.first_time(self.route.consumer, msg.body):
+                return (CommandReply(ok=True, message="already done (the same command)") if self.route.answers
+                        else DUPLICATE)
             if self.route.answers and self.route.inbox and await unit.seen(self.route.refusals, msg.body):
                 raise Refused("this command was refused when it was first sent, and a command is never applied "
                               "later than it was first seen; sign and send a new one")
-            with context.scope("uow", unit):
-                return await call_next(msg)
+            if self.route.unit:
+                with context.scope("uow", unit):
+                    return await call_next(msg)
+        return await call_next(msg)
 
     async def consume(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> None:
         """Returning acks; NackMessage asks for a later delivery."""
+        if isinstance(msg.raw_message, Replay):
+            return await self.replay(call_next, msg, context, msg.raw_message)
         delivery, name = delivery_of(msg), self.route.payload.__name__  # type: ignore[arg-type]
         if delivery.attempt > self.retry.attempts:
             return await self.dead_letter(delivery, f"delivered {delivery.attempt} times, more than the "
@@ -187,6 +221,35 @@ class Edge:
                 raise self.later(delivery, exc, self.retry.failures, self.retry.delay_s(delivery.attempt), trace=True)
             await self.dead_letter(delivery, f"{type(exc).__name__}: {exc}", exc)
 
+    async def replay(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any,
+                     replay: Replay) -> None:
+        """A dead letter's message, run again for the operator once its cause is fixed: the same checks, inbox and
+        unit of work as any delivery of it, so it is processed once however often it is replayed. What became of it
+        is said on `replay`; a failure is the operator's to read, never delivered again nor dead-lettered anew."""
+        try:
+            envelope = self.route.expect(msg.body)
+        except ValidationError as exc:
+            return self.replayed(replay, f"invalid {self.route.payload.__name__}: {describe(exc)}")
+        annotate(envelope)
+        try:
+            if self.trust is not None:
+                self.trust.check(envelope)
+            done = await self.run(call_next, msg, context)
+        except NotYetKnown as exc:
+            self.replayed(replay, f"still unknown: {exc}")
+        except Refused as exc:
+            self.replayed(replay, str(exc))
+        except Exception as exc:
+            log.warning("%s: the replay of %s failed again", self.route.consumer, envelope.id, exc_info=exc)
+            self.replayed(replay, f"{type(exc).__name__}: {exc}")
+        else:
+            replay.settle(ReplayOutcome.ALREADY_PROCESSED if done is DUPLICATE else ReplayOutcome.PROCESSED)
+
+    @staticmethod
+    def replayed(replay: Replay, reason: str) -> None:
+        failed("replay failed", reason)
+        replay.settle(ReplayOutcome.FAILED, reason)
+
     def later(self, delivery: DeliveryInfo, exc: Exception, attempts: int, delay_s: float, *,
               trace: bool = False) -> NackMessage:
         """The nack that has the server deliver the message again after `delay_s`, said in the log once."""
@@ -200,7 +263,7 @@ class Edge:
                   delivery.attempt, error, exc_info=exc)
         failed("dead-lettered", error)
         await self.letters.dead_letter(self.route.consumer, delivery.subject, delivery.message_id, delivery.attempt,
-                                       error)
+                                       error, stream=delivery.stream, sequence=delivery.sequence)
 
     async def answer(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> Payload:
         """A request's reply: what the handler returns, or why nothing was done. A command is refused outside its

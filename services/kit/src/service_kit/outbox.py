@@ -14,11 +14,12 @@ from nats.errors import MaxPayloadError
 from nats.js.errors import BadRequestError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
-from sqlalchemy import delete, update
+from sqlalchemy import delete, func, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from contracts.envelope import Envelope, Payload, utcnow
+from contracts.envelope import Envelope, Payload, aware, utcnow
 from service_kit.inbox import ProcessedMessage
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,14 @@ def stage(session: AsyncSession, subject: str, envelope: Envelope[P]) -> None:
                               trace_headers=json.dumps(carrier)))
 
 
+async def waiting(connection: AsyncConnection) -> tuple[int, datetime | None]:
+    """How many staged messages wait to be published, and when the oldest of them was staged (None: none waits)."""
+    pending = (col(OutboxMessage.published_at).is_(None), col(OutboxMessage.set_aside).is_(None))
+    count, oldest = (await connection.execute(
+        select(func.count(), func.min(OutboxMessage.created_at)).where(*pending))).one()
+    return int(count), oldest
+
+
 SetAside = Callable[[OutboxMessage, str], Awaitable[None]]
 KEEP_PUBLISHED = timedelta(days=7)
 KEEP_PROCESSED = timedelta(days=30)
@@ -67,10 +76,12 @@ class Relay:
     """
 
     def __init__(self, db: Any, publish: Callable[[str, bytes, str], Awaitable[None]], *,
-                 set_aside: SetAside | None = None, poll_s: float = 1.0, batch: int = 256) -> None:
+                 set_aside: SetAside | None = None, poll_s: float = 1.0, batch: int = 256,
+                 waited: Callable[[float], None] | None = None) -> None:
         self._db = db
         self._publish = publish  # Outlets.publish: subject, body, Nats-Msg-Id
         self._set_aside = set_aside
+        self._waited = waited  # told how long each published message waited since it was staged (the lag metric)
         self._poll_s = poll_s
         self._batch = batch
         self._wake = asyncio.Event()
@@ -113,9 +124,15 @@ class Relay:
                     published.append(row.seq)  # type: ignore[arg-type]
             finally:
                 if published:
+                    now = utcnow()
                     async with self._db.transaction(notify=False) as session:
                         await session.exec(update(OutboxMessage).where(col(OutboxMessage.seq).in_(published))
-                                           .values(published_at=utcnow()))
+                                           .values(published_at=now))
+                    if self._waited is not None:
+                        done = set(published)
+                        for row in rows:
+                            if row.seq in done:
+                                self._waited((now - aware(row.created_at)).total_seconds())
             total += len(published)
             if len(rows) < self._batch:
                 return total

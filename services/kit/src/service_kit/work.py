@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 from faststream import Context
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from assay_telemetry.metrics import Meters, Metric
 from contracts.catalog import EVENT_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
@@ -24,10 +25,23 @@ P = TypeVar("P", bound=Payload)
 class Transaction:
     """One message's unit of work: what `session` changes and what `emit` and `send` stage commit together."""
 
-    def __init__(self, session: AsyncSession, wiring: Wiring, signer: KeyPair) -> None:
+    def __init__(self, session: AsyncSession, wiring: Wiring, signer: KeyPair, meters: Meters | None = None) -> None:
         self.session = session
         self._wiring = wiring
         self._signer = signer
+        self._meters = meters
+        self._counts: list[tuple[Metric, dict[str, str]]] = []
+
+    def count(self, metric: Metric, attributes: dict[str, str]) -> None:
+        """Add one to a counter once the transaction commits: what was rolled back (and will be handled again) is
+        never counted."""
+        self._counts.append((metric, attributes))
+
+    def committed(self) -> None:
+        if self._meters is not None:
+            for metric, attributes in self._counts:
+                self._meters.add(metric, attributes=attributes)
+        self._counts.clear()
 
     async def first_time(self, consumer: str, body: bytes) -> bool:
         return await first_time(self.session, consumer, body)
@@ -64,10 +78,12 @@ UnitOfWork = Annotated[Transaction, Context("uow")]
 class Units:
     """Opens a Transaction per message, for the edge."""
 
-    def __init__(self, db: Database, wiring: Wiring, signer: KeyPair) -> None:
-        self.db, self.wiring, self.signer = db, wiring, signer
+    def __init__(self, db: Database, wiring: Wiring, signer: KeyPair, meters: Meters | None = None) -> None:
+        self.db, self.wiring, self.signer, self.meters = db, wiring, signer, meters
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         async with self.db.transaction() as session:
-            yield Transaction(session, self.wiring, self.signer)
+            unit = Transaction(session, self.wiring, self.signer, self.meters)
+            yield unit
+        unit.committed()

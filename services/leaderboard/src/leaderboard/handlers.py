@@ -10,6 +10,7 @@ from typing import Annotated
 
 from faststream import Context
 
+from assay_telemetry.metrics import CHECK, OUTCOME, RESULTS
 from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.sealing import seal
@@ -135,7 +136,8 @@ async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery:
     store = Store(uow.session)
     await judge(store, uow, result, delivery.subject, trust, boards)
     for stale, _, waited in await store.unpark(parked_before=utcnow() - park.wait):
-        reject(uow, stale, f"{waited}: not known here after {park.wait}; not counted (register it, then re-send)")
+        reject(uow, stale, f"{waited}: not known here after {park.wait}; not counted (register it, then re-send)",
+               NOT_KNOWN)
 
 
 async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], subject: str, trust: Trust,
@@ -170,17 +172,20 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
         uow.emit(CheckCompleted(job_id=job.job_id, site_id=site_result.site_id, benchmark_id=bound.benchmark_id,
                                 kind=job.check.kind, entity_id=job.check.entity_id, sealed_metrics=sealed,
                                 case_count=bound.case_count), id=f"check-{job.job_id}")
+        uow.count(RESULTS, {OUTCOME: "check"})
         return
     if verdict.ok:
         bound = site_result.binding
         withdrawn = await store.withdrawn(benchmark.benchmark_id, [(bound.model_id, job.model_owner,
                                                                     site_result.site_id, bound.dataset_id)])
         if not counts(bound.model_id, bound.dataset_id, site_result.finished_at, withdrawn):
-            return reject(uow, result, f"withdrawn: {'; '.join(marks(bound.model_id, [bound.dataset_id], withdrawn))}")
+            return reject(uow, result, f"withdrawn: {'; '.join(marks(bound.model_id, [bound.dataset_id], withdrawn))}",
+                          WITHDRAWN)
     if not verdict.ok:
-        return reject(uow, result, verdict.reason)
+        return reject(uow, result, verdict.reason, str(verdict.check))
     await store.record(result)
     uow.emit(ResultAccepted(job_id=site_result.job_id, site_id=site_result.site_id, binding=site_result.binding))
+    uow.count(RESULTS, {OUTCOME: "accepted"})
     board, _ = await current(store, benchmark, boards)
     uow.emit(announcement(board, benchmark, site_result.binding.model_id))
 
@@ -191,11 +196,18 @@ async def release(store: Store, uow: Transaction, waiting_for: str, trust: Trust
         await judge(store, uow, parked, subject, trust, boards)
 
 
-def reject(uow: Transaction, result: Envelope[SiteResult], reason: str) -> None:
+# what a rejection's `assay.check` says besides the checks of domain.Check: the pair was withdrawn before the result
+# finished, or its site or benchmark was still not known here when it had waited its time
+WITHDRAWN, NOT_KNOWN = "withdrawn", "not_known"
+
+
+def reject(uow: Transaction, result: Envelope[SiteResult], reason: str, check: str) -> None:
+    """Refuse it, with the reason, and count it by the check it failed."""
     log.warning("rejected result %s of job %s from site %s: %s", result.id, result.data.job_id,
                 result.data.site_id, reason)
     uow.emit(ResultRejected(message_id=result.id, site_id=result.data.site_id, job_id=result.data.job_id,
                             reason=reason))
+    uow.count(RESULTS, {OUTCOME: "rejected", CHECK: check})
 
 
 async def show_leaderboard(query: Envelope[ShowLeaderboard], uow: UnitOfWork, boards: Made) -> Leaderboard:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace.export import SpanExporter
+
 from leaderboard.config import Settings
 from leaderboard.current import Boards
 from leaderboard.handlers import WIRING, ParkingTerms
@@ -11,7 +14,10 @@ from leaderboard.models import TABLES
 from service_kit.app import ServiceApp, service_app
 
 
-def create_app(settings: Settings | None = None) -> ServiceApp:
+def create_app(settings: Settings | None = None, spans: SpanExporter | None = None,
+               metric_reader: MetricReader | None = None) -> ServiceApp:
+    """`spans`, `metric_reader`: where its telemetry goes (a test's; else OTLP where `otlp_endpoint` says)."""
     settings = settings or Settings()
     parking = ParkingTerms(wait=timedelta(minutes=settings.park_minutes))
-    return service_app(WIRING, settings, TABLES, context={"parking": parking, "boards": Boards()})
+    return service_app(WIRING, settings, TABLES, context={"parking": parking, "boards": Boards()}, spans=spans,
+                       metric_reader=metric_reader)

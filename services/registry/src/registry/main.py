@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace.export import SpanExporter
+
 from contracts import messages as m
 from contracts.signing import check_public_key
 from registry.config import Settings
@@ -12,7 +15,9 @@ from service_kit.app import ServiceApp, service_app
 from service_kit.work import Units
 
 
-def create_app(settings: Settings | None = None) -> ServiceApp:
+def create_app(settings: Settings | None = None, spans: SpanExporter | None = None,
+               metric_reader: MetricReader | None = None) -> ServiceApp:
+    """`spans`, `metric_reader`: where its telemetry goes (a test's; else OTLP where `otlp_endpoint` says)."""
     settings = settings or Settings()
     if not settings.operator_public_key:
         raise ValueError("ASSAY_REGISTRY_OPERATOR_PUBLIC_KEY is not set: the registry needs the operator's public key")
@@ -25,4 +30,4 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
                 enrol(uow, settings.operator_id, m.Role.OPERATOR, operator_key, "Operator",
                       event_id=f"actor-registered-{settings.operator_id}")
 
-    return service_app(WIRING, settings, TABLES, on_start=enrol_operator)
+    return service_app(WIRING, settings, TABLES, on_start=enrol_operator, spans=spans, metric_reader=metric_reader)

@@ -17,7 +17,8 @@ from contracts import subjects
 from contracts.envelope import Envelope, aware, utcnow
 from contracts.signing import KeyPair
 from scheduling.domain import PlannedDataset, dataset_check, model_check, plan_jobs
-from scheduling.models import Benchmark, Dataset, DeadLetter, ImageKey, Job, Member, Model
+from contracts.catalog import service_of
+from scheduling.models import Benchmark, Dataset, DeadLetter, ImageKey, Job, LetterReplay, Member, Model
 from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation, suspended_ids
 from service_kit.edge import Delivery, NotYetKnown, Refused
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
@@ -412,9 +413,6 @@ async def again(uow: Transaction, job: Job, dispatch: Dispatch) -> str:
     return spec.job_id
 
 
-SITE_QUEUE = re.compile(r"^site-(?P<site>[a-z0-9][a-z0-9_-]{0,62})-jobs$")
-
-
 async def record_dead_letter(letter: Envelope[m.DeadLetter], uow: UnitOfWork, delivery: Delivery) -> None:
     """Keep what a consumer gave up on, for the operator. A site that gave up on a job it never reported on (a
     message it could not read, say) leaves that job FAILED with the reason, never SCHEDULED for ever; a site speaks
@@ -423,12 +421,12 @@ async def record_dead_letter(letter: Envelope[m.DeadLetter], uow: UnitOfWork, de
     if await session.get(DeadLetter, letter.id) is None:
         session.add(DeadLetter(letter_id=letter.id, consumer=said.consumer, subject=said.subject,
                                message_id=said.message_id, deliveries=said.deliveries, error=said.error[:4000],
-                               at=letter.time))
-    queue = SITE_QUEUE.fullmatch(said.consumer)
-    if queue is None or delivery.subject != subjects.dead_letter(said.consumer):
+                               at=letter.time, stream=said.stream, sequence=said.sequence))
+    site = subjects.site_of_queue(said.consumer)
+    if site is None or delivery.subject != subjects.dead_letter(said.consumer):
         return
     job = await session.get(Job, said.message_id, with_for_update=True)
-    if job is None or job.site_id != queue["site"] or job.status not in (*OPEN, m.JobState.RUNNING.value):
+    if job is None or job.site_id != site or job.status not in (*OPEN, m.JobState.RUNNING.value):
         return
     if job.status == m.JobState.HELD.value:
         return  # its result waits at the site: what was dead-lettered is a replay of it
@@ -448,9 +446,29 @@ async def list_dead_letters(query: Envelope[m.ListDeadLetters], uow: UnitOfWork)
     if asked.letter_id is not None:
         chosen = chosen.where(DeadLetter.letter_id.startswith(asked.letter_id, autoescape=True))  # type: ignore[attr-defined]
     rows = (await uow.session.exec(chosen.order_by(col(DeadLetter.at).desc()).limit(asked.limit))).all()
+    replays: dict[tuple[str, str], list[m.LetterReplay]] = {}
+    for replay in (await uow.session.exec(select(LetterReplay).where(
+            col(LetterReplay.consumer).in_({row.consumer for row in rows})).order_by(col(LetterReplay.at)))).all():
+        replays.setdefault((replay.consumer, replay.message_id), []).append(m.LetterReplay(
+            outcome=m.ReplayOutcome(replay.outcome), reason=replay.reason, replayed_by=replay.replayed_by,
+            at=aware(replay.at)))
     return m.DeadLetterList(letters=tuple(m.DeadLetterView(
         letter_id=row.letter_id, consumer=row.consumer, subject=row.subject, message_id=row.message_id,
-        deliveries=row.deliveries, error=row.error, at=aware(row.at)) for row in rows))
+        deliveries=row.deliveries, error=row.error, at=aware(row.at), stream=row.stream, sequence=row.sequence,
+        replays=tuple(replays.get((row.consumer, row.message_id), ()))) for row in rows))
+
+
+async def record_replay(replayed: Envelope[m.DeadLetterReplayed], uow: UnitOfWork) -> None:
+    """What became of a letter's message that the operator had run again, as the service that ran it said (signed by
+    it): kept with every letter of that message, for `assay dead-letters list|show`. A service speaks only of its
+    own consumers."""
+    said = replayed.data
+    if service_of(said.consumer) != said.service:
+        raise Refused(f"{said.service} told of a replay of {said.consumer}, which is not one of its consumers")
+    if await uow.session.get(LetterReplay, replayed.id) is None:
+        uow.session.add(LetterReplay(replay_id=replayed.id, consumer=said.consumer, message_id=said.message_id,
+                                     outcome=said.outcome.value, reason=said.reason, replayed_by=said.replayed_by,
+                                     at=replayed.time))
 
 
 async def mark_done(accepted: Envelope[m.ResultAccepted], uow: UnitOfWork) -> None:
@@ -474,7 +492,7 @@ WIRING = Wiring(
     consumers=(*(Consumer(handle) for handle in (learn_actor, learn_benchmark, learn_approval, learn_model,
                                                  learn_dataset, learn_association, learn_revocation, learn_archival,
                                                  learn_edit, learn_suspension, learn_rotation, learn_request,
-                                                 mark_done, mark_checked)),
+                                                 mark_done, mark_checked, record_replay)),
                Consumer(record_report, subject=subjects.REPORTS_ALL),
                Consumer(record_dead_letter, subject=subjects.DEAD_LETTERS_ALL)),
     requests=(Request(list_jobs), Request(get_job), Request(grant_image_key), Request(retry_jobs),

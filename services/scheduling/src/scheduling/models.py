@@ -84,6 +84,23 @@ class DeadLetter(SQLModel, table=True):
     deliveries: int
     error: str
     at: datetime = Field(sa_column=Column(DateTime(timezone=True)))
+    stream: str | None = None  # where its message is kept, for a replay (a letter of an outbox has none)
+    sequence: int | None = None
 
 
-TABLES = [t.__table__ for t in (Benchmark, Model, Dataset, Member, Job, ImageKey, DeadLetter)]  # type: ignore[attr-defined]
+class LetterReplay(SQLModel, table=True):
+    """One replay of a dead letter's message, as the service that owns its consumer said (DeadLetterReplayed): kept
+    by consumer and message, so it stands by every letter of that message."""
+
+    __tablename__ = "sched_letter_replay"
+    replay_id: str = Field(primary_key=True)  # the event's id
+    consumer: str = Field(index=True)
+    message_id: str
+    outcome: str
+    reason: str
+    replayed_by: str
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True)))
+
+
+TABLES = [t.__table__ for t in (Benchmark, Model, Dataset, Member, Job, ImageKey, DeadLetter,  # type: ignore[attr-defined]
+                                LetterReplay)]
