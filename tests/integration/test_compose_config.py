@@ -580,9 +580,12 @@ def compose_databases(postgres_server: str, dotenv: dict[str, str]) -> Iterator[
         assert done.returncode == 0, done.stderr
         yield hostport, pg_env
     finally:
-        drops = "".join(f"DROP DATABASE IF EXISTS {n} WITH (FORCE); DROP ROLE IF EXISTS {n};" for n in SERVICES)
-        subprocess.run(["psql", "-h", str(server.hostname), "-p", str(server.port), "-U", "postgres", "-d", "postgres",
-                        "-c", drops], capture_output=True)
+        # one -c each: DROP DATABASE cannot run in the one transaction a multi-statement string is
+        drops = [arg for n in SERVICES for arg in ("-c", f"DROP DATABASE IF EXISTS {n} WITH (FORCE)",
+                                                    "-c", f"DROP ROLE IF EXISTS {n}")]
+        dropped = subprocess.run(["psql", "-h", str(server.hostname), "-p", str(server.port), "-U", "postgres", "-d",
+                                  "postgres", "-v", "ON_ERROR_STOP=1", *drops], capture_output=True, text=True)
+        assert dropped.returncode == 0, dropped.stderr
 
 
 @pytest.mark.postgres

@@ -1,9 +1,10 @@
 """The platform's images as `just images` builds them: FROM the local Debian base, with a wheelhouse made on this host
-and no network in the build. Then they run as compose runs them: a nats-server with compose's own nats.conf and the
-roster `assay bus init` and `assay bus enrol` make, `assay provision` from the image declaring the streams as the
-provisioner's nkey, the four services and a site worker as containers (host networking: no image can be pulled here
-for nats or postgres) each as its own nkey; and a benchmark run through the CLI, every actor as its own NATS user,
-with the demo's real model and evaluator containers, reaches the board."""
+and no network in the build. Then they run as compose runs them: PostgreSQL with compose's init script (a database and
+a role per service), a nats-server with compose's own nats.conf and the roster `assay bus init` and `assay bus enrol`
+make, `assay provision` from the image declaring the streams as the provisioner's nkey, the four services and a site
+worker as containers (host networking: no image can be pulled here for nats or postgres), each as its own nkey; and a
+benchmark run through the CLI, every actor as its own NATS user, with the demo's real model and evaluator
+containers, reaches the board."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from assay.platform import Platform, read_ports_file
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from tests.conftest import nats_binary, require
-from tests.integration.test_compose_config import NATS_CONF, bus
+from tests.integration.test_compose_config import NATS_CONF, bus, compose_databases, dotenv  # noqa: F401 (fixtures)
 from tests.integration.test_checks_cli import until
 from tests.integration.test_consent_cli import cli
 from tests.support.federation import Federation
@@ -240,9 +241,10 @@ def shared_root() -> Iterator[Path]:
 
 
 @pytest.mark.docker
+@pytest.mark.postgres
 async def test_the_built_images_run_the_platform_and_a_benchmark_through_the_cli_reaches_the_board(
         platform_images: dict[str, str], docker_client: Any, shared_root: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, compose_databases: tuple[str, dict[str, str]]) -> None:  # noqa: F811
     require(os.geteuid() == 0, "root (the test gives its state folder to the images' user)")
     build_demo_images(docker_client, tmp_path / "demo-build")  # the preparator, models and evaluator the site runs
     central, site_image = platform_images[CENTRAL.tag], platform_images[SITE_IMAGE.tag]  # by id: what was built
@@ -277,8 +279,15 @@ async def test_the_built_images_run_the_platform_and_a_benchmark_through_the_cli
             (root / "services").mkdir()
             platform = Platform(Home(root), nats_url=nats_url)  # `assay up`'s settings for each process
             give_to_image_user(root)
+            pg_hostport, pg_env = compose_databases  # compose's init script: a database and a role per service
+
+            def database(name: str) -> str:
+                return (f"postgresql+asyncpg://{name}:{pg_env[f'POSTGRES_{name.upper()}_PASSWORD']}@{pg_hostport}"
+                        f"/{name}")
+
             services = [containers.run(central, [name], {
                             **platform.service_env(name), f"ASSAY_{name.upper()}_ALIVE_FILE": ALIVE,
+                            f"ASSAY_{name.upper()}_DATABASE_URL": database(name),
                             f"ASSAY_{name.upper()}_NATS_CREDS": str(seeds / f"nats-{name}.nk")}) for name in SERVICES]
             for container in services:
                 await containers.healthy(container)
