@@ -10,9 +10,10 @@ default:
 demo *ARGS:
     {{bin}}/assay demo {{ARGS}}
 
-# start the platform (nats-server, four services, a worker per site); Ctrl-C stops it
-up:
-    {{bin}}/assay up
+# start the platform (nats-server, four services, a worker per site); Ctrl-C stops it; takes `assay up` options
+# (just up --cluster 3 --replicas 2 --postgres URL)
+up *ARGS:
+    {{bin}}/assay up {{ARGS}}
 
 # the platform's images (assay-central:dev, assay-site:dev): a local Debian base, a wheelhouse made here, docker build
 # --network none; takes `assay images build` options (just images --image site)

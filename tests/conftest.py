@@ -101,42 +101,21 @@ async def js(nats_url: str) -> AsyncIterator[nats.js.JetStreamContext]:
 # --- PostgreSQL: a private cluster on a random port, as the `postgres` user (initdb refuses root) -----------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def postgres_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """Base URL (no database) of a throwaway PostgreSQL cluster with trust auth on loopback."""
     from _pytest.mark.expression import Expression
 
+    from tests.support.postgres import private_postgres, server_binaries
+
     selected = request.config.option.markexpr
     if selected and not Expression.compile(selected).evaluate(lambda name: name == "postgres"):
         pytest.fail(f"a test without the postgres marker started PostgreSQL under -m {selected!r}: mark it")
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    require(bool(bins), "PostgreSQL server binaries (apt-get install postgresql)")
-    bindir = bins[-1].parent
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="assay-pg-"))  # not under pytest's 0700 root: postgres must reach it
-    os.chmod(root, 0o777)
-    data = root / "data"
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    port = _free_port()
-    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
-                    "-o", f"-h 127.0.0.1 -p {port} -k {root}", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+    bindir = server_binaries()
+    require(bindir is not None, "PostgreSQL server binaries (apt-get install postgresql)")
+    assert bindir is not None
+    with private_postgres(bindir) as url:
+        yield url
 
 
 async def new_database(server: str) -> str:

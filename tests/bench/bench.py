@@ -16,11 +16,14 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 if str(HERE) not in sys.path:  # `python -m` or an import from elsewhere: the sibling modules live here
     sys.path.insert(0, str(HERE))
+if str(ROOT) not in sys.path:  # tests.support (a private PostgreSQL for --cluster)
+    sys.path.insert(1, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
@@ -43,23 +46,43 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-containers", action="store_true", help="skip (b), the container overhead")
     p.add_argument("--skip-board", action="store_true", help="skip (c), the board at committee scale")
     p.add_argument("--keep", action="store_true", help="keep the platform's home folder (logs, databases)")
+    p.add_argument("--load", type=lambda text: [float(x) for x in text.split(",") if x], default=[0.25, 0.5, 0.75],
+                   help="offered loads for the latency sweep, as fractions of the rounds' maximum jobs/s "
+                        "(default 0.25,0.5,0.75; empty: no sweep)")
+    p.add_argument("--load-s", type=float, default=4.0, help="seconds offered at each load (default 4)")
+    p.add_argument("--ingest", type=int, default=1000,
+                   help="results waiting in the stream for the ingest measurement (default 1000; 0: none)")
+    p.add_argument("--plot", type=Path, default=ROOT / "benchmarks-latency.png",
+                   help="where the plot of latency against offered load goes")
+    p.add_argument("--cluster", action="store_true",
+                   help="run (a) again on a 3-node NATS cluster (streams R3) with two replicas of every service on "
+                        "PostgreSQL, and compare its board with the single server's")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.cluster and args.skip_flow:
+        p.error("--cluster compares its board with that of (a) on one server in the same run: drop --skip-flow")
+    return args
 
 
-def run_flow(args: argparse.Namespace, console: Console) -> dict[str, object]:
+def run_flow(args: argparse.Namespace, console: Console, **scale: Any) -> dict[str, Any]:
+    """(a) on a platform made with `scale` (Platform's cluster, replicas, database); with --cluster, the final board
+    too (`final_board`, for the comparison of the two runs)."""
+    from bench_cluster import final_board
     from bench_flow import flow
 
     home = Home(Path(tempfile.mkdtemp(prefix="assay-bench-")))
     for name in ("operator", "committee", "vendor"):
         KeyPair.generate().save(home.key_file(name))
-    platform = Platform(home)
+    platform = Platform(home, **scale)
     ok = False
     try:
         platform.start()
         result = asyncio.run(flow(platform, args.sites, args.rounds, args.models_per_round, args.raw_messages,
-                                  args.raw_reps, args.idle_s, lambda s: console.print(f"  [dim]·[/dim] {s}")))
+                                  args.raw_reps, args.idle_s, lambda s: console.print(f"  [dim]·[/dim] {s}"),
+                                  load_fractions=args.load, load_s=args.load_s, ingest_results=args.ingest))
+        if args.cluster:
+            result["final_board"] = asyncio.run(final_board(platform))
         ok = True
         return result
     finally:
@@ -84,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_flow:
         console.rule("[bold](a) jobs through the platform vs raw JetStream")
         results["flow"] = run_flow(args, console)
+    if args.cluster:
+        from bench_cluster import compare, scaled_out
+
+        console.rule("[bold](a) again on a 3-node NATS cluster, R3, two replicas of every service on PostgreSQL")
+        with scaled_out() as scale:
+            results["cluster"] = run_flow(args, console, **scale) | scale
+        results["cluster"]["database"] = "PostgreSQL (a private cluster of this run)"
+        results["cluster"]["board"] = compare(results["flow"].pop("final_board"),
+                                              results["cluster"].pop("final_board"))
     if not args.skip_containers:
         from bench_containers import measure
 
@@ -98,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    args.markdown.write_text(markdown(results))
+    if (load := (results.get("flow") or {}).get("load")) and args.plot:  # type: ignore[attr-defined]
+        from bench_load import plot
+
+        plot(load, args.plot)
+        results["plot"] = args.plot.name
+    args.markdown.write_text(markdown(results, args.markdown.read_text() if args.markdown.exists() else ""))
     console.print(table(results))
     console.print(f"wrote {args.out} and {args.markdown} in {results['wall_s']} s")
     return 0

@@ -13,7 +13,8 @@ import os
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,16 @@ from nats.js.api import StorageType, StreamConfig
 
 from assay.home import Home
 from assay.platform import Platform
+from bench_bus import bus_counts, per_job, wait_quiet
+from bench_ingest import ingest
+from bench_load import sweep
 from bench_observer import Observer
 from bench_sites import NoopRunner, approve_models, make_sites, setup
+from service_kit.connection import servers
 from site_worker.main import create_app
 
 RAW_BODY_BYTES = 1024  # about the size of a signed job envelope
+SITE_THREADS = 32  # the threads the simulated sites share for their file work (one worker alone has min(32, cpus + 4))
 RAW_ROUND_TRIPS = 100
 ROUND_TIMEOUT_S = 180.0
 
@@ -53,16 +59,17 @@ def cpu_of(pids: dict[str, int]) -> dict[str, float]:
 # --- the baseline: raw JetStream -----------------------------------------------------------------------------------
 
 
-async def raw_jetstream(nats_url: str, messages: int, rep: int) -> dict[str, float]:
+async def raw_jetstream(nats_url: str, messages: int, rep: int, replicas: int = 1) -> dict[str, float]:
     """Publish `messages` with Nats-Msg-Id (awaiting each ack), then consume them with a durable pull consumer,
-    acking each: the bare cost of one message through the server the platform uses. Then the latency of one
-    message: publish it to a consumer already waiting for it, until it is delivered and acked."""
-    nc = await nats.connect(nats_url)
+    acking each: the bare cost of one message through the server the platform uses (on a cluster, a stream kept on
+    `replicas` servers, as the platform's are). Then the latency of one message: publish it to a consumer already
+    waiting for it, until it is delivered and acked."""
+    nc = await nats.connect(servers(nats_url))
     js = nc.jetstream()
     stream, subject = f"BENCH_RAW_{rep}", f"bench.raw{rep}.job"
     try:
         await js.add_stream(StreamConfig(name=stream, subjects=[f"bench.raw{rep}.>"], storage=StorageType.FILE,
-                                         duplicate_window=120.0))
+                                         duplicate_window=120.0, num_replicas=replicas))
         body = os.urandom(RAW_BODY_BYTES // 2).hex().encode()
         start = time.perf_counter()
         for i in range(messages):
@@ -91,8 +98,8 @@ async def raw_jetstream(nats_url: str, messages: int, rep: int) -> dict[str, flo
         await nc.close()
 
 
-async def raw_baseline(nats_url: str, messages: int, reps: int) -> dict[str, Any]:
-    runs = [await raw_jetstream(nats_url, messages, rep) for rep in range(reps)]
+async def raw_baseline(nats_url: str, messages: int, reps: int, replicas: int = 1) -> dict[str, Any]:
+    runs = [await raw_jetstream(nats_url, messages, rep, replicas) for rep in range(reps)]
     medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     return medians | {"messages": messages, "reps": reps, "all_msgs_per_s": [round(r["msgs_per_s"], 1) for r in runs]}
 
@@ -157,7 +164,7 @@ async def run_rounds(platform: Platform, observer: Observer, runner: NoopRunner,
 
 
 async def stream_messages(nats_url: str, stream: str) -> int:
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(servers(nats_url))
     try:
         return int((await nc.jetstream().stream_info(stream)).state.messages)
     finally:
@@ -167,6 +174,7 @@ async def stream_messages(nats_url: str, stream: str) -> int:
 def scan_logs(home: Home) -> dict[str, int]:
     needles = {"database is locked": "database_locked", "dead-lettering": "dead_lettered",
                "outbox relay could not publish": "relay_publish_failed", "Traceback": "tracebacks",
+               "went on without lock": "relay_did_not_wait",  # replicas: a relay waited for another's in vain
                " ERROR ": "error_lines"}
     found = dict.fromkeys(needles.values(), 0)
     for path in home.logs.glob("*.log"):
@@ -176,11 +184,11 @@ def scan_logs(home: Home) -> dict[str, int]:
     return found
 
 
-async def health(platform: Platform, observer: Observer) -> dict[str, Any]:
+async def health(platform: Platform, observer: Observer, board: list[int]) -> dict[str, Any]:
+    """`board`: the sizes of the LeaderboardUpdated events of the rounds."""
     advisories: Counter[str] = Counter()
     for (kind, consumer), n in observer.advisories.items():
         advisories[f"{kind} {'site-*' if consumer.startswith('site-') else consumer}"] += n
-    board = observer.board_bytes
     return {
         "advisories": dict(sorted(advisories.items())),
         "dead_letters": await stream_messages(platform.nats_url, "DEAD_LETTERS"),
@@ -194,7 +202,10 @@ async def health(platform: Platform, observer: Observer) -> dict[str, Any]:
 
 
 async def flow(platform: Platform, sites_count: int, rounds: int, models_per_round: int, raw_messages: int,
-               raw_reps: int, idle_s: float, log: Log) -> dict[str, Any]:
+               raw_reps: int, idle_s: float, log: Log, *, load_fractions: Sequence[float] = (),
+               load_s: float = 5.0, ingest_results: int = 0) -> dict[str, Any]:
+    """(a); then, where asked, the latency at `load_fractions` of the rounds' maximum rate (`bench_load`) and the
+    ingest of `ingest_results` results waiting in the stream (`bench_ingest`)."""
     url = platform.nats_url
     result: dict[str, Any] = {"sites": sites_count, "rounds": rounds, "models_per_round": models_per_round}
     pids = {name: proc.pid for name, proc in platform.procs.items()}
@@ -204,7 +215,7 @@ async def flow(platform: Platform, sites_count: int, rounds: int, models_per_rou
     result["idle_cpu_cores"] = {n: round((after[n] - before[n]) / idle_s, 3) for n in pids}
     log(f"idle CPU of each process (cores): {result['idle_cpu_cores']}")
 
-    result["raw"] = await raw_baseline(url, raw_messages, raw_reps)
+    result["raw"] = await raw_baseline(url, raw_messages, raw_reps, platform.stream_replicas)
     log(f"raw JetStream: {result['raw']['msgs_per_s']:.0f} msgs/s (median of {raw_reps})")
 
     sites = make_sites(platform.home, sites_count, url)
@@ -213,14 +224,30 @@ async def flow(platform: Platform, sites_count: int, rounds: int, models_per_rou
     log(f"setup: {result['setup']['commands']:.0f} signed commands in {result['setup']['commands_s']:.1f} s")
 
     runner = NoopRunner()
+    # each site worker is a process of its own, with its own threads for its files (the audit log, the review
+    # store): the simulated sites share this process, so they share a pool sized for all of them, not for one
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=SITE_THREADS))
     apps = [create_app(site.settings, runner) for site in sites]
     start = time.perf_counter()
     observer: Observer | None = None
+    boards_in_rounds: list[int] = []
     try:
         await asyncio.gather(*(app.start() for app in apps))
         result["workers_start_s"] = time.perf_counter() - start
         observer = await Observer.start(url)
+        result["checks_s"] = await wait_quiet(url)  # the datasets' checks waited in the queues for the workers
+        counted = await bus_counts(url)
         result |= await run_rounds(platform, observer, runner, model_rounds, sites_count, log)
+        result["per_job"] = per_job(counted, await bus_counts(url), result["jobs"])
+        boards_in_rounds = list(observer.board_bytes)
+        log(f"per job: {result['per_job']['writes']} JetStream writes, {result['per_job']['deliveries']} deliveries")
+        if load_fractions:
+            result["load"] = await sweep(url, platform.home, observer, sites, result["jobs_per_s"],
+                                         list(load_fractions), load_s, log)
+        if ingest_results:
+            result["ingest"] = await ingest(platform, observer, sites, ingest_results)
+            log(f"ingest: {result['ingest']['results']} results waiting, accepted at "
+                f"{result['ingest']['results_per_s']:.0f}/s, ranked at {result['ingest']['ranked_per_s']:.0f}/s")
     finally:
         await asyncio.gather(*(app.stop() for app in apps), return_exceptions=True)
         if observer is not None:
@@ -228,5 +255,5 @@ async def flow(platform: Platform, sites_count: int, rounds: int, models_per_rou
     result["ratio_jobs_to_raw_msgs"] = result["jobs_per_s"] / result["raw"]["msgs_per_s"]
     result["ratio_latency_p50_to_raw_trip"] = result["latency_p50_s"] / result["raw"]["round_trip_p50_s"]
     result["ratio_latency_p99_to_raw_trip"] = result["latency_p99_s"] / result["raw"]["round_trip_p99_s"]
-    result |= await health(platform, observer)
+    result |= await health(platform, observer, boards_in_rounds)
     return result

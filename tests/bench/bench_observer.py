@@ -8,6 +8,7 @@ JSON line per message (also each LeaderboardUpdated's size and each consumer adv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -15,8 +16,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import nats
+
+from service_kit.connection import servers
 
 JOB_SCHEDULED = "assay.v1.evt.job.scheduled"
 RESULT_ACCEPTED = "assay.v1.evt.result.accepted"
@@ -34,7 +38,7 @@ def _epoch(text: str) -> float:
 
 
 async def observe(nats_url: str) -> None:
-    nc = await nats.connect(nats_url, max_reconnect_attempts=3)
+    nc = await nats.connect(servers(nats_url), max_reconnect_attempts=3)
     out = sys.stdout
 
     def stamp(kind: str):  # type: ignore[no-untyped-def]
@@ -57,7 +61,9 @@ async def observe(nats_url: str) -> None:
             out.flush()
 
     async def on_board(msg) -> None:  # type: ignore[no-untyped-def]
-        out.write(json.dumps({"kind": "board", "bytes": len(msg.data)}) + "\n")
+        mono, data = time.monotonic(), json.loads(msg.data)["data"]
+        out.write(json.dumps({"kind": "board", "bytes": len(msg.data), "mono": mono, "model_id": data["model_id"],
+                              "sites": data["sites"]}) + "\n")
         out.flush()
 
     await nc.subscribe(BOARD_UPDATED, cb=on_board)
@@ -85,6 +91,7 @@ class Observer:
     advisories: Counter[tuple[str, str]] = field(default_factory=Counter)
     accepted_by_model: Counter[str] = field(default_factory=Counter)
     board_bytes: list[int] = field(default_factory=list)
+    boards: list[dict[str, Any]] = field(default_factory=list)  # each LeaderboardUpdated: when, model, sites
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
 
@@ -106,6 +113,8 @@ class Observer:
             line = json.loads(raw)
             if line["kind"] == "board":
                 self.board_bytes.append(line["bytes"])
+                self.boards.append(line)
+                self.changed.set()
                 continue
             if line["kind"] == "advisory":
                 self.advisories[(line["type"], line["consumer"])] += 1
@@ -130,6 +139,22 @@ class Observer:
                 await asyncio.wait_for(self.changed.wait(), left)
             except TimeoutError:
                 pass
+
+    async def wait_board(self, models: list[str], sites: int, timeout_s: float) -> float:
+        """When the first LeaderboardUpdated came by which each of `models` was announced with `sites` sites."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done: set[str] = set()
+            for board in self.boards:
+                if board["model_id"] in models and board["sites"] == sites:
+                    done.add(board["model_id"])
+                    if len(done) == len(set(models)):
+                        return float(board["mono"])
+            self.changed.clear()
+            if (left := deadline - time.monotonic()) <= 0:
+                raise TimeoutError(f"{len(done)} of {len(set(models))} models announced with {sites} sites")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
 
     async def stop(self) -> None:
         assert self.proc.stdin is not None

@@ -70,6 +70,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("(a) CPU cores the four services burn while idle", f"{services_idle:.2f}",
              f"nats-server {f['idle_cpu_cores'].get('nats', 0):.2f}", ""),
         ]
+    out += target_rows(r)
+    out += cluster_rows(r)
     c = r.get("containers")
     if c:
         med = c["median_s"]
@@ -94,6 +96,49 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
              f"without {b['bare_result_bytes'] / 1024:.1f} KiB", f"{b['result_bytes'] / b['bare_result_bytes']:.1f}"),
         ]
     return out
+
+
+def target_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """What a job costs the bus, the latency at half the maximum rate, and the ingest of waiting results, each against
+    its target (issue 11)."""
+    f = r.get("flow") or {}
+    out: list[tuple[str, str, str, str]] = []
+    if cost := f.get("per_job"):
+        out.append(("(a) one job on the bus: JetStream writes, deliveries", f"{cost['writes']:g}, "
+                    f"{cost['deliveries']:g}", "", ""))
+    if load := f.get("load"):
+        half = min(load["levels"], key=lambda x: abs(x["fraction_of_max"] - 0.5))
+        out += [(f"(a) latency p50 at {half['fraction_of_max']:.2f} of the maximum rate "
+                 f"({half['offered_jobs_per_s']:.1f} jobs/s offered)", _ms(half["latency_p50_s"]), "target 50 ms",
+                 f"{half['latency_p50_s'] / 0.05:.1f}"),
+                ("(a) latency p99 there", _ms(half["latency_p99_s"]), "target 250 ms",
+                 f"{half['latency_p99_s'] / 0.25:.1f}")]
+    if ingest := f.get("ingest"):
+        out += [(f"(a) ingest: {ingest['results']} results waiting, verified, bound, stored",
+                 f"{ingest['results_per_s']:.0f}/s", "target 1000/s", f"{ingest['results_per_s'] / 1000:.2f}"),
+                ("(a) ingest: ... and ranked (the LeaderboardUpdated of the last)", f"{ingest['ranked_per_s']:.0f}/s",
+                 "target 1000/s", f"{ingest['ranked_per_s'] / 1000:.2f}")]
+    return out
+
+
+def cluster_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """`--cluster`: (a) on three nats-servers and two replicas of every service, against (a) on one of each."""
+    f, k = r.get("flow"), r.get("cluster")
+    if not f or not k:
+        return []
+    board = k["board"]
+    said = "the same" if board["same"] else f"{board['different_fields']} fields differ"
+    return [
+        (f"(a) cluster: jobs/s, {k['cluster']} nats-servers (R3), {k['replicas']} replicas of each service",
+         f"{k['jobs_per_s']:.1f}", f"one server {f['jobs_per_s']:.1f}", f"{k['jobs_per_s'] / f['jobs_per_s']:.2f}"),
+        ("(a) cluster: job latency p50", _ms(k["latency_p50_s"]), f"one server {_ms(f['latency_p50_s'])}",
+         f"{k['latency_p50_s'] / f['latency_p50_s']:.2f}"),
+        ("(a) cluster: job latency p99", _ms(k["latency_p99_s"]), f"one server {_ms(f['latency_p99_s'])}",
+         f"{k['latency_p99_s'] / f['latency_p99_s']:.2f}"),
+        ("(a) cluster: raw JetStream, a stream on 3 servers", f"{k['raw']['msgs_per_s']:.0f} msgs/s",
+         f"one server {f['raw']['msgs_per_s']:.0f} msgs/s", f"{k['raw']['msgs_per_s'] / f['raw']['msgs_per_s']:.2f}"),
+        ("(a) cluster: the final board", said, f"{board['rows']} rows, {board['results']} results, one server's", ""),
+    ]
 
 
 def _ms(seconds: float, digits: int = 0) -> str:
@@ -148,6 +193,24 @@ site result (`assay.v1.results.*`) and each `ResultAccepted` (`assay.v1.evt.resu
 - *health*: what went wrong on the way, none of it timed: JetStream consumer advisories (`MSG_NAKED`: a
   handler failed and the message will come again), jobs a site ran more than once, messages in DEAD_LETTERS,
   `LeaderboardUpdated` events and their size, and error lines in the services' logs.
+- *one job on the bus*: the messages the server stored in EVENTS, JOBS, RESULTS and DEAD_LETTERS during the rounds
+  (its sequence numbers, and its count per subject) and the deliveries to every durable consumer (each consumer's
+  delivered count, redeliveries included), divided by the rounds' jobs. The site heartbeats and other key-value
+  writes are not per job and not counted.
+- *latency against offered load* (`tests/bench/bench_load.py`): {sweep_sites} of the sites each have a dataset in a
+  small benchmark of its own, so that one model approved for one of them makes one job, at that site; models are
+  approved for each in turn. Each such job brings its own approval (a signed command, its event, and the planning
+  it starts), which a round shares among all its jobs, so their maximum is measured first: a second's worth of the
+  rounds' jobs (at least 20) approved at once, jobs / (last ResultAccepted - first JobScheduled). Then {fractions}
+  of that maximum are offered at a steady rate (each approval sent at its time, without waiting for the one before)
+  for {load_s:.0f} s each, and JobScheduled -> ResultAccepted is taken for every job (p50, p90, p99, nearest rank).
+  The target is p50 <= 50 ms and p99 <= 250 ms at half the maximum rate; the plot is [{plot}]({plot}).
+- *ingest* (`tests/bench/bench_ingest.py`): the leaderboard's processes are paused (SIGSTOP) while {ingest}
+  signed results of new jobs (new models at every site, each job signed with the scheduler's key as the scheduler
+  signs them, each result with its site's key) are published to RESULTS; then they go on (SIGCONT). Results/s is
+  results / (the last ResultAccepted - the moment they went on): each verified (both signatures), bound to its job
+  and benchmark, stored; *ranked* runs to the LeaderboardUpdated that announces every new model with all its sites.
+  Target 1,000/s.
 
 **(b) Container overhead.** One trivial job through `site_worker.execution.execute(job, dataset_dir,
 DockerRunner(docker.from_env()), work_dir, Limits())`, which re-hashes the dataset, checks both image ids, and
@@ -166,10 +229,18 @@ times `leaderboard.board.aggregate` over all 1600 results (targets: 2 s or less)
 and the board made again. Baseline: the same 1600 results without replicates or aggregates. It also reports the
 bytes of one signed `SiteResult` envelope with its evidence against one without. Medians of 5.
 
+**(a) on a cluster** (`--cluster`). The same flow again, in the same run, on `Platform(home, cluster=3, replicas=2,
+database=...)`: three nats-servers on loopback (each stream and bucket kept on all three, R3, every write fsynced on
+each), two processes of every service sharing its durable consumers, and each service's database on a private
+PostgreSQL cluster that both write. The raw baseline is then a stream on three servers. The sites report the same
+metrics for the same model in both runs, so the final boards (`ShowLeaderboard`, as the benchmark's owner) must
+be the same: every field of every row is compared (floats to a relative 1e-9).
+
 ## Reproduce
 
 ```
 .venv/bin/python tests/bench/bench.py            # the full run written below
+.venv/bin/python tests/bench/bench.py --cluster  # and (a) again on a 3-node cluster, R3, two replicas per service
 .venv/bin/python tests/bench/bench.py --help     # sizes (sites, rounds, models per round, repetitions)
 ```
 
@@ -178,13 +249,53 @@ running; `--keep` keeps the platform's home folder (logs, databases) for a look.
 """
 
 
-def markdown(r: dict[str, Any]) -> str:
+HISTORY = "<!-- history: written by hand; bench_report.py keeps it when it writes this file again -->"
+HISTORY_END = "<!-- /history -->"
+
+
+def kept_history(previous: str) -> list[str]:
+    """The hand-written section of the file as it was (the before and after of each change), to write again."""
+    start, end = previous.find(HISTORY), previous.find(HISTORY_END)
+    return ["", previous[start:end + len(HISTORY_END)]] if 0 <= start < end else []
+
+
+def load_lines(f: dict[str, Any], plot: str | None) -> list[str]:
+    """The latency sweep, the ingest and what one job costs the bus, as the last run measured them."""
+    lines: list[str] = []
+    if cost := f.get("per_job"):
+        lines += ["", f"One job on the bus, during the rounds: {cost['writes']:g} JetStream writes "
+                  f"({cost['by_subject']}; by stream {cost['by_stream']}) and {cost['deliveries']:g} deliveries to "
+                  f"durable consumers ({cost['by_consumer']})"]
+    if load := f.get("load"):
+        lines += ["", f"Latency against offered load (single jobs over {load['sites']} sites, {load['seconds']:.0f} s "
+                  f"per load; their maximum {load['max_jobs_per_s']:.1f} jobs/s, all approved at once, where the "
+                  f"rounds made {load['rounds_jobs_per_s']:.1f}):", "",
+                  "| offered jobs/s | of the maximum | jobs | achieved jobs/s | p50 | p90 | p99 | max |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {x['offered_jobs_per_s']:.1f} | {x['fraction_of_max']:.2f} | {x['jobs']} | "
+                  f"{x['achieved_jobs_per_s']:.1f} | {_ms(x['latency_p50_s'])} | {_ms(x['latency_p90_s'])} | "
+                  f"{_ms(x['latency_p99_s'])} | {_ms(x['latency_max_s'])} |" for x in load["levels"]]
+        if plot:
+            lines += ["", f"![latency percentiles against offered load]({plot})"]
+    if ingest := f.get("ingest"):
+        lines += ["", f"Ingest: {ingest['results']} results ({ingest['waiting_when_resumed']} waiting for the "
+                  f"leaderboard when it went on), all accepted after {ingest['accepted_s']:.2f} s and ranked after "
+                  f"{ingest['ranked_s']:.2f} s, in {ingest['board_updates']} LeaderboardUpdated events"]
+    return lines
+
+
+def markdown(r: dict[str, Any], previous: str = "") -> str:
+    """BENCHMARKS.md for the run `r`; `previous` is the file as it was, whose hand-written history is kept."""
     mach, f, c = r["machine"], r.get("flow") or {}, r.get("containers") or {}
+    load = f.get("load") or {}
     text = INTRO.format(minutes=f"{r['wall_s'] / 60:.0f} minutes" if r["wall_s"] >= 90 else f"{r['wall_s']:.0f} s",
                         sites=f.get("sites", "N"), rounds=f.get("rounds", "R"),
                         models_per_round=f.get("models_per_round", "M"),
                         raw_messages=f.get("raw", {}).get("messages", "N"), raw_reps=f.get("raw", {}).get("reps", "R"),
-                        idle_s=r["config"].get("idle_s", 0), repetitions=c.get("repetitions", "K"))
+                        idle_s=r["config"].get("idle_s", 0), repetitions=c.get("repetitions", "K"),
+                        sweep_sites=load.get("sites", "K"), load_s=r["config"].get("load_s", 0),
+                        fractions=", ".join(f"{x:g}" for x in r["config"].get("load", [])) or "(none)",
+                        plot=r.get("plot", "benchmarks-latency.png"), ingest=r["config"].get("ingest", "N"))
     lines = [text, "## Last run", "",
              f"{r['finished_at']} on {mach['cores']} cores ({mach['cpu']}), {mach['memory_gib']} GiB, "
              f"Linux {mach['kernel']}, Python {mach['python']}, Docker {mach['docker']}, {mach['nats_server']}, "
@@ -205,8 +316,19 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{f['advisories'] or 'none'}; jobs the sites ran more than once: {f['jobs_run_again']}; "
                   f"messages in DEAD_LETTERS: {f['dead_letters']}; "
                   f"service log lines: {f['logs']}"]
+        lines += load_lines(f, r.get("plot"))
+    if k := r.get("cluster"):
+        lines += ["", "The cluster run, per round (jobs/s, latency p50 / p99):", ""]
+        lines += [f"- round {i + 1}: {x['jobs']} jobs, {x['jobs_per_s']:.1f} jobs/s, "
+                  f"{x['latency_p50_s'] * 1000:.0f} / {x['latency_p99_s'] * 1000:.0f} ms"
+                  for i, x in enumerate(k["rounds_detail"])]
+        lines += ["", f"Its CPU cores busy during the rounds: {k['cpu_cores_busy']}; consumer advisories: "
+                  f"{k['advisories'] or 'none'}; jobs run more than once: {k['jobs_run_again']}; messages in "
+                  f"DEAD_LETTERS: {k['dead_letters']}; service log lines: {k['logs']}; board differences: "
+                  f"{k['board']['differences'] or 'none'}"]
     if c:
         lines += ["", f"Container runs, seconds, in the order of the repetitions: {c['all_s']}; the median of the "
                   f"per-repetition ratios: {c['paired_ratio_execute_to_cli']:.2f} against `docker run`, "
                   f"{c['paired_ratio_execute_to_sdk']:.2f} against the SDK"]
+    lines += kept_history(previous)
     return "\n".join(lines) + "\n"

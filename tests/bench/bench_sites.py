@@ -23,6 +23,7 @@ from assay.home import Home
 from contracts import messages as m
 from contracts.envelope import Payload
 from contracts.signing import KeyPair
+from service_kit.connection import servers
 from site_worker.config import Settings as SiteSettings
 from site_worker.containers import RunOutcome, RunSpec
 from site_worker.datasets import content_hash
@@ -43,11 +44,19 @@ def image(name: str) -> m.ImageRef:
     return m.ImageRef(digest=fake_digest(name), name=name)
 
 
+def scores(model_image: str, site: str) -> dict[str, float]:
+    """What the evaluator "measures" for a model at a site: fixed by both, different for each, so that every run of
+    the same benchmark makes the same board, one on which models and sites differ."""
+    draw = hashlib.sha256(f"{model_image} {site}".encode()).digest()
+    return {"auc": round(0.6 + 0.35 * draw[0] / 255, 4), "accuracy": round(0.5 + 0.4 * draw[1] / 255, 4)}
+
+
 class NoopRunner:
-    """A ContainerRunner that runs no container: `evaluate` writes a valid metrics.json and cases.jsonl, `infer`
-    nothing. It stamps when each job's model step starts, to split the latency into its stages."""
+    """A ContainerRunner that runs no container: `evaluate` writes a valid metrics.json (`scores`) and cases.jsonl,
+    `infer` nothing. It stamps when each job's model step starts, to split the latency into its stages."""
 
     def __init__(self) -> None:
+        self.model_of: dict[str, str] = {}  # job -> its model's image, seen at `infer`, for its `evaluate`
         self.started: dict[str, float] = {}  # the first time only
         self.runs: Counter[str] = Counter()  # a job run twice was delivered again (a nak, an expired ack wait)
         self._lock = threading.Lock()  # jobs run in worker threads (asyncio.to_thread)
@@ -70,9 +79,12 @@ class NoopRunner:
             with self._lock:
                 self.started.setdefault(job, time.monotonic())
                 self.runs[job] += 1
+                self.model_of[job] = spec.image
         elif spec.task == "evaluate":
             out = spec.source_of("/assay/out")
-            (out / "metrics.json").write_text(json.dumps({"metrics": {"auc": 0.8, "accuracy": 0.75}}))
+            site = spec.source_of("/assay/labels").parent.parent.name  # sites/<site>/ds/labels
+            metrics = scores(self.model_of.get(spec.env.get("ASSAY_JOB_ID", ""), ""), site)
+            (out / "metrics.json").write_text(json.dumps({"metrics": metrics}))
             (out / "cases.jsonl").write_text("".join(json.dumps({"case": i, "correct": i % 2}) + "\n"
                                                      for i in range(CASES)))
         return RunOutcome(exit_code=0, log_tail="")
@@ -125,7 +137,7 @@ async def bounded(jobs: Iterable[Awaitable[Any]], limit: int = COMMANDS_IN_FLIGH
 
 async def wait_events_drained(nats_url: str, timeout_s: float = 120.0) -> None:
     """Until every durable consumer of EVENTS has nothing pending and the stream stopped growing."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(servers(nats_url))
     js = nc.jetstream()
     deadline, last_seq, quiet = time.monotonic() + timeout_s, -1, 0
     try:

@@ -29,6 +29,7 @@ from contracts.messages import (
     BenchmarkSpec,
     ImageRef,
     JobBinding,
+    JobScheduled,
     JobSpec,
     Leaderboard,
     LeaderboardUpdated,
@@ -224,3 +225,82 @@ async def test_a_result_that_arrives_before_its_site_is_known_is_acked_parked_an
     event = (await bus.next_event(ResultAccepted)).data
     assert (event.job_id, event.site_id) == ("job-1", "site-a")
     assert (await bus.board()).rows[0].pooled["auc"] == 0.75
+
+
+def first_delivery_answer(msg: Msg, client: Client) -> tuple[str, int, int, bytes]:
+    """(consumer, stream sequence, delivery count, answer) of an acknowledgement seen on $JS.ACK.>."""
+    delivery = Msg(_client=client, subject="", reply=msg.subject).metadata
+    return delivery.consumer, delivery.sequence.stream, delivery.num_delivered, msg.data
+
+
+async def answer_to(bus: Bus, seq: int) -> tuple[int, str]:
+    """How many times the leaderboard's results consumer had been given message `seq` when it answered it, and how
+    ("ack", or the answer as the server got it: -NAK, +WPI, +TERM)."""
+
+    async def find() -> tuple[int, str]:
+        while True:
+            consumer, stream_seq, delivered, said = first_delivery_answer(await bus.acks.get(), bus.client)
+            if (consumer, stream_seq) == ("leaderboard-results", seq):
+                return delivered, "ack" if said in (b"", b"+ACK") else said.decode()
+
+    return await asyncio.wait_for(find(), WAIT_S)
+
+
+async def test_a_genuine_result_is_accepted_on_its_first_delivery_without_its_job_scheduled_and_a_forged_one_refused(
+        bus: Bus, leaderboard: None):
+    """The result carries the job the scheduler signed: the leaderboard never waits for the JobScheduled it answers
+    (published here only after the result), so nothing is delivered twice; a result whose job the scheduler did not
+    sign is refused at once, however genuine its site's signature."""
+    await announce_world(bus)
+    genuine = site_result("job-1", 0.8)
+    seq = await bus.send_result(genuine)
+    assert await answer_to(bus, seq) == (1, "ack")  # taken the first time it was delivered
+    accepted_event = (await bus.next_event(ResultAccepted, lambda e: e.job_id == "job-1")).data
+    assert accepted_event.site_id == "site-a"
+    await bus.announce(JobScheduled(job=JOBS["job-1"]))  # what the scheduler published: too late to matter
+
+    forged_job = KeyPair.generate().sign(Envelope.wrap(JOBS["job-2"], source="service:scheduling", id="job-2"))
+    honest = site_result("job-2", 0.9)
+    forged = SITES["site-b"].sign(Envelope.wrap(honest.data.model_copy(update={"job": forged_job}),
+                                                source="site:site-b"))
+    seq = await bus.send_result(forged)
+    assert await answer_to(bus, seq) == (1, "ack")  # refused at once: acknowledged, never delivered again
+    rejected = (await bus.next_event(ResultRejected, lambda e: e.job_id == "job-2")).data
+    assert rejected.reason.startswith("job_signature: the job the result carries is not the scheduler's")
+    assert [(row.model_id, row.sites, row.case_count) for row in (await bus.board()).rows] == [("model-1", 1, 300)]
+
+
+async def test_a_burst_waiting_in_the_stream_is_judged_in_one_batch_as_one_by_one_and_makes_one_board_update(
+        bus: Bus, nats_url: str, tmp_path: Path):
+    """Results that wait for the leaderboard are taken by one fetch and judged in one unit of work, with the outcome
+    each would have alone, in turn: the genuine ones accepted, a job signed anew and a second round of a counted pair
+    refused as duplicates, a forgery refused; and the board they change is announced once, with the last of them."""
+    settings = Settings(nats_url=nats_url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'leaderboard.db'}",
+                        **SERVICES.service_settings("leaderboard", tmp_path))
+    async with TestApp(create_app(settings)):
+        await announce_world(bus)
+    second_round = job("job-1-r2", "model-1", "site-a", 300)  # the pair of job-1 planned again
+    JOBS[second_round.job_id] = second_round
+    try:
+        burst = [site_result("job-1", 0.8), site_result("job-2", 0.6), site_result("job-1", 0.8),
+                 site_result("job-1-r2", 0.7), site_result("job-3", 0.9, key=SITES["site-b"])]
+    finally:
+        del JOBS[second_round.job_id]
+    for result in burst:
+        await bus.send_result(result)
+    async with TestApp(create_app(settings)):
+        accepted = {(await bus.next_event(ResultAccepted)).data.job_id for _ in range(2)}
+        rejected = {e.data.message_id: e.data.reason for e in [await bus.next_event(ResultRejected) for _ in range(3)]}
+        update = (await bus.next_event(LeaderboardUpdated)).data
+        board = await bus.board()
+
+    assert accepted == {"job-1", "job-2"}
+    assert rejected == {
+        burst[2].id: "duplicate: job job-1 already has an accepted result; this one is not counted",
+        burst[3].id: "duplicate: model model-1 on dataset data-site-a already has an accepted result (job job-1); "
+                     "this one is not counted",
+        burst[4].id: "signer_site: the result names site site-a but is signed by site site-b"}
+    assert (update.model_id, update.sites, update.case_count) == ("model-1", 2, 400)  # the burst's last result in it
+    assert [(row.model_id, row.sites) for row in board.rows] == [("model-1", 2)]
+    updates = (await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=EVENT_SUBJECTS[LeaderboardUpdated]))
+    assert updates.state.subjects == {EVENT_SUBJECTS[LeaderboardUpdated]: 1}  # all it owed was announced at its stop

@@ -97,7 +97,7 @@ async def test_each_role_sees_what_the_sharing_policy_lets_it(federation: Federa
 
     anyone = await federation.board(asker=None)
     assert (anyone.rows, anyone.hidden) == ((), 2)
-    updates = await next_events(federation.nats_url, "assay.v1.evt.leaderboard.updated", 4)
+    updates = await next_events(federation.nats_url, "assay.v1.evt.leaderboard.updated", 1)  # a burst: one or more
     assert all(u["data"]["model_id"] is None and u["data"]["pooled"] == {} for u in updates)
 
 

@@ -368,3 +368,53 @@ async def test_results_are_counted_by_outcome_and_a_rejection_by_the_check_it_fa
                                           series(outcome="rejected", check="signer_site"): 1,
                                           series(outcome="rejected", check="metric_value"): 2}
     assert measured(metrics, DEAD_LETTERS) == {series(consumer="leaderboard-results"): 1}  # not a result at all
+
+
+@pytest.fixture
+async def patient(tmp_path, actors):
+    """The leaderboard with a window no test outlives: what it owes is announced only when the test settles it."""
+    from leaderboard.config import Settings
+    from leaderboard.main import create_app
+    from tests.support.service import running
+
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'leaderboard.db'}", board_window_s=3600,
+                        **actors.service_settings("leaderboard", tmp_path))
+    async with running(create_app(settings), actors) as harness:
+        yield harness
+
+
+async def test_a_burst_of_results_makes_one_board_update_and_the_last_result_is_in_it(patient, actors):
+    await learn_world(patient, actors)
+    [announcer] = patient.app.deferred
+    for job_id, auc in (("job-1", 0.9), ("job-2", 0.5), ("job-3", 0.85)):
+        await patient.deliver(subjects.results(JOBS[job_id].site_id), site_result(actors, job_id, auc), owed=True)
+
+    assert len(patient.events(ResultAccepted)) == 3 and patient.events(LeaderboardUpdated) == []
+    owed = (await patient.stored())["lb_board_due"]  # written with the results: a crash now leaves it owed
+    assert [(row[0], json.loads(row[1])) for row in owed] == [("bm", ["model-1", "model-2"])]
+
+    await patient.settle()
+
+    updates = patient.events(LeaderboardUpdated)
+    assert [(u.model_id, u.sites, u.case_count) for u in updates] == [("model-1", 2, 400), ("model-2", 1, 50)]
+    assert announcer.recomputed == 1  # one recompute for the three results, one update per model they changed
+    assert (await patient.stored())["lb_board_due"] == []
+    await patient.settle()
+    assert len(patient.events(LeaderboardUpdated)) == 2  # nothing owed: nothing announced again
+
+
+async def test_a_query_never_ranks_again_a_board_that_is_current(patient, actors):
+    await learn_world(patient, actors)
+    await patient.deliver(subjects.results("site-a"), site_result(actors, "job-1", 0.9))
+    boards = patient.app.broker.context.get("boards")
+    ranked = boards.rankings
+
+    first, again = await board(patient), await board(patient, actors=actors)
+
+    assert boards.rankings == ranked  # the announcement ranked it; both queries reuse it
+    assert first.rows[0].model_id == again.rows[0].model_id == "model-1"
+    await patient.deliver(subjects.results("site-b"), site_result(actors, "job-2", 0.5), owed=True)
+    assert (await board(patient)).rows[0].sites == 2  # a result accepted meanwhile is on it: ranked again, once
+    assert boards.rankings == ranked + 1
+    await board(patient)
+    assert boards.rankings == ranked + 1

@@ -21,6 +21,7 @@ from assay.client import request
 from contracts import messages as m
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
+from service_kit.connection import servers
 from site_worker.config import Settings as SiteSettings
 from site_worker.containers import FakeRunner, RunSpec
 from site_worker.datasets import content_hash
@@ -202,8 +203,8 @@ class Federation:
 async def next_events(nats_url: str, subject: str, count: int, timeout_s: float = 30,
                       where: Callable[[dict[str, Any]], bool] = lambda _: True) -> list[dict[str, Any]]:
     """Wait for `count` messages on `subject` in the EVENTS history (from the start), decoded; only those `where`
-    says (a job's state changes to CANCELLED, say, among its RUNNING ones)."""
-    nc = await nats.connect(nats_url)
+    says (a job's state changes to CANCELLED, say, among its RUNNING ones). `nats_url` may name a cluster's servers."""
+    nc = await nats.connect(servers(nats_url))
     try:
         js = nc.jetstream()
         sub = await js.subscribe(subject, ordered_consumer=True)

@@ -72,15 +72,16 @@ class Harness:
     streams: FakeStreams = field(default_factory=FakeStreams)  # what was delivered, where a replay reads it back
 
     async def deliver(self, subject: str, message: Envelope[Any] | bytes, *, msg_id: str | None = None,
-                      attempt: int = 1) -> None:
+                      attempt: int = 1, owed: bool = False) -> None:
         """Publish as JetStream would deliver it for the `attempt`-th time (its ack subject carries the count and its
-        sequence in the stream, which keeps it), then let the app's relay publish what the handler staged."""
+        sequence in the stream, which keeps it), then let the app's relay publish what the handler staged; with
+        `owed`, what the app does a short while later (the leaderboard's announcements) stays owed."""
         body = message if isinstance(message, bytes) else message.model_dump_json().encode()
         stream, headers = subjects.stream_of(subject), {"Nats-Msg-Id": msg_id or str(uuid.uuid4())}
         sequence = self.streams.keep(stream, subject, body, headers)
         await self.broker.publish(body, subject, stream=stream, headers=headers,
                                   reply_to=f"$JS.ACK.{stream}.test.{attempt}.{sequence}.{sequence}.0.0")
-        await self.settle()
+        await self.settle(owed=owed)
 
     async def learn(self, payload: Payload) -> Envelope[Any]:
         """Deliver an event as the service that owns it publishes it: signed with its key."""
@@ -100,8 +101,12 @@ class Harness:
         await self.settle()
         return dict(json.loads(reply.body))
 
-    async def settle(self) -> None:
+    async def settle(self, *, owed: bool = False) -> None:
+        """What the app owes is done now (what it would do a moment later: the leaderboard's announcements), unless
+        it stays `owed`, and what it staged is published."""
         if isinstance(self.app, ServiceApp):
+            for deferred in self.app.deferred if not owed else ():
+                await deferred.settle()
             await self.app.relay.flush()
 
     def published(self, subject: str) -> list[dict[str, Any]]:

@@ -157,7 +157,8 @@ class Access:
         return cls({user: secrets.token_urlsafe(24) for user in users})
 
     def url(self, user: str, hostport: str) -> str:
-        return f"nats://{user}:{self.passwords[user]}@{hostport}"
+        """`user`'s URL of the server at `hostport`, or of each server of a cluster's (`host:port,host:port`)."""
+        return ",".join(f"nats://{user}:{self.passwords[user]}@{one}" for one in hostport.split(","))
 
     def permissions(self, user: str) -> dict[str, object]:
         if user == ADMIN:

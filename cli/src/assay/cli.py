@@ -586,18 +586,22 @@ def verify_board(benchmark_id: str, actor: Annotated[str, typer.Option(
 
 
 @app.command()
-def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")]) -> None:
-    """Declare the JetStream streams on a NATS server (compose runs this once before the services)."""
+def provision(nats_url: Annotated[str, typer.Option(envvar="ASSAY_NATS_URL")],
+              replicas: Annotated[int, typer.Option(
+                  min=1, max=5, help="servers that keep each stream and bucket: 1 on one server, 3 on a cluster")] = 1,
+              ) -> None:
+    """Declare the JetStream streams on a NATS server or cluster (compose runs this once before the services)."""
     from assay.client import connected
     from contracts.streams import STREAMS, ensure_streams
     from service_kit.connection import where
 
     async def run() -> None:
         async with connected(nats_url, "check the address, the user and the password") as (nc, _):
-            await ensure_streams(nc.jetstream())
+            await ensure_streams(nc.jetstream(), replicas)
 
     asyncio.run(run())
-    console.print(f"[green]ok[/green] streams {', '.join(str(c.name) for c in STREAMS)} on {where(nats_url)}")
+    console.print(f"[green]ok[/green] streams {', '.join(str(c.name) for c in STREAMS)} on {where(nats_url)}, "
+                  f"each on {replicas} server{'s' if replicas > 1 else ''}")
 
 
 @app.command()
@@ -614,12 +618,23 @@ def alive(file: Annotated[Path, typer.Argument(help="the ALIVE_FILE a service or
 
 
 @app.command()
-def up() -> None:
+def up(cluster: Annotated[int, typer.Option(
+           help="nats-servers: 1, or a cluster of 3 or more on loopback (each stream kept on three of them)")] = 1,
+       replicas: Annotated[int, typer.Option(
+           help="processes of each service, sharing its durable consumers (more than 1 needs --postgres)")] = 1,
+       postgres: Annotated[str, typer.Option(
+           help="a PostgreSQL server (postgresql+asyncpg://user:password@host:port) for the services' databases "
+                "(assay_<service>, made if absent); by default a SQLite file each")] = "") -> None:
     """Start the platform on this machine (nats-server, services, site workers); Ctrl-C, SIGTERM or SIGHUP stop it."""
     from assay.platform import Platform, stopping_signals
     from service_kit.connection import where
 
-    platform = Platform(_home(), on_step=lambda s: console.print(f"[dim]·[/dim] {s}"))
+    try:
+        platform = Platform(_home(), on_step=lambda s: console.print(f"[dim]·[/dim] {s}"), cluster=cluster,
+                            replicas=replicas, database=postgres)
+    except ValueError as exc:
+        say_error(str(exc))
+        raise typer.Exit(2) from None
     try:
         with stopping_signals():  # from the first moment: a signal while it starts stops it cleanly too
             platform.start()

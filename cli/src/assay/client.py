@@ -19,7 +19,7 @@ from contracts.catalog import REQUEST_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
 from assay.home import BUS_URL, bus_creds, bus_security
-from service_kit.connection import inbox_of, where
+from service_kit.connection import inbox_of, servers, where
 
 
 @asynccontextmanager
@@ -38,7 +38,7 @@ async def connected(nats_url: str, advice: str | None = None) -> AsyncIterator[t
             hopeless.set()
 
     connecting = asyncio.ensure_future(nats.connect(
-        nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1, error_cb=note,
+        servers(nats_url), connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=1, error_cb=note,
         inbox_prefix=inbox_of(nats_url, bus_creds()), **bus_security(nats_url)))
     giving_up = asyncio.ensure_future(hopeless.wait())
     try:  # bounded as well: nats-py may go on trying a server whose TLS it cannot verify

@@ -1,5 +1,8 @@
 """`assay up`: an embedded nats-server, the four services and one worker per site, each its own process, under a
-supervisor that restarts what crashes; one platform per state folder."""
+supervisor that restarts what crashes; one platform per state folder. Scaled out on the same machine
+(`Platform(home, cluster=3, replicas=2, database=...)`, `assay up --cluster 3 --replicas 2 --postgres URL`): a NATS
+cluster on loopback whose streams are kept on three servers, and several processes of each service sharing its
+durable consumers and its PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import fcntl
 import importlib
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +34,7 @@ from assay.supervisor import Supervisor, reap
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from contracts.streams import ensure_streams
-from service_kit.connection import where
+from service_kit.connection import servers, where
 
 
 def settings_env(settings: type[BaseSettings], **values: object) -> dict[str, str]:
@@ -67,18 +72,74 @@ def read_ports_file(folder: Path) -> str:
     return ""
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports nobody listens on now, chosen by the kernel: a cluster's servers must know
+    each other's route ports before they start, and keep their ports when one is started again."""
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for sock in held:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def server_config(store: Path) -> str:
+    """What every server of the platform is given: JetStream in `store`, fsyncing every write (results and the
+    event history must survive a power cut); one user per process (its password new at every start) and the
+    operator's roster of nkeys (`assay bus enrol`), which the system account's user has each server reload without
+    a restart. The files included are the same for every server of a cluster."""
+    return (f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
+            f'system_account: {SYSTEM_ACCOUNT}\n'
+            f'accounts {{\n  {SYSTEM_ACCOUNT} {{ include "system.conf" }}\n}}\n'
+            'authorization {\n  include "users.conf"\n}\n')
+
+
+def cluster_config(index: int, client_port: int, route_ports: list[int], route_password: str) -> str:
+    """Server `index` (1-based) of a cluster on loopback. Routes authenticate with a password of this start; clients
+    are not told the other servers' addresses (`no_advertise`): each already has the whole seed list, with its own
+    credentials in every URL, where an advertised address would carry none."""
+    routes = ", ".join(f'"nats-route://route:{route_password}@127.0.0.1:{port}"' for port in route_ports)
+    return (f"server_name: assay-nats-{index}\nlisten: 127.0.0.1:{client_port}\n"
+            f"cluster {{\n  name: assay\n  listen: 127.0.0.1:{route_ports[index - 1]}\n  no_advertise: true\n"
+            f'  authorization {{ user: route, password: "{route_password}" }}\n  routes: [{routes}]\n}}\n')
+
+
 @dataclass
 class Platform:
     home: Home
     on_step: Callable[[str], None] = lambda _msg: None
     nats_url: str = ""  # the supervisor's own URL: every right on the bus, for provisioning and for tools
+    cluster: int = 1  # nats-servers: one, or a cluster of three or more (each stream then kept on three of them)
+    replicas: int = 1  # processes of each service, sharing its durable consumers (more than one needs `database`)
+    database: str = ""  # a PostgreSQL server (postgresql+asyncpg://user:password@host:port), where each service gets
+    # a database assay_<service> (made if absent); "" for a SQLite file per service, which one process alone may write
     supervisor: Supervisor = field(init=False)
     access: Access | None = field(default=None, init=False)
     hostport: str = field(default="", init=False)
     _lock: IO[str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        if self.cluster < 1 or self.cluster == 2:
+            raise ValueError(f"cluster={self.cluster}: one nats-server, or a cluster of three or more (a cluster of "
+                             "two stops when either server does)")
+        if self.replicas < 1:
+            raise ValueError(f"replicas={self.replicas}: each service needs at least one process")
+        if self.replicas > 1 and not self.database.startswith("postgresql"):
+            raise ValueError(f"replicas={self.replicas}: the replicas of a service share its database, so it must be "
+                             "one they can all write: give a PostgreSQL server (postgresql+asyncpg://..., as "
+                             "assay up --postgres or Platform's database); a SQLite file is one process's")
         self.supervisor = Supervisor(self.home.logs, self.on_step)
+
+    @property
+    def stream_replicas(self) -> int:
+        """How many servers keep each stream and bucket: all of one, three of a cluster (R3: one may be lost)."""
+        return 1 if self.cluster == 1 else 3
+
+    def processes(self, service: str) -> list[str]:
+        """The names of `service`'s processes: the service's own, then `<service>-2`, ... for more replicas."""
+        return [service if replica == 1 else f"{service}-{replica}" for replica in range(1, self.replicas + 1)]
 
     @property
     def procs(self) -> dict[str, subprocess.Popen[bytes]]:
@@ -108,29 +169,49 @@ class Platform:
     def start_nats(self) -> str:
         store = self.home.root / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        for stale in store.glob("*.ports"):
-            stale.unlink()
         self.access = Access.new(self.home.sites())
         self._write_users(store)
-        # fsync every write: results and the event history must survive a power cut; one user per process (its
-        # password new at every start) and the operator's roster of nkeys (`assay bus enrol`), which the system
-        # account's user has the server reload without a restart
-        private(store / "nats.conf", f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
-                                     f'system_account: {SYSTEM_ACCOUNT}\n'
-                                     f'accounts {{\n  {SYSTEM_ACCOUNT} {{ include "system.conf" }}\n}}\n'
-                                     'authorization {\n  include "users.conf"\n}\n')
-        self._spawn("nats", [nats_server_binary(), "-c", str(store / "nats.conf"), "-a", "127.0.0.1", "-p", "-1",
-                             "--ports_file_dir", str(store)], {}, restartable=False)
+        if self.cluster > 1:
+            hostports = self._start_cluster(store)
+        else:
+            private(store / "nats.conf", server_config(store))
+            hostports = [self._start_server("nats", store / "nats.conf", store, ["-a", "127.0.0.1", "-p", "-1"],
+                                            restartable=False)]
+        self.hostport = ",".join(hostports)
+        self.nats_url = self.url_for(ADMIN)
+        return self.nats_url
+
+    def _start_cluster(self, store: Path) -> list[str]:
+        """Servers nats-1 .. nats-N, each with its own JetStream store under nats/cluster/ and all including the same
+        users.conf and system.conf (an enrolment reloads every one of them). Each is started again when it dies, on
+        the same ports, and catches up from the others; with streams on three servers, losing one loses nothing."""
+        ports = free_ports(2 * self.cluster)  # all at once: distinct
+        client_ports, route_ports = ports[:self.cluster], ports[self.cluster:]
+        route_password = secrets.token_urlsafe(24)
+        hostports = []
+        for index in range(1, self.cluster + 1):
+            folder = store / "cluster" / f"n{index}"
+            folder.mkdir(parents=True, exist_ok=True)
+            config = store / f"cluster-{index}.conf"  # beside users.conf: nats-server includes relative to the file
+            private(config, cluster_config(index, client_ports[index - 1], route_ports, route_password)
+                    + server_config(folder))
+            hostports.append(self._start_server(f"nats-{index}", config, folder, [], restartable=True))
+        return hostports
+
+    def _start_server(self, name: str, config: Path, folder: Path, args: list[str], *, restartable: bool) -> str:
+        """Start one nats-server and wait until it listens; its host:port."""
+        for stale in folder.glob("*.ports"):
+            stale.unlink()
+        self._spawn(name, [nats_server_binary(), "-c", str(config), *args, "--ports_file_dir", str(folder)], {},
+                    restartable=restartable)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if listening := read_ports_file(store):
-                self.hostport = listening.removeprefix("nats://")
-                self.nats_url = self.url_for(ADMIN)
-                return self.nats_url
-            if self.procs["nats"].poll() is not None:
+            if listening := read_ports_file(folder):
+                return listening.removeprefix("nats://")
+            if self.procs[name].poll() is not None:
                 break
             time.sleep(0.02)
-        raise RuntimeError(f"nats-server did not start; see {self.home.logs / 'nats.log'}")
+        raise RuntimeError(f"nats-server did not start; see {self.home.logs / name}.log")
 
     def _write_users(self, store: Path) -> None:
         """users.conf: this platform's own processes, with this start's passwords (kept in local-users.json for
@@ -151,17 +232,28 @@ class Platform:
         """The URL a process connects with: as its own user, when this platform made the server."""
         return self.access.url(user, self.hostport) if self.access is not None else self.nats_url
 
-    def service_settings(self, name: str) -> tuple[type[BaseSettings], dict[str, object]]:
-        values: dict[str, object] = {"nats_url": self.url_for(name),
-                                     "database_url": f"sqlite+aiosqlite:///{self.home.root / 'services' / name}.db",
+    def database_url(self, service: str) -> str:
+        """The store of `service`, which all its replicas share: its SQLite file, or its database on `database`."""
+        if self.database:
+            return f"{self.database.rstrip('/')}/assay_{service}"
+        return f"sqlite+aiosqlite:///{self.home.root / 'services' / service}.db"
+
+    def alive_file(self, process: str) -> Path:
+        """What a service's process writes while its bus and its database answer: it is up once it has."""
+        return self.home.root / "services" / f"{process}.alive"
+
+    def service_settings(self, name: str, process: str | None = None) -> tuple[type[BaseSettings], dict[str, object]]:
+        """The settings of the service `name`, for its process `process` (by default the service's own)."""
+        values: dict[str, object] = {"nats_url": self.url_for(name), "database_url": self.database_url(name),
                                      "key_file": self.home.key_file(name),
-                                     "service_keys": {service: self.home.public_key(service) for service in SERVICES}}
+                                     "service_keys": {service: self.home.public_key(service) for service in SERVICES},
+                                     "alive_file": self.alive_file(process or name)}
         if name == "registry":
             values["operator_public_key"] = self.home.public_key("operator")
         return importlib.import_module(f"{name}.config").Settings, values
 
-    def service_env(self, name: str) -> dict[str, str]:
-        settings, values = self.service_settings(name)
+    def service_env(self, name: str, process: str | None = None) -> dict[str, str]:
+        settings, values = self.service_settings(name, process)
         return settings_env(settings, **values)
 
     def site_settings(self, site_id: str) -> dict[str, object]:
@@ -186,40 +278,90 @@ class Platform:
             found[f"site-{site_id}"] = site_wiring(Settings(**self.site_settings(site_id))).durables()  # type: ignore[arg-type]
         return found
 
+    async def _declare_streams(self, js: nats.js.JetStreamContext) -> None:
+        """The streams, on every server that keeps them; a cluster's servers elect their JetStream leader a moment
+        after they listen, and answer "unavailable" until then."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await ensure_streams(js, replicas=self.stream_replicas)
+                return
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if self.cluster == 1 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _make_databases(self) -> None:
+        """Each service's database on the PostgreSQL server where it is not there yet (the service makes its tables)."""
+        import asyncpg
+
+        connection = await asyncpg.connect(self.database.replace("postgresql+asyncpg://", "postgresql://", 1)
+                                           .rstrip("/") + "/postgres")
+        try:
+            for service in SERVICES:
+                name = f"assay_{service}"
+                if not await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+                    await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
     async def _provision_and_wait(self) -> None:
-        nc = await nats.connect(self.nats_url)
+        nc = await nats.connect(servers(self.nats_url))
         try:
             js = nc.jetstream()
-            await ensure_streams(js)
-            self.on_step("streams EVENTS, JOBS, RESULTS, DEAD_LETTERS ready")
-            self._start_processes()
-            waiting = self.durables()
-            deadline = time.monotonic() + 60
-            while waiting:
-                for name, durables in list(waiting.items()):
-                    for durable, stream in list(durables.items()):
-                        try:
-                            await js.consumer_info(stream, durable)
-                            del durables[durable]
-                        except nats.js.errors.NotFoundError:
-                            pass
-                    if not durables:
-                        del waiting[name]
-                        self.on_step(f"{name} is up")
-                for name, proc in self.procs.items():
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.home.logs / name}.log")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"not up after 60 s: {sorted(waiting)}; see {self.home.logs}")
-                await asyncio.sleep(0.05)
+            await self._declare_streams(js)
+            self.on_step(f"streams EVENTS, JOBS, RESULTS, DEAD_LETTERS ready, each on {self.stream_replicas} "
+                         f"server{'s' if self.stream_replicas > 1 else ''}")
+            if self.database:
+                await self._make_databases()
+            first = [self.processes(name)[0] for name in SERVICES]
+            self._start_processes(first, sites=True)
+            await self._wait_until_up(js, self.durables(), first)
+            if self.replicas > 1:  # once the durable consumers exist: the other replicas bind to them, making none
+                others = [process for name in SERVICES for process in self.processes(name)[1:]]
+                self._start_processes(others)
+                await self._wait_until_up(js, {}, others)
+                self.on_step(f"{self.replicas} processes of each service share its durable consumers and database")
         finally:
             await nc.close()
 
-    def _start_processes(self) -> None:
+    async def _wait_until_up(self, js: nats.js.JetStreamContext, waiting: dict[str, dict[str, str]],
+                             processes: list[str]) -> None:
+        """Until each durable consumer in `waiting` exists and each service process in `processes` has said it is
+        well (its alive file); RuntimeError when a process exits meanwhile, or after 60 s."""
+        unwell = {process: self.alive_file(process) for process in processes}
+        deadline = time.monotonic() + 60
+        while waiting or unwell:
+            for process, alive in list(unwell.items()):
+                if alive.exists():
+                    del unwell[process]
+            for name, durables in list(waiting.items()):
+                for durable, stream in list(durables.items()):
+                    try:
+                        await js.consumer_info(stream, durable)
+                        del durables[durable]
+                    except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
+                        pass  # not there yet, or a cluster too busy making consumers to say: asked again
+                if not durables:
+                    del waiting[name]
+                    self.on_step(f"{name} is up")
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.home.logs / name}.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not up after 60 s: {sorted({*waiting, *unwell})}; see {self.home.logs}")
+            await asyncio.sleep(0.05)
+
+    def _start_processes(self, processes: list[str], *, sites: bool = False) -> None:
+        """These services' processes (`registry`, `registry-2`, ...), and the site workers with `sites`."""
         for name in SERVICES:
-            self._spawn(name, [sys.executable, "-m", "assay.serve", name], self.service_env(name))
-        for site_id in self.home.sites():
-            self._spawn(f"site-{site_id}", [sys.executable, "-m", "assay.serve", "site"], self.site_env(site_id))
+            for process in self.processes(name):
+                if process in processes:
+                    self.alive_file(process).unlink(missing_ok=True)  # a previous start's says nothing of this one
+                    self._spawn(process, [sys.executable, "-m", "assay.serve", name], self.service_env(name, process))
+        if sites:
+            for site_id in self.home.sites():
+                self._spawn(f"site-{site_id}", [sys.executable, "-m", "assay.serve", "site"], self.site_env(site_id))
 
     def start(self) -> str:
         self._take_the_folder()
@@ -230,7 +372,8 @@ class Platform:
                     KeyPair.generate().save(self.home.key_file(service))
             self.home.public_key("operator")  # fails early, with the command to fix it
             self.start_nats()
-            self.on_step(f"nats-server on {where(self.nats_url)}, a user and password for each process and the "
+            servers_said = "nats-server" if self.cluster == 1 else f"a cluster of {self.cluster} nats-servers"
+            self.on_step(f"{servers_said} on {where(self.nats_url)}, a user and password for each process and the "
                          f"roster's nkeys (JetStream in {self.home.root / 'nats'})")
             asyncio.run(self._provision_and_wait())
         except BaseException:
@@ -253,8 +396,9 @@ class Platform:
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the workers and services (they drain and close), then the bus; SIGKILL what hangs."""
         names = list(self.supervisor.children)
-        self.supervisor.stop([n for n in names if n != "nats"], timeout_s)
-        self.supervisor.stop(["nats"], timeout_s)
+        bus = [n for n in names if n == "nats" or n.startswith("nats-")]
+        self.supervisor.stop([n for n in names if n not in bus], timeout_s)
+        self.supervisor.stop(bus, timeout_s)
         if self._lock is not None:  # only the platform that holds the folder speaks for it
             self.home.platform_file.unlink(missing_ok=True)
             self._lock.close()

@@ -173,7 +173,9 @@ async def reload_servers(url: str, system_seed: Path, tls: dict[str, Any] | None
     those that did. A server that refuses it (a file it cannot parse) raises ReloadFailed with its reason."""
     import nats
 
-    nc = await nats.connect(url, nkeys_seed=str(system_seed), connect_timeout=5, max_reconnect_attempts=1,
+    from service_kit.connection import servers
+
+    nc = await nats.connect(servers(url), nkeys_seed=str(system_seed), connect_timeout=5, max_reconnect_attempts=1,
                             allow_reconnect=False, **(tls or {}))
     try:
         inbox = nc.new_inbox()

@@ -922,9 +922,10 @@ class Leaderboard(Payload):
 
 
 class LeaderboardUpdated(Payload):
-    """Announced after each accepted result: where the model it counted for now stands, as far as the benchmark's
-    sharing policy makes it public (with `public = none`, only that the board changed). Its size does not grow with
-    the board; the whole board is the ShowLeaderboard query."""
+    """Announced for each model whose accepted results changed the board, once per burst (a short window after the
+    burst's first result; its last is in it): where the model now stands, as far as the benchmark's sharing policy
+    makes it public (with `public = none`, only that the board changed). Its size does not grow with the board; the
+    whole board is the ShowLeaderboard query."""
 
     TYPE: ClassVar[str] = "assay.v1.LeaderboardUpdated"
     benchmark_id: Id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -37,35 +39,47 @@ STREAMS: tuple[StreamConfig, ...] = (
 )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create the streams and the images' object store, or bring an existing one to this configuration."""
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the streams, the images' object store and the buckets, or bring an existing stream to this
+    configuration. `replicas`: how many servers keep each (1 on one server; 3 on a cluster of three or more, so
+    that losing one server loses nothing and stops nothing); said by whoever knows the bus, never guessed."""
     for config in STREAMS:
+        config = replace(config, num_replicas=replicas)
         try:
             await js.add_stream(config=config)
         except BadRequestError:
             await js.update_stream(config=config)
-    images = ObjectStoreConfig(storage=StorageType.FILE, description="docker save archives, named by image id")
-    await js.create_object_store(s.IMAGES_BUCKET, config=images)
-    await ensure_sites_bucket(js)
-    await ensure_cancelled_bucket(js)
+    images = ObjectStoreConfig(storage=StorageType.FILE, description="docker save archives, named by image id",
+                               replicas=replicas)
+    try:
+        await js.create_object_store(s.IMAGES_BUCKET, config=images)
+    except BadRequestError:  # there already, made with another replica count: brought to this one below
+        pass
+    await ensure_sites_bucket(js, replicas)
+    await ensure_cancelled_bucket(js, replicas)
+    for bucket in (f"OBJ_{s.IMAGES_BUCKET}", f"KV_{s.SITES_BUCKET}", f"KV_{s.CANCELLED_BUCKET}"):
+        config = (await js.stream_info(bucket)).config  # a bucket made on fewer servers (one, before a cluster)
+        if config.num_replicas != replicas:
+            await js.update_stream(config=replace(config, num_replicas=replicas))
 
 
-async def ensure_cancelled_bucket(js: JetStreamContext) -> KeyValue:
+async def ensure_cancelled_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """The bucket of cancellations: read by direct get only (a site's permission names its own keys), kept as long
     as a job may wait in its queue."""
     try:
         return await js.create_key_value(bucket=s.CANCELLED_BUCKET, history=1, storage=StorageType.FILE,
                                          ttl=31 * DAY_S, direct=True, max_value_size=HEARTBEAT_BYTES,
+                                         replicas=replicas,
                                          description="the scheduler's signed JobCancelled, by site and job")
     except BadRequestError:
         return await js.key_value(s.CANCELLED_BUCKET)
 
 
-async def ensure_sites_bucket(js: JetStreamContext) -> KeyValue:
+async def ensure_sites_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """Create the bucket of heartbeats (the latest value per key, on disk), or open the one that is there."""
     try:
         return await js.create_key_value(bucket=s.SITES_BUCKET, history=1, storage=StorageType.FILE,
-                                         max_value_size=HEARTBEAT_BYTES,
+                                         max_value_size=HEARTBEAT_BYTES, replicas=replicas,
                                          description="each site worker's latest signed SiteHeartbeat")
     except BadRequestError:  # there already, made with another configuration: what it holds reads the same
         return await js.key_value(s.SITES_BUCKET)

@@ -31,7 +31,7 @@ from contracts import messages as m
 from contracts.messages import JobSpec, JobState, SiteReport, SiteResult
 from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
 from service_kit.alive import keep_alive
-from service_kit.connection import connection_options, inbox_of
+from service_kit.connection import connection_options, inbox_of, servers
 from service_kit.edge import Delivery, Refused, Retry
 from service_kit.wiring import Consumer, Outlet, Outlets, Wiring
 from site_worker.audit import AuditLog, verify_log
@@ -166,9 +166,11 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site, attempt: int =
     hold = policy.holds(bound.benchmark_id)
     trace: dict[str, str] = {}
     propagate.inject(trace)  # the job's trace context: the result continues its trace whenever it leaves
+    # released by the policy: signed now and kept signed, so what leaves next is what was kept, in one write
+    signed = None if hold else signed_result(site, result).model_dump_json()
     await asyncio.to_thread(site.review.keep, result, release=not hold, by=f"policy {policy.digest[:19]}",
                             kept={"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}",
-                                  "trace": trace})
+                                  "trace": trace}, signed=signed)
     if hold:
         await note(site, "result_held", job.job_id, metrics=sorted(metrics.leaving))
         await tell(site, job, JobState.HELD, "it ran; its result waits at the site for the data owner's review")
@@ -209,9 +211,17 @@ def in_its_trace(held: Held) -> Iterator[None]:
         otel_context.detach(token)
 
 
+def signed_result(site: Site, result: SiteResult) -> Envelope[SiteResult]:
+    return site.key.sign(Envelope.wrap(result, source=site.source, id=f"result-{result.job_id}"))
+
+
 async def publish_result(site: Site, held: Held) -> None:
-    signed = site.key.sign(Envelope.wrap(held.result, source=site.source, id=f"result-{held.job_id}"))
-    body = (await asyncio.to_thread(site.review.sign_once, held.job_id, signed.model_dump_json())).encode()
+    """Publish a released result in the envelope it was signed in: made once (as the policy released it, or now for
+    the data owner's release), so a resend sends the same bytes."""
+    if (kept := held.signed) is None:
+        kept = await asyncio.to_thread(site.review.sign_once, held.job_id,
+                                       signed_result(site, held.result).model_dump_json())
+    body = kept.encode()
     # the dedupe id covers the signed bytes: nobody can pre-empt it by publishing a forgery with a guessed id
     # (the leaderboard counts each job once however often a re-run publishes)
     await site.outlets.publish(subjects.results(site.settings.site_id), body,
@@ -302,7 +312,7 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
     plan = site_wiring(settings)
     told = telemetry(f"site-worker-{settings.site_id}", settings.otlp_endpoint, spans=spans,
                      metric_reader=metric_reader, tls=otlp_tls(settings))
-    broker = NatsBroker(settings.nats_url, logger=None, context=context, middlewares=told.middlewares(),
+    broker = NatsBroker(servers(settings.nats_url), logger=None, context=context, middlewares=told.middlewares(),
                         **connection_options(plan.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
     outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url, settings.nats_creds),
                            meters=told.meters)

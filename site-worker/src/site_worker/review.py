@@ -120,17 +120,26 @@ class Review:
         """Changes whenever anything was written (by the worker or the CLI): nothing to look at while it stays."""
         return tuple(_modified(path) for path in (self.path, self.path.with_name(self.path.name + "-wal")))
 
-    def keep(self, result: SiteResult, *, kept: dict[str, object], release: bool, by: str) -> Held:
-        """Keep a computed result: held for review, or approved at once by the policy (`by` names the rule). A job
-        kept before is not kept again."""
+    def keep(self, result: SiteResult, *, kept: dict[str, object], release: bool, by: str,
+             signed: str | None = None) -> Held:
+        """Keep a computed result: held for review, or approved at once by the policy (`by` names the rule) and kept
+        in the envelope the site signed it in (`signed`, made once, as the policy released it). A job kept before is
+        not kept again: what was kept then is returned."""
+        if signed is not None and not release:
+            raise ValueError("a held result is not signed: the site signs what it releases")
         now = utcnow().isoformat()
         state, decided = (Decision.APPROVED, now) if release else (Decision.HELD, None)
         with self._db() as db:
-            db.execute("INSERT OR IGNORE INTO result (job_id, benchmark_id, model_id, dataset_id, result, kept, state,"
-                       " decided_by, held_at, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (result.job_id, result.binding.benchmark_id, result.binding.model_id, result.binding.dataset_id,
-                        result.model_dump_json(), json.dumps(kept), state.value, by if release else None, now,
-                        decided))
+            added = db.execute(
+                "INSERT OR IGNORE INTO result (job_id, benchmark_id, model_id, dataset_id, result, kept, state,"
+                " decided_by, held_at, decided_at, signed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (result.job_id, result.binding.benchmark_id, result.binding.model_id, result.binding.dataset_id,
+                 result.model_dump_json(), json.dumps(kept), state.value, by if release else None, now, decided,
+                 signed)).rowcount
+        if added:  # what was written, as it reads back, without reading it back
+            return Held(result.job_id, result.binding.benchmark_id, result.binding.model_id,
+                        result.binding.dataset_id, result, json.loads(json.dumps(kept)), state,
+                        by if release else None, None, datetime.fromisoformat(now), _time(decided), signed, None)
         found = self.get(result.job_id)
         assert found is not None
         return found

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from faststream import FastStream
 from faststream.context import ContextRepo
@@ -22,7 +22,7 @@ from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from service_kit.actors import KnownActor, RetiredKey
 from service_kit.alive import keep_alive
-from service_kit.connection import connection_options, inbox_of
+from service_kit.connection import connection_options, inbox_of, servers
 from service_kit.db import Database, create_tables, make_engine
 from service_kit.gauges import OUTBOX, Gauges, Sample
 from service_kit.inbox import ProcessedMessage
@@ -57,11 +57,25 @@ class ServiceSettings(BaseSettings):
         return KeyPair.load(self.key_file), Trust(self.service_keys)
 
 
+class Deferred(Protocol):
+    """Work a service owes and does a short while later, beside its relay, so that a burst is done once (the
+    leaderboard's board announcements). What is owed is in its database, so nothing is lost with the process."""
+
+    async def run(self) -> None:
+        """Do what is owed as it comes, until `stop()`; never cancelled halfway."""
+
+    def stop(self) -> None: ...
+
+    async def settle(self) -> object:
+        """Do now whatever is owed: at shutdown, before the relay's last flush, and when a test settles."""
+
+
 class ServiceApp(FastStream):
     """A service's FastStream app, with the database and relay its tests and its hooks reach."""
 
     db: Database
     relay: Relay
+    deferred: list[Deferred]
     wiring: Wiring
     units: Units
     replays: Replays  # its consumers' dead letters the operator replays, and where it reads their messages back
@@ -72,17 +86,19 @@ class ServiceApp(FastStream):
 def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
                 context: Mapping[str, Any] | None = None,
                 on_start: Callable[[Units], Awaitable[None]] | None = None, samples: Sequence[Sample] = (),
-                spans: SpanExporter | None = None, metric_reader: MetricReader | None = None) -> ServiceApp:
+                spans: SpanExporter | None = None, metric_reader: MetricReader | None = None,
+                deferred: Sequence[Callable[[Units], Deferred]] = ()) -> ServiceApp:
     """`context` holds what handlers ask for by name (the job terms, say); `on_start` runs once the tables exist;
     `samples` are the gauges read from its store besides its outbox's. Spans and metrics go to `spans` and
-    `metric_reader` where given (a test's), else over OTLP where `otlp_endpoint` says, else nowhere."""
+    `metric_reader` where given (a test's), else over OTLP where `otlp_endpoint` says, else nowhere. `deferred`
+    makes, from its units of work, what it does a short while later beside the relay (see `Deferred`)."""
     signer, trust = settings.signer_and_trust()
     told = telemetry(wiring.owner, settings.otlp_endpoint, spans=spans, metric_reader=metric_reader)
-    broker = NatsBroker(settings.nats_url, middlewares=told.middlewares(),
+    broker = NatsBroker(servers(settings.nats_url), middlewares=told.middlewares(),
                         logger=None, context=ContextRepo({"trust": trust, **(context or {})}),
                         **connection_options(wiring.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
     db = Database(make_engine(settings.database_url))
-    units = Units(db, wiring, signer, told.meters)
+    units = Units(db, wiring, signer, told.meters, told.tracer_provider.get_tracer(wiring.owner))
     replays = Replays(wiring.owner, units, JetStreamMessages(broker), trust)
     broker.context.set_global("replays", replays)
     outlets = wiring.declare(broker, units, trust, inbox=inbox_of(settings.nats_url, settings.nats_creds),
@@ -97,6 +113,7 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
     app = ServiceApp(broker)
     app.db, app.relay, app.wiring, app.units, app.telemetry, app.gauges = db, relay, wiring, units, told, gauges
     app.replays = replays
+    app.deferred = [make(units) for make in deferred]
     tasks: list[asyncio.Task[None]] = []
 
     @app.on_startup
@@ -109,6 +126,7 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
             with told.tracer_provider.get_tracer("service_kit").start_as_current_span(f"{wiring.owner} start"):
                 await on_start(units)
         tasks.append(asyncio.create_task(relay.run(), name=f"{wiring.owner}-outbox-relay"))
+        tasks.extend(asyncio.create_task(later.run(), name=f"{wiring.owner}-deferred") for later in app.deferred)
         if told.measured:  # nothing reads the gauges otherwise: the store is not sampled for nothing
             tasks.append(asyncio.create_task(gauges.run(), name=f"{wiring.owner}-gauges"))
         if settings.alive_file is not None:
@@ -126,12 +144,17 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
 
     @app.on_shutdown
     async def stop_relay() -> None:
+        for later in app.deferred:
+            later.stop()
         relay.stop()
         for task in tasks:
             if task.get_name().endswith(("-alive", "-gauges")):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task  # the relay finishes the flush in progress, then returns
+        for later in app.deferred:
+            with contextlib.suppress(Exception):  # what stays owed is done by the next start
+                await later.settle()
         with contextlib.suppress(Exception):  # the bus may be gone; rows stay for the next start
             await relay.flush()
         if told.measured:

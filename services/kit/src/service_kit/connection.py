@@ -13,10 +13,16 @@ from urllib.parse import urlsplit
 log = logging.getLogger("service_kit.connection")
 
 
+def servers(url: str) -> list[str]:
+    """The servers of `url`: one, or a cluster's seed list written comma-separated (`nats://a:4222,nats://b:4222`),
+    as nats-py and faststream take it (a list; each keeps its own credentials). A client that knows several servers
+    goes on to another when the one it uses dies."""
+    return [server.strip() for server in url.split(",") if server.strip()]
+
+
 def where(url: str) -> str:
-    """`url` without its user and password."""
-    parts = urlsplit(url.split(",")[0])
-    return f"{parts.scheme}://{parts.hostname}:{parts.port}"
+    """`url` without its users and passwords (every server of a seed list, comma-separated)."""
+    return ",".join(f"{parts.scheme}://{parts.hostname}:{parts.port}" for parts in map(urlsplit, servers(url)))
 
 
 def inbox_of(url: str, creds: Path | None = None) -> str:

@@ -8,8 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -35,8 +35,15 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True)
 
 
+SCHEMA_LOCK = 0x617373617901  # advisory lock keys, one per purpose: creating the tables, and the outbox relay
+OUTBOX_LOCK = 0x617373617902
+
+
 async def create_tables(engine: AsyncEngine, tables: list) -> None:  # type: ignore[type-arg]
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # replicas that start together: one creates the tables (two would
+            # both find them missing, and one fail on the catalogue's unique keys); the others wait, then find them
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
         await conn.run_sync(lambda sync: SQLModel.metadata.create_all(sync, tables=tables))
 
 
@@ -68,6 +75,33 @@ class Database:
         if notify:
             for hook in self.committed:
                 hook()  # type: ignore[operator]
+
+    @asynccontextmanager
+    async def alone(self, key: int, wait_s: float) -> AsyncIterator[bool]:
+        """Run the block in one process at a time of those that share this database (replicas on PostgreSQL): it
+        holds the advisory lock `key` on a connection of its own, which locks no row and blocks no writer, and goes
+        when the block ends or its process dies. A process that has waited `wait_s` for another (stuck on a server
+        that went away) runs the block anyway, and yields False: what it guards must be correct twice at once, and
+        is only cheaper once. SQLite's file is one process's: nothing to hold."""
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        async with self.engine.connect() as connection:
+            holding = await connection.begin()
+            try:
+                await connection.execute(text(f"SET LOCAL lock_timeout = '{max(1, round(wait_s * 1000))}ms'"))
+                await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+                held = True
+            except DBAPIError as exc:  # lock_timeout (55P03): the holder is taking longer than anyone should wait
+                await holding.rollback()
+                log.warning("went on without lock %#x after %.1f s: %s", key, wait_s, exc.orig)
+                held = False
+            try:
+                yield held
+            finally:
+                if held:
+                    with contextlib.suppress(DBAPIError):  # a broken connection's lock went with its session
+                        await holding.rollback()  # the lock is released; nothing was written on this connection
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -11,7 +11,7 @@ of it). Nothing is dropped silently and a failure always says why.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,11 +23,13 @@ from faststream.message import StreamMessage
 from faststream.nats.annotations import NatsMessage
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
+from opentelemetry import context as otel_context
 from pydantic import ValidationError
 
 from contracts.envelope import Envelope, Payload, describe, utcnow
 from contracts.messages import CommandReply, ReplayOutcome
 from service_kit.spans import annotate, failed
+from service_kit.together import ALONE, Arrival, Together
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class Retry:
 
 class Inbox(Protocol):
     async def first_time(self, consumer: str, body: bytes) -> bool: ...
+
+    async def first_times(self, consumer: str, bodies: Sequence[bytes]) -> list[bool]: ...
 
     async def seen(self, consumer: str, body: bytes) -> bool: ...
 
@@ -172,15 +176,23 @@ class Edge:
     retry: Retry
     letters: DeadLetters
     trust: Checks | None = None
+    together: Together | None = None  # the consumer's handler has a batch form: what one fetch brings goes together
 
     def __call__(self, msg: Any, /, *, context: Any) -> BaseMiddleware:
         return _Scope(msg, context=context, edge=self)
 
-    async def run(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any) -> Any:
+    async def run(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any,
+                  envelope: Envelope[Payload] | None = None) -> Any:
         """The handler, in its unit of work; the duplicate of a processed message is not handled again (DUPLICATE). A
-        handler that opens its own units runs after its command is checked not to have been refused before."""
+        handler that opens its own units runs after its command is checked not to have been refused before. A
+        delivery (its checked `envelope` given) of a consumer whose handler has a batch form goes with the others of
+        its fetch, and alone only where their batch could not take it."""
         if self.units is None:
             return await call_next(msg)
+        if self.together is not None and envelope is not None:
+            arrival = Arrival(envelope, msg.body, msg.raw_message.subject, otel_context.get_current())
+            if (done := await self.together.submit(arrival, context)) is not ALONE:
+                return done
         async with self.units.transaction() as unit:
             if self.route.inbox and self.route.unit and not await unit.first_time(self.route.consumer, msg.body):
                 return (CommandReply(ok=True, message="already done (the same command)") if self.route.answers
@@ -209,7 +221,7 @@ class Edge:
         try:
             if self.trust is not None:
                 self.trust.check(envelope)  # before anything changes: a forged event is never applied
-            await self.run(call_next, msg, context)
+            await self.run(call_next, msg, context, envelope)
         except Refused as exc:
             await self.dead_letter(delivery, str(exc))
         except NotYetKnown as exc:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts.envelope import Envelope, Payload, aware, utcnow
+from service_kit.db import OUTBOX_LOCK
 from service_kit.inbox import ProcessedMessage
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ async def waiting(connection: AsyncConnection) -> tuple[int, datetime | None]:
 SetAside = Callable[[OutboxMessage, str], Awaitable[None]]
 KEEP_PUBLISHED = timedelta(days=7)
 KEEP_PROCESSED = timedelta(days=30)
+# how long a replica's relay waits for another's flush before it publishes too: longer than a flush takes, shorter
+# than a publish to a server that died takes to time out (the replicas' events do not wait on the stuck one for that)
+ALONE_WAIT_S = 2.0
 PRUNE_EVERY_S = 3600.0
 TOO_LARGE_FOR_THE_STREAM = 10054  # JetStream's "message size exceeds maximum allowed"
 
@@ -69,7 +73,10 @@ def refused_for_good(exc: Exception) -> bool:
 
 
 class Relay:
-    """Publishes staged messages in order; safe to run in several replicas (the server drops duplicates by id).
+    """Publishes staged messages in order; safe to run in several replicas. Replicas that share a database flush one
+    at a time (`Database.alone`), so each message is normally published once and the stream keeps the order of the
+    outbox; where two do publish the same rows (one stuck past ALONE_WAIT_S), the server drops the second copy by its
+    Nats-Msg-Id, and the first copy of each id still comes in the outbox's order (each relay publishes in that order).
 
     A message the server refuses for good is set aside with the reason (`set_aside` says so, a dead letter in a
     service), so the messages behind it still leave.
@@ -95,7 +102,7 @@ class Relay:
         Rows are read in one short transaction and marked in another: no database lock is held while
         waiting for the server. A crash in between publishes them again, and the server drops them by id.
         """
-        async with self._flushing:
+        async with self._flushing, self._db.alone(OUTBOX_LOCK, ALONE_WAIT_S):
             return await self._flush()
 
     async def _flush(self) -> int:
@@ -108,20 +115,16 @@ class Relay:
                     .order_by(col(OutboxMessage.seq)).limit(self._batch)
                 )).all()
             published: list[int] = []
+            failed: BaseException | None = None
             try:
-                for row in rows:
-                    token = otel_context.attach(propagate.extract(json.loads(row.trace_headers)))
-                    try:  # published as part of the trace that staged it, not as a new one
-                        await self._publish(row.subject, row.body, row.message_id)
-                    except (MaxPayloadError, BadRequestError) as exc:
-                        if not refused_for_good(exc):
-                            raise
-                        await self._put_aside(row, f"the server refused it for good ({type(exc).__name__}: {exc}); "
-                                                   f"{len(row.body)} bytes on {row.subject}")
-                        continue
-                    finally:
-                        otel_context.detach(token)
-                    published.append(row.seq)  # type: ignore[arg-type]
+                for row, outcome in zip(rows, await self._send(rows), strict=True):
+                    if outcome is None:
+                        published.append(row.seq)  # type: ignore[arg-type]
+                    elif isinstance(outcome, Exception) and refused_for_good(outcome):
+                        await self._put_aside(row, f"the server refused it for good ({type(outcome).__name__}: "
+                                                   f"{outcome}); {len(row.body)} bytes on {row.subject}")
+                    elif failed is None:  # stays pending, and is sent again on the next flush
+                        failed = outcome
             finally:
                 if published:
                     now = utcnow()
@@ -133,9 +136,27 @@ class Relay:
                         for row in rows:
                             if row.seq in done:
                                 self._waited((now - aware(row.created_at)).total_seconds())
+            if failed is not None:
+                raise failed
             total += len(published)
             if len(rows) < self._batch:
                 return total
+
+    async def _send(self, rows: Sequence[OutboxMessage]) -> list[BaseException | None]:
+        """Publish every row at once and await their acks together: what each publish came to (None: acked).
+
+        The publishes are written to the one connection in the rows' order, before any ack is awaited, and the server
+        stores a connection's messages in the order they arrive: each subject keeps the outbox's order. A row whose
+        ack failed stays pending and is sent again, by its Nats-Msg-Id, after the rows that followed it.
+        """
+        sending = []
+        for row in rows:
+            token = otel_context.attach(propagate.extract(json.loads(row.trace_headers)))
+            try:  # the task takes the trace that staged the row: published as part of it, not as a new one
+                sending.append(asyncio.ensure_future(self._publish(row.subject, row.body, row.message_id)))
+            finally:
+                otel_context.detach(token)
+        return list(await asyncio.gather(*sending, return_exceptions=True))
 
     async def _put_aside(self, row: OutboxMessage, reason: str) -> None:
         log.error("outbox: %s (%s) set aside: %s", row.message_id, row.subject, reason)

@@ -27,6 +27,7 @@ from contracts.messages import DeadLetter, DeadLetterReplayed, ReplayDeadLetter
 from contracts.streams import PUBLISH_TIMEOUT_S
 from service_kit.edge import Checks, Edge, Retry, Route, Transactions
 from service_kit.replay import Replayable, Replays, replay_dead_letter
+from service_kit.together import BatchHandler, Together
 
 Handler = Callable[..., Awaitable[Any]]
 ACK_WAIT_S = 30.0
@@ -51,6 +52,7 @@ class Consumer:
     ack_wait_s: float = ACK_WAIT_S
     batch: int = 16
     workers: int = 1  # messages handled at once (a site runs several jobs); 1: one after another, in order
+    together: BatchHandler | None = None  # the handler's batch form: a fetch's messages in one unit of work
 
     @property
     def payload(self) -> type[Payload]:
@@ -173,8 +175,9 @@ class Wiring:
         outlets = Outlets(self.owner, self.source, publishers, meters)
         for consumer, name in zip(self.consumers, letters, strict=True):
             stream = subjects.stream_of(consumer.address)
+            together = Together(name, consumer.together, units) if consumer.together and units else None
             subscriber = self._subscribe(
-                broker, Edge(Route(name, consumer.payload), units, self.retry, outlets, trust),
+                broker, Edge(Route(name, consumer.payload), units, self.retry, outlets, trust, together),
                 consumer.address, consumer.handle, stream=JStream(stream, declare=False),
                 durable=name, title=name, pull_sub=PullSub(batch_size=consumer.batch, timeout=1.0),
                 inbox_prefix=f"{inbox}.".encode(),

@@ -3,9 +3,9 @@ transaction, on subjects the app declares it publishes on."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, TypeVar
+from typing import Any, Annotated, TypeVar
 
 from faststream import Context
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -15,7 +15,7 @@ from contracts.catalog import EVENT_SUBJECTS
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
 from service_kit.db import Database
-from service_kit.inbox import first_time, seen
+from service_kit.inbox import first_time, first_times, seen
 from service_kit.outbox import stage
 from service_kit.wiring import Wiring
 
@@ -45,6 +45,9 @@ class Transaction:
 
     async def first_time(self, consumer: str, body: bytes) -> bool:
         return await first_time(self.session, consumer, body)
+
+    async def first_times(self, consumer: str, bodies: Sequence[bytes]) -> list[bool]:
+        return await first_times(self.session, consumer, bodies)
 
     async def seen(self, consumer: str, body: bytes) -> bool:
         return await seen(self.session, consumer, body)
@@ -78,8 +81,10 @@ UnitOfWork = Annotated[Transaction, Context("uow")]
 class Units:
     """Opens a Transaction per message, for the edge."""
 
-    def __init__(self, db: Database, wiring: Wiring, signer: KeyPair, meters: Meters | None = None) -> None:
+    def __init__(self, db: Database, wiring: Wiring, signer: KeyPair, meters: Meters | None = None,
+                 tracer: Any = None) -> None:
         self.db, self.wiring, self.signer, self.meters = db, wiring, signer, meters
+        self.tracer = tracer  # for work a service starts itself (no message): its span is what it stages' parent
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

@@ -12,3 +12,6 @@ class Settings(ServiceSettings):
 
     database_url: str = "sqlite+aiosqlite:///assay-leaderboard.db"
     park_minutes: float = 10.0  # how long a result waits for its site's key or benchmark before it is rejected
+    # a burst of results is announced once, this long after its first commit (`leaderboard.announce`): the
+    # board is recomputed at most once per window, however many results it brings
+    board_window_s: float = 0.25

@@ -1,9 +1,10 @@
-"""The current board of a benchmark, pooling again only the models whose results changed since it was last made.
+"""The current board of a benchmark, pooling again only the models whose results changed since it was last made, and
+ranking again only when one did.
 
-Each process keeps the pooled models it made, with what they were made from (each result's job, metrics and cases);
-before it uses one it lists that for the benchmark again from the database, so a result another replica accepted, a
-transaction that rolled back, or a row changed in the database makes that model pooled again. The database stays
-the only state: the cache can always be dropped.
+Each process keeps the pooled models it made, with what they were made from (each result's job, metrics and cases),
+and the ranked board it made from them; before it uses them it lists that for the benchmark again from the database,
+so a result another replica accepted, a transaction that rolled back, or a row changed in the database makes that
+model pooled again and the board ranked again. The database stays the only state: the cache can always be dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ Load = Callable[[Sequence[str]], Awaitable[Iterable[Score]]]  # the scores of th
 @dataclass
 class Boards:
     made: dict[tuple[str, str], tuple[frozenset[tuple[str, str]], ModelBoard]] = field(default_factory=dict)
+    ranked: dict[str, tuple[object, Leaderboard]] = field(default_factory=dict)  # by benchmark: what it was made of
+    rankings: int = 0  # how often a board was ranked (a query of a current board ranks nothing: the tests count)
 
     async def board(self, benchmark: BenchmarkSpec, listing: Iterable[Listing], load: Load) -> Leaderboard:
         """The whole board of `benchmark`, whose accepted results are `listing`; `load` fetches the scores of the
@@ -39,4 +42,11 @@ class Boards:
             for model in stale:
                 self.made[(key, model)] = (frozenset(made_from[model]),
                                            model_board(model, by_model[model], benchmark.metrics))
-        return rank(benchmark, [self.made[(key, model)][1] for model in sorted(made_from)])
+        models = sorted(made_from)
+        made_of = (benchmark.model_dump_json(), tuple((model, self.made[(key, model)][0]) for model in models))
+        if (cached := self.ranked.get(key)) is not None and cached[0] == made_of:
+            return cached[1]
+        self.rankings += 1
+        board = rank(benchmark, [self.made[(key, model)][1] for model in models])
+        self.ranked[key] = (made_of, board)
+        return board

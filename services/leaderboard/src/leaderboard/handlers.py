@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
 
 from faststream import Context
+from faststream.context import ContextRepo
+from opentelemetry import context as otel_context
 
 from assay_telemetry.metrics import CHECK, OUTCOME, RESULTS
 from contracts import subjects
@@ -34,12 +37,14 @@ from contracts.messages import (
 )
 from leaderboard import domain
 from leaderboard.current import Boards
+from leaderboard.gathered import GatheredStore
 from leaderboard.withdrawn import counts, marked, marks, retirement, withdrawals
-from leaderboard.sharing import NOBODY, Asker, announcement, view
+from leaderboard.sharing import NOBODY, Asker, view
 from leaderboard.store import Listed, Store
 from service_kit.actors import authenticate, remember_actor, remember_suspension, remember_rotation
 from service_kit.edge import Delivery, NotYetKnown, Refused, outside_window
 from service_kit.trust import Trust
+from service_kit.together import Arrival
 from service_kit.wiring import Consumer, Outlet, Request, Wiring
 from service_kit.work import Transaction, UnitOfWork
 
@@ -110,38 +115,56 @@ async def learn_consent(approved: Envelope[AssociationApproved], uow: UnitOfWork
     await Store(uow.session).note_consent(pair.benchmark_id, pair.kind.value, pair.entity_id, approved.time)
 
 
-async def learn_actor(registered: Envelope[ActorRegistered], uow: UnitOfWork, trust: Trusted,
-                      boards: Made) -> None:
+async def learn_actor(registered: Envelope[ActorRegistered], uow: UnitOfWork, trust: Trusted) -> None:
     """Learn a key, and judge the results that waited for it."""
     await remember_actor(uow.session, registered.data)
-    await release(Store(uow.session), uow, f"key {registered.data.key_id}", trust, boards)
+    await release(Store(uow.session), uow, f"key {registered.data.key_id}", trust)
 
 
-async def learn_benchmark(registered: Envelope[BenchmarkRegistered], uow: UnitOfWork, trust: Trusted,
-                          boards: Made) -> None:
+async def learn_benchmark(registered: Envelope[BenchmarkRegistered], uow: UnitOfWork, trust: Trusted) -> None:
     """Learn a benchmark, and judge the results that waited for it."""
     store = Store(uow.session)
     await store.remember_benchmark(registered.data)
-    await release(store, uow, f"benchmark {registered.data.benchmark.benchmark_id}", trust, boards)
+    await release(store, uow, f"benchmark {registered.data.benchmark.benchmark_id}", trust)
 
 
 async def record_result(result: Envelope[SiteResult], uow: UnitOfWork, delivery: Delivery, trust: Trusted,
-                        park: Parking, boards: Made) -> None:
-    """Verify, then store and re-rank; a result that fails a check is rejected with the reason, never retried.
+                        park: Parking) -> None:
+    """Verify, then store, and owe its board an announcement (`leaderboard.announce` makes one for a burst); a
+    result that fails a check is rejected with the reason, never retried.
 
     A result carries the job the scheduler signed, so it never waits for another stream. One answering a genuine job
     whose site or benchmark this service has not heard of yet is parked, acknowledged, and judged when that arrives
     (or rejected once it has waited `park.wait`): it never holds the consumer, however many come.
     """
     store = Store(uow.session)
-    await judge(store, uow, result, delivery.subject, trust, boards)
+    await judge(store, uow, result, delivery.subject, trust)
+    await expire(store, uow, park)
+
+
+async def record_results(arrivals: Sequence[Arrival], uow: Transaction, context: ContextRepo) -> None:
+    """`record_result` for each result of one fetch, in one unit of work (`service_kit.together`): the store reads
+    what `judge` asks of each for all of them at once, and each is judged in turn, in its own trace."""
+    trust, park = context.get("trust"), context.get("parking")
+    store = GatheredStore(uow.session)
+    await store.preload([arrival.envelope for arrival in arrivals])
+    for arrival in arrivals:
+        token = otel_context.attach(arrival.trace)
+        try:
+            await judge(store, uow, arrival.envelope, arrival.subject, trust)  # type: ignore[arg-type]
+        finally:
+            otel_context.detach(token)
+    await expire(store, uow, park)
+
+
+async def expire(store: Store, uow: Transaction, park: ParkingTerms) -> None:
+    """Reject what has waited in the park longer than it may."""
     for stale, _, waited in await store.unpark(parked_before=utcnow() - park.wait):
         reject(uow, stale, f"{waited}: not known here after {park.wait}; not counted (register it, then re-send)",
                NOT_KNOWN)
 
 
-async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], subject: str, trust: Trust,
-                boards: Boards) -> None:
+async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], subject: str, trust: Trust) -> None:
     """Reject at once whatever can be judged now: the job must be the scheduler's (its key is known from the start),
     and a key that is not the registered key of the site the result names is refused. Only a genuine job whose site
     or benchmark this service has not heard of yet waits, parked."""
@@ -186,14 +209,13 @@ async def judge(store: Store, uow: Transaction, result: Envelope[SiteResult], su
     await store.record(result)
     uow.emit(ResultAccepted(job_id=site_result.job_id, site_id=site_result.site_id, binding=site_result.binding))
     uow.count(RESULTS, {OUTCOME: "accepted"})
-    board, _ = await current(store, benchmark, boards)
-    uow.emit(announcement(board, benchmark, site_result.binding.model_id))
+    await store.owe_board(benchmark.benchmark_id, site_result.binding.model_id)  # under the benchmark's row lock
 
 
-async def release(store: Store, uow: Transaction, waiting_for: str, trust: Trust, boards: Boards) -> None:
+async def release(store: Store, uow: Transaction, waiting_for: str, trust: Trust) -> None:
     await store.hold(waiting_for)
     for parked, subject, _ in await store.unpark(waiting_for=waiting_for):
-        await judge(store, uow, parked, subject, trust, boards)
+        await judge(store, uow, parked, subject, trust)
 
 
 # what a rejection's `assay.check` says besides the checks of domain.Check: the pair was withdrawn before the result
@@ -235,7 +257,7 @@ WIRING = Wiring(
     consumers=(Consumer(learn_actor), Consumer(learn_benchmark), Consumer(learn_revocation), Consumer(learn_consent),
                Consumer(learn_edit), Consumer(learn_archival), Consumer(learn_suspension),
                Consumer(learn_rotation),
-               Consumer(record_result, subject=subjects.RESULTS_ALL)),
+               Consumer(record_result, subject=subjects.RESULTS_ALL, batch=64, together=record_results)),
     requests=(Request(show_leaderboard),),
     publishes=tuple(Outlet.event(e) for e in (ResultAccepted, ResultRejected, LeaderboardUpdated, CheckCompleted)),
 )

@@ -78,5 +78,16 @@ class Archived(SQLModel, table=True):
     reason: str = Field(default="", max_length=2000)
 
 
+class BoardDue(SQLModel, table=True):
+    """A board that changed and is not announced yet: the models whose results changed, in the order they did. It is
+    written with the result that changed the board, so an announcement is owed even if the process dies before
+    making it; the announcement's transaction removes it (`leaderboard.announce`)."""
+
+    __tablename__ = "lb_board_due"
+    benchmark_id: str = Field(primary_key=True, max_length=64)
+    models: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    since: datetime = Field(default_factory=utcnow)
+
+
 TABLES = [KnownBenchmark.__table__, ParkedResult.__table__, AcceptedResult.__table__,  # type: ignore[attr-defined]
-          PairConsent.__table__, Archived.__table__]  # type: ignore[attr-defined]
+          PairConsent.__table__, Archived.__table__, BoardDue.__table__]  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from contracts.envelope import Envelope, aware
 from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Histograms, JobSpec, SiteResult
 from leaderboard.board import Score
 from leaderboard.domain import Signer
-from leaderboard.models import AcceptedResult, Archived, KnownBenchmark, PairConsent, ParkedResult
+from leaderboard.models import AcceptedResult, Archived, BoardDue, KnownBenchmark, PairConsent, ParkedResult
 from leaderboard.withdrawn import Consents, Withdrawal, withdrawals
 from service_kit.actors import KnownActor, RetiredKey
 from service_kit.inbox import digest
@@ -122,10 +122,15 @@ class Store:
             AcceptedResult.dataset_id == bound.dataset_id).limit(1))).first()
 
     async def record(self, envelope: Envelope[SiteResult]) -> None:
+        self.session.add(self.row_of(envelope))
+        await self.session.flush()  # a racing replica's row for the same job fails here, and this message is retried
+
+    @staticmethod
+    def row_of(envelope: Envelope[SiteResult]) -> AcceptedResult:
         result, bound = envelope.data, envelope.data.binding
         evidence = result.evidence
         replicated = sorted(evidence.replicates) if evidence else []
-        self.session.add(AcceptedResult(
+        return AcceptedResult(
             job_id=result.job_id, message_id=envelope.id, benchmark_id=bound.benchmark_id,
             model_id=bound.model_id, dataset_id=bound.dataset_id, site_id=result.site_id,
             model_owner=result.job.data.model_owner,
@@ -135,8 +140,7 @@ class Store:
             replicated=replicated,
             replicates=np.array([evidence.replicates[name] for name in replicated], dtype=np.float64).tobytes()
             if evidence and replicated else None,
-        ))
-        await self.session.flush()  # a racing replica's row for the same job fails here, and this message is retried
+        )
 
     async def listing(self, benchmark_id: str) -> list[Listed]:
         """What the benchmark's accepted results are, without their replicates, in the order they were accepted."""
@@ -157,6 +161,27 @@ class Store:
                                          col(AcceptedResult.model_id).in_(list(models)))
         )).all()
         return [score_of(row) for row in rows if row.job_id in jobs]
+
+    async def owe_board(self, benchmark_id: str, model_id: str) -> None:
+        """Note, with the result that changed it, that the board of `benchmark_id` must be announced for `model_id`
+        (the caller holds the benchmark's row: results and announcements of one benchmark take turns)."""
+        due = await self.session.get(BoardDue, benchmark_id) or BoardDue(benchmark_id=benchmark_id)
+        if model_id not in due.models:
+            due.models = [*due.models, model_id]  # a new list: the JSON column sees the change
+        self.session.add(due)
+
+    async def boards_due(self) -> list[str]:
+        """The benchmarks whose boards are owed an announcement, longest owed first."""
+        return list((await self.session.exec(select(BoardDue.benchmark_id).order_by(col(BoardDue.since)))).all())
+
+    async def take_due(self, benchmark_id: str) -> list[str]:
+        """The models the board of `benchmark_id` is owed an announcement for, no longer owed once this transaction
+        commits; none when another replica announced it meanwhile."""
+        due = await self.session.get(BoardDue, benchmark_id, populate_existing=True)
+        if due is None:
+            return []
+        await self.session.delete(due)
+        return list(due.models)
 
     async def consents(self, benchmark_id: str) -> Consents:
         rows = (await self.session.exec(select(PairConsent).where(PairConsent.benchmark_id == benchmark_id))).all()

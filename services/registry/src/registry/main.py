@@ -12,6 +12,7 @@ from registry.handlers import WIRING, enrol
 from registry.models import TABLES
 from service_kit.actors import KnownActor
 from service_kit.app import ServiceApp, service_app
+from service_kit.edge import Conflict
 from service_kit.work import Units
 
 
@@ -25,9 +26,12 @@ def create_app(settings: Settings | None = None, spans: SpanExporter | None = No
 
     async def enrol_operator(units: Units) -> None:
         """The operator is the root of trust: registered from configuration, announced like any actor."""
-        async with units.transaction() as uow:
-            if await uow.session.get(KnownActor, settings.operator_id) is None:
-                enrol(uow, settings.operator_id, m.Role.OPERATOR, operator_key, "Operator",
-                      event_id=f"actor-registered-{settings.operator_id}")
+        try:
+            async with units.transaction() as uow:
+                if await uow.session.get(KnownActor, settings.operator_id) is None:
+                    enrol(uow, settings.operator_id, m.Role.OPERATOR, operator_key, "Operator",
+                          event_id=f"actor-registered-{settings.operator_id}")
+        except Conflict:  # a replica starting at the same moment enrolled it first: the same row, the same event
+            pass
 
     return service_app(WIRING, settings, TABLES, on_start=enrol_operator, spans=spans, metric_reader=metric_reader)
