@@ -93,14 +93,15 @@ async def through_store(bench: BenchmarkSpec, results: list[tuple[str, str, dict
     from sqlmodel.ext.asyncio.session import AsyncSession
 
     from leaderboard.handlers import current
-    from leaderboard.models import AcceptedResult
+    from leaderboard.models import TABLES, AcceptedResult
+    from service_kit.app import KIT_TABLES
     from leaderboard.store import Store
     from sqlalchemy.ext.asyncio import create_async_engine
 
     folder = Path(tempfile.mkdtemp(prefix="assay-bench-board-"))
     engine = create_async_engine(f"sqlite+aiosqlite:///{folder / 'board.db'}")
-    async with engine.begin() as conn:
-        await conn.run_sync(SQLModel.metadata.create_all, tables=[AcceptedResult.__table__])  # type: ignore[attr-defined]
+    async with engine.begin() as conn:  # all the tables `current` reads (the withdrawals' too), as the service has them
+        await conn.run_sync(SQLModel.metadata.create_all, tables=[*KIT_TABLES, *TABLES])
 
     def row(n: int, model: str, site: str, values: dict[str, float], ev: Evidence) -> AcceptedResult:
         names = sorted(ev.replicates)

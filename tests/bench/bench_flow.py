@@ -184,10 +184,12 @@ def scan_logs(home: Home) -> dict[str, int]:
     return found
 
 
-async def health(platform: Platform, observer: Observer, board: list[int]) -> dict[str, Any]:
-    """`board`: the sizes of the LeaderboardUpdated events of the rounds."""
+async def health(platform: Platform, observer: Observer, board: list[int],
+                 seen: Counter[tuple[str, str]]) -> dict[str, Any]:
+    """`board`: the sizes of the LeaderboardUpdated events of the rounds; `seen`: the consumer advisories of the
+    rounds."""
     advisories: Counter[str] = Counter()
-    for (kind, consumer), n in observer.advisories.items():
+    for (kind, consumer), n in seen.items():
         advisories[f"{kind} {'site-*' if consumer.startswith('site-') else consumer}"] += n
     return {
         "advisories": dict(sorted(advisories.items())),
@@ -231,6 +233,7 @@ async def flow(platform: Platform, sites_count: int, rounds: int, models_per_rou
     start = time.perf_counter()
     observer: Observer | None = None
     boards_in_rounds: list[int] = []
+    advised: Counter[tuple[str, str]] = Counter()
     try:
         await asyncio.gather(*(app.start() for app in apps))
         result["workers_start_s"] = time.perf_counter() - start
@@ -238,8 +241,9 @@ async def flow(platform: Platform, sites_count: int, rounds: int, models_per_rou
         result["checks_s"] = await wait_quiet(url)  # the datasets' checks waited in the queues for the workers
         counted = await bus_counts(url)
         result |= await run_rounds(platform, observer, runner, model_rounds, sites_count, log)
+        await wait_quiet(url)  # the stream has stored what the observer saw, and every consumer has taken it
         result["per_job"] = per_job(counted, await bus_counts(url), result["jobs"])
-        boards_in_rounds = list(observer.board_bytes)
+        boards_in_rounds, advised = list(observer.board_bytes), Counter(observer.advisories)
         log(f"per job: {result['per_job']['writes']} JetStream writes, {result['per_job']['deliveries']} deliveries")
         if load_fractions:
             result["load"] = await sweep(url, platform.home, observer, sites, result["jobs_per_s"],
@@ -255,5 +259,5 @@ async def flow(platform: Platform, sites_count: int, rounds: int, models_per_rou
     result["ratio_jobs_to_raw_msgs"] = result["jobs_per_s"] / result["raw"]["msgs_per_s"]
     result["ratio_latency_p50_to_raw_trip"] = result["latency_p50_s"] / result["raw"]["round_trip_p50_s"]
     result["ratio_latency_p99_to_raw_trip"] = result["latency_p99_s"] / result["raw"]["round_trip_p99_s"]
-    result |= await health(platform, observer, boards_in_rounds)
+    result |= await health(platform, observer, boards_in_rounds, advised)
     return result

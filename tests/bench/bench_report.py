@@ -158,7 +158,7 @@ def table(r: dict[str, Any]) -> Table:
 
 INTRO = """# Benchmarks
 
-`just bench` (that is, `.venv/bin/python tests/bench/bench.py`) measures two things on this machine and writes
+`just bench` (that is, `.venv/bin/python tests/bench/bench.py`) measures three things on this machine and writes
 `bench-results/bench.json` and this file. It takes about {minutes} on 2 cores. Shared machines are noisy, so every
 speed is reported as a ratio to a baseline measured in the same run, and as medians. No test asserts on a time.
 
@@ -170,22 +170,26 @@ plays every actor with signed commands through `assay.client.request` (as `assay
 benchmark owner, a model owner and {sites} site actors, a benchmark with fake but well-formed image digests, has
 the operator approve it, registers one tiny prepared dataset per site and associates it, and registers the models
 and asks for their association. It hosts {sites} real site-worker apps (`site_worker.main.create_app`, one NATS
-connection and one durable pull consumer each) whose container runner runs nothing: `evaluate` writes a valid
-`metrics.json` and `cases.jsonl`. Then, in each of {rounds} rounds, the benchmark owner approves
-{models_per_round} model(s) at once, which makes the scheduler plan a burst of {models_per_round} x {sites} jobs,
-one per site and model. A separate observer process
+connection and one durable pull consumer each; a worker is a process of its own at its site, so these share a pool of
+32 threads for their files, not the 6 of one process) whose container runner runs nothing: `evaluate` writes a
+valid `metrics.json` and `cases.jsonl`. The datasets' checks before joining wait in the queues until the workers
+start; they run, and every consumer catches up, before the first round. Then, in each of {rounds} rounds, the
+benchmark owner approves {models_per_round} model(s) at once, which makes the scheduler plan a burst of
+{models_per_round} x {sites} jobs, one per site and model. A separate observer process
 (plain nats-py core subscriptions) stamps when each `JobScheduled` (`assay.v1.evt.job.scheduled`), each signed
 site result (`assay.v1.results.*`) and each `ResultAccepted` (`assay.v1.evt.result.accepted`) appears.
 
 - *jobs/s*: jobs of a round / (last `ResultAccepted` - first `JobScheduled`); the median over the rounds.
 - *latency*: per job, `ResultAccepted` seen - `JobScheduled` seen; p50 and p99 (nearest rank) per round, median
   over the rounds. The stages split it: until the site's runner starts the job (relay, JOBS queue, site pull),
-  the site (runner, signing, publishing), and the leaderboard (verify, store, re-rank, relay).
+  the site (runner, signing, publishing), and the leaderboard (verify, store, relay; the board it changed is
+  announced once for the burst, a quarter of a second later).
 - *baseline*: raw nats-py JetStream on the same server: publish {raw_messages} messages of 1 KiB with
   `Nats-Msg-Id` (awaiting each ack), then consume them with a durable pull consumer (batch 16), acking each;
   msgs/s = messages / (publish + consume time), median of {raw_reps}. The ratio says how many such raw
-  messages one job costs. A job is at least 5 JetStream publishes (JobScheduled, the job, the result,
-  ResultAccepted, LeaderboardUpdated) and 4 durable deliveries, so about 5 is the floor.
+  messages one job costs. A job is at least 4 JetStream publishes (JobScheduled, the job, the result,
+  ResultAccepted; a LeaderboardUpdated is one per burst) and 3 durable deliveries (the job, the result, its
+  ResultAccepted to the scheduler), so about 4 is the floor; what a job costs is counted below.
   The platform is not bound by the server, so this ratio carries the baseline's own noise (fsync-bound
   publishes on a shared disk); read it together with the absolute jobs/s of several runs.
 - *idle CPU*: CPU cores each service process burns with no traffic, measured over {idle_s:.0f} s before anything
@@ -225,9 +229,9 @@ ratio is of the medians.
 result with 1000 replicates of three metrics, confusion counts and 100-bin score histograms (synthetic, seeded), and
 times `leaderboard.board.aggregate` over all 1600 results (targets: 2 s or less), the board made again by
 `leaderboard.current.Boards` after one new result (target: 0.2 s or less), and the service's own path on SQLite
-(`Store` + `current`, as `record_result` does it): the first board from the database, and one new result recorded
-and the board made again. Baseline: the same 1600 results without replicates or aggregates. It also reports the
-bytes of one signed `SiteResult` envelope with its evidence against one without. Medians of 5.
+(`Store` + `current`, as the leaderboard's announcer does it for a burst): the first board from the database, and one
+new result recorded and the board made again. Baseline: the same 1600 results without replicates or aggregates. It
+also reports the bytes of one signed `SiteResult` envelope with its evidence against one without. Medians of 5.
 
 **(a) on a cluster** (`--cluster`). The same flow again, in the same run, on `Platform(home, cluster=3, replicas=2,
 database=...)`: three nats-servers on loopback (each stream and bucket kept on all three, R3, every write fsynced on
@@ -241,7 +245,8 @@ be the same: every field of every row is compared (floats to a relative 1e-9).
 ```
 .venv/bin/python tests/bench/bench.py            # the full run written below
 .venv/bin/python tests/bench/bench.py --cluster  # and (a) again on a 3-node cluster, R3, two replicas per service
-.venv/bin/python tests/bench/bench.py --help     # sizes (sites, rounds, models per round, repetitions)
+.venv/bin/python tests/bench/bench.py --skip-containers --skip-board  # (a) alone: rounds, latency sweep, ingest
+.venv/bin/python tests/bench/bench.py --help     # sizes (sites, rounds, models per round, loads, ingest, repetitions)
 ```
 
 It needs the Docker engine and the `assay/python-base:bookworm` image (`assay demo` builds it), and leaves nothing
