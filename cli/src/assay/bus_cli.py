@@ -38,6 +38,16 @@ def _folder(config: Path | None) -> Path:
     return (config or _home().root / "nats").resolve()
 
 
+def _roster(config: Path | None) -> Any:
+    """The roster in `config` (default HOME/nats), or the command ends with why it cannot be read."""
+    from assay.roster import Roster
+
+    try:
+        return Roster.load(_folder(config))
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
 def seed_file(name: str) -> Path:
     from assay.cli import _home
 
@@ -142,10 +152,8 @@ def enrol(name: Annotated[str, typer.Argument(help="the member: a site id (role 
     """Let NAME connect as ROLE (operator): the running server takes it at once. Prints the bundle to hand over: where
     to connect, the scheduler's public key (a site runs only jobs it signed), the CA; never a secret."""
     from assay.cli import _home
-    from assay.roster import Roster
-
+    roster = _roster(config)
     try:
-        roster = Roster.load(_folder(config))
         before = roster.snapshot()
         member = roster.enrol(name, role, nkey, site)
         bundle: dict[str, Any] = {"assay_bundle": BUNDLE_VERSION, "name": member.name, "role": member.role,
@@ -178,10 +186,8 @@ def _local_address() -> str:
 @bus_app.command("revoke")
 def revoke(name: str, config: Config = None) -> None:
     """Cut NAME off (operator): the server closes its connections and refuses it from now on."""
-    from assay.roster import Roster
-
+    roster = _roster(config)
     try:
-        roster = Roster.load(_folder(config))
         before = roster.snapshot()
         member = roster.revoke(name)
     except (OSError, ValueError) as exc:
@@ -192,24 +198,14 @@ def revoke(name: str, config: Config = None) -> None:
 @bus_app.command("reload")
 def reload(config: Config = None) -> None:
     """Have the running server(s) read the roster again (operator), after a change made while it was down."""
-    from assay.roster import Roster
-
-    try:
-        roster = Roster.load(_folder(config))
-    except (OSError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    roster = _roster(config)
     _apply(roster, roster.snapshot(), "the roster is read again")
 
 
 @bus_app.command("users")
 def users(config: Config = None) -> None:
     """Who may connect, and as what (operator)."""
-    from assay.roster import Roster
-
-    try:
-        roster = Roster.load(_folder(config))
-    except (OSError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    roster = _roster(config)
     table = Table("name", "role", "site", "public key", title=f"NATS users in {roster.folder}",
                   caption="assay bus revoke NAME: cut one off")
     for member in sorted(roster.members, key=lambda m: (m.role, m.name)):
