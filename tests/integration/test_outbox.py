@@ -247,3 +247,52 @@ async def test_a_row_whose_publish_the_server_refused_stays_pending_and_leaves_i
     assert [(subject, envelope_id) for subject, envelope_id, _ in await stream_in_order(nats_url)] == [
         ("assay.v1.evt.benchmark.approved", first), ("assay.v1.evt.entity.archived", other),
         ("assay.v1.evt.benchmark.approved", second)]
+
+
+async def test_a_relay_that_cannot_publish_says_so_once_with_its_traceback_not_at_every_commit(
+        db: Database, nats_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A server refusing for a while (as a cluster electing a stream's leader does): the commits that keep waking the
+    relay meanwhile add no traceback; it says once that it failed and once that it publishes again."""
+    import asyncio
+    import dataclasses
+    import logging
+
+    from contracts.streams import STREAMS
+
+    [events] = [c for c in STREAMS if c.name == "EVENTS"]
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.update_stream(config=dataclasses.replace(events, max_msgs_per_subject=1, discard_new_per_subject=True))
+    wiring, key = two_subjects(), KeyPair.generate()
+    async with db.transaction() as session:
+        uow = Transaction(session, wiring, key)
+        uow.emit(m.BenchmarkApproved(benchmark_id="b1", approved_by="operator"))
+        uow.emit(m.BenchmarkApproved(benchmark_id="b2", approved_by="operator"))  # refused while the limit holds
+    broker = NatsBroker(nats_url, logger=None)
+    outbox = Relay(db, wiring.declare(broker, units=None).publish, poll_s=0.05)
+    await broker.start()
+    caplog.set_level(logging.WARNING, logger="service_kit.outbox")
+    running = asyncio.create_task(outbox.run())
+    try:
+        for n in range(20):  # each commit wakes the relay, which tries the refused row again
+            async with db.transaction() as session:
+                Transaction(session, wiring, key).emit(archived(n))
+            await asyncio.sleep(0.02)
+        await js.update_stream(config=events)  # the server takes it now
+        for _ in range(100):
+            if (await js.stream_info("EVENTS")).state.messages == 22:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the flush after the one that succeeded
+    finally:
+        outbox.stop()
+        await running
+        await broker.stop()
+        await nc.close()
+    said = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    failed = [s for s in said if s[1].startswith("outbox relay could not publish")]
+    assert len(failed) == 1 and failed[0][2], said  # once, with its traceback
+    assert not [s for s in said if s[1].startswith("outbox relay still cannot publish")], said  # within 10 s
+    [(level, again, _)] = [s for s in said if s[1].startswith("outbox relay publishing again")]
+    assert level == "WARNING" and "failed attempts" in again
+    assert [s for s in said if s[2]] == failed  # no other traceback

@@ -62,6 +62,7 @@ KEEP_PROCESSED = timedelta(days=30)
 # than a publish to a server that died takes to time out (the replicas' events do not wait on the stuck one for that)
 ALONE_WAIT_S = 2.0
 PRUNE_EVERY_S = 3600.0
+STILL_FAILING_EVERY_S = 10.0
 TOO_LARGE_FOR_THE_STREAM = 10054  # JetStream's "message size exceeds maximum allowed"
 
 
@@ -70,6 +71,32 @@ def refused_for_good(exc: Exception) -> bool:
     A full stream (10077) or an absent server is not this: those are retried, and the relay says so."""
     return isinstance(exc, MaxPayloadError) or (isinstance(exc, BadRequestError)
                                                 and exc.err_code == TOO_LARGE_FOR_THE_STREAM)
+
+
+class Failing:
+    """The relay's failures to publish, said once per streak and then every few seconds. Every commit wakes the
+    relay, so a bus away for a while (a cluster electing a stream's leader) would otherwise log a traceback several
+    times a second."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.attempts, self.said = 0, 0.0
+
+    def again(self, exc: Exception) -> None:
+        now, self.attempts = time.monotonic(), self.attempts + 1
+        if self.since is None:
+            self.since = self.said = now
+            log.error("outbox relay could not publish; will retry", exc_info=exc)
+        elif now - self.said >= STILL_FAILING_EVERY_S:
+            self.said = now
+            log.warning("outbox relay still cannot publish (%d attempts over %.0f s; %s: %s); will retry",
+                        self.attempts, now - self.since, type(exc).__name__, exc)
+
+    def over(self) -> None:
+        if self.since is not None:
+            log.warning("outbox relay publishing again, after %d failed attempts over %.1f s", self.attempts,
+                        time.monotonic() - self.since)
+            self.since, self.attempts = None, 0
 
 
 class Relay:
@@ -176,6 +203,7 @@ class Relay:
     async def run(self) -> None:
         """Publish until stop(); a flush is never cancelled halfway (that would strand a database transaction)."""
         pruned = 0.0
+        failing = Failing()
         while not self._stopping:
             self._wake.clear()
             try:
@@ -183,8 +211,9 @@ class Relay:
                 if time.monotonic() - pruned > PRUNE_EVERY_S:
                     await self.prune(utcnow())
                     pruned = time.monotonic()
-            except Exception:  # the bus may be briefly away: rows stay pending and are retried
-                log.exception("outbox relay could not publish; will retry")
+                failing.over()
+            except Exception as exc:  # the bus may be briefly away: rows stay pending and are retried
+                failing.again(exc)
             if self._stopping:
                 return
             try:
