@@ -11,7 +11,7 @@ import pytest
 
 from contracts import messages as m
 from contracts import subjects
-from contracts.catalog import EVENT_SUBJECTS
+from contracts.catalog import event_subject
 from contracts.envelope import Envelope
 from contracts.signing import KeyPair, metrics_hash
 from tests.support.federation import EVALUATOR, MODEL, Federation, fake_containers, next_events
@@ -23,7 +23,7 @@ async def publish(nats_url: str, *envelopes: Envelope[m.Payload]) -> None:
     nc = await nats.connect(nats_url)
     try:
         for envelope in envelopes:
-            await nc.jetstream().publish(EVENT_SUBJECTS[type(envelope.data)], envelope.model_dump_json().encode(),
+            await nc.jetstream().publish(event_subject(envelope.data), envelope.model_dump_json().encode(),
                                          headers={"Nats-Msg-Id": envelope.id})
     finally:
         await nc.close()
@@ -46,10 +46,10 @@ async def test_a_forged_approval_gets_no_model_scheduled(federation: Federation)
     letters = await next_events(federation.nats_url, subjects.dead_letter("scheduling-association-approved"), 2)
     assert all(letter["data"]["error"].startswith("a AssociationApproved must be signed by approval: ")
                for letter in letters)
-    [check] = await next_events(federation.nats_url, subjects.evt("job", "scheduled"), 1)
+    [check] = await next_events(federation.nats_url, subjects.job_evt("scheduled"), 1)
     assert check["data"]["job"]["check"] == {"kind": "dataset", "entity_id": "ds-a"}  # the dataset's own check
     with pytest.raises(TimeoutError):  # no job was planned for the model nobody approved
-        await next_events(federation.nats_url, subjects.evt("job", "scheduled"), 2, timeout_s=1.5)
+        await next_events(federation.nats_url, subjects.job_evt("scheduled"), 2, timeout_s=1.5)
     assert (await federation.board()).rows == ()
 
 

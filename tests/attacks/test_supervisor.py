@@ -184,7 +184,7 @@ def test_a_whole_benchmark_run_survives_a_killed_service_and_a_killed_supervisor
         board = assay(tmp_path, "leaderboard", "show", "breast-cancer-dx", "--as", "committee")
         time.sleep(2)  # anything that would be counted twice has had its chance
         results = accepted()
-        jobs = [j for j in events_of(tmp_path, subjects.evt("job", "scheduled")) if j["data"]["job"]["check"] is None]
+        jobs = events_of(tmp_path, subjects.job_evt("scheduled", subjects.EVALUATION))  # not the checks' jobs
     finally:
         again.proc.send_signal(signal.SIGINT)
         again.proc.wait(60)

@@ -22,7 +22,7 @@ import nats
 
 from service_kit.connection import servers
 
-JOB_SCHEDULED = "assay.v1.evt.job.scheduled"
+JOB_SCHEDULED = "assay.v1.evt.job.scheduled.*"  # every kind of job: check and evaluation
 RESULT_ACCEPTED = "assay.v1.evt.result.accepted"
 SITE_RESULTS = "assay.v1.results.*"
 BOARD_UPDATED = "assay.v1.evt.leaderboard.updated"

@@ -660,6 +660,7 @@ async def test_the_services_and_a_site_worker_run_with_exactly_the_compose_users
         # a malformed message for every process to refuse, each on a subject only its own user may read
         registry, scheduler, site = [await central_nats.plain(user) for user in ("registry", "scheduling", SITE)]
         for subject in EVENT_SUBJECTS.values():
+            subject = subject.replace("*", subjects.CHECK)  # a job's event: a check's, which the approval service reads
             await registry.jetstream().publish(subject, b"{}", timeout=10)
         await scheduler.jetstream().publish(subjects.jobs(SITE), b"{}", timeout=10, headers={"Nats-Msg-Id": "bad-job"})
         await site.jetstream().publish(subjects.results(SITE), b"{}", timeout=10)

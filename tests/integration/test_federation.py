@@ -82,7 +82,7 @@ async def test_a_forgery_that_reuses_a_genuine_result_id_blocks_nothing(federati
     await federation.model("model-1")
     await federation.dataset("site-a", "ds-a")
     [job] = [m.JobSpec.model_validate(e["data"]["job"]) for e in await next_events(
-        federation.nats_url, "assay.v1.evt.job.scheduled", 2) if e["data"]["job"]["check"] is None]  # not the check
+        federation.nats_url, "assay.v1.evt.job.scheduled.*", 2) if e["data"]["job"]["check"] is None]  # not the check
     perfect = {"auc": 1.0, "sensitivity": 1.0}
     made_up = federation.key("site-b").sign(Envelope.wrap(job, source="service:scheduling", id=job.job_id))
     forged = m.SiteResult(job_id=job.job_id, site_id="site-a", binding=job.binding, metrics=perfect, job=made_up,

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from contracts import subjects
-from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS
+from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS, event_subject
 from contracts.envelope import Envelope, Payload
 from contracts.messages import (
     ActorRegistered,
@@ -91,7 +91,7 @@ class Bus:
     async def announce(self, payload: Payload) -> int:
         """Publish an event as its owning service does; returns its sequence in the EVENTS stream."""
         envelope = SERVICES.announce(payload)
-        ack = await self.js.publish(EVENT_SUBJECTS[type(payload)], envelope.model_dump_json().encode(),
+        ack = await self.js.publish(event_subject(payload), envelope.model_dump_json().encode(),
                                     headers={"Nats-Msg-Id": envelope.id})
         return ack.seq
 

@@ -251,8 +251,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("approval", "approval-benchmark-edited"): Case(
         lambda a, x: a.learn(m.BenchmarkRegistered(owner_id="owner", benchmark=SPEC)),
         lambda a, x: event(EDITED_DEMO), True),
-    ("approval", "approval-job-scheduled"): Case(nothing, lambda a, x: event(m.JobScheduled(job=check_job()))),
-    ("approval", "approval-job-state_changed"): Case(a_planned_check, lambda a, x: event(m.JobStateChanged(
+    ("approval", "approval-job-scheduled-check"): Case(nothing, lambda a, x: event(m.JobScheduled(job=check_job()))),
+    ("approval", "approval-job-state_changed-check"): Case(a_planned_check, lambda a, x: event(m.JobStateChanged(
         job_id="check-1", site_id="site-a", benchmark_id="bm", model_id="model-1", state=m.JobState.HELD,
         reason="it ran; its result waits at the site", check=DATASET_CHECK)), True),
     ("approval", "approval-check-completed"): Case(a_planned_check_of_a_known_dataset, lambda a, x: event(checked(x)),
@@ -287,6 +287,8 @@ def subject_of(durable: str) -> str:
         return subjects.reports("site-a")
     if durable == "scheduling-dlq":
         return subjects.dead_letter("registry-benchmark-approved")
+    if durable.endswith(f"-{subjects.CHECK}") and "-job-" in durable:  # a check job's event: its kind last
+        return subjects.job_evt(durable.split("-")[2], subjects.CHECK)
     entity, _, fact = durable.split("-", 1)[1].rpartition("-")
     return subjects.evt(entity, fact)
 

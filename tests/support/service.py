@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from contracts import subjects
-from contracts.catalog import EVENT_SUBJECTS, REQUEST_SUBJECTS, SERVICES, publisher_of
+from contracts.catalog import EVENT_SUBJECTS, REQUEST_SUBJECTS, SERVICES, event_subject, publisher_of
 from contracts.envelope import Envelope, Payload
 from contracts.messages import ActorRegistered, DeadLetter, Role
 from contracts.signing import KeyPair
@@ -86,7 +86,7 @@ class Harness:
     async def learn(self, payload: Payload) -> Envelope[Any]:
         """Deliver an event as the service that owns it publishes it: signed with its key."""
         envelope = self.actors.announce(payload)
-        await self.deliver(EVENT_SUBJECTS[type(payload)], envelope)
+        await self.deliver(event_subject(payload), envelope)
         return envelope
 
     async def ask(self, request: Envelope[Any] | bytes, payload: type[Payload] | None = None, *,

@@ -96,6 +96,37 @@ def test_a_durable_consumer_is_named_after_its_owner_and_what_it_reads() -> None
     assert matches("assay.v1.jobs.*", jobs("a")) and not matches("assay.v1.jobs.*", "assay.v1.jobs.a.b")
     assert matches("assay.v1.dlq.>", "assay.v1.dlq.a-b") and not matches("assay.v1.dlq.>", "assay.v1.dlq")
     assert matches(results("a"), results("a")) and not matches(results("a"), results("b"))
+    assert durable("approval", "assay.v1.evt.job.scheduled.check") == "approval-job-scheduled-check"
+    assert durable("x", "assay.v1.evt.job.scheduled.*") == "x-job-scheduled"  # every kind's: no wildcard in a name
+
+
+def test_a_jobs_events_end_in_its_kind_so_a_reader_of_checks_is_sent_no_evaluations_events() -> None:
+    from datetime import UTC, datetime
+
+    from contracts.catalog import EVENT_SUBJECTS, event_subject, event_type
+    from contracts.subjects import job_evt, matches
+
+    check = m.CheckOf(kind=m.EntityKind.DATASET, entity_id="ds-a")
+    evaluation = m.JobSpec(job_id="job-1", site_id="site-a", metrics=(m.MetricSpec(name="auc"),),
+                           expires_at=datetime(2100, 1, 1, tzinfo=UTC), binding=m.JobBinding(
+                               benchmark_id="bm", model_id="model-1", dataset_id="ds-a",
+                               model_image="sha256:" + "a" * 64, evaluator_image="sha256:" + "b" * 64,
+                               dataset_hash="sha256:" + "c" * 64, case_count=3))
+    checked = evaluation.model_copy(update={"check": check})
+    changed = m.JobStateChanged(job_id="job-1", site_id="site-a", benchmark_id="bm", model_id="model-1",
+                                state=m.JobState.HELD, reason="held", check=check)
+    sent = {event_subject(m.JobScheduled(job=evaluation)), event_subject(m.JobScheduled(job=checked)),
+            event_subject(changed), event_subject(changed.model_copy(update={"check": None}))}
+    assert sent == {"assay.v1.evt.job.scheduled.evaluation", "assay.v1.evt.job.scheduled.check",
+                    "assay.v1.evt.job.state_changed.check", "assay.v1.evt.job.state_changed.evaluation"}
+    checks = {job_evt("scheduled", "check"), job_evt("state_changed", "check")}
+    assert {s for s in sent if any(matches(c, s) for c in checks)} == checks  # approval's filters
+    assert all(matches(EVENT_SUBJECTS[event_type(s)], s) for s in sent)  # each subject's type, as `assay watch` reads
+    assert event_type("assay.v1.evt.job.scheduled.check") is m.JobScheduled
+    assert event_type("assay.v1.evt.job.scheduled") is None and event_type("assay.v1.jobs.site-a") is None
+    assert event_subject(m.ModelRegistered.model_construct()) == "assay.v1.evt.model.registered"
+    with pytest.raises(ValueError, match="job kind"):
+        job_evt("scheduled", "check.>")
 
 
 def test_a_dataset_registers_the_cases_its_preparator_reported_and_no_absurd_count() -> None:

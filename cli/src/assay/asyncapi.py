@@ -24,7 +24,9 @@ DESCRIPTION = """Assay on NATS JetStream. Every message is a CloudEvents-named e
 payload. Commands and queries are request/reply on `assay.v1.cmd.<service>.<verb>`, signed by the acting actor.
 Events (`assay.v1.evt.<entity>.<fact>`, stream EVENTS), jobs (`assay.v1.jobs.<site_id>`, stream JOBS, signed by the
 scheduler) and results (`assay.v1.results.<site_id>`, stream RESULTS, signed by the site) are published with
-`Nats-Msg-Id` set, and read by durable pull consumers named `<owner>-<what it reads>`. What a consumer gives up on
+`Nats-Msg-Id` set, and read by durable pull consumers named `<owner>-<what it reads>`. A job's events end in its kind
+(`assay.v1.evt.job.<fact>.check` for a dataset's or model's check before joining, `.evaluation` for the others;
+`assay.v1.evt.job.<fact>.*` reads both). What a consumer gives up on
 goes to `assay.v1.dlq.<consumer>` (stream DEAD_LETTERS) with the reason and where its stream keeps it; the operator
 replays it through the same consumer on `assay.v1.cmd.<service>.replay_dead_letter` of the service that owns it, which
 announces what became of it (DeadLetterReplayed, signed by that service). A channel is named after its owner: the

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from contracts import subjects
-from contracts.catalog import EVENT_SUBJECTS
+from contracts.catalog import event_type
 from contracts.envelope import Envelope, Payload
 from contracts.messages import (
     ActorKeyRotated,
@@ -71,10 +71,9 @@ class World:
 
 
 def learn(events: Iterable[Message], trust: Trust, problems: list[str]) -> World:
-    kinds = {subject: payload for payload, subject in EVENT_SUBJECTS.items()}
     world, registered = World(), set()
     for subject, body in events:
-        kind = kinds.get(subject)
+        kind = event_type(subject)
         if kind not in (ActorRegistered, BenchmarkRegistered, BenchmarkApproved, AssociationApproved,
                         AssociationRevoked, BenchmarkEdited, EntityArchived, ActorSuspended, ActorKeyRotated):
             continue

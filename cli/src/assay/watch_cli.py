@@ -16,11 +16,10 @@ from rich.markup import escape
 from assay.home import speak_as
 from contracts import messages as m
 from contracts import subjects
-from contracts.catalog import EVENT_SUBJECTS
+from contracts.catalog import event_type
 from contracts.envelope import Envelope
 
 console = Console()
-KINDS = {subject: payload for payload, subject in EVENT_SUBJECTS.items()}
 TROUBLE = (m.JobState.FAILED, m.JobState.REFUSED, m.JobState.CANCELLED, m.JobState.DECLINED)
 
 
@@ -104,7 +103,7 @@ async def _follow(url: str, mine: Mine, as_json: bool, count: int) -> None:
     async with connected(url) as (nc, _):
         async def seen(msg) -> None:  # type: ignore[no-untyped-def]
             nonlocal shown
-            kind = KINDS.get(msg.subject)
+            kind = event_type(msg.subject)
             if kind is None or done.is_set():
                 return
             try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from contracts import messages as m
 from contracts.envelope import Payload
-from contracts.subjects import cmd, evt
+from contracts.subjects import cmd, evt, job_evt, job_kind, matches
 
+# each event's subject, or for a job's events the pattern of them all: a job's kind is its subject's last token
+# (`event_subject`), so a reader of check jobs alone is delivered no evaluation job's events
 EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.ActorRegistered: evt("actor", "registered"),
     m.ActorSuspended: evt("actor", "suspended"),
@@ -24,14 +26,29 @@ EVENT_SUBJECTS: dict[type[Payload], str] = {
     m.AssociationRejected: evt("association", "rejected"),
     m.AssociationRevoked: evt("association", "revoked"),
     m.ApprovalPolicySet: evt("approval_policy", "set"),
-    m.JobScheduled: evt("job", "scheduled"),
-    m.JobStateChanged: evt("job", "state_changed"),
+    m.JobScheduled: job_evt("scheduled"),
+    m.JobStateChanged: job_evt("state_changed"),
     m.ResultAccepted: evt("result", "accepted"),
     m.ResultRejected: evt("result", "rejected"),
     m.CheckCompleted: evt("check", "completed"),
     m.LeaderboardUpdated: evt("leaderboard", "updated"),
     m.DeadLetterReplayed: evt("dead_letter", "replayed"),
 }
+
+
+def event_subject(payload: Payload) -> str:
+    """Where the event `payload` is published: its type's subject, a job's with the job's kind filled in."""
+    if isinstance(payload, m.JobScheduled):
+        return job_evt("scheduled", job_kind(payload.job.check))
+    if isinstance(payload, m.JobStateChanged):
+        return job_evt("state_changed", job_kind(payload.check))
+    return EVENT_SUBJECTS[type(payload)]
+
+
+def event_type(subject: str) -> type[Payload] | None:
+    """The payload type of the events on `subject` (None: no event travels there)."""
+    return next((payload for payload, pattern in EVENT_SUBJECTS.items() if matches(pattern, subject)), None)
+
 
 # the one service that may publish each event: every consumer checks the event is signed by its key
 SERVICES = ("registry", "approval", "scheduling", "leaderboard")

@@ -39,6 +39,21 @@ def evt(entity: str, fact: str) -> str:
     return f"{PREFIX}.evt.{entity}.{fact}"
 
 
+CHECK, EVALUATION = "check", "evaluation"  # the kinds of job: a dataset's or model's check before joining, or a run
+# for the board
+
+
+def job_evt(fact: str, kind: str = "*") -> str:
+    """A job's event, `assay.v1.evt.job.<fact>.<kind>`: its kind last, so the approval service reads only the checks'
+    (`...check`) and everyone else all of them (`...*`, the default)."""
+    return f"{evt('job', fact)}.{kind if kind == '*' else token(kind, 'job kind')}"
+
+
+def job_kind(check: object | None) -> str:
+    """The kind of a job, from its `check` (None: an evaluation)."""
+    return EVALUATION if check is None else CHECK
+
+
 def _site(site_id: str) -> str:
     return site_id if site_id == SITE else token(site_id, "site id")
 
@@ -78,10 +93,11 @@ def site_of_queue(consumer: str) -> str | None:
 def durable(owner: str, subject: str) -> str:
     """The one spelling of a durable consumer's name: its owner, then what it reads.
 
-    `registry-benchmark-approved` for an event, `leaderboard-results` and `site-hospital-a-jobs` for a work queue.
+    `registry-benchmark-approved` for an event, `approval-job-scheduled-check` for one kind of job's, `x-job-scheduled`
+    for every kind's (a wildcard names nothing), `leaderboard-results` and `site-hospital-a-jobs` for a work queue.
     """
     kind, _, rest = subject.removeprefix(PREFIX + ".").partition(".")
-    what = rest.replace(".", "-") if kind == "evt" else kind
+    what = "-".join(t for t in rest.split(".") if t not in ("*", ">")) if kind == "evt" else kind
     return f"{owner}-{what}"
 
 

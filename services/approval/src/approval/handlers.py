@@ -12,6 +12,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from approval import consent, domain
 from approval.models import FAILED, ApprovalPolicy, Association, AssociationEntry, Benchmark, Check, Entity
 from contracts import messages as m
+from contracts import subjects
 from contracts.envelope import Envelope, utcnow
 from contracts.sealing import SealError
 from service_kit.actors import KnownActor, authenticate, remember_actor, remember_suspension, remember_rotation
@@ -302,7 +303,7 @@ async def learn_edit(edited: Envelope[m.BenchmarkEdited], uow: UnitOfWork) -> No
 async def learn_check_job(scheduled: Envelope[m.JobScheduled], uow: UnitOfWork) -> None:
     """A request's check was planned: the approver sees it waiting."""
     job = scheduled.data.job
-    if job.check is None:
+    if job.check is None:  # an evaluation's, which its subject keeps from this consumer: nothing to learn
         return
     key = (job.binding.benchmark_id, job.check.kind.value, job.check.entity_id)
     row = await uow.session.get(Check, key) or Check(benchmark_id=key[0], kind=key[1], entity_id=key[2],
@@ -374,9 +375,12 @@ WIRING = Wiring(
     requests=tuple(Request(handle) for handle in (
         approve_benchmark, reject_benchmark, request_association, invite_association, approve_association,
         reject_association, revoke_association, set_approval_policy, list_associations)),
-    consumers=tuple(Consumer(learn) for learn in (learn_actor, learn_benchmark, learn_model, learn_dataset,
-                                                  learn_archival, learn_suspension, learn_rotation, learn_edit,
-                                                  learn_check_job, learn_check_state, learn_check_result)),
+    consumers=(*(Consumer(learn) for learn in (learn_actor, learn_benchmark, learn_model, learn_dataset,
+                                               learn_archival, learn_suspension, learn_rotation, learn_edit,
+                                               learn_check_result)),
+               # the checks' jobs alone: an evaluation job's events are never delivered here
+               Consumer(learn_check_job, subject=subjects.job_evt("scheduled", subjects.CHECK)),
+               Consumer(learn_check_state, subject=subjects.job_evt("state_changed", subjects.CHECK))),
     publishes=tuple(Outlet.event(e) for e in (
         m.BenchmarkApproved, m.BenchmarkRejected, m.AssociationRequested, m.AssociationInvited, m.AssociationApproved,
         m.AssociationRejected, m.AssociationRevoked, m.ApprovalPolicySet)),

@@ -11,7 +11,7 @@ from faststream import Context
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from assay_telemetry.metrics import Meters, Metric
-from contracts.catalog import EVENT_SUBJECTS
+from contracts.catalog import event_subject
 from contracts.envelope import Envelope, Payload
 from contracts.signing import KeyPair
 from service_kit.db import Database
@@ -56,7 +56,7 @@ class Transaction:
         """Stage an event on its subject, signed with the service's key; it is published once the transaction
         commits, and every consumer checks the signature before it changes anything."""
         envelope = self.signed(payload, id=id)
-        self.send(EVENT_SUBJECTS[type(payload)], envelope)
+        self.send(event_subject(payload), envelope)
         return envelope
 
     def unsealed(self, sealed: str) -> bytes:
