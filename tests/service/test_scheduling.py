@@ -4,12 +4,19 @@ announced and sent, signed, to its site's queue, whichever event completes the p
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from opentelemetry import context as otel_context
 
 from assay_telemetry.metrics import JOBS, OUTBOX_LAG, OUTBOX_OLDEST, OUTBOX_PENDING, QUEUE
 from contracts import messages as m
 from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.signing import verify
+from scheduling.handlers import mark_all_done, record_reports
+from service_kit.edge import Refused
+from service_kit.together import Arrival
 from tests.support.metrics import measured, series
 from tests.support.service import Harness
 
@@ -326,3 +333,49 @@ async def test_jobs_are_measured_by_state_and_each_sites_queue_by_what_it_has_no
     assert measured(metrics, QUEUE) == {series(site_id="site-a"): 0, series(site_id="site-b"): 1}
     assert measured(metrics, OUTBOX_PENDING) == {(): 0} and measured(metrics, OUTBOX_OLDEST) == {(): 0}
     assert measured(metrics, OUTBOX_LAG) == {(): len(scheduling.published(">"))}  # each message it relayed
+
+
+def arrival(envelope: Envelope[Any], subject: str) -> Arrival:
+    return Arrival(envelope, envelope.model_dump_json().encode(), subject, otel_context.get_current())
+
+
+async def test_the_reports_and_results_of_one_fetch_taken_together_leave_what_each_would_leave_in_turn(
+        scheduling, actors):
+    planned = await planned_job(scheduling)
+    await learn(scheduling, dataset("ds-b", "site-b"), member(m.EntityKind.DATASET, "ds-b"))
+    [at_b] = [sent.data for sent in jobs_sent(scheduling) if sent.data.site_id == "site-b"]
+    for site in ("site-a", "site-b"):
+        await scheduling.learn(actors.registered(site, m.Role.SITE))
+    running = report(actors, planned.job_id, m.JobState.RUNNING, reason="worker-1 runs it")
+    said = [running, report(actors, at_b.job_id, m.JobState.FAILED, by="site-b", site="site-b", reason="exit 2"),
+            report(actors, planned.job_id, m.JobState.HELD, reason="its result waits at the site")]
+    units = scheduling.app.units  # type: ignore[attr-defined]
+
+    async with units.transaction() as unit:  # what the edge does with one fetch's batch (service_kit.together)
+        await record_reports([arrival(r, subjects.reports(r.data.site_id)) for r in said], unit, None)
+    async with units.transaction() as unit:
+        await mark_all_done([arrival(actors.announce(m.ResultAccepted(job_id=at_b.job_id, site_id="site-b",
+                                                                      binding=at_b.binding)),
+                                     subjects.evt("result", "accepted"))], unit, None)
+    await scheduling.settle()
+
+    assert [(e.job_id, e.state) for e in scheduling.events(m.JobStateChanged)] == [
+        (planned.job_id, m.JobState.RUNNING), (at_b.job_id, m.JobState.FAILED), (planned.job_id, m.JobState.HELD)]
+    listed = m.JobList.model_validate(await scheduling.ask(actors.sign("x", m.ListJobs())))
+    assert {(job.job_id, job.state, job.reason) for job in listed.jobs} == {
+        (planned.job_id, m.JobState.HELD, "its result waits at the site"), (at_b.job_id, m.JobState.DONE, "")}
+
+
+async def test_a_refused_report_in_a_fetch_undoes_its_batch_so_each_is_handled_alone(scheduling, actors):
+    planned = await planned_job(scheduling)
+    for site in ("site-a", "site-b"):
+        await scheduling.learn(actors.registered(site, m.Role.SITE))
+    before = await scheduling.state()
+    forged = report(actors, planned.job_id, m.JobState.FAILED, by="site-b")  # site-a's word, signed by another
+
+    with pytest.raises(Refused):  # service_kit.together rolls the batch back and delivers each alone
+        async with scheduling.app.units.transaction() as unit:  # type: ignore[attr-defined]
+            await record_reports([arrival(report(actors, planned.job_id), subjects.reports("site-a")),
+                                  arrival(forged, subjects.reports("site-a"))], unit, None)
+
+    assert await scheduling.state() == before
