@@ -12,7 +12,7 @@ from sqlmodel import col, select
 from contracts.envelope import Envelope
 from contracts.messages import BenchmarkSpec, JobSpec, SiteResult
 from leaderboard.domain import Signer
-from leaderboard.models import AcceptedResult
+from leaderboard.models import AcceptedResult, BoardDue
 from leaderboard.store import Store
 from leaderboard.withdrawn import Consents, Withdrawal, withdrawals
 from service_kit.actors import KnownActor
@@ -30,6 +30,7 @@ class GatheredStore(Store):
         self._consents: dict[str, Consents] = {}
         self._archived: dict[tuple[str, str], Withdrawal] | None = None
         self._suspended: dict[str, Withdrawal] | None = None
+        self._due: dict[str, BoardDue] = {}
 
     async def preload(self, results: Sequence[Envelope[SiteResult]]) -> None:
         """Lock the benchmarks the results name, in one order (two replicas' batches never wait on each other in a
@@ -75,6 +76,17 @@ class GatheredStore(Store):
         if self._archived is None or self._suspended is None:
             self._archived, self._suspended = await self.archived(), await self.suspended()
         return withdrawals(self._consents[benchmark_id], self._archived, self._suspended, results)
+
+    async def owe_board(self, benchmark_id: str, model_id: str) -> None:
+        """As `Store.owe_board`, with the owed row held for the whole batch: the session keeps a clean row only weakly,
+        so one dropped between two results was read again for each (a SELECT, after an autoflush of all the batch had
+        staged so far: every result's rows written one result at a time, where the commit writes them all at once)."""
+        if (due := self._due.get(benchmark_id)) is None:
+            due = await self.session.get(BoardDue, benchmark_id) or BoardDue(benchmark_id=benchmark_id)
+            self._due[benchmark_id] = due
+        if model_id not in due.models:
+            due.models = [*due.models, model_id]  # a new list: the JSON column sees the change
+        self.session.add(due)
 
     async def record(self, envelope: Envelope[SiteResult]) -> None:
         """Kept with the batch (a racing replica's row for the same job fails the batch's commit, and each result
