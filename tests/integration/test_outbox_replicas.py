@@ -107,3 +107,52 @@ async def test_replicas_that_start_together_make_their_tables_once(postgres_serv
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+async def test_two_leaderboard_replicas_announce_each_owed_board_once_and_at_most_once_a_window(
+        postgres_server: str) -> None:
+    """The announcers of two leaderboard replicas on one database: a board owed is announced by one of them; one owed
+    again just after is left owed (a crash keeps it) until its own window has closed, whichever replica looks."""
+    from contracts.messages import BenchmarkSpec, ImageRef, MetricSpec
+    from leaderboard.announce import Announcer
+    from leaderboard.current import Boards
+    from leaderboard.handlers import WIRING as LEADERBOARD
+    from leaderboard.models import TABLES, BoardDue, KnownBenchmark
+    from leaderboard.store import Store
+    from service_kit.work import Units
+
+    url = await new_database(postgres_server)
+    one, two = Database(make_engine(url)), Database(make_engine(url))
+    await create_tables(one.engine, [*KIT_TABLES, *TABLES])
+    image = ImageRef(digest="sha256:" + "1" * 64, name="img")
+    spec = BenchmarkSpec(benchmark_id="bm", name="Benchmark", preparator=image, reference_model=image,
+                         evaluator=image, metrics=(MetricSpec(name="auc"),), primary_metric="auc")
+    first, second = (Announcer(Units(db, LEADERBOARD, KeyPair.generate()), Boards(), window_s=3600)
+                     for db in (one, two))
+
+    async def owe(db: Database, model_id: str) -> None:  # as an accepted result does, under the benchmark's row
+        async with db.transaction() as session:
+            await Store(session).benchmark("bm", lock=True)
+            await Store(session).owe_board("bm", model_id)
+
+    async def owed() -> list[str]:
+        async with one.transaction() as session:
+            return list((await session.exec(select(BoardDue.benchmark_id))).all())
+
+    try:
+        async with one.transaction() as session:
+            session.add(KnownBenchmark(benchmark_id="bm", owner_id="owner", spec=spec.model_dump(mode="json")))
+        await owe(one, "model-1")
+        await asyncio.gather(first.settle(), second.settle())  # both replicas look at once: one announces it
+        assert first.recomputed + second.recomputed == 1 and await owed() == []
+
+        await owe(two, "model-2")  # owed again, within the window of the announcement just made
+        for announcer in (first, second):  # as each replica's loop looks: it waits for that window to close
+            await announcer.settle(owed_for_s=3600)
+        assert first.recomputed + second.recomputed == 1 and await owed() == ["bm"]
+        await second.settle(owed_for_s=0)  # that window has closed: announced, once
+        await first.settle(owed_for_s=0)
+        assert first.recomputed + second.recomputed == 2 and await owed() == []
+    finally:
+        await one.close()
+        await two.close()

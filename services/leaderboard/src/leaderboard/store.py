@@ -170,15 +170,17 @@ class Store:
             due.models = [*due.models, model_id]  # a new list: the JSON column sees the change
         self.session.add(due)
 
-    async def boards_due(self) -> list[str]:
-        """The benchmarks whose boards are owed an announcement, longest owed first."""
-        return list((await self.session.exec(select(BoardDue.benchmark_id).order_by(col(BoardDue.since)))).all())
+    async def boards_due(self) -> list[tuple[str, datetime]]:
+        """The benchmarks whose boards are owed an announcement, and since when, longest owed first."""
+        return [(benchmark_id, since) for benchmark_id, since in (await self.session.exec(
+            select(BoardDue.benchmark_id, BoardDue.since).order_by(col(BoardDue.since)))).all()]
 
-    async def take_due(self, benchmark_id: str) -> list[str]:
+    async def take_due(self, benchmark_id: str, *, owed_since: datetime | None = None) -> list[str]:
         """The models the board of `benchmark_id` is owed an announcement for, no longer owed once this transaction
-        commits; none when another replica announced it meanwhile."""
+        commits; none when another replica announced it meanwhile, or (given `owed_since`) when it has been owed again
+        only since a moment after `owed_since` (its window is still open)."""
         due = await self.session.get(BoardDue, benchmark_id, populate_existing=True)
-        if due is None:
+        if due is None or (owed_since is not None and aware(due.since) > owed_since):
             return []
         await self.session.delete(due)
         return list(due.models)
