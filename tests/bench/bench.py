@@ -1,5 +1,6 @@
 """`just bench`: jobs through the real platform against raw JetStream, the sandbox against bare `docker run`, and the
-board at committee scale against the same board without replicates.
+board at committee scale against the same board without replicates; with `--scale 10,100,1000`, how cost grows with
+the number of sites (bench_scale: minutes, so not in the default run).
 
 Run as `.venv/bin/python tests/bench/bench.py`; writes bench-results/bench.json and BENCHMARKS.md at the
 repository root. Speeds are ratios to a baseline measured in the same run; every figure is a median.
@@ -52,6 +53,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-s", type=float, default=4.0, help="seconds offered at each load (default 4)")
     p.add_argument("--ingest", type=int, default=1000,
                    help="results waiting in the stream for the ingest measurement (default 1000; 0: none)")
+    p.add_argument("--scale", type=lambda text: [int(x) for x in text.split(",") if x], default=[],
+                   help="(d) how cost grows: the site counts, each on a fresh platform (e.g. 10,100,1000; default "
+                        "none)")
+    p.add_argument("--scale-rounds", type=int, default=3, help="(d) rounds of one model per size (default 3)")
+    p.add_argument("--scale-load-s", type=float, default=20.0,
+                   help="(d) seconds of steady load at half the rounds' jobs/s, backlog sampled (default 20)")
+    p.add_argument("--scale-in-flight", type=int, default=8,
+                   help="(d) setup commands awaiting their replies at once (default 8, as (a): 32 was no faster, the "
+                        "services being the bound)")
     p.add_argument("--plot", type=Path, default=ROOT / "benchmarks-latency.png",
                    help="where the plot of latency against offered load goes")
     p.add_argument("--cluster", action="store_true",
@@ -116,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         results["cluster"]["database"] = "PostgreSQL (a private cluster of this run)"
         results["cluster"]["board"] = compare(results["flow"].pop("final_board"),
                                               results["cluster"].pop("final_board"))
+    if args.scale:
+        from bench_scale import measure as measure_scale
+
+        console.rule(f"[bold](d) how cost grows: {', '.join(map(str, args.scale))} sites, each on a fresh platform")
+        results["scale"] = measure_scale(args.scale, args.scale_rounds, args.idle_s, args.scale_load_s,
+                                         args.scale_in_flight, args.keep,
+                                         lambda s: console.print(f"  [dim]·[/dim] {s}"))
     if not args.skip_containers:
         from bench_containers import measure
 

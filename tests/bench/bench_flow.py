@@ -131,10 +131,12 @@ def summarise_round(observer: Observer, runner: NoopRunner, models: list[str], t
 
 
 async def run_rounds(platform: Platform, observer: Observer, runner: NoopRunner, model_rounds: list[list[str]],
-                     sites: int, log: Log) -> dict[str, Any]:
-    """Approve each round's models at once and wait until all their jobs' results are accepted."""
+                     sites: int, log: Log, more_pids: dict[str, int] | None = None) -> dict[str, Any]:
+    """Approve each round's models at once and wait until all their jobs' results are accepted; `more_pids`: other
+    processes whose CPU counts too (bench_hosts' site processes)."""
     pids = {name: proc.pid for name, proc in platform.procs.items()} | {"bench": os.getpid(),
                                                                        "observer": observer.proc.pid}
+    pids |= more_pids or {}
     cpu_before, window = cpu_of(pids), time.monotonic()
     per_round = []
     for number, models in enumerate(model_rounds, 1):

@@ -69,7 +69,8 @@ async def ingest(platform: Platform, observer: Observer, sites: list[Site], coun
     try:
         await asyncio.gather(*(js.publish(subjects.results(r.data.site_id), r.model_dump_json().encode(),
                                           headers={"Nats-Msg-Id": r.id}) for r in results))
-        waiting = (await js.consumer_info(subjects.RESULTS_STREAM, "leaderboard-results")).num_pending
+        info = await js.consumer_info(subjects.RESULTS_STREAM, "leaderboard-results")
+        waiting = info.num_pending + info.num_ack_pending  # and those its stopped fetch holds, not yet taken
     finally:
         resumed = time.monotonic()
         for pid in pids:

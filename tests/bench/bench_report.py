@@ -72,6 +72,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ]
     out += target_rows(r)
     out += cluster_rows(r)
+    out += scale_rows(r)
     c = r.get("containers")
     if c:
         med = c["median_s"]
@@ -141,6 +142,65 @@ def cluster_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def scale_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(d): jobs/s and p99 at each size, against the smallest."""
+    sizes = (r.get("scale") or {}).get("sizes", [])
+    if not sizes:
+        return []
+    first = sizes[0]["rounds"]
+    out = []
+    for x in sizes:
+        k = x["rounds"]
+        out.append((f"(d) {x['sites']} sites: jobs/s, latency p50 / p99", f"{k['jobs_per_s']:.1f}, "
+                    f"{_ms(k['latency_p50_s'])} / {_ms(k['latency_p99_s'])}",
+                    f"{sizes[0]['sites']} sites {first['jobs_per_s']:.1f}",
+                    f"{k['jobs_per_s'] / first['jobs_per_s']:.2f}"))
+    return out
+
+
+def _services(cores: dict[str, float]) -> float:
+    return sum(v for k, v in cores.items() if k != "observer" and not k.startswith(("nats", "sites-")))
+
+
+def _sites(values: dict[str, float]) -> float:
+    return sum(v for k, v in values.items() if k.startswith("sites-"))
+
+
+def scale_lines(d: dict[str, Any]) -> list[str]:
+    """(d) as a table: one row per size."""
+    if not d.get("sizes"):
+        return []
+    took = f" ({d['wall_s']:.0f} s of this run; `just bench` runs it only when asked, with --scale)" \
+        if "wall_s" in d else ""
+    lines = ["", f"How cost grows (d){took}: {d['rounds']} rounds of one model per size; idle CPU over "
+             f"{d['idle_s']:g} s with every worker connected (cores: the four services together, nats-server, the "
+             f"site processes together); a steady load of {d['load_fraction']:g} of the rounds' jobs/s for "
+             f"{d['load_s']:g} s, the backlog sampled every {d['sample_s']:g} s:", "",
+             "| sites | site processes | jobs/s | p50 | p99 | idle CPU: services | idle CPU: nats-server | "
+             "idle CPU: site processes | steady load, jobs/s (p50 / p99) | backlog max | backlog slope | "
+             "backlog at the end, empty after | setup (commands/s) | RSS: site processes, nats-server |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for x in d["sizes"]:
+        k, s, idle, rss, setup = x["rounds"], x["steady"], x["idle_cpu_cores"], x["rss_mib"], x["setup"]
+        commands = setup["commands"] + setup["group_commands"]
+        seconds = setup["commands_s"] + setup["groups_s"]
+        empty = "never" if s["empty_after_end_s"] is None else f"{s['empty_after_end_s']:.1f} s"
+        lines.append(
+            f"| {x['sites']} | {x['processes']} | {k['jobs_per_s']:.1f} | {_ms(k['latency_p50_s'])} | "
+            f"{_ms(k['latency_p99_s'])} | {_services(idle):.3f} | {idle.get('nats', 0):.3f} | {_sites(idle):.3f} | "
+            f"{s['offered_jobs_per_s']:.1f} ({_ms(s['latency_p50_s'])} / {_ms(s['latency_p99_s'])}) | "
+            f"{s['backlog_max']} | {s['backlog_slope_per_s']:+.2f}/s | {s['backlog_at_end']}, {empty} | "
+            f"{seconds:.0f} s ({commands / seconds:.0f}/s) | {_sites(rss):.0f} MiB, {rss.get('nats', 0):.0f} MiB |")
+    for x in d["sizes"]:
+        planning = ", ".join(f"{y['planning_s'] * 1000:.0f}" for y in x["rounds"]["rounds_detail"])
+        lines += ["", f"{x['sites']} sites: idle CPU by process {x['idle_cpu_cores']}; CPU cores busy during the "
+                  f"rounds {x['rounds']['cpu_cores_busy']}; from the approval to the first JobScheduled in each round "
+                  f"{planning} ms; RSS by process (MiB) {x['rss_mib']}; workers started in "
+                  f"{x['workers_start_s']:.1f} s, their datasets' checks done {x['checks_s']:.1f} s later; jobs "
+                  f"run more than once: {x['jobs_run_again']}; service log lines: {x['logs']}"]
+    return lines
+
+
 def _ms(seconds: float, digits: int = 0) -> str:
     return f"{seconds * 1000:.{digits}f} ms"
 
@@ -176,7 +236,7 @@ valid `metrics.json` and `cases.jsonl`. The datasets' checks before joining wait
 start; they run, and every consumer catches up, before the first round. Then, in each of {rounds} rounds, the
 benchmark owner approves {models_per_round} model(s) at once, which makes the scheduler plan a burst of
 {models_per_round} x {sites} jobs, one per site and model. A separate observer process
-(plain nats-py core subscriptions) stamps when each `JobScheduled` (`assay.v1.evt.job.scheduled`), each signed
+(plain nats-py core subscriptions) stamps when each `JobScheduled` (`assay.v1.evt.job.scheduled.*`), each signed
 site result (`assay.v1.results.*`) and each `ResultAccepted` (`assay.v1.evt.result.accepted`) appears.
 
 - *jobs/s*: jobs of a round / (last `ResultAccepted` - first `JobScheduled`); the median over the rounds.
@@ -240,12 +300,30 @@ PostgreSQL cluster that both write. The raw baseline is then a stream on three s
 metrics for the same model in both runs, so the final boards (`ShowLeaderboard`, as the benchmark's owner) must
 be the same: every field of every row is compared (floats to a relative 1e-9).
 
+**(d) How cost grows** (`--scale 10,100,1000`, `tests/bench/bench_scale.py`). For each of {scale_sizes} sites, a
+fresh platform (as in (a)), the setup of (a) with {scale_in_flight} commands in flight, and as many real site-worker
+apps (`site_worker.main.create_app`, each its own NATS connection and durable pull consumer, the no-op runner of (a))
+hosted in processes of their own, up to {sites_per_process} per process (`tests/bench/bench_hosts.py`: one event loop
+for 1,000 workers, each pulling its queue every second, would time the loop, not the platform; each process's
+workers share 32 threads for their files). Every site also holds a second dataset in one of a few small benchmarks
+of {group_sites} sites each, for the steady load. The datasets' checks run when the workers start; once every
+consumer has caught up: the *idle CPU* of every service, of nats-server and of the site processes, all workers
+connected and nothing to do, over {scale_idle_s:.0f} s; {scale_rounds} rounds as in (a), each approving one model
+(one job per site): jobs/s and p50 / p99, median over the rounds; then a *steady load*: a model approved for each small
+benchmark in turn ({group_sites} jobs each), at the interval that offers {load_fraction:g} of the rounds' jobs/s, for
+{scale_load_s:.0f} s, while the *backlog* (num_pending + num_ack_pending of the sites' durable consumers on JOBS and
+of the services' on EVENTS and RESULTS) is sampled every {sample_s:g} s: its maximum, its slope over the load (a
+least-squares line: 0 when the platform keeps up), what is left when the load ends and how long until a look finds
+it empty. *Setup* is the seconds its signed commands took (the actors, the benchmarks, the datasets and their
+associations, the models); *RSS* is read from /proc at the end.
+
 ## Reproduce
 
 ```
 .venv/bin/python tests/bench/bench.py            # the full run written below
 .venv/bin/python tests/bench/bench.py --cluster  # and (a) again on a 3-node cluster, R3, two replicas per service
 .venv/bin/python tests/bench/bench.py --skip-containers --skip-board  # (a) alone: rounds, latency sweep, ingest
+.venv/bin/python tests/bench/bench.py --scale 10,100,1000  # and (d): 10, 100 and 1,000 sites, each on its platform
 .venv/bin/python tests/bench/bench.py --help     # sizes (sites, rounds, models per round, loads, ingest, repetitions)
 ```
 
@@ -291,7 +369,7 @@ def load_lines(f: dict[str, Any], plot: str | None) -> list[str]:
 
 def markdown(r: dict[str, Any], previous: str = "") -> str:
     """BENCHMARKS.md for the run `r`; `previous` is the file as it was, whose hand-written history is kept."""
-    mach, f, c = r["machine"], r.get("flow") or {}, r.get("containers") or {}
+    mach, f, c, d = r["machine"], r.get("flow") or {}, r.get("containers") or {}, r.get("scale") or {}
     load = f.get("load") or {}
     text = INTRO.format(minutes=f"{r['wall_s'] / 60:.0f} minutes" if r["wall_s"] >= 90 else f"{r['wall_s']:.0f} s",
                         sites=f.get("sites", "N"), rounds=f.get("rounds", "R"),
@@ -300,7 +378,13 @@ def markdown(r: dict[str, Any], previous: str = "") -> str:
                         idle_s=r["config"].get("idle_s", 0), repetitions=c.get("repetitions", "K"),
                         sweep_sites=load.get("sites", "K"), load_s=r["config"].get("load_s", 0),
                         fractions=", ".join(f"{x:g}" for x in r["config"].get("load", [])) or "(none)",
-                        plot=r.get("plot", "benchmarks-latency.png"), ingest=r["config"].get("ingest", "N"))
+                        plot=r.get("plot", "benchmarks-latency.png"), ingest=r["config"].get("ingest", "N"),
+                        scale_sizes=", ".join(str(x["sites"]) for x in d.get("sizes", [])) or "N",
+                        scale_in_flight=r["config"].get("scale_in_flight", "K"),
+                        sites_per_process=d.get("sites_per_process", "K"), group_sites=d.get("group_sites", "K"),
+                        scale_idle_s=d.get("idle_s", 0), scale_rounds=d.get("rounds", "R"),
+                        load_fraction=d.get("load_fraction", 0), scale_load_s=d.get("load_s", 0),
+                        sample_s=d.get("sample_s", 0))
     lines = [text, "## Last run", "",
              f"{r['finished_at']} on {mach['cores']} cores ({mach['cpu']}), {mach['memory_gib']} GiB, "
              f"Linux {mach['kernel']}, Python {mach['python']}, Docker {mach['docker']}, {mach['nats_server']}, "
@@ -331,6 +415,7 @@ def markdown(r: dict[str, Any], previous: str = "") -> str:
                   f"{k['advisories'] or 'none'}; jobs run more than once: {k['jobs_run_again']}; messages in "
                   f"DEAD_LETTERS: {k['dead_letters']}; service log lines: {k['logs']}; board differences: "
                   f"{k['board']['differences'] or 'none'}"]
+    lines += scale_lines(d)
     if c:
         lines += ["", f"Container runs, seconds, in the order of the repetitions: {c['all_s']}; the median of the "
                   f"per-repetition ratios: {c['paired_ratio_execute_to_cli']:.2f} against `docker run`, "

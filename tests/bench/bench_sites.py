@@ -118,11 +118,18 @@ def make_sites(home: Home, count: int, nats_url: str) -> list[Site]:
         datasets_file = root / "datasets.json"
         datasets_file.write_text(json.dumps({dataset_id: str(root / "ds")}))
         (root / "policy.toml").write_text(AUTO_RELEASE)
-        settings = SiteSettings(site_id=site_id, key_file=home.key_file(site_id), scheduler_public_key=scheduler_key,
-                                nats_url=nats_url, datasets_file=datasets_file, work_dir=root / "jobs",
-                                state_dir=root, policy_file=root / "policy.toml")
-        sites.append(Site(site_id, key, dataset_id, content_hash(data, labels), settings))
+        sites.append(Site(site_id, key, dataset_id, content_hash(data, labels),
+                          site_settings(home, site_id, nats_url, scheduler_key)))
     return sites
+
+
+def site_settings(home: Home, site_id: str, nats_url: str, scheduler_key: str) -> SiteSettings:
+    """The worker settings of a site `make_sites` made: all its files are on disk under the home folder, so a process
+    that hosts some of the workers (bench_hosts) makes the same settings from the site's id alone."""
+    root = home.site_dir(site_id)
+    return SiteSettings(site_id=site_id, key_file=home.key_file(site_id), scheduler_public_key=scheduler_key,
+                        nats_url=nats_url, datasets_file=root / "datasets.json", work_dir=root / "jobs",
+                        state_dir=root, policy_file=root / "policy.toml")
 
 
 async def bounded(jobs: Iterable[Awaitable[Any]], limit: int = COMMANDS_IN_FLIGHT) -> list[Any]:
@@ -153,8 +160,10 @@ async def wait_events_drained(nats_url: str, timeout_s: float = 120.0) -> None:
         await nc.close()
 
 
-async def setup(nats_url: str, home: Home, sites: list[Site], models: list[str]) -> dict[str, float]:
-    """Every actor, the benchmark, the datasets (associated) and the models (asked for, not yet approved)."""
+async def setup(nats_url: str, home: Home, sites: list[Site], models: list[str],
+                in_flight: int = COMMANDS_IN_FLIGHT) -> dict[str, float]:
+    """Every actor, the benchmark, the datasets (associated) and the models (asked for, not yet approved), with
+    `in_flight` commands awaiting their replies at once."""
     keys = {name: home.key(name) for name in (OPERATOR, OWNER, VENDOR)}
     sent = 0
 
@@ -166,8 +175,8 @@ async def setup(nats_url: str, home: Home, sites: list[Site], models: list[str])
     start = time.perf_counter()
     actors = [(OWNER, m.Role.BENCHMARK_OWNER, keys[OWNER]), (VENDOR, m.Role.MODEL_OWNER, keys[VENDOR]),
               *((s.site_id, m.Role.SITE, s.key) for s in sites)]
-    await bounded(send(m.RegisterActor(actor_id=a, role=r, public_key=k.public_key, display_name=a), OPERATOR,
-                       keys[OPERATOR]) for a, r, k in actors)
+    await bounded((send(m.RegisterActor(actor_id=a, role=r, public_key=k.public_key, display_name=a), OPERATOR,
+                        keys[OPERATOR]) for a, r, k in actors), in_flight)
     spec = m.BenchmarkSpec(benchmark_id=BENCHMARK, name="throughput", preparator=image("bench/preparator"),
                            reference_model=image("bench/reference"), evaluator=image("bench/evaluator"),
                            metrics=METRICS, primary_metric="auc")
@@ -188,7 +197,7 @@ async def setup(nats_url: str, home: Home, sites: list[Site], models: list[str])
         await send(m.RequestAssociation(benchmark_id=BENCHMARK, kind=m.EntityKind.MODEL, entity_id=model),
                    VENDOR, keys[VENDOR])
 
-    await bounded([*(join_dataset(s) for s in sites), *(ask_model(x) for x in models)])
+    await bounded([*(join_dataset(s) for s in sites), *(ask_model(x) for x in models)], in_flight)
     commands_s = time.perf_counter() - start
     await wait_events_drained(nats_url)  # so the rounds start with every service caught up
     return {"commands": sent, "commands_s": commands_s, "setup_s": time.perf_counter() - start}
