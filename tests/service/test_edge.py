@@ -42,6 +42,7 @@ class Probe:
 
     deliveries: list[DeliveryInfo] = field(default_factory=list)
     raise_: Exception | None = None
+    handed: list[object] = field(default_factory=list)  # the envelopes the handlers were given
 
 
 ProbeDep = Annotated[Probe, Context("probe")]
@@ -50,6 +51,7 @@ ProbeDep = Annotated[Probe, Context("probe")]
 async def note(approved: Envelope[m.BenchmarkApproved], uow: UnitOfWork, probe: ProbeDep, delivery: Delivery) -> None:
     """Stores a row and stages an event, then raises what it is told to: both must vanish when it does."""
     probe.deliveries.append(delivery)
+    probe.handed.append(approved)
     uow.session.add(ProbeRow(key=approved.data.benchmark_id))
     uow.emit(m.AssociationRequested(benchmark_id=approved.data.benchmark_id, kind=m.EntityKind.MODEL,
                                     entity_id="model-1", requested_by="probe"))
@@ -60,6 +62,7 @@ async def note(approved: Envelope[m.BenchmarkApproved], uow: UnitOfWork, probe: 
 async def approve(command: Envelope[m.ApproveBenchmark], uow: UnitOfWork, probe: ProbeDep,
                   delivery: Delivery) -> m.CommandReply:
     probe.deliveries.append(delivery)
+    probe.handed.append(command)
     uow.session.add(ProbeRow(key=command.data.benchmark_id))
     if probe.raise_ is not None:
         raise probe.raise_
@@ -121,6 +124,22 @@ async def test_a_handled_message_commits_its_rows_and_its_events_together(servic
     assert [e.benchmark_id for e in service.events(m.AssociationRequested)] == ["b1"]
     [seen] = probe.deliveries
     assert (seen.attempt, seen.subject, seen.message_id) == (1, SUBJECT, "m-1")
+
+
+async def test_a_body_is_validated_once_the_handler_gets_the_envelope_the_edge_checked(service, probe, monkeypatch):
+    """The edge parses and validates a body before anything else; the handler's argument is that very envelope, not a
+    second validation of the same bytes (faststream's own decoding would make one)."""
+    from service_kit.edge import Route
+
+    checked: list[object] = []
+    expect = Route.expect
+    monkeypatch.setattr(Route, "expect", lambda route, body: checked.append(expect(route, body)) or checked[-1])
+    await service.deliver(SUBJECT, approved(), msg_id="m-1")
+    assert (await service.ask(command("b2")))["ok"]
+
+    assert len(checked) == 2 and len(probe.handed) == 2
+    assert [handed is edge for handed, edge in zip(probe.handed, checked, strict=True)] == [True, True], (
+        [type(h) for h in probe.handed], [type(c) for c in checked])
 
 
 async def test_a_message_delivered_twice_is_handled_once(service, probe):

@@ -16,6 +16,7 @@ from typing import Any
 
 from faststream import FastStream, TestApp
 from faststream.nats import NatsBroker, TestNatsBroker
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlmodel import SQLModel
 
@@ -120,6 +121,8 @@ class Harness:
                 continue
             for call in publisher.mock.call_args_list:
                 body = call.args[0]
+                if isinstance(body, BaseModel):  # decoded by a subscriber's edge (`checked_body`): as sent
+                    body = body.model_dump(mode="json")
                 key = body.get("id") if isinstance(body, dict) else None
                 if key is None or key not in seen:
                     seen.add(key)

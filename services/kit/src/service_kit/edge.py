@@ -164,6 +164,16 @@ class Route:
         return f"{self.consumer}-refused"
 
 
+CHECKED = "assay_checked"  # where a message keeps its envelope once the edge has checked it
+
+
+async def checked_body(msg: StreamMessage[Any], decode: Callable[[StreamMessage[Any]], Awaitable[Any]]) -> Any:
+    """Every subscriber's decoder: the envelope the edge validated from this very body (the handler's argument then
+    passes as it is: an instance of its type), else faststream's own decoding."""
+    envelope = msg.__dict__.get(CHECKED)
+    return envelope if envelope is not None else await decode(msg)
+
+
 @dataclass(frozen=True)
 class Edge:
     """The middleware of one subscriber (its router's): `units` is None where there is no database (a site).
@@ -180,6 +190,13 @@ class Edge:
 
     def __call__(self, msg: Any, /, *, context: Any) -> BaseMiddleware:
         return _Scope(msg, context=context, edge=self)
+
+    def expect(self, msg: StreamMessage[Any]) -> Envelope[Payload]:
+        """The route's envelope in the message (ValidationError if it is none), kept with the message for the handler
+        (`checked_body`): a body is parsed and validated once, not again for the handler's arguments."""
+        envelope = self.route.expect(msg.body)
+        msg.__dict__[CHECKED] = envelope
+        return envelope
 
     async def run(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], context: Any,
                   envelope: Envelope[Payload] | None = None) -> Any:
@@ -214,7 +231,7 @@ class Edge:
             return await self.dead_letter(delivery, f"delivered {delivery.attempt} times, more than the "
                                           f"{self.retry.attempts} attempts allowed: a process stopped during the last")
         try:
-            envelope = self.route.expect(msg.body)
+            envelope = self.expect(msg)
         except ValidationError as exc:
             return await self.dead_letter(delivery, f"invalid {name}: {describe(exc)}")
         annotate(envelope)
@@ -239,7 +256,7 @@ class Edge:
         unit of work as any delivery of it, so it is processed once however often it is replayed. What became of it
         is said on `replay`; a failure is the operator's to read, never delivered again nor dead-lettered anew."""
         try:
-            envelope = self.route.expect(msg.body)
+            envelope = self.expect(msg)
         except ValidationError as exc:
             return self.replayed(replay, f"invalid {self.route.payload.__name__}: {describe(exc)}")
         annotate(envelope)
@@ -281,7 +298,7 @@ class Edge:
         """A request's reply: what the handler returns, or why nothing was done. A command is refused outside its
         time window, and one that is refused is remembered as such: it can never succeed later."""
         try:
-            envelope = self.route.expect(msg.body)
+            envelope = self.expect(msg)
         except ValidationError as exc:
             failed("refused", reply := f"invalid {self.route.payload.__name__}: {describe(exc)}")
             return CommandReply(ok=False, message=reply)

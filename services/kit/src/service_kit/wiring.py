@@ -25,7 +25,7 @@ from contracts.catalog import EVENT_SUBJECTS, QUERY_SUBJECTS, REQUEST_SUBJECTS, 
 from contracts.envelope import Envelope, Payload
 from contracts.messages import DeadLetter, DeadLetterReplayed, ReplayDeadLetter
 from contracts.streams import PUBLISH_TIMEOUT_S
-from service_kit.edge import Checks, Edge, Retry, Route, Transactions
+from service_kit.edge import Checks, Edge, Retry, Route, Transactions, checked_body
 from service_kit.replay import Replayable, Replays, replay_dead_letter
 from service_kit.together import BatchHandler, Together
 
@@ -200,7 +200,7 @@ class Wiring:
     def _subscribe(broker: NatsBroker, edge: Edge, subject: str, handle: Handler, **options: Any) -> Any:
         """One subscriber; a router of its own carries its Edge, so the edge knows its route without asking."""
         router = NatsRouter()
-        subscriber = router.subscriber(subject, **options)
+        subscriber = router.subscriber(subject, decoder=checked_body, **options)
         subscriber(handle)
         broker.include_router(router, middlewares=[edge])
         return subscriber
