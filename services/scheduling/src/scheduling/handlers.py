@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Annotated
 
 from faststream import Context
+from opentelemetry import context as otel_context
 from faststream.context import ContextRepo
 from sqlmodel import col, select
 
@@ -266,7 +267,11 @@ async def record_reports(arrivals: Sequence[Arrival], uow: Transaction, context:
     jobs = {job.job_id: job for job in (await uow.session.exec(select(Job).where(col(Job.job_id).in_(ids)).order_by(
         col(Job.job_id)).with_for_update())).all()}
     for arrival in arrivals:
-        await record(uow, arrival.envelope, arrival.subject, jobs.get(arrival.envelope.data.job_id))  # type: ignore
+        token = otel_context.attach(arrival.trace)  # in its own trace: the JobStateChanged it stages continues it
+        try:
+            await record(uow, arrival.envelope, arrival.subject, jobs.get(arrival.envelope.data.job_id))  # type: ignore
+        finally:
+            otel_context.detach(token)
 
 
 async def record(uow: Transaction, report: Envelope[m.SiteReport], subject: str, job: Job | None) -> None:
