@@ -100,32 +100,38 @@ class Observer:
         proc = await asyncio.create_subprocess_exec(sys.executable, str(Path(__file__).resolve()), nats_url,
                                                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        if line.strip() != b"ready":
-            raise RuntimeError(f"the observer did not start: {line!r}")
         observer = cls(proc)
+        # what it stamps between its subscriptions and its `ready` (the datasets' checks of workers already up) comes
+        # first: it is taken as any later line
+        while (line := await asyncio.wait_for(proc.stdout.readline(), 30)).strip() != b"ready":
+            if not line.startswith(b"{"):
+                raise RuntimeError(f"the observer did not start: {line!r}")
+            observer._take(line)
         observer.reader = asyncio.create_task(observer._read())
         return observer
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
         async for raw in self.proc.stdout:
-            line = json.loads(raw)
-            if line["kind"] == "board":
-                self.board_bytes.append(line["bytes"])
-                self.boards.append(line)
-                self.changed.set()
-                continue
-            if line["kind"] == "advisory":
-                self.advisories[(line["type"], line["consumer"])] += 1
-                continue
-            job = line["job_id"]
-            self.model_of[job] = line["model_id"]
-            if line["kind"] not in self.stamps[job]:  # the first sighting counts; a resend does not move it
-                self.stamps[job][line["kind"]] = {"mono": line["mono"], "sent": line["sent"]}
-                if line["kind"] == "accepted":
-                    self.accepted_by_model[line["model_id"]] += 1
+            self._take(raw)
+
+    def _take(self, raw: bytes) -> None:
+        line = json.loads(raw)
+        if line["kind"] == "board":
+            self.board_bytes.append(line["bytes"])
+            self.boards.append(line)
             self.changed.set()
+            return
+        if line["kind"] == "advisory":
+            self.advisories[(line["type"], line["consumer"])] += 1
+            return
+        job = line["job_id"]
+        self.model_of[job] = line["model_id"]
+        if line["kind"] not in self.stamps[job]:  # the first sighting counts; a resend does not move it
+            self.stamps[job][line["kind"]] = {"mono": line["mono"], "sent": line["sent"]}
+            if line["kind"] == "accepted":
+                self.accepted_by_model[line["model_id"]] += 1
+        self.changed.set()
 
     async def wait_accepted(self, models: list[str], expected: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
