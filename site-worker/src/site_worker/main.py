@@ -136,11 +136,9 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site, attempt: int =
     where the policy says so, else held for the data owner (and the scheduler told so)."""
     job, settings = signed_job.data, site.settings
     bound = job.binding
-    await note(site, "job_received", job.job_id, benchmark=bound.benchmark_id, model=bound.model_id,
-               model_owner=job.model_owner, dataset=bound.dataset_id)
+    policy = await asyncio.to_thread(received, site, job)
     if job.expires_at <= utcnow():
         raise JobRefused(f"job {job.job_id} expired at {job.expires_at.isoformat(timespec='seconds')}; it is not run")
-    policy = await asyncio.to_thread(policy_in_force, site)
     if not (verdict := judge(policy, job)):
         raise JobRefused(f"{verdict.reason}; nothing was run")
     await tell(site, job, JobState.RUNNING, f"worker {settings.worker_id} runs it (attempt {attempt})",
@@ -158,25 +156,41 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site, attempt: int =
         traced = TracedRunner(site.runner, site.tracer, job, site.meters)
         metrics = await asyncio.to_thread(execute, job, folder, traced, settings.work_dir, limits_of(job), gpus,
                                           expected)
-    await note(site, "job_run", job.job_id, model_image=bound.model_image, evaluator_image=bound.evaluator_image,
-               dataset_hash=bound.dataset_hash, cases=bound.case_count, kept_at_site=list(metrics.kept))
     result = SiteResult(job_id=job.job_id, site_id=settings.site_id, binding=bound, metrics=metrics.leaving,
                         metrics_hash=metrics_hash(metrics.leaving), worker_id=settings.worker_id,
                         finished_at=utcnow(), job=signed_job, evidence=metrics.evidence)
     hold = policy.holds(bound.benchmark_id)
     trace: dict[str, str] = {}
     propagate.inject(trace)  # the job's trace context: the result continues its trace whenever it leaves
-    # released by the policy: signed now and kept signed, so what leaves next is what was kept, in one write
-    signed = None if hold else signed_result(site, result).model_dump_json()
-    await asyncio.to_thread(site.review.keep, result, release=not hold, by=f"policy {policy.digest[:19]}",
-                            kept={"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}",
-                                  "trace": trace}, signed=signed)
+    kept = {"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}", "trace": trace}
+    await asyncio.to_thread(keep_result, site, result, kept, policy, hold)
     if hold:
-        await note(site, "result_held", job.job_id, metrics=sorted(metrics.leaving))
         await tell(site, job, JobState.HELD, "it ran; its result waits at the site for the data owner's review")
     else:
-        await note(site, "result_approved", job.job_id, by=f"policy {policy.digest}")
         await send_decisions(site)
+
+
+def received(site: Site, job: JobSpec) -> SitePolicy:
+    """The job's arrival in the audit log, then the policy it is judged by: one hop to a thread, not two."""
+    bound = job.binding
+    site.audit.append("job_received", job.job_id, benchmark=bound.benchmark_id, model=bound.model_id,
+                      model_owner=job.model_owner, dataset=bound.dataset_id)
+    return policy_in_force(site)
+
+
+def keep_result(site: Site, result: SiteResult, kept: dict[str, object], policy: SitePolicy, hold: bool) -> None:
+    """The run in the audit log, the result kept durably, then the policy's decision in the log, in this order and in
+    one hop to a thread (they were three): each entry is on disk before the next step acts on what it records."""
+    job, bound = result.job.data, result.binding
+    site.audit.append("job_run", job.job_id, model_image=bound.model_image, evaluator_image=bound.evaluator_image,
+                      dataset_hash=bound.dataset_hash, cases=bound.case_count, kept_at_site=kept["undeclared_metrics"])
+    # released by the policy: signed now and kept signed, so what leaves next is what was kept, in one write
+    signed = None if hold else signed_result(site, result).model_dump_json()
+    site.review.keep(result, release=not hold, by=f"policy {policy.digest[:19]}", kept=kept, signed=signed)
+    if hold:
+        site.audit.append("result_held", job.job_id, metrics=sorted(result.metrics))
+    else:
+        site.audit.append("result_approved", job.job_id, by=f"policy {policy.digest}")
 
 
 async def send_decisions(site: Site) -> int:
@@ -188,15 +202,20 @@ async def send_decisions(site: Site) -> int:
             with in_its_trace(held):
                 if held.state is Decision.APPROVED:
                     await publish_result(site, held)
-                    await note(site, "result_released", held.job_id, by=held.decided_by,
-                               metrics_hash=held.result.metrics_hash)
+                    said = ("result_released", {"by": held.decided_by, "metrics_hash": held.result.metrics_hash})
                 else:
                     reason = f"the data owner declined to release its result: {held.reason or 'no reason given'}"
                     await tell(site, held.result.job.data, JobState.DECLINED, reason, id=f"declined-{held.job_id}")
-                    await note(site, "rejection_sent", held.job_id, by=held.decided_by)
-            await asyncio.to_thread(site.review.sent, held.job_id)
+                    said = ("rejection_sent", {"by": held.decided_by})
+            await asyncio.to_thread(mark_sent, site, held.job_id, *said)
             sent += 1
     return sent
+
+
+def mark_sent(site: Site, job_id: str, kind: str, details: dict[str, object]) -> None:
+    """What left, in the audit log and then in the store, in one hop to a thread (they were two)."""
+    site.audit.append(kind, job_id, **details)
+    site.review.sent(job_id)
 
 
 @contextlib.contextmanager

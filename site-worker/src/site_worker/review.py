@@ -9,7 +9,9 @@ the data owner has said so. A copy of a held row is worth nothing outside the si
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +39,9 @@ CREATE TABLE IF NOT EXISTS result (
     sent_at TEXT                   -- when the decision left: the result (approved) or the refusal (rejected)
 )
 """
+# what `unsent` asks after every kept result: found without reading the rows already sent (all of them, in time)
+UNSENT_INDEX = ("CREATE INDEX IF NOT EXISTS result_unsent ON result (decided_at) "
+                "WHERE state != 'held' AND sent_at IS NULL")
 
 
 class Decision(StrEnum):
@@ -93,26 +98,42 @@ def _time(text: str | None) -> datetime | None:
 class Review:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.execute(SCHEMA)
+            db.execute(UNSENT_INDEX)
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened once with its pragmas (a connection and its pragmas per call cost more
+        than the query: 4-5 calls a job). Each transaction still sees what another process committed (SQLite's own
+        locking), and a forked child opens its own: a connection must not cross a fork."""
+        held = getattr(self._local, "db", None)
+        if held is not None and held[0] == os.getpid():
+            return held[1]
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # per connection: every transaction of this one is on disk at COMMIT
+        self._local.db = (os.getpid(), db)
+        return db
 
     @contextmanager
     def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction: committed when the block ends, rolled back if it raises. FULL sync: a result the worker
         acknowledged its job for is on disk. A read takes no write lock."""
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db = self._connection()
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield db
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK") if db.in_transaction else None
+        except BaseException as exc:
+            try:
+                db.execute("ROLLBACK") if db.in_transaction else None
+            finally:
+                if isinstance(exc, sqlite3.Error):  # SQLite failed (a lock, the disk): the next call starts afresh
+                    self._local.db = None
+                    db.close()
             raise
-        finally:
-            db.close()
         if write:
             self.path.chmod(0o600)
 
