@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def bench_report():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_report", BENCH / "bench_report.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.unit.test_bench_history import bench_report
 
 
 def a_size(sites: int, jobs_per_s: float, backlog_max: int, empty_after: float | None) -> dict[str, object]:
