@@ -9,9 +9,10 @@ own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,16 @@ class Arrival:
     body: bytes
     subject: str
     trace: otel_context.Context
+
+    @contextlib.contextmanager
+    def traced(self) -> Iterator[None]:
+        """Within the trace the message came in: what its handling stages continues that trace, as it would alone
+        (the batch itself runs in a context of its own)."""
+        token = otel_context.attach(self.trace)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
 
 
 # the batch form of a handler: every arrival handled in `unit` (the unit of work of the batch), `context` the app's

@@ -11,7 +11,6 @@ from typing import Annotated
 
 from faststream import Context
 from faststream.context import ContextRepo
-from opentelemetry import context as otel_context
 
 from assay_telemetry.metrics import CHECK, OUTCOME, RESULTS
 from contracts import subjects
@@ -149,11 +148,8 @@ async def record_results(arrivals: Sequence[Arrival], uow: Transaction, context:
     store = GatheredStore(uow.session)
     await store.preload([arrival.envelope for arrival in arrivals])
     for arrival in arrivals:
-        token = otel_context.attach(arrival.trace)
-        try:
+        with arrival.traced():
             await judge(store, uow, arrival.envelope, arrival.subject, trust)  # type: ignore[arg-type]
-        finally:
-            otel_context.detach(token)
     await expire(store, uow, park)
 
 

@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Annotated
 
 from faststream import Context
-from opentelemetry import context as otel_context
 from faststream.context import ContextRepo
 from sqlmodel import col, select
 
@@ -267,11 +266,8 @@ async def record_reports(arrivals: Sequence[Arrival], uow: Transaction, context:
     jobs = {job.job_id: job for job in (await uow.session.exec(select(Job).where(col(Job.job_id).in_(ids)).order_by(
         col(Job.job_id)).with_for_update())).all()}
     for arrival in arrivals:
-        token = otel_context.attach(arrival.trace)  # in its own trace: the JobStateChanged it stages continues it
-        try:
+        with arrival.traced():  # the JobStateChanged it stages continues the report's trace
             await record(uow, arrival.envelope, arrival.subject, jobs.get(arrival.envelope.data.job_id))  # type: ignore
-        finally:
-            otel_context.detach(token)
 
 
 async def record(uow: Transaction, report: Envelope[m.SiteReport], subject: str, job: Job | None) -> None:
