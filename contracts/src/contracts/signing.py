@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from pydantic import BaseModel
 
+from contracts.canonical import canonical
 from contracts.envelope import Envelope, Payload, Signature
 
 P = TypeVar("P", bound=Payload)
@@ -54,7 +54,7 @@ def key_id_of(public_key: str) -> str:
 
 
 def canonical_bytes(message: BaseModel, *, exclude: set[str] | None = None) -> bytes:
-    return rfc8785.dumps(message.model_dump(mode="json", exclude=exclude))
+    return canonical(message.model_dump(mode="json", exclude=exclude))
 
 
 def sha256_of(message: BaseModel) -> str:
@@ -120,4 +120,4 @@ def verify(envelope: Envelope[P], public_key: str) -> None:
 
 def metrics_hash(metrics: dict[str, float]) -> str:
     """The hash a site binds its metrics with: SHA-256 of their RFC 8785 canonical JSON."""
-    return "sha256:" + hashlib.sha256(rfc8785.dumps(metrics)).hexdigest()
+    return "sha256:" + hashlib.sha256(canonical(metrics)).hexdigest()

@@ -22,6 +22,7 @@ from typing import Any
 import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
+from contracts.canonical import canonical
 from contracts.envelope import Envelope, describe, utcnow
 from contracts.messages import AuditHead
 from contracts.signing import KeyPair, SignatureError, key_id_of, verify
@@ -77,7 +78,7 @@ def head_path(path: Path) -> Path:
 
 
 def _hash_of(body: dict[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(rfc8785.dumps(body)).hexdigest()
+    return "sha256:" + hashlib.sha256(canonical(body)).hexdigest()
 
 
 @contextmanager
@@ -138,7 +139,7 @@ class AuditLog:
     def append(self, kind: str, job_id: str | None = None, **details: Any) -> Entry:
         """Write one entry, fsync it and re-sign the head; raise AuditError, writing nothing, if the log was altered."""
         checked = _DETAILS.validate_python(details)
-        rfc8785.dumps(checked)  # a NaN or an integer beyond 2**53 has no canonical JSON: refuse it before writing
+        canonical(checked)  # a NaN or an integer beyond 2**53 has no canonical JSON: refuse it before writing
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path, fcntl.LOCK_EX):
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)

@@ -11,9 +11,9 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 
-import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from contracts.canonical import canonical
 from contracts.envelope import describe
 from contracts.messages import Digest, Id, JobSpec
 
@@ -81,7 +81,7 @@ class SitePolicy(_Strict):
     @cached_property  # frozen: made once (its canonical JSON cost 0.13 ms, two or three times a job)
     def digest(self) -> str:
         """Names this policy's content: heartbeats and the audit log carry it, so a change shows."""
-        return "sha256:" + hashlib.sha256(rfc8785.dumps(self.model_dump(mode="json"))).hexdigest()
+        return "sha256:" + hashlib.sha256(canonical(self.model_dump(mode="json"))).hexdigest()
 
     def holds(self, benchmark_id: str) -> bool:
         """Whether a result of `benchmark_id` waits for the data owner."""
