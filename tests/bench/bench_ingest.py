@@ -53,13 +53,28 @@ def signed_results(home: Home, sites: list[Site], models: list[str]) -> list[Env
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    from bench_flow import cpu_seconds  # (bench_flow runs this module's ingest)
+
+    return cpu_seconds(pid)
+
+
 def leaderboards(platform: Platform) -> list[int]:
     return [proc.pid for name, proc in platform.procs.items() if name.split("-")[0] == "leaderboard"]
 
 
-async def ingest(platform: Platform, observer: Observer, sites: list[Site], count: int) -> dict[str, Any]:
+async def ingest(platform: Platform, observer: Observer, sites: list[Site], count: int, reps: int = 3) -> dict[str, Any]:
+    """`count` results waiting, then taken, `reps` times (new models each time): the median run, by results per
+    second, with every run's figures."""
+    runs = [await ingest_once(platform, observer, sites, count, f"ingest-{rep}") for rep in range(reps)]
+    median = sorted(runs, key=lambda run: run["results_per_s"])[len(runs) // 2]
+    return median | {"reps": reps, "runs": runs}
+
+
+async def ingest_once(platform: Platform, observer: Observer, sites: list[Site], count: int,
+                      prefix: str) -> dict[str, Any]:
     """`count` results (rounded to whole models of every site) waiting, then taken: results per second."""
-    models = [f"ingest-{i}" for i in range(max(1, round(count / len(sites))))]
+    models = [f"{prefix}-{i}" for i in range(max(1, round(count / len(sites))))]
     results = signed_results(platform.home, sites, models)
     pids = leaderboards(platform)
     nc = await nats.connect(servers(platform.nats_url))
@@ -72,14 +87,16 @@ async def ingest(platform: Platform, observer: Observer, sites: list[Site], coun
         info = await js.consumer_info(subjects.RESULTS_STREAM, "leaderboard-results")
         waiting = info.num_pending + info.num_ack_pending  # and those its stopped fetch holds, not yet taken
     finally:
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
         resumed = time.monotonic()
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
         await nc.close()
     await observer.wait_accepted(models, len(results), timeout_s=INGEST_TIMEOUT_S)
     accepted = max(observer.stamps[r.data.job_id]["accepted"]["mono"] for r in results)
+    cpu_ms = (sum(cpu_seconds(pid) for pid in pids) - cpu_before) * 1000 / len(results)  # ~ the last accepted
     ranked = await observer.wait_board(models, sites=len(sites), timeout_s=INGEST_TIMEOUT_S)
     return {"results": len(results), "waiting_when_resumed": waiting, "accepted_s": accepted - resumed,
             "ranked_s": ranked - resumed, "results_per_s": len(results) / (accepted - resumed),
-            "ranked_per_s": len(results) / (ranked - resumed),
+            "ranked_per_s": len(results) / (ranked - resumed), "leaderboard_cpu_ms_per_result": round(cpu_ms, 2),
             "board_updates": sum(1 for b in observer.boards if b["mono"] >= resumed)}
