@@ -63,7 +63,8 @@ def leaderboards(platform: Platform) -> list[int]:
     return [proc.pid for name, proc in platform.procs.items() if name.split("-")[0] == "leaderboard"]
 
 
-async def ingest(platform: Platform, observer: Observer, sites: list[Site], count: int, reps: int = 3) -> dict[str, Any]:
+async def ingest(platform: Platform, observer: Observer, sites: list[Site], count: int,
+                 reps: int = 3) -> dict[str, Any]:
     """`count` results waiting, then taken, `reps` times (new models each time): the median run, by results per
     second, with every run's figures."""
     runs = [await ingest_once(platform, observer, sites, count, f"ingest-{rep}") for rep in range(reps)]
