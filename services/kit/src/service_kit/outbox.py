@@ -20,7 +20,7 @@ from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts.envelope import Envelope, Payload, aware, utcnow
-from service_kit.db import OUTBOX_LOCK
+from service_kit.db import OUTBOX_LOCK, add_at_commit
 from service_kit.inbox import ProcessedMessage
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,13 @@ class OutboxMessage(SQLModel, table=True):
 
 
 def stage(session: AsyncSession, subject: str, envelope: Envelope[P]) -> None:
-    """Add a message to the outbox inside the caller's transaction (handlers do it through their UnitOfWork)."""
+    """Add a message to the outbox inside the caller's transaction (handlers do it through their UnitOfWork): its row
+    is written as the transaction commits."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    session.add(OutboxMessage(message_id=envelope.id, subject=subject, body=envelope.model_dump_json().encode(),
-                              trace_headers=json.dumps(carrier)))
+    add_at_commit(session, OutboxMessage.__table__, {  # type: ignore[attr-defined]
+        "message_id": envelope.id, "subject": subject, "body": envelope.model_dump_json().encode(),
+        "trace_headers": json.dumps(carrier), "created_at": utcnow()})
 
 
 async def waiting(connection: AsyncConnection) -> tuple[int, datetime | None]:
@@ -198,7 +200,8 @@ class Relay:
         redelivery comes within hours; a command older than its window is refused by its time anyway)."""
         async with self._db.transaction(notify=False) as session:
             await session.exec(delete(OutboxMessage).where(col(OutboxMessage.published_at) < now - KEEP_PUBLISHED))
-            await session.exec(delete(ProcessedMessage).where(col(ProcessedMessage.processed_at) < now - KEEP_PROCESSED))
+            await session.exec(delete(ProcessedMessage).where(
+                col(ProcessedMessage.processed_at) < now - KEEP_PROCESSED))
 
     async def run(self) -> None:
         """Publish until stop(); a flush is never cancelled halfway (that would strand a database transaction)."""

@@ -6,13 +6,14 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from contracts.envelope import Envelope, aware
+from contracts.envelope import Envelope, aware, utcnow
 from contracts.messages import BenchmarkRegistered, BenchmarkSpec, Confusion, Histograms, JobSpec, SiteResult
 from leaderboard.board import Score
 from leaderboard.domain import Signer
@@ -127,11 +128,16 @@ class Store:
 
     @staticmethod
     def row_of(envelope: Envelope[SiteResult]) -> AcceptedResult:
+        return AcceptedResult(**Store.values_of(envelope, utcnow()))
+
+    @staticmethod
+    def values_of(envelope: Envelope[SiteResult], accepted_at: datetime) -> dict[str, Any]:
+        """The columns of the result's row (a batch inserts them as plain rows: `GatheredStore.record`)."""
         result, bound = envelope.data, envelope.data.binding
         evidence = result.evidence
         replicated = sorted(evidence.replicates) if evidence else []
-        return AcceptedResult(
-            job_id=result.job_id, message_id=envelope.id, benchmark_id=bound.benchmark_id,
+        return dict(
+            accepted_at=accepted_at, job_id=result.job_id, message_id=envelope.id, benchmark_id=bound.benchmark_id,
             model_id=bound.model_id, dataset_id=bound.dataset_id, site_id=result.site_id,
             model_owner=result.job.data.model_owner,
             metrics=dict(result.metrics), case_count=bound.case_count, metrics_hash=result.metrics_hash,
@@ -156,11 +162,14 @@ class Store:
 
     async def scores(self, benchmark_id: str, models: Sequence[str], jobs: set[str]) -> list[Score]:
         """The accepted results of these models in the benchmark that count (`jobs`), as the board needs them."""
+        # the columns a score needs, as plain rows: ORM objects (and their identity map) cost more than the reading
         rows = (await self.session.exec(
-            select(AcceptedResult).where(AcceptedResult.benchmark_id == benchmark_id,
-                                         col(AcceptedResult.model_id).in_(list(models)))
+            select(AcceptedResult.job_id, AcceptedResult.model_id, AcceptedResult.site_id, AcceptedResult.metrics,
+                   AcceptedResult.case_count, AcceptedResult.aggregates, AcceptedResult.replicated,
+                   AcceptedResult.replicates)
+            .where(AcceptedResult.benchmark_id == benchmark_id, col(AcceptedResult.model_id).in_(list(models)))
         )).all()
-        return [score_of(row) for row in rows if row.job_id in jobs]
+        return [score_of(row) for row in rows if row.job_id in jobs]  # type: ignore[arg-type]
 
     async def owe_board(self, benchmark_id: str, model_id: str) -> None:
         """Note, with the result that changed it, that the board of `benchmark_id` must be announced for `model_id`
