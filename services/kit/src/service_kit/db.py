@@ -48,7 +48,7 @@ def add_at_commit(session: AsyncSession, table: Table, row: dict[str, Any]) -> N
 
 async def insert_staged(session: AsyncSession) -> None:
     for table, rows in session.info.pop(STAGED, {}).items():
-        await session.execute(insert(table), rows)
+        await session.exec(insert(table), params=rows)  # type: ignore[call-overload]
 
 
 SCHEMA_LOCK = 0x617373617901  # advisory lock keys, one per purpose: creating the tables, and the outbox relay
