@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
@@ -69,12 +70,12 @@ class KeyPair:
     def generate(cls) -> KeyPair:
         return cls(Ed25519PrivateKey.generate())
 
-    @property
+    @cached_property  # (a frozen dataclass keeps it in its __dict__): every signature names the key
     def public_key(self) -> str:
         raw = self.private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return _b64(raw)
 
-    @property
+    @cached_property
     def key_id(self) -> str:
         return key_id_of(self.public_key)
 
