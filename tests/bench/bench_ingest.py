@@ -88,16 +88,20 @@ async def ingest_once(platform: Platform, observer: Observer, sites: list[Site],
         info = await js.consumer_info(subjects.RESULTS_STREAM, "leaderboard-results")
         waiting = info.num_pending + info.num_ack_pending  # and those its stopped fetch holds, not yet taken
     finally:
-        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        every = {name: proc.pid for name, proc in platform.procs.items()}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in every.items()}
         resumed = time.monotonic()
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
         await nc.close()
     await observer.wait_accepted(models, len(results), timeout_s=INGEST_TIMEOUT_S)
     accepted = max(observer.stamps[r.data.job_id]["accepted"]["mono"] for r in results)
-    cpu_ms = (sum(cpu_seconds(pid) for pid in pids) - cpu_before) * 1000 / len(results)  # ~ the last accepted
+    cpu_ms = {name: round((cpu_seconds(pid) - cpu_before[name]) * 1000 / len(results), 2)  # to the last accepted
+              for name, pid in every.items()}
     ranked = await observer.wait_board(models, sites=len(sites), timeout_s=INGEST_TIMEOUT_S)
     return {"results": len(results), "waiting_when_resumed": waiting, "accepted_s": accepted - resumed,
             "ranked_s": ranked - resumed, "results_per_s": len(results) / (accepted - resumed),
-            "ranked_per_s": len(results) / (ranked - resumed), "leaderboard_cpu_ms_per_result": round(cpu_ms, 2),
+            "ranked_per_s": len(results) / (ranked - resumed), "cpu_ms_per_result": cpu_ms,
+            "leaderboard_cpu_ms_per_result": round(sum(v for name, v in cpu_ms.items()
+                                                       if name.split("-")[0] == "leaderboard"), 2),
             "board_updates": sum(1 for b in observer.boards if b["mono"] >= resumed)}

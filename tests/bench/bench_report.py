@@ -369,7 +369,9 @@ def load_lines(f: dict[str, Any], plot: str | None) -> list[str]:
                      + ", ".join(f"{run['results_per_s']:.0f}" for run in runs) + " results/s)"
                      if (runs := ingest.get("runs")) else "")
                   + (f"; the leaderboard's CPU per result: {cpu:.2f} ms"
-                     if (cpu := ingest.get("leaderboard_cpu_ms_per_result")) else "")]
+                     if (cpu := ingest.get("leaderboard_cpu_ms_per_result")) else "")
+                  + (" (every process's: " + ", ".join(f"{name} {ms:.2f}" for name, ms in every.items()) + " ms)"
+                     if (every := ingest.get("cpu_ms_per_result")) else "")]
     return lines
 
 
