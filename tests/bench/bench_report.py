@@ -139,7 +139,10 @@ def cluster_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("(a) cluster: raw JetStream, a stream on 3 servers", f"{k['raw']['msgs_per_s']:.0f} msgs/s",
          f"one server {f['raw']['msgs_per_s']:.0f} msgs/s", f"{k['raw']['msgs_per_s'] / f['raw']['msgs_per_s']:.2f}"),
         ("(a) cluster: the final board", said, f"{board['rows']} rows, {board['results']} results, one server's", ""),
-    ]
+    ] + ([("(a) cluster: ingest, results/s (both leaderboard replicas, PostgreSQL)",
+           f"{k['ingest']['results_per_s']:.0f}/s", f"one server {f['ingest']['results_per_s']:.0f}/s",
+           f"{k['ingest']['results_per_s'] / f['ingest']['results_per_s']:.2f}")]
+         if k.get("ingest") and f.get("ingest") else [])
 
 
 def scale_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
