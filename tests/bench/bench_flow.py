@@ -20,6 +20,7 @@ from typing import Any
 
 import nats
 from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import ServiceUnavailableError
 
 from assay.home import Home
 from assay.platform import Platform
@@ -76,9 +77,16 @@ async def raw_jetstream(nats_url: str, messages: int, rep: int, replicas: int = 
             await js.publish(subject, body, headers={"Nats-Msg-Id": f"raw-{rep}-{i}"})
         published = time.perf_counter()
         sub = await js.pull_subscribe(subject, durable=f"bench-raw-{rep}", stream=stream)
-        consumed = 0
+        consumed, deadline = 0, time.monotonic() + 10
         while consumed < messages:
-            for msg in await sub.fetch(batch=16, timeout=10):
+            try:
+                fetched = await sub.fetch(batch=16, timeout=10)
+            except ServiceUnavailableError:  # on a cluster, a new consumer answers once its leader is elected
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+                continue
+            for msg in fetched:
                 await msg.ack()
                 consumed += 1
         done = time.perf_counter()
