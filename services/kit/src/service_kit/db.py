@@ -7,8 +7,8 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import aiosqlite
@@ -77,8 +77,9 @@ STAGED = "assay_staged"  # in a session's info: the rows `add_at_commit` keeps f
 
 def add_at_commit(session: AsyncSession, table: Table, row: dict[str, Any]) -> None:
     """Insert `row` into `table` as the transaction commits, with the others staged for that table in one executemany
-    (in the order they were staged): for rows nothing reads back before the commit (the outbox's). An ORM object per
-    row cost more to build and flush than the insert itself, a quarter of what a service did per message."""
+    (in the order they were staged): for rows nothing reads back before the commit (the outbox's, a batch's inbox
+    rows, the leaderboard batch's accepted results). An ORM object per row cost more to build and flush than the
+    insert itself, a quarter of what a service did per message."""
     session.info.setdefault(STAGED, {}).setdefault(table, []).append(row)
 
 

@@ -6,11 +6,11 @@ import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import insert
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from contracts.envelope import utcnow
+from service_kit.db import add_at_commit
 
 
 class ProcessedMessage(SQLModel, table=True):
@@ -35,16 +35,15 @@ async def first_times(session: AsyncSession, consumer: str, bodies: Sequence[byt
     digests = [digest(body) for body in bodies]
     known = set((await session.exec(select(ProcessedMessage.message_id).where(
         ProcessedMessage.consumer == consumer, col(ProcessedMessage.message_id).in_(set(digests))))).all())
-    fresh, rows, now = [], [], utcnow()
+    fresh, now = [], utcnow()
     for message_id in digests:
         fresh.append(message_id not in known)
         if message_id not in known:
             known.add(message_id)
-            rows.append({"consumer": consumer, "message_id": message_id, "processed_at": now})
-    # one executemany of plain rows, not an ORM object per message (a batch of 256 spent more building and flushing
-    # those than the query); as in first_time, a concurrent replica that got here first makes this fail
-    if rows:
-        await session.exec(insert(ProcessedMessage.__table__), params=rows)  # type: ignore[call-overload,attr-defined]
+            # written with the batch's others at the commit, in one executemany (an ORM object per message cost a
+            # batch of 256 more than the query); as in first_time, a replica that got there first makes it fail
+            add_at_commit(session, ProcessedMessage.__table__,  # type: ignore[attr-defined]
+                          {"consumer": consumer, "message_id": message_id, "processed_at": now})
     return fresh
 
 

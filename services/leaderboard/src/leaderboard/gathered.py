@@ -6,9 +6,7 @@ key nobody registered, a benchmark not known yet) is asked of the database again
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-from sqlalchemy import insert
 from sqlmodel import col, select
 
 from contracts.envelope import Envelope, utcnow
@@ -18,6 +16,7 @@ from leaderboard.models import AcceptedResult, BoardDue
 from leaderboard.store import Store
 from leaderboard.withdrawn import Consents, Withdrawal, withdrawals
 from service_kit.actors import KnownActor
+from service_kit.db import add_at_commit
 
 Pair = tuple[str, str, str]  # (benchmark, model, dataset): what counts once
 
@@ -33,7 +32,6 @@ class GatheredStore(Store):
         self._archived: dict[tuple[str, str], Withdrawal] | None = None
         self._suspended: dict[str, Withdrawal] | None = None
         self._due: dict[str, BoardDue] = {}
-        self._rows: list[dict[str, Any]] = []  # the accepted results `write` inserts
 
     async def preload(self, results: Sequence[Envelope[SiteResult]]) -> None:
         """Lock the benchmarks the results name, in one order (two replicas' batches never wait on each other in a
@@ -92,16 +90,9 @@ class GatheredStore(Store):
         self.session.add(due)
 
     async def record(self, envelope: Envelope[SiteResult]) -> None:
-        """Kept with the batch, written by `write` (a racing replica's row for the same job fails it, and each result
-        then goes alone); the next result of the batch sees it counted."""
-        self._rows.append(self.values_of(envelope, utcnow()))
+        """Kept with the batch, its row written with the others at the commit (`add_at_commit`: nothing in the batch
+        reads it back; `counted_for` asks what `_count` kept). A racing replica's row for the same job fails the
+        commit, and each result then goes alone."""
+        add_at_commit(self.session, AcceptedResult.__table__, self.values_of(envelope, utcnow()))  # type: ignore
         bound = envelope.data.binding
         self._count(envelope.data.job_id, (bound.benchmark_id, bound.model_id, bound.dataset_id))
-
-    async def write(self) -> None:
-        """The batch's accepted results in one executemany of plain rows: an ORM object per result cost more to
-        build and flush than the insert (nothing in the batch reads them back from the session: `counted_for` asks
-        what `_count` kept)."""
-        if self._rows:
-            await self.session.exec(insert(AcceptedResult.__table__), params=self._rows)  # type: ignore
-            self._rows = []

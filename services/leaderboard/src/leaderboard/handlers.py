@@ -150,7 +150,6 @@ async def record_results(arrivals: Sequence[Arrival], uow: Transaction, context:
     for arrival in arrivals:
         with arrival.traced():
             await judge(store, uow, arrival.envelope, arrival.subject, trust)  # type: ignore[arg-type]
-    await store.write()
     await expire(store, uow, park)
 
 
