@@ -156,7 +156,10 @@ def service_app(wiring: Wiring, settings: ServiceSettings, tables: list[Any], *,
             with contextlib.suppress(Exception):  # what stays owed is done by the next start
                 await later.settle()
         with contextlib.suppress(Exception):  # the bus may be gone; rows stay for the next start
-            await relay.flush()
+            # not when it is gone already (a supervisor killed with its nats-server: SIGTERM reaches every child at
+            # once): each publish would wait out its timeout, and the relay's own flush has waited one already
+            if await broker.ping(timeout=1.0):
+                await relay.flush()
         if told.measured:
             with contextlib.suppress(Exception):  # the gauges' last word, for the last export
                 await gauges.refresh()
