@@ -53,12 +53,6 @@ def signed_results(home: Home, sites: list[Site], models: list[str]) -> list[Env
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    from bench_flow import cpu_seconds  # (bench_flow runs this module's ingest)
-
-    return cpu_seconds(pid)
-
-
 def leaderboards(platform: Platform) -> list[int]:
     return [proc.pid for name, proc in platform.procs.items() if name.split("-")[0] == "leaderboard"]
 
@@ -75,6 +69,8 @@ async def ingest(platform: Platform, observer: Observer, sites: list[Site], coun
 async def ingest_once(platform: Platform, observer: Observer, sites: list[Site], count: int,
                       prefix: str) -> dict[str, Any]:
     """`count` results (rounded to whole models of every site) waiting, then taken: results per second."""
+    from bench_flow import cpu_of  # (bench_flow runs this module's ingest: not imported at the top)
+
     models = [f"{prefix}-{i}" for i in range(max(1, round(count / len(sites))))]
     results = signed_results(platform.home, sites, models)
     pids = leaderboards(platform)
@@ -89,15 +85,15 @@ async def ingest_once(platform: Platform, observer: Observer, sites: list[Site],
         waiting = info.num_pending + info.num_ack_pending  # and those its stopped fetch holds, not yet taken
     finally:
         every = {name: proc.pid for name, proc in platform.procs.items()}
-        cpu_before = {name: cpu_seconds(pid) for name, pid in every.items()}
+        cpu_before = cpu_of(every)
         resumed = time.monotonic()
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
         await nc.close()
     await observer.wait_accepted(models, len(results), timeout_s=INGEST_TIMEOUT_S)
     accepted = max(observer.stamps[r.data.job_id]["accepted"]["mono"] for r in results)
-    cpu_ms = {name: round((cpu_seconds(pid) - cpu_before[name]) * 1000 / len(results), 2)  # to the last accepted
-              for name, pid in every.items()}
+    cpu_after = cpu_of(every)  # at the last accepted
+    cpu_ms = {name: round((cpu_after[name] - cpu_before[name]) * 1000 / len(results), 2) for name in every}
     ranked = await observer.wait_board(models, sites=len(sites), timeout_s=INGEST_TIMEOUT_S)
     return {"results": len(results), "waiting_when_resumed": waiting, "accepted_s": accepted - resumed,
             "ranked_s": ranked - resumed, "results_per_s": len(results) / (accepted - resumed),
