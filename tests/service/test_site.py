@@ -100,6 +100,33 @@ async def test_a_failed_container_is_tried_again_and_dead_lettered_after_the_las
     assert site.published(subjects.results("site-a")) == []
 
 
+async def test_a_job_redelivered_after_its_result_was_kept_sends_what_did_not_leave_and_runs_nothing(
+        site, actors, runner, monkeypatch):
+    """A server failing over between the keeping and the acknowledgement: the same message comes back. It is no
+    replay, so no dead letter (which would have the scheduler fail a job whose result is on its way)."""
+    planned = job(prepare(site))
+    worker = site.broker.context.get("site")
+    publish = worker.outlets.publish
+
+    async def results_away(subject: str, body: bytes, message_id: str) -> None:
+        if subject == subjects.results("site-a"):
+            raise ConnectionError("the server went away")
+        await publish(subject, body, message_id)
+
+    monkeypatch.setattr(worker.outlets, "publish", results_away)
+    await site.deliver(JOBS, signed(actors, planned), msg_id="job-1")
+    assert site.published(subjects.results("site-a")) == [] and site.dead_letters() == []
+    monkeypatch.undo()
+
+    await site.deliver(JOBS, signed(actors, planned), msg_id="job-1", attempt=2)
+    await site.deliver(JOBS, signed(actors, planned), msg_id="job-1", attempt=3)
+
+    assert site.dead_letters() == []
+    assert [spec.task for spec in runner.specs] == ["infer", "evaluate"]
+    [sent] = site.published(subjects.results("site-a"))  # sent once, in the envelope the site signed as it kept it
+    assert sent["data"]["job_id"] == "job-1" and sent["id"] == "result-job-1"
+
+
 async def test_a_job_that_ran_is_never_run_again_however_it_comes_back(site, actors, runner):
     planned = job(prepare(site))
     await site.deliver(JOBS, signed(actors, planned))

@@ -113,6 +113,19 @@ async def test_held_results_survive_a_restart_of_the_worker(tmp_path, actors, ru
         assert "already ran at this site" in again.dead_letters()[0].error and len(runner.specs) == 2
 
 
+async def test_a_held_job_redelivered_tells_the_scheduler_again_that_it_waits_and_runs_nothing(
+        tmp_path, actors, runner):
+    with_policy(tmp_path, HOLD)
+    async with started("site", tmp_path, actors, runner) as site:
+        planned = job(prepare(site))
+        await site.deliver(JOBS, signed(actors, planned), msg_id="job-1")
+        await site.deliver(JOBS, signed(actors, planned), msg_id="job-1", attempt=2)
+
+        held = [sent for sent in site.published(subjects.reports("site-a")) if sent["data"]["state"] == "HELD"]
+        assert {sent["id"] for sent in held} == {"held-job-1"}, "told again under the one id the bus dedupes"
+        assert site.dead_letters() == [] and len(runner.specs) == 2 and results(site) == []
+
+
 async def test_a_rejection_sends_the_fact_and_the_reason_never_the_metrics(tmp_path, actors, runner):
     with_policy(tmp_path, HOLD)
     async with started("site", tmp_path, actors, runner) as site:

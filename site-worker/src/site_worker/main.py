@@ -47,6 +47,8 @@ from site_worker.policy import PolicyFile, SitePolicy, judge
 from site_worker.review import Decision, Held, Review
 
 log = logging.getLogger("site_worker")
+SETTLED_NS = 1_000_000_000  # a store's stamp this old cannot hide a write made as it was read
+HELD_REASON = "it ran; its result waits at the site for the data owner's review"
 
 
 class FailedForGood(Refused):
@@ -91,9 +93,12 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, d
         log.info("job %s was cancelled by the scheduler before it ran (%s): not run", spec.job_id, reason)
         return  # acknowledged: the scheduler has it CANCELLED already
     if (kept := await asyncio.to_thread(site.review.get, spec.job_id)) is not None:
+        if delivery.attempt > 1:  # the same message again, never a replay (one is a new message): its first
+            await resend(site, kept)  # delivery kept the result, but its acknowledgement or what it sent was lost
+            return
         raise JobRefused(f"job {spec.job_id} already ran at this site (its result was kept at "
                          f"{kept.held_at.isoformat(timespec='seconds')}); a job runs once per site, so this delivery "
-                         "is a replay or a redelivery after its result was kept")
+                         "is a replay")
     ticker = asyncio.create_task(heartbeat(message, site.settings.heartbeat_s))
     attempt = delivery.attempt
     try:
@@ -165,7 +170,19 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site, attempt: int =
     kept = {"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}", "trace": trace}
     await asyncio.to_thread(keep_result, site, result, kept, policy, hold)
     if hold:
-        await tell(site, job, JobState.HELD, "it ran; its result waits at the site for the data owner's review")
+        await tell(site, job, JobState.HELD, HELD_REASON, id=f"held-{job.job_id}")
+    else:
+        await send_decisions(site)
+
+
+async def resend(site: Site, kept: Held) -> None:
+    """A job redelivered after its result was kept, as when a server fails over between the keeping and the
+    acknowledgement: nothing runs again, and what its first delivery may not have sent is sent (each thing once)."""
+    job = kept.result.job.data
+    log.info("job %s was delivered again after its result was kept (its acknowledgement was lost): not run again",
+             job.job_id)
+    if kept.state is Decision.HELD:
+        await tell(site, job, JobState.HELD, HELD_REASON, id=f"held-{job.job_id}")
     else:
         await send_decisions(site)
 
@@ -284,7 +301,9 @@ async def send_decisions_forever(site: Site) -> None:
             if (stamp := await asyncio.to_thread(site.review.stamp)) == seen:
                 continue
             await send_decisions(site)
-            seen = stamp
+            # a file's time is the kernel's coarse clock (a few ms a tick): a write in the tick the stamp was read in
+            # would leave it as it was, so a stamp that recent is looked at again on the next round
+            seen = stamp if time.time_ns() - max(stamp) > SETTLED_NS else ()
         except Exception as exc:  # the bus is away: the decision stays unsent, and is sent on a later round
             log.warning("could not send the data owner's decisions yet: %s", exc)
 
