@@ -83,13 +83,16 @@ async def test_a_cluster_that_loses_a_server_mid_run_loses_no_result_and_counts_
 
 async def leader_of_survivors(nats_url: str, gone: str) -> str:
     """The EVENTS stream's leader once it is elected among the two servers left (until then the stream does not
-    answer, or names none)."""
+    answer, or names none), and once the cluster's own leader is too: only that one answers the requests that look a
+    stream up or make a consumer (as reading the history does), and it may have been the server that went."""
     nc = await nats.connect(servers(nats_url))
     try:
         async with asyncio.timeout(60):
             while True:
+                js = nc.jetstream(timeout=2)
                 try:
-                    info = await nc.jetstream(timeout=2).stream_info("EVENTS")
+                    info = await js.stream_info("EVENTS")
+                    await js.find_stream_name_by_subject(ACCEPTED)
                 except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError):
                     info = None
                 leader = info.cluster.leader if info is not None and info.cluster is not None else None
