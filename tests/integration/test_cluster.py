@@ -66,7 +66,10 @@ async def test_a_cluster_that_loses_a_server_mid_run_loses_no_result_and_counts_
         await asyncio.to_thread(platform.procs[victim].wait, 10)
         assert await leader_of_survivors(fed.nats_url, victim) != victim  # the two left elect a new one
 
-        accepted = await next_events(fed.nats_url, ACCEPTED, JOBS, timeout_s=90)
+        try:
+            accepted = await next_events(fed.nats_url, ACCEPTED, JOBS, timeout_s=90)
+        except TimeoutError:  # what a failure needs to be understood from CI's log alone
+            raise AssertionError(f"not every job's result was accepted: {await what_became_of_them(fed)}") from None
         once = Counter(event["data"]["job_id"] for event in accepted)
         assert len(once) == JOBS and set(once.values()) == {1}, "each job's result accepted, once"
 
@@ -101,6 +104,21 @@ async def leader_of_survivors(nats_url: str, gone: str) -> str:
                 await asyncio.sleep(0.2)
     finally:
         await nc.close()
+
+
+async def what_became_of_them(fed: Federation) -> dict[str, object]:
+    """The messages the streams hold by subject, and what the sites kept and have not sent."""
+    nc = await nats.connect(servers(fed.nats_url))
+    try:
+        js, held = nc.jetstream(timeout=10), {}
+        for stream in ("RESULTS", "EVENTS", "DEAD_LETTERS"):
+            info = await js.stream_info(stream, subjects_filter=">")
+            held[stream] = dict(sorted((info.state.subjects or {}).items()))
+    finally:
+        await nc.close()
+    sites = [app.context.get("site") for app in fed.apps if app.context.get("site") is not None]
+    unsent = {site.settings.site_id: [kept.job_id for kept in site.review.unsent()] for site in sites}
+    return {"streams": held, "unsent at the sites": unsent}
 
 
 async def accepted_in_history(nats_url: str) -> int:
