@@ -127,6 +127,50 @@ async def test_a_job_redelivered_after_its_result_was_kept_sends_what_did_not_le
     assert sent["data"]["job_id"] == "job-1" and sent["id"] == "result-job-1"
 
 
+async def test_a_bus_away_for_a_moment_is_waited_out_not_spent_on_the_jobs_deliveries(site, actors, runner,
+                                                                                    monkeypatch, caplog):
+    """A cluster electing a stream's leader answers nothing for seconds: the site's reports and result wait for it,
+    where each failed publish used to cost the job one of its three deliveries (and, three times, the job)."""
+    from nats.js.errors import NoStreamResponseError
+
+    planned = job(prepare(site))
+    worker = site.broker.context.get("site")
+    publish, away = worker.outlets.publish, iter(range(3))
+
+    async def electing(subject: str, body: bytes, message_id: str) -> None:
+        if next(away, None) is not None:
+            raise NoStreamResponseError
+        await publish(subject, body, message_id)
+
+    monkeypatch.setattr(worker.outlets, "publish", electing)
+    await site.deliver(JOBS, signed(actors, planned))
+
+    assert site.dead_letters() == [] and [spec.task for spec in runner.specs] == ["infer", "evaluate"]
+    [sent] = site.published(subjects.results("site-a"))
+    assert sent["data"]["job_id"] == "job-1"
+    assert sum("trying again in" in record.message for record in caplog.records) == 3
+
+
+async def test_a_bus_away_past_the_sites_patience_fails_the_delivery_which_comes_again(site, actors, runner,
+                                                                                     monkeypatch):
+    from nats.js.errors import NoStreamResponseError
+
+    import site_worker.main
+
+    monkeypatch.setattr(site_worker.main, "BUS_PATIENCE_S", 0.5)
+    worker = site.broker.context.get("site")
+
+    async def gone(subject: str, body: bytes, message_id: str) -> None:
+        raise NoStreamResponseError
+
+    monkeypatch.setattr(worker.outlets, "publish", gone)
+    await site.deliver(JOBS, signed(actors, job(prepare(site))))
+
+    assert runner.specs == [], "nothing runs before the scheduler can be told that it does"
+    monkeypatch.undo()
+    assert site.dead_letters() == [] and site.published(subjects.results("site-a")) == []
+
+
 async def test_a_job_that_ran_is_never_run_again_however_it_comes_back(site, actors, runner):
     planned = job(prepare(site))
     await site.deliver(JOBS, signed(actors, planned))

@@ -17,6 +17,8 @@ from faststream.context import ContextRepo
 from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 
+from nats.errors import ConnectionReconnectingError, NoRespondersError, StaleConnectionError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -47,6 +49,11 @@ from site_worker.policy import PolicyFile, SitePolicy, judge
 from site_worker.review import Decision, Held, Review
 
 log = logging.getLogger("site_worker")
+# what a publish meets while the bus is away for a moment (no stream leader, a reconnection): tried again; a refusal
+# (too large, say) is not
+BUS_AWAY = (NoRespondersError, NoStreamResponseError, ServiceUnavailableError, TimeoutError,
+            ConnectionReconnectingError, StaleConnectionError)
+BUS_PATIENCE_S = 30.0
 SETTLED_NS = 1_000_000_000  # a store's stamp this old cannot hide a write made as it was read
 HELD_REASON = "it ran; its result waits at the site for the data owner's review"
 
@@ -126,7 +133,26 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, d
 async def heartbeat(message: NatsMessage, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
-        await message.in_progress()
+        try:
+            await message.in_progress()
+        except Exception as exc:  # the bus away for a moment: the next beat may reach it, and the job goes on
+            log.warning("could not extend the lease of a job (%s); trying again in %.0f s", exc, every_s)
+
+
+async def send(site: Site, subject: str, body: bytes, message_id: str) -> None:
+    """Publish, waiting out a bus that is away for a moment (a cluster electing a stream's leader takes seconds),
+    for up to BUS_PATIENCE_S: a job's few deliveries are for what its containers do, not spent on the bus. Its
+    Nats-Msg-Id makes a resend of what was stored after all harmless."""
+    wait, deadline = 0.25, time.monotonic() + BUS_PATIENCE_S
+    while True:
+        try:
+            return await site.outlets.publish(subject, body, message_id)
+        except BUS_AWAY as exc:
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("could not publish %s on %s yet (%s); trying again in %.2f s", message_id, subject, exc, wait)
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 4.0)
 
 
 def limits_of(job: JobSpec) -> Limits:
@@ -260,8 +286,8 @@ async def publish_result(site: Site, held: Held) -> None:
     body = kept.encode()
     # the dedupe id covers the signed bytes: nobody can pre-empt it by publishing a forgery with a guessed id
     # (the leaderboard counts each job once however often a re-run publishes)
-    await site.outlets.publish(subjects.results(site.settings.site_id), body,
-                               f"result-{held.job_id}:{hashlib.sha256(body).hexdigest()[:32]}")
+    await send(site, subjects.results(site.settings.site_id), body,
+               f"result-{held.job_id}:{hashlib.sha256(body).hexdigest()[:32]}")
     log.info("job %s: its result left (%s)", held.job_id, held.result.metrics)
 
 
@@ -271,7 +297,7 @@ async def tell(site: Site, job: JobSpec, state: JobState, reason: str, id: str |
     report = SiteReport(job_id=job.job_id, site_id=site.settings.site_id, state=state, reason=reason[:2000],
                         worker_id=site.settings.worker_id, at=utcnow(), attempt=attempt)
     signed = site.key.sign(Envelope.wrap(report, source=site.source, id=id))
-    await site.outlets.publish(subjects.reports(site.settings.site_id), signed.model_dump_json().encode(), signed.id)
+    await send(site, subjects.reports(site.settings.site_id), signed.model_dump_json().encode(), signed.id)
     if state in (JobState.REFUSED, JobState.FAILED):
         await note(site, f"job_{state.value.lower()}", job.job_id, reason=reason)
     log.info("job %s: %s (%s)", job.job_id, state.value, reason)
