@@ -30,6 +30,29 @@ async def test_an_enrolled_actor_is_announced_once_and_enrolling_it_again_change
     assert [e.actor_id for e in registry.events(m.ActorRegistered)] == ["operator", "vendor"]
 
 
+async def test_an_actor_another_replica_enrolled_between_the_two_reads_is_already_registered(registry, actors,
+                                                                                            monkeypatch):
+    """Two replicas enrolling one actor at once (on PostgreSQL each statement sees what was committed before it): the
+    second's look by id saw nothing, its look by key sees the first's row. The same actor, key and role: no refusal."""
+    from sqlmodel.ext.asyncio.session import AsyncSession
+
+    from service_kit.actors import KnownActor
+
+    await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
+    get = AsyncSession.get
+
+    async def before_it_committed(self, entity, ident, **kwargs):  # type: ignore[no-untyped-def]
+        return None if (entity, ident) == (KnownActor, "vendor") else await get(self, entity, ident, **kwargs)
+
+    monkeypatch.setattr(AsyncSession, "get", before_it_committed)
+    again = await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
+    other = await enrol(registry, actors, "vendor", m.Role.BENCHMARK_OWNER)
+
+    assert (again["ok"], again["message"]) == (True, "actor vendor is already registered")
+    assert other["ok"] is False and "already enrolled as actor vendor" in other["message"]
+    assert [e.actor_id for e in registry.events(m.ActorRegistered)] == ["operator", "vendor"]
+
+
 async def test_an_actor_id_or_a_key_already_taken_is_refused(registry, actors):
     await enrol(registry, actors, "vendor", m.Role.MODEL_OWNER)
 

@@ -21,10 +21,11 @@ SERVICE = "registry"
 async def register_actor(command: Envelope[m.RegisterActor], uow: UnitOfWork) -> m.CommandReply:
     await authenticate(uow.session, command, m.Role.OPERATOR)
     cmd = command.data
+    already = m.CommandReply(ok=True, message=f"actor {cmd.actor_id} is already registered")
     existing = await uow.session.get(KnownActor, cmd.actor_id)
     if existing is not None:
-        if existing.public_key == cmd.public_key and existing.role == cmd.role:
-            return m.CommandReply(ok=True, message=f"actor {cmd.actor_id} is already registered")
+        if (existing.public_key, existing.role) == (cmd.public_key, cmd.role):
+            return already
         raise Refused(f"actor_id {cmd.actor_id!r} is taken by another key or role; choose another id")
     if cmd.organisation is not None and await uow.session.get(Organisation, cmd.organisation) is None:
         raise Refused(f"organisation {cmd.organisation!r} is not registered; enrol it first (assay organisation "
@@ -33,6 +34,8 @@ async def register_actor(command: Envelope[m.RegisterActor], uow: UnitOfWork) ->
         raise Refused("the operator's role is held alone")
     holder = (await uow.session.exec(select(KnownActor).where(KnownActor.key_id == key_id_of(cmd.public_key)))).first()
     if holder is not None:
+        if (holder.actor_id, holder.role) == (cmd.actor_id, cmd.role):  # a replica enrolled it since the first read
+            return already
         raise Refused(f"public_key is already enrolled as actor {holder.actor_id}; every actor has its own key")
     enrol(uow, cmd.actor_id, cmd.role, cmd.public_key, cmd.display_name, also=cmd.also,
           organisation=cmd.organisation)
