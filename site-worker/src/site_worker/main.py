@@ -195,10 +195,7 @@ async def run_and_keep(signed_job: Envelope[JobSpec], site: Site, attempt: int =
     propagate.inject(trace)  # the job's trace context: the result continues its trace whenever it leaves
     kept = {"undeclared_metrics": list(metrics.kept), "folder": f"jobs/{job.job_id}", "trace": trace}
     await asyncio.to_thread(keep_result, site, result, kept, policy, hold)
-    if hold:
-        await tell(site, job, JobState.HELD, HELD_REASON, id=f"held-{job.job_id}")
-    else:
-        await send_decisions(site)
+    await say_kept(site, job, hold)
 
 
 async def resend(site: Site, kept: Held) -> None:
@@ -207,7 +204,13 @@ async def resend(site: Site, kept: Held) -> None:
     job = kept.result.job.data
     log.info("job %s was delivered again after its result was kept (its acknowledgement was lost): not run again",
              job.job_id)
-    if kept.state is Decision.HELD:
+    await say_kept(site, job, kept.state is Decision.HELD)
+
+
+async def say_kept(site: Site, job: JobSpec, held: bool) -> None:
+    """What follows a kept result: the scheduler told it waits for the data owner (under one id, however often it
+    is said), or what was decided sent."""
+    if held:
         await tell(site, job, JobState.HELD, HELD_REASON, id=f"held-{job.job_id}")
     else:
         await send_decisions(site)
