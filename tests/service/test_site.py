@@ -3,17 +3,23 @@ result leaves on the site's subject; anything else is refused before a container
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from assay_telemetry.metrics import CONTAINER_RUNS, DEAD_LETTERS
 from contracts import messages as m
 from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.signing import verify
-from site_worker.containers import RunOutcome
+from site_worker.containers import RunOutcome, RunSpec
 from site_worker.datasets import content_hash
+
 from tests.service.conftest import SITE_METRICS
 from tests.support.federation import EVALUATOR, MODEL, make_dataset
 from tests.support.metrics import Series, measured, series
@@ -125,6 +131,69 @@ async def test_a_job_redelivered_after_its_result_was_kept_sends_what_did_not_le
     assert [spec.task for spec in runner.specs] == ["infer", "evaluate"]
     [sent] = site.published(subjects.results("site-a"))  # sent once, in the envelope the site signed as it kept it
     assert sent["data"]["job_id"] == "job-1" and sent["id"] == "result-job-1"
+
+
+async def delivered_again_while_it_runs(site: Harness, actors: Actors, runner, caplog: pytest.LogCaptureFixture,
+                                        ends: Callable[[], None]) -> None:
+    """Deliver job-1, and while its model runs deliver it again (its lease lapsed: the heartbeats did not reach the
+    bus for the whole ack wait); the model ends as `ends` says once the second delivery is waiting."""
+    planned, started, release = job(prepare(site)), threading.Event(), threading.Event()
+
+    def infer(spec: RunSpec) -> None:
+        started.set()
+        assert release.wait(10), "the test never let the model finish"
+        ends()
+
+    runner.on("infer", infer)
+    first = asyncio.create_task(site.deliver(JOBS, signed(actors, planned), msg_id="job-1"))
+    assert await asyncio.to_thread(started.wait, 10)
+    worker = site.broker.context.get("site")
+    waiting = asyncio.create_task(site.deliver(JOBS, signed(actors, planned), msg_id="job-1", attempt=2))
+    for _ in range(500):  # until the second delivery waits for the first (or has ended: the test then fails)
+        if waiting.done() or "this delivery waits for that run" in caplog.text:
+            break
+        await asyncio.sleep(0.01)
+    assert not waiting.done() and "job-1" in worker.running
+    release.set()
+    await asyncio.gather(first, waiting)
+
+
+async def test_a_job_delivered_again_while_it_runs_waits_for_that_run_and_runs_once(site, actors, runner, caplog):
+    """A lapsed lease while the bus was away: JetStream hands the job out again, to the same site. It must not run
+    twice at once (the audit log would show two runs of one job): the second delivery waits, then ends as a
+    redelivery of a kept result does, sending nothing twice."""
+    await delivered_again_while_it_runs(site, actors, runner, caplog, ends=lambda: None)
+
+    assert "was delivered again while it runs here" in caplog.text
+    assert [spec.task for spec in runner.specs] == ["infer", "evaluate"]
+    [sent] = site.published(subjects.results("site-a"))
+    assert sent["id"] == "result-job-1" and site.dead_letters() == []
+    runs = [e for e in site.broker.context.get("site").audit.entries() if e.kind == "job_run"]
+    assert [e.job_id for e in runs] == ["job-1"]
+
+
+async def test_a_job_that_failed_while_delivered_again_is_tried_again_not_run_by_the_waiting_delivery(
+        site, actors, runner, caplog):
+    def crash() -> None:
+        raise RuntimeError("out of GPU memory")
+
+    with caplog.at_level(logging.WARNING, logger="service_kit.edge"):
+        await delivered_again_while_it_runs(site, actors, runner, caplog, ends=crash)
+
+    assert [spec.task for spec in runner.specs] == ["infer"], "the waiting delivery ran nothing"
+    assert caplog.text.count("will be delivered again") == 2  # both deliveries ask for the one message again
+    assert "this delivery waited for failed" in caplog.text
+    assert site.published(subjects.results("site-a")) == [] and site.dead_letters() == []
+
+
+async def test_a_job_failed_for_good_while_delivered_again_is_dead_lettered_once(site, actors, runner, caplog):
+    runner.script("evaluate", RunOutcome(exit_code=137, log_tail="", oom_killed=True))
+
+    await delivered_again_while_it_runs(site, actors, runner, caplog, ends=lambda: None)
+
+    [letter] = site.dead_letters()  # failed for good: said and dead-lettered by the run, not again by the wait
+    assert [r.state for r in reports(site)] == [m.JobState.FAILED]
+    assert [spec.task for spec in runner.specs] == ["infer", "evaluate"]
 
 
 async def test_a_bus_away_for_a_moment_is_waited_out_not_spent_on_the_jobs_deliveries(site, actors, runner,

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from faststream import Context, FastStream
@@ -80,6 +80,7 @@ class Site:
     cancellations: Cancellations
     tracer: Tracer  # the container runs' spans, children of the job's
     meters: Meters  # how long they ran, and what this worker dead-lettered
+    running: dict[str, asyncio.Future[BaseException | None]] = field(default_factory=dict)  # job id: how it ends
 
 
 SiteDep = Annotated[Site, Context("site")]
@@ -99,15 +100,38 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, d
         await note(site, "job_cancelled", spec.job_id, reason=reason)
         log.info("job %s was cancelled by the scheduler before it ran (%s): not run", spec.job_id, reason)
         return  # acknowledged: the scheduler has it CANCELLED already
-    if (kept := await asyncio.to_thread(site.review.get, spec.job_id)) is not None:
-        if delivery.attempt > 1:  # the same message again, never a replay (one is a new message): its first
-            await resend(site, kept)  # delivery kept the result, but its acknowledgement or what it sent was lost
+    waited: BaseException | None = None  # how the run of it that this delivery waited for ended
+    while (running := site.running.get(spec.job_id)) is not None:
+        waited = await the_run_here(site, spec, message, running)
+    ending: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    site.running[spec.job_id] = ending  # from here on, another delivery of this job waits for this one
+    try:
+        if (kept := await asyncio.to_thread(site.review.get, spec.job_id)) is not None:
+            if delivery.attempt > 1:  # the same message again, never a replay (one is a new message): its first
+                await resend(site, kept)  # delivery kept the result, but its acknowledgement or what it sent was lost
+                return
+            raise JobRefused(f"job {spec.job_id} already ran at this site (its result was kept at "
+                             f"{kept.held_at.isoformat(timespec='seconds')}); a job runs once per site, so this "
+                             "delivery is a replay")
+        if isinstance(waited, Refused):  # refused, or failed for good: that run said so and dead-lettered it
             return
-        raise JobRefused(f"job {spec.job_id} already ran at this site (its result was kept at "
-                         f"{kept.held_at.isoformat(timespec='seconds')}); a job runs once per site, so this delivery "
-                         "is a replay")
+        if waited is not None:  # a failure that may pass: delivered again, as that run's delivery is
+            raise RunFailed(f"the run of job {spec.job_id} this delivery waited for failed "
+                            f"({type(waited).__name__}: {waited})")
+        await run_keeping_lease(job, site, message, delivery.attempt)
+    except BaseException as exc:
+        ending.set_result(exc)
+        raise
+    else:
+        ending.set_result(None)
+    finally:
+        del site.running[spec.job_id]
+
+
+async def run_keeping_lease(job: Envelope[JobSpec], site: Site, message: NatsMessage, attempt: int) -> None:
+    """Run the job with heartbeats extending its lease; say to the scheduler why, if it did not end in a result."""
+    spec = job.data
     ticker = asyncio.create_task(heartbeat(message, site.settings.heartbeat_s))
-    attempt = delivery.attempt
     try:
         await run_and_keep(job, site, attempt)
     except JobRefused as exc:
@@ -124,6 +148,22 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, d
         else:  # the operator sees why it is tried again, as the job's state and in the worker's log
             log.warning("job %s failed, %s; it is tried again: %s", spec.job_id, tries, exc)
         raise
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+
+
+async def the_run_here(site: Site, job: JobSpec, message: NatsMessage,
+                       running: asyncio.Future[BaseException | None]) -> BaseException | None:
+    """The job came again while it runs here (its lease lapsed: the heartbeats did not reach the bus for the whole
+    ack wait). A job never runs twice at once at a site: this delivery keeps the lease too, waits for that run, and
+    is told how it ended."""
+    log.warning("job %s was delivered again while it runs here (its lease lapsed): this delivery waits for that run",
+                job.job_id)
+    ticker = asyncio.create_task(heartbeat(message, site.settings.heartbeat_s))
+    try:
+        return await asyncio.shield(running)
     finally:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
