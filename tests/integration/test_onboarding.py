@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ import nkeys
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from assay.platform import free_ports, nats_server_binary, private
 from assay.roster import public_of
+from contracts import messages as m
 from contracts import subjects
+from contracts.envelope import Envelope
 from contracts.signing import KeyPair
 from site_worker.config import Settings as SiteSettings
 
@@ -39,8 +43,8 @@ def central(tmp_path: Path) -> Iterator[Path]:
     """The operator's `assay up`, with no site of its own; its state folder."""
     home = tmp_path / "central"
     KeyPair.generate().save(home / "keys" / "operator.key")
-    up = subprocess.Popen([sys.executable, "-m", "assay", "--home", str(home), "up"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    up = subprocess.Popen([sys.executable, "-m", "assay", "--home", str(home), "up", "--leaf-port",
+                           str(free_ports(1)[0])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90
         while not (home / "platform.json").exists():
@@ -218,8 +222,9 @@ def test_what_the_operator_gets_wrong_is_refused_and_changes_nothing(central: Pa
     assert bundle["scheduler_public_key"] == (central / "keys" / "scheduling.pub").read_text().strip()
 
 
-async def test_a_site_worker_runs_as_the_key_its_hospital_enrolled(central: Path, admin: nats.NATS,
-                                                                   tmp_path: Path) -> None:
+def site_worker(central: Path, tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Hospital B onboarded (its key, the operator's enrolment, `assay bus join`) and its worker started with the
+    environment the join printed, changed by `env`; its log is tmp_path/worker.log."""
     hospital = tmp_path / "hospital-b"
     bundle = onboard(central, hospital, "hospital-b", "site")
     bundle_file = hospital / "bundle.json"
@@ -230,28 +235,106 @@ async def test_a_site_worker_runs_as_the_key_its_hospital_enrolled(central: Path
     KeyPair.generate().save(hospital / "keys" / "hospital-b.key")
     (hospital / "datasets.json").write_text("{}")
     settings = {"key_file": hospital / "keys" / "hospital-b.key", "datasets_file": hospital / "datasets.json",
-                "work_dir": hospital / "jobs", "state_dir": hospital, "policy_file": hospital / "policy.toml"}
+                "work_dir": hospital / "jobs", "state_dir": hospital, "policy_file": hospital / "policy.toml",
+                "sites_every_s": 1}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ASSAY_")}, **worker_env,
-           **{f"ASSAY_SITE_{k.upper()}": str(v) for k, v in settings.items()}}
+           **{f"ASSAY_SITE_{k.upper()}": str(v) for k, v in settings.items()}, **env}
     assert set(SiteSettings.model_fields) >= {k.removeprefix("ASSAY_SITE_").lower() for k in worker_env}
     with (tmp_path / "worker.log").open("wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "assay.serve", "site"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "assay.serve", "site"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+async def pulls(admin: nats.NATS, worker: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the worker's durable consumer exists: it pulls its queue, as its own user."""
+    js = admin.jetstream()
+    for _ in range(600):
+        try:
+            await js.consumer_info(subjects.JOBS_STREAM, "site-hospital-b-jobs")
+            return
+        except nats.js.errors.NotFoundError:
+            assert worker.poll() is None, log.read_text()
+            await asyncio.sleep(0.1)
+    pytest.fail("the worker never pulled its queue:\n" + log.read_text()[-3000:])
+
+
+async def test_a_site_worker_runs_as_the_key_its_hospital_enrolled(central: Path, admin: nats.NATS,
+                                                                   tmp_path: Path) -> None:
+    worker = site_worker(central, tmp_path)
     try:
-        js = admin.jetstream()
-        for _ in range(600):  # its durable consumer exists once it pulls, as its own user
-            try:
-                await js.consumer_info(subjects.JOBS_STREAM, "site-hospital-b-jobs")
-                break
-            except nats.js.errors.NotFoundError:
-                assert worker.poll() is None, (tmp_path / "worker.log").read_text()
-                await asyncio.sleep(0.1)
-        else:
-            pytest.fail("the worker never pulled its queue:\n" + (tmp_path / "worker.log").read_text()[-3000:])
+        await pulls(admin, worker, tmp_path / "worker.log")
     finally:
         worker.terminate()
         worker.wait(30)
     assert "violation" not in (tmp_path / "worker.log").read_text().lower()
+
+
+async def test_a_site_worker_behind_its_hospitals_own_leaf_node_takes_its_jobs_and_answers_through_it(
+        central: Path, admin: nats.NATS, tmp_path: Path) -> None:
+    """The hospital runs a nats-server of its own, a leaf node that dials out to the centre as the site's enrolled
+    key (nothing dials in); its worker connects only to that local server and names the centre's JetStream domain.
+    Its queue is pulled, its heartbeat stored and its job answered through the leaf, with the site's rights alone."""
+    platform = json.loads((central / "platform.json").read_text())
+    hospital = tmp_path / "hospital-b"
+    port = free_ports(1)[0]
+    leaf_conf = tmp_path / "leaf.conf"
+
+    def leaf_server() -> subprocess.Popen[bytes]:
+        seed, public = (hospital / "keys" / "hospital-b.nk").read_text().strip(), public_of(
+            hospital / "keys" / "hospital-b.nk")
+        private(leaf_conf, f"listen: 127.0.0.1:{port}\n"  # the site's seed: mode 0600, as the worker's own
+                f'leafnodes {{ remotes: [ {{ url: "{platform["leafnodes"][0]}", nkey: "{seed}" }} ] }}\n'
+                f"authorization {{ users: [ {{ nkey: {public} }} ] }}\n")
+        with (tmp_path / "leaf.log").open("wb") as log:
+            return subprocess.Popen([nats_server_binary(), "-c", str(leaf_conf)],
+                                    stdout=log, stderr=subprocess.STDOUT)
+
+    worker = leaf = None
+    try:
+        worker = site_worker(central, tmp_path, ASSAY_SITE_NATS_URL=f"nats://127.0.0.1:{port}",
+                             ASSAY_SITE_NATS_DOMAIN=platform["jetstream_domain"])
+        leaf = leaf_server()
+        await pulls(admin, worker, tmp_path / "worker.log")
+        js = admin.jetstream()
+        sites = await js.key_value(subjects.SITES_BUCKET)
+        for _ in range(100):  # its signed heartbeat, written through the leaf into the centre's bucket
+            try:
+                beat = await sites.get("hospital-b.worker-1")
+                break
+            except nats.js.errors.KeyNotFoundError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("no heartbeat came through the leaf:\n" + (tmp_path / "worker.log").read_text()[-3000:])
+        assert json.loads(beat.value)["data"]["site_id"] == "hospital-b"
+
+        binding = m.JobBinding(benchmark_id="bm", model_id="model-1", dataset_id="ds-z", case_count=2,
+                               model_image="sha256:" + "a" * 64, evaluator_image="sha256:" + "b" * 64,
+                               dataset_hash="sha256:" + "c" * 64)
+        spec = m.JobSpec(expires_at=datetime.now(UTC) + timedelta(hours=1), job_id="job-leaf", site_id="hospital-b",
+                         binding=binding, metrics=(m.MetricSpec(name="auc"),))
+        job = KeyPair.load(central / "keys" / "scheduling.key").sign(
+            Envelope.wrap(spec, source="service:scheduling", id="job-leaf"))
+        letters = await js.subscribe(subjects.DEAD_LETTERS_ALL, ordered_consumer=True)
+        reports = await js.subscribe(subjects.reports("hospital-b"), ordered_consumer=True)
+        await js.publish(subjects.jobs("hospital-b"), job.model_dump_json().encode(),
+                         headers={"Nats-Msg-Id": "job-leaf"})
+        letter = json.loads((await letters.next_msg(timeout=30)).data)
+        assert "dataset ds-z is not prepared at site hospital-b" in json.dumps(letter), letter
+        said = [json.loads((await reports.next_msg(timeout=30)).data)["data"] for _ in range(2)]
+        assert [(r["job_id"], r["state"]) for r in said] == [("job-leaf", "RUNNING"), ("job-leaf", "REFUSED")]
+        for _ in range(100):  # acknowledged through the leaf once its dead letter was stored
+            info = await js.consumer_info(subjects.JOBS_STREAM, "site-hospital-b-jobs")
+            if (info.num_ack_pending, info.num_pending) == (0, 0):
+                break
+            await asyncio.sleep(0.1)
+        assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)
+    finally:
+        for process in (worker, leaf):
+            if process is not None:
+                process.terminate()
+                process.wait(30)
+    assert "violation" not in (tmp_path / "worker.log").read_text().lower()
+    assert "violation" not in (tmp_path / "leaf.log").read_text().lower(), (tmp_path / "leaf.log").read_text()
 
 
 def test_on_assay_up_a_command_signed_as_an_enrolled_member_connects_as_its_key(central: Path) -> None:

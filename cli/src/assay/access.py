@@ -99,14 +99,24 @@ def cancellation_rights(site_id: str) -> list[str]:
 READ_HEARTBEATS = [f"$JS.API.STREAM.INFO.{HEARTBEATS}", f"$JS.API.STREAM.MSG.GET.{HEARTBEATS}"]
 
 
+def through_a_leaf(publish: list[str]) -> list[str]:
+    """`publish` and the same rights as a client behind a leaf node names them: its JetStream requests, key-value
+    writes included, go to the centre's domain (`$JS.<domain>.API.$KV...`), which maps them to its own API."""
+    domain = f"$JS.{subjects.DOMAIN}.API."
+    return [*publish, *(domain + s.removeprefix("$JS.API.") for s in publish if s.startswith("$JS.API.")),
+            *(domain + s for s in publish if s.startswith("$KV."))]
+
+
 def site_permissions(site_id: str, inbox: str | None = None) -> dict[str, object]:
+    """A site's worker: its own queue (pulled, acked), its results, reports and dead letters, its heartbeats, its
+    cancellations, the images it runs; connected to the centre directly or through a leaf node of the site's."""
     durable = subjects.durable(f"site-{site_id}", subjects.jobs(site_id))
-    return {"publish": [f"$JS.API.CONSUMER.CREATE.JOBS.{durable}.{subjects.jobs(site_id)}",
-                        f"$JS.API.CONSUMER.INFO.JOBS.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.JOBS.{durable}",
-                        f"$JS.ACK.JOBS.{durable}.>", subjects.results(site_id), subjects.reports(site_id),
-                        subjects.dead_letter(durable),
-                        "$JS.API.INFO", *READ_IMAGES, *heartbeat_rights(site_id), *cancellation_rights(site_id)],
-            "subscribe": [f"{inbox or '_INBOX.site-' + site_id}.>"]}
+    publish = [f"$JS.API.CONSUMER.CREATE.JOBS.{durable}.{subjects.jobs(site_id)}",
+               f"$JS.API.CONSUMER.INFO.JOBS.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.JOBS.{durable}",
+               f"$JS.ACK.JOBS.{durable}.>", subjects.results(site_id), subjects.reports(site_id),
+               subjects.dead_letter(durable),
+               "$JS.API.INFO", *READ_IMAGES, *heartbeat_rights(site_id), *cancellation_rights(site_id)]
+    return {"publish": through_a_leaf(publish), "subscribe": [f"{inbox or '_INBOX.site-' + site_id}.>"]}
 
 
 # the events that carry a site's dataset statistics (DatasetRegistered): read by the operator, benchmark owners and the

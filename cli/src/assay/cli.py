@@ -624,14 +624,17 @@ def up(cluster: Annotated[int, typer.Option(
            help="processes of each service, sharing its durable consumers (more than 1 needs --postgres)")] = 1,
        postgres: Annotated[str, typer.Option(
            help="a PostgreSQL server (postgresql+asyncpg://user:password@host:port) for the services' databases "
-                "(assay_<service>, made if absent); by default a SQLite file each")] = "") -> None:
+                "(assay_<service>, made if absent); by default a SQLite file each")] = "",
+       leaf_port: Annotated[int, typer.Option(
+           help="where sites' own nats-servers connect as leaf nodes, on loopback (server N of a cluster: the port "
+                "+ N - 1); by default nowhere")] = 0) -> None:
     """Start the platform on this machine (nats-server, services, site workers); Ctrl-C, SIGTERM or SIGHUP stop it."""
     from assay.platform import Platform, stopping_signals
     from service_kit.connection import where
 
     try:
         platform = Platform(_home(), on_step=lambda s: console.print(f"[dim]·[/dim] {s}"), cluster=cluster,
-                            replicas=replicas, database=postgres)
+                            replicas=replicas, database=postgres, leaf_port=leaf_port)
     except ValueError as exc:
         say_error(str(exc))
         raise typer.Exit(2) from None

@@ -31,6 +31,7 @@ from assay.access import ADMIN, AUDITOR, CLI, INTEGRATION, Access
 from assay.home import Home
 from assay.roster import SYSTEM_ACCOUNT, SYSTEM_KEY, Roster, new_seed, public_of
 from assay.supervisor import Supervisor, reap
+from contracts import subjects
 from contracts.catalog import SERVICES
 from contracts.signing import KeyPair
 from contracts.streams import ensure_streams
@@ -85,12 +86,14 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def server_config(store: Path) -> str:
-    """What every server of the platform is given: JetStream in `store`, fsyncing every write (results and the
-    event history must survive a power cut); one user per process (its password new at every start) and the
-    operator's roster of nkeys (`assay bus enrol`), which the system account's user has each server reload without
-    a restart. The files included are the same for every server of a cluster."""
-    return (f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
+def server_config(store: Path, leaf_port: int = 0) -> str:
+    """What every server of the platform is given: JetStream in `store` (the domain `subjects.DOMAIN`), fsyncing
+    every write (results and the event history must survive a power cut); one user per process (its password new at
+    every start) and the operator's roster of nkeys (`assay bus enrol`), which the system account's user has each
+    server reload without a restart. The files included are the same for every server of a cluster. With
+    `leaf_port`, where a site's own nats-server connects as a leaf node, as the site's roster user."""
+    leaf = f"leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}\n" if leaf_port else ""
+    return (f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n  domain: {subjects.DOMAIN}\n}}\n{leaf}'
             f'system_account: {SYSTEM_ACCOUNT}\n'
             f'accounts {{\n  {SYSTEM_ACCOUNT} {{ include "system.conf" }}\n}}\n'
             'authorization {\n  include "users.conf"\n}\n')
@@ -115,6 +118,7 @@ class Platform:
     replicas: int = 1  # processes of each service, sharing its durable consumers (more than one needs `database`)
     database: str = ""  # a PostgreSQL server (postgresql+asyncpg://user:password@host:port), where each service gets
     # a database assay_<service> (made if absent); "" for a SQLite file per service, which one process alone may write
+    leaf_port: int = 0  # where sites' leaf nodes connect (server N of a cluster on leaf_port + N - 1); 0: nowhere
     supervisor: Supervisor = field(init=False)
     access: Access | None = field(default=None, init=False)
     hostport: str = field(default="", init=False)
@@ -174,7 +178,7 @@ class Platform:
         if self.cluster > 1:
             hostports = self._start_cluster(store)
         else:
-            private(store / "nats.conf", server_config(store))
+            private(store / "nats.conf", server_config(store, self.leaf_port))
             hostports = [self._start_server("nats", store / "nats.conf", store, ["-a", "127.0.0.1", "-p", "-1"],
                                             restartable=False)]
         self.hostport = ",".join(hostports)
@@ -194,7 +198,7 @@ class Platform:
             folder.mkdir(parents=True, exist_ok=True)
             config = store / f"cluster-{index}.conf"  # beside users.conf: nats-server includes relative to the file
             private(config, cluster_config(index, client_ports[index - 1], route_ports, route_password)
-                    + server_config(folder))
+                    + server_config(folder, self.leaf_port and self.leaf_port + index - 1))
             hostports.append(self._start_server(f"nats-{index}", config, folder, [], restartable=True))
         return hostports
 
@@ -387,6 +391,8 @@ class Platform:
         this one was killed); replaced whole, so a reader never sees it half written."""
         state = {"nats_url": self.url_for(CLI), "admin_url": self.nats_url, "auditor_url": self.url_for(AUDITOR),
                  "integration_url": self.url_for(INTEGRATION),
+                 "leafnodes": [f"nats-leaf://127.0.0.1:{self.leaf_port + i}" for i in range(self.cluster)]
+                 if self.leaf_port else [], "jetstream_domain": subjects.DOMAIN,
                  "pid": os.getpid(),
                  "pids": self.supervisor.pids()}
         partial = self.home.platform_file.with_suffix(".json.partial")

@@ -9,6 +9,9 @@ EVENTS_STREAM = "EVENTS"
 JOBS_STREAM = "JOBS"
 RESULTS_STREAM = "RESULTS"
 DEAD_LETTERS_STREAM = "DEAD_LETTERS"
+# the centre's JetStream domain: what a site worker behind a leaf node of its own names ($JS.assay.API...) to reach
+# the centre's streams through it
+DOMAIN = "assay"
 SITES_BUCKET = "assay-sites"    # KV: each site worker's latest SiteHeartbeat, under `<site_id>.<worker_id>`
 IMAGES_BUCKET = "assay-images"  # object store: `docker save` tarballs of images, named by image id
 CANCELLED_BUCKET = "assay-cancelled"  # KV: the scheduler's signed JobCancelled, under `<site_id>.<job_id>`

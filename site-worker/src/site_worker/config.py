@@ -13,6 +13,8 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"  # tls://… for TLS; the worker only ever connects out
     nats_creds: Path | None = None      # its NATS credentials file (nkey or user JWT), where the URL carries none
     nats_ca: Path | None = None         # the CA bundle the central server's certificate is checked against
+    nats_domain: str | None = None      # the centre's JetStream domain (`assay`), where nats_url is a leaf node of the
+    # site's own: the worker's JetStream requests and key-value writes then name it, to be carried to the centre
     datasets_file: Path                 # JSON {dataset_id: prepared dataset folder}, written by `assay dataset prepare`
     work_dir: Path                      # per-job outputs; per-case scores stay here
     state_dir: Path | None = None       # the held results and the audit log (default: work_dir)

@@ -34,6 +34,17 @@ class HeartbeatStore(Protocol):
     async def put(self, key: str, value: bytes) -> int: ...
 
 
+class LeafBucket:
+    """A bucket of the centre's, written through a leaf node of the site's: nats-py writes `$KV.<bucket>.<key>`, which
+    a leaf node does not carry into another JetStream domain; the domain's own subject for the write it does."""
+
+    def __init__(self, js: JetStreamContext, bucket: str, domain: str) -> None:
+        self._js, self._prefix = js, f"$JS.{domain}.API.$KV.{bucket}."
+
+    async def put(self, key: str, value: bytes) -> int:
+        return (await self._js.publish(self._prefix + key, value)).seq
+
+
 class LazyBucket:
     """A store opened at its first put, and opened again after an open that failed: a worker may start while the
     bus, or the bucket, is not there yet (its beats fail, and say so, until it is)."""

@@ -43,7 +43,7 @@ from site_worker.config import Settings
 from site_worker.containers import ContainerRunner, Limits, TracedRunner
 from site_worker.demo import demo_folder
 from site_worker.execution import JobRefused, RunFailed, clean_failed, dataset_folder, execute
-from site_worker.heartbeat import LazyBucket, beat, beat_forever
+from site_worker.heartbeat import HeartbeatStore, LazyBucket, LeafBucket, beat, beat_forever
 from site_worker.images import BusImageStore, ImageStore, ensure_images, s3_store
 from site_worker.policy import PolicyFile, SitePolicy, judge
 from site_worker.review import Decision, Held, Review
@@ -419,7 +419,9 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
     plan = site_wiring(settings)
     told = telemetry(f"site-worker-{settings.site_id}", settings.otlp_endpoint, spans=spans,
                      metric_reader=metric_reader, tls=otlp_tls(settings))
+    domain = settings.nats_domain or None  # unset, or set empty (compose passes it through): the centre itself
     broker = NatsBroker(servers(settings.nats_url), logger=None, context=context, middlewares=told.middlewares(),
+                        js_options={"domain": domain} if domain else None,
                         **connection_options(plan.owner, settings.nats_url, settings.nats_creds, settings.nats_ca))
     outlets = plan.declare(broker, units=None, inbox=inbox_of(settings.nats_url, settings.nats_creds),
                            meters=told.meters)
@@ -447,7 +449,13 @@ def create_app(settings: Settings, runner: ContainerRunner, images: ImageStore |
     async def start_sending() -> None:
         tasks.append(asyncio.create_task(send_decisions_forever(site)))
         tasks.append(asyncio.create_task(clean_forever(site)))
-        sites = LazyBucket(lambda: broker.key_value(subjects.SITES_BUCKET, declare=False))
+        async def sites_bucket() -> HeartbeatStore:
+            if domain is None:
+                return await broker.key_value(subjects.SITES_BUCKET, declare=False)
+            js = broker.config.connection_state.connection.jetstream(domain=domain)
+            return LeafBucket(js, subjects.SITES_BUCKET, domain)
+
+        sites = LazyBucket(sites_bucket)
         tasks.append(asyncio.create_task(beat_forever(sites, key, lambda: alive(site), settings.sites_every_s)))
         if settings.alive_file is not None:
 
