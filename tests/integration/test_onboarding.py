@@ -30,6 +30,7 @@ from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.signing import KeyPair
 from site_worker.config import Settings as SiteSettings
+from site_worker.images import NatsImageStore
 
 
 def assay(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -273,7 +274,8 @@ async def test_a_site_worker_behind_its_hospitals_own_leaf_node_takes_its_jobs_a
         central: Path, admin: nats.NATS, tmp_path: Path) -> None:
     """The hospital runs a nats-server of its own, a leaf node that dials out to the centre as the site's enrolled
     key (nothing dials in); its worker connects only to that local server and names the centre's JetStream domain.
-    Its queue is pulled, its heartbeat stored and its job answered through the leaf, with the site's rights alone."""
+    Its queue is pulled, its heartbeat stored, its job answered and a pushed image read through the leaf, with the
+    site's rights alone."""
     platform = json.loads((central / "platform.json").read_text())
     hospital = tmp_path / "hospital-b"
     port = free_ports(1)[0]
@@ -328,6 +330,22 @@ async def test_a_site_worker_behind_its_hospitals_own_leaf_node_takes_its_jobs_a
                 break
             await asyncio.sleep(0.1)
         assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)
+
+        # a pushed image (a model's `docker save`), read through the leaf as the worker reads it, chunk by chunk
+        archive = os.urandom(40 << 20)  # enough for the server to ask for flow control, as a real image does
+        await (await js.object_store(subjects.IMAGES_BUCKET)).put("sha256:" + "d" * 64, archive)
+        seed = hospital / "keys" / "hospital-b.nk"
+        site = await nats.connect(f"nats://127.0.0.1:{port}", nkeys_seed=str(seed),
+                                  inbox_prefix=f"_INBOX.{public_of(seed)}")
+        try:
+            images = NatsImageStore(await site.jetstream(domain=platform["jetstream_domain"]).object_store(
+                subjects.IMAGES_BUCKET))
+            assert await images.size("sha256:" + "d" * 64) == len(archive)
+            with (tmp_path / "image.tar").open("wb") as into:
+                await images.fetch("sha256:" + "d" * 64, into)
+        finally:
+            await site.close()
+        assert (tmp_path / "image.tar").read_bytes() == archive
     finally:
         for process in (worker, leaf):
             if process is not None:

@@ -221,6 +221,7 @@ def join(bundle_file: Annotated[Path, typer.Argument(help="the bundle the operat
     bundle also gives what its worker's environment needs."""
     from assay.cli import _home
     from assay.roster import public_of
+    from contracts.subjects import DOMAIN
 
     home = _home()
     try:
@@ -251,3 +252,5 @@ def join(bundle_file: Annotated[Path, typer.Argument(help="the bundle the operat
               f"ASSAY_SITE_NATS_CREDS={seed}\n"
               f"ASSAY_SITE_SCHEDULER_PUBLIC_KEY={bundle['scheduler_public_key']}"
               + (f"\nASSAY_SITE_NATS_CA={home.keys / 'central-ca.pem'}" if bundle.get("ca") else ""))
+        console.print(f"[dim]behind a nats-server of the hospital's own (a leaf node of the centre's): its URL as "
+                      f"ASSAY_SITE_NATS_URL, and ASSAY_SITE_NATS_DOMAIN={DOMAIN} (README, leaf nodes)[/dim]")
