@@ -32,3 +32,13 @@ def test_a_new_model_image_is_a_new_job() -> None:
     before = {j.job_id for j in plan_jobs(SPEC, MODELS, DATASETS, set(), LATER)}
     after = plan_jobs(SPEC, {**MODELS, "m1": "sha256:" + "3" * 64}, DATASETS, before, LATER)
     assert sorted(j.binding.dataset_id for j in after) == ["d1", "d2"]
+
+
+def test_a_pair_whose_every_job_was_cancelled_is_planned_once_more_as_its_next_round() -> None:
+    [first] = plan_jobs(SPEC, {"m1": MODELS["m1"]}, DATASETS[:1], set(), LATER)
+    other = plan_jobs(SPEC, {"m2": MODELS["m2"]}, DATASETS[:1], set(), LATER)[0].job_id  # another pair's, standing
+    rounds = {first.job_id, f"{first.job_id}-r1", other}
+
+    [again] = plan_jobs(SPEC, MODELS, DATASETS[:1], rounds, LATER, cancelled=rounds - {other})
+    assert again.job_id == f"{first.job_id}-r2" and again.binding == first.binding
+    assert plan_jobs(SPEC, MODELS, DATASETS[:1], rounds, LATER, cancelled={first.job_id}) == [], "round 1 stands"

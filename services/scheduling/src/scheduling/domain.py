@@ -39,12 +39,16 @@ def plan_jobs(benchmark: BenchmarkSpec, models: dict[str, str], datasets: list[P
     pushed = dict(archives or {})
     if benchmark.evaluator.archive is not None:
         pushed[benchmark.evaluator.digest] = benchmark.evaluator.archive
+    rounds_of: dict[str, list[str]] = {}  # a pair's job id: its jobs so far (it, then `<it>-r1`, ...), found once
+    for known in existing:
+        first, again, n = known.rpartition("-r")
+        rounds_of.setdefault(first if again and n.isdigit() else known, []).append(known)
     jobs = []
     for model_id, digest in sorted(models.items()):
         for ds in sorted(datasets, key=lambda d: d.dataset_id):
             jid = job_id(benchmark.benchmark_id, digest, benchmark.evaluator.digest, ds.content_hash, model_id,
                          ds.dataset_id)
-            rounds = [j for j in existing if j == jid or j.startswith(f"{jid}-r")]
+            rounds = rounds_of.get(jid, [])
             private = digest in pushed and pushed[digest].encrypted
             sealed = (keys or {}).get((digest, ds.site_id))
             if any(j not in cancelled for j in rounds) or (private and sealed is None):
