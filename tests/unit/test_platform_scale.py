@@ -19,6 +19,9 @@ from assay.roster import Roster
     ({"replicas": 2}, "PostgreSQL"),
     ({"replicas": 2, "database": "sqlite+aiosqlite:///x.db"}, "a SQLite file is one process's"),
     ({"replicas": 0}, "at least one process"),
+    ({"leaf_port": -1}, "leaf_port=-1: a TCP port from 1024"),
+    ({"leaf_port": 80}, "leaf_port=80: a TCP port from 1024"),
+    ({"leaf_port": 65535, "cluster": 3}, r"one port per server \(3\)"),
 ])
 def test_a_scale_that_cannot_work_is_refused_with_the_reason(tmp_path: Path, options: dict, says: str) -> None:
     with pytest.raises(ValueError, match=says):
@@ -35,16 +38,18 @@ def test_a_cluster_keeps_each_stream_on_three_servers_and_one_server_on_itself(t
 
 def test_every_server_of_a_cluster_is_given_a_configuration_nats_server_accepts(tmp_path: Path) -> None:
     Roster(tmp_path).save()  # the users.conf and system.conf every server includes
-    ports = free_ports(6)
-    assert len(set(ports)) == 6
+    ports = free_ports(7)  # three clients', three routes', server 1's leaf nodes'
+    assert len(set(ports)) == 7
     for index in (1, 2, 3):
         config = tmp_path / f"cluster-{index}.conf"
         store = tmp_path / f"n{index}"
         store.mkdir()
-        config.write_text(cluster_config(index, ports[index - 1], ports[3:], "route-pw") + server_config(store))
+        config.write_text(cluster_config(index, ports[index - 1], ports[3:6], "route-pw")
+                          + server_config(store, leaf_port=ports[6] if index == 1 else 0))
         checked = subprocess.run([nats_server_binary(), "-t", "-c", str(config)], capture_output=True, text=True,
                                  timeout=30)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         text = config.read_text()
         assert f"server_name: assay-nats-{index}" in text and "sync_interval: always" in text
-        assert all(f"127.0.0.1:{port}" in text for port in ports[3:]), "routes to every server of the cluster"
+        assert "domain: assay" in text and ("leafnodes" in text) == (index == 1)
+        assert all(f"127.0.0.1:{port}" in text for port in ports[3:6]), "routes to every server of the cluster"

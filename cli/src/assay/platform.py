@@ -130,6 +130,9 @@ class Platform:
                              "two stops when either server does)")
         if self.replicas < 1:
             raise ValueError(f"replicas={self.replicas}: each service needs at least one process")
+        if not 0 <= self.leaf_port <= 65536 - self.cluster or 0 < self.leaf_port < 1024:
+            raise ValueError(f"leaf_port={self.leaf_port}: a TCP port from 1024 (0: no leaf nodes), with room for one "
+                             f"port per server ({self.cluster}) below 65536")
         if self.replicas > 1 and not self.database.startswith("postgresql"):
             raise ValueError(f"replicas={self.replicas}: the replicas of a service share its database, so it must be "
                              "one they can all write: give a PostgreSQL server (postgresql+asyncpg://..., as "
