@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -131,27 +131,23 @@ async def run_job(job: Envelope[JobSpec], site: SiteDep, message: NatsMessage, d
 async def run_keeping_lease(job: Envelope[JobSpec], site: Site, message: NatsMessage, attempt: int) -> None:
     """Run the job with heartbeats extending its lease; say to the scheduler why, if it did not end in a result."""
     spec = job.data
-    ticker = asyncio.create_task(heartbeat(message, site.settings.heartbeat_s))
-    try:
-        await run_and_keep(job, site, attempt)
-    except JobRefused as exc:
-        await tell(site, spec, JobState.REFUSED, str(exc), attempt=attempt)
-        raise
-    except RunFailed as exc:
-        if exc.recurs:
-            await tell(site, spec, JobState.FAILED, f"{exc} (not tried again: it would fail the same way)",
-                       attempt=attempt)
-            raise FailedForGood(str(exc)) from exc
-        tries = f"attempt {attempt} of {site.settings.max_deliver}"
-        if attempt >= site.settings.max_deliver:
-            await tell(site, spec, JobState.FAILED, f"{exc} ({tries})", attempt=attempt)
-        else:  # the operator sees why it is tried again, as the job's state and in the worker's log
-            log.warning("job %s failed, %s; it is tried again: %s", spec.job_id, tries, exc)
-        raise
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
+    async with lease_kept(message, site.settings.heartbeat_s):  # kept while the scheduler is told, too
+        try:
+            await run_and_keep(job, site, attempt)
+        except JobRefused as exc:
+            await tell(site, spec, JobState.REFUSED, str(exc), attempt=attempt)
+            raise
+        except RunFailed as exc:
+            if exc.recurs:
+                await tell(site, spec, JobState.FAILED, f"{exc} (not tried again: it would fail the same way)",
+                           attempt=attempt)
+                raise FailedForGood(str(exc)) from exc
+            tries = f"attempt {attempt} of {site.settings.max_deliver}"
+            if attempt >= site.settings.max_deliver:
+                await tell(site, spec, JobState.FAILED, f"{exc} ({tries})", attempt=attempt)
+            else:  # the operator sees why it is tried again, as the job's state and in the worker's log
+                log.warning("job %s failed, %s; it is tried again: %s", spec.job_id, tries, exc)
+            raise
 
 
 async def the_run_here(site: Site, job: JobSpec, message: NatsMessage,
@@ -161,9 +157,16 @@ async def the_run_here(site: Site, job: JobSpec, message: NatsMessage,
     is told how it ended."""
     log.warning("job %s was delivered again while it runs here (its lease lapsed): this delivery waits for that run",
                 job.job_id)
-    ticker = asyncio.create_task(heartbeat(message, site.settings.heartbeat_s))
-    try:
+    async with lease_kept(message, site.settings.heartbeat_s):
         return await asyncio.shield(running)
+
+
+@contextlib.asynccontextmanager
+async def lease_kept(message: NatsMessage, every_s: float) -> AsyncIterator[None]:
+    """While inside, the delivery's lease is extended every `every_s` (well inside the consumer's ack wait)."""
+    ticker = asyncio.create_task(heartbeat(message, every_s))
+    try:
+        yield
     finally:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
