@@ -4,12 +4,27 @@ container run is a child span with its task, image, exit code and outcome; a ref
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.support.federation import MODEL, Federation, fake_containers, next_events
 
 METRICS = {"auc": 0.8, "sensitivity": 0.7}
+
+
+async def finished(spans: InMemorySpanExporter, wanted: Callable[[ReadableSpan], bool],
+                   count: int) -> list[ReadableSpan]:
+    """The `count` spans `wanted` takes, once they ended: a delivery's span ends when its handler returns, after
+    what it sent (its result, its dead letter) was stored, so the event that answers it may come first."""
+    for _ in range(200):
+        if len(found := [s for s in spans.get_finished_spans() if wanted(s)]) >= count:
+            return found
+        await asyncio.sleep(0.05)
+    return [s for s in spans.get_finished_spans() if wanted(s)]
 
 
 async def test_a_jobs_span_carries_its_domain_and_its_container_runs_are_its_children(federation: Federation):
@@ -21,8 +36,9 @@ async def test_a_jobs_span_carries_its_domain_and_its_container_runs_are_its_chi
     [accepted] = await next_events(federation.nats_url, "assay.v1.evt.result.accepted", 1)
     job_id = accepted["data"]["job_id"]
 
+    [delivery] = await finished(spans, lambda s: s.kind is SpanKind.CONSUMER
+                                and s.attributes.get("assay.job_id") == job_id, 1)
     recorded = spans.get_finished_spans()
-    [delivery] = [s for s in recorded if s.kind is SpanKind.CONSUMER and s.attributes.get("assay.job_id") == job_id]
     assert {key: delivery.attributes[f"assay.{key}"] for key in ("benchmark_id", "model_id", "dataset_id",
                                                                   "site_id", "model_image")} == {
         "benchmark_id": "bench", "model_id": "model-1", "dataset_id": "ds-a", "site_id": "site-a",
@@ -47,7 +63,7 @@ async def test_a_refused_jobs_span_ends_in_error_with_the_reason(federation: Fed
     await federation.dataset("site-a", "ds-a")
     await next_events(federation.nats_url, "assay.v1.dlq.site-site-a-jobs", 2)
 
-    refused = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER
-               and s.attributes.get("assay.outcome") == "dead-lettered"]
+    refused = await finished(spans, lambda s: s.kind is SpanKind.CONSUMER
+                             and s.attributes.get("assay.outcome") == "dead-lettered", 2)
     assert len(refused) == 2 and all(s.status.status_code is StatusCode.ERROR for s in refused)
     assert all("the site's policy accepts benchmarks ['another']" in (s.status.description or "") for s in refused)
