@@ -334,17 +334,12 @@ async def test_a_site_worker_behind_its_hospitals_own_leaf_node_takes_its_jobs_a
         # a pushed image (a model's `docker save`), read through the leaf as the worker reads it, chunk by chunk
         archive = os.urandom(40 << 20)  # enough for the server to ask for flow control, as a real image does
         await (await js.object_store(subjects.IMAGES_BUCKET)).put("sha256:" + "d" * 64, archive)
-        seed = hospital / "keys" / "hospital-b.nk"
-        site = await nats.connect(f"nats://127.0.0.1:{port}", nkeys_seed=str(seed),
-                                  inbox_prefix=f"_INBOX.{public_of(seed)}")
-        try:
-            images = NatsImageStore(await site.jetstream(domain=platform["jetstream_domain"]).object_store(
+        async with Member(f"nats://127.0.0.1:{port}", hospital / "keys" / "hospital-b.nk") as site:
+            images = NatsImageStore(await site.nc.jetstream(domain=platform["jetstream_domain"]).object_store(
                 subjects.IMAGES_BUCKET))
             assert await images.size("sha256:" + "d" * 64) == len(archive)
             with (tmp_path / "image.tar").open("wb") as into:
                 await images.fetch("sha256:" + "d" * 64, into)
-        finally:
-            await site.close()
         assert (tmp_path / "image.tar").read_bytes() == archive
     finally:
         for process in (worker, leaf):

@@ -144,6 +144,11 @@ class Platform:
         """How many servers keep each stream and bucket: all of one, three of a cluster (R3: one may be lost)."""
         return 1 if self.cluster == 1 else 3
 
+    @property
+    def leaf_ports(self) -> list[int]:
+        """Where each server listens for sites' leaf nodes, server N on leaf_port + N - 1; none without leaf_port."""
+        return [self.leaf_port + i for i in range(self.cluster)] if self.leaf_port else []
+
     def processes(self, service: str) -> list[str]:
         """The names of `service`'s processes: the service's own, then `<service>-2`, ... for more replicas."""
         return [service if replica == 1 else f"{service}-{replica}" for replica in range(1, self.replicas + 1)]
@@ -181,7 +186,7 @@ class Platform:
         if self.cluster > 1:
             hostports = self._start_cluster(store)
         else:
-            private(store / "nats.conf", server_config(store, self.leaf_port))
+            private(store / "nats.conf", server_config(store, *self.leaf_ports))
             hostports = [self._start_server("nats", store / "nats.conf", store, ["-a", "127.0.0.1", "-p", "-1"],
                                             restartable=False)]
         self.hostport = ",".join(hostports)
@@ -201,7 +206,7 @@ class Platform:
             folder.mkdir(parents=True, exist_ok=True)
             config = store / f"cluster-{index}.conf"  # beside users.conf: nats-server includes relative to the file
             private(config, cluster_config(index, client_ports[index - 1], route_ports, route_password)
-                    + server_config(folder, self.leaf_port and self.leaf_port + index - 1))
+                    + server_config(folder, *self.leaf_ports[index - 1:index]))
             hostports.append(self._start_server(f"nats-{index}", config, folder, [], restartable=True))
         return hostports
 
@@ -394,8 +399,8 @@ class Platform:
         this one was killed); replaced whole, so a reader never sees it half written."""
         state = {"nats_url": self.url_for(CLI), "admin_url": self.nats_url, "auditor_url": self.url_for(AUDITOR),
                  "integration_url": self.url_for(INTEGRATION),
-                 "leafnodes": [f"nats-leaf://127.0.0.1:{self.leaf_port + i}" for i in range(self.cluster)]
-                 if self.leaf_port else [], "jetstream_domain": subjects.DOMAIN,
+                 "leafnodes": [f"nats-leaf://127.0.0.1:{port}" for port in self.leaf_ports],
+                 "jetstream_domain": subjects.DOMAIN,
                  "pid": os.getpid(),
                  "pids": self.supervisor.pids()}
         partial = self.home.platform_file.with_suffix(".json.partial")
