@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -213,6 +214,20 @@ async def health(platform: Platform, observer: Observer, board: list[int],
 # --- the whole of (a) ----------------------------------------------------------------------------------------------
 
 
+STOP_S = 60.0
+
+
+async def stop_all(apps: Sequence[Any]) -> None:
+    """Stop the simulated sites' apps; if some do not stop within STOP_S, print what every task awaits, and go on."""
+    stopping = asyncio.gather(*(app.stop() for app in apps), return_exceptions=True)
+    try:
+        await asyncio.wait_for(asyncio.shield(stopping), STOP_S)
+    except TimeoutError:
+        print(f"the sites' apps did not stop within {STOP_S:.0f} s; the tasks left:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=12, file=sys.stderr)
+
+
 async def flow(platform: Platform, sites_count: int, rounds: int, models_per_round: int, raw_messages: int,
                raw_reps: int, idle_s: float, log: Log, *, load_fractions: Sequence[float] = (),
                load_s: float = 5.0, ingest_results: int = 0) -> dict[str, Any]:
@@ -263,7 +278,7 @@ async def flow(platform: Platform, sites_count: int, rounds: int, models_per_rou
             log(f"ingest: {result['ingest']['results']} results waiting, accepted at "
                 f"{result['ingest']['results_per_s']:.0f}/s, ranked at {result['ingest']['ranked_per_s']:.0f}/s")
     finally:
-        await asyncio.gather(*(app.stop() for app in apps), return_exceptions=True)
+        await stop_all(apps)
         if observer is not None:
             await observer.stop()
     result["ratio_jobs_to_raw_msgs"] = result["jobs_per_s"] / result["raw"]["msgs_per_s"]
