@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
 from pydantic import ValidationError
 
 from contracts import messages as m
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, Signature
 from contracts.schema import SCHEMA_DIR, schemas
-from contracts.signing import KeyPair, SignatureError, metrics_hash, verify
+from contracts.signing import KeyPair, SignatureError, _unb64, canonical_bytes, metrics_hash, verify
 from contracts.subjects import jobs, stream_of, token
 
 
@@ -41,6 +42,22 @@ def test_an_unsigned_envelope_does_not_verify() -> None:
     with pytest.raises(SignatureError, match="not signed"):
         verify(Envelope.wrap(m.ApproveBenchmark(benchmark_id="b1"), source="x"), KeyPair.generate().public_key)
 
+
+
+def test_what_openssl_signed_before_verifies_and_what_libsodium_signs_openssl_accepts() -> None:
+    """Signatures are libsodium's now; results, audit heads and events signed through OpenSSL before still verify,
+    and a verifier elsewhere (cryptography, the Go client) accepts what is signed now: Ed25519 is deterministic."""
+    key = KeyPair.generate()
+    unsigned = Envelope.wrap(m.ApproveBenchmark(benchmark_id="b1"), source="actor:op")
+    message = canonical_bytes(unsigned, exclude={"signature"})
+    by_openssl = unsigned.model_copy(update={"signature": Signature(
+        key_id=key.key_id, value=base64.urlsafe_b64encode(key.private.sign(message)).decode().rstrip("="))})
+    verify(by_openssl, key.public_key)
+    by_libsodium = key.sign(unsigned)
+    assert by_libsodium.signature == by_openssl.signature
+    key.private.public_key().verify(_unb64(by_libsodium.signature.value), message)  # raises InvalidSignature if not
+    with pytest.raises(SignatureError, match="does not match"):
+        verify(by_openssl.model_copy(update={"source": "actor:someone-else"}), key.public_key)
 
 def test_the_metrics_hash_does_not_depend_on_key_order() -> None:
     assert metrics_hash({"a": 0.5, "b": 1.0}) == metrics_hash({"b": 1.0, "a": 0.5})
