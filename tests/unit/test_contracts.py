@@ -43,7 +43,6 @@ def test_an_unsigned_envelope_does_not_verify() -> None:
         verify(Envelope.wrap(m.ApproveBenchmark(benchmark_id="b1"), source="x"), KeyPair.generate().public_key)
 
 
-
 def test_what_openssl_signed_before_verifies_and_what_libsodium_signs_openssl_accepts() -> None:
     """Signatures are libsodium's now; results, audit heads and events signed through OpenSSL before still verify,
     and a verifier elsewhere (cryptography, the Go client) accepts what is signed now: Ed25519 is deterministic."""
@@ -58,6 +57,7 @@ def test_what_openssl_signed_before_verifies_and_what_libsodium_signs_openssl_ac
     key.private.public_key().verify(_unb64(by_libsodium.signature.value), message)  # raises InvalidSignature if not
     with pytest.raises(SignatureError, match="does not match"):
         verify(by_openssl.model_copy(update={"source": "actor:someone-else"}), key.public_key)
+
 
 def test_the_metrics_hash_does_not_depend_on_key_order() -> None:
     assert metrics_hash({"a": 0.5, "b": 1.0}) == metrics_hash({"b": 1.0, "a": 0.5})

@@ -10,10 +10,8 @@ from pathlib import Path
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.public
-import nacl.signing
-from cryptography.hazmat.primitives import serialization
 
-from contracts.signing import KeyPair, _unb64
+from contracts.signing import KeyPair, verify_key
 
 CHUNK = 1 << 20
 _PUSH = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
@@ -65,14 +63,12 @@ def decrypt_file(source: Path, target: Path, key: bytes) -> None:
 
 def seal(data: bytes, public_key: str) -> str:
     """`data` (a few KiB at most), readable only with the private key of whose Ed25519 public key this is."""
-    recipient = nacl.signing.VerifyKey(_unb64(public_key)).to_curve25519_public_key()
+    recipient = verify_key(public_key).to_curve25519_public_key()
     return base64.urlsafe_b64encode(nacl.public.SealedBox(recipient).encrypt(data)).decode()
 
 
 def unseal(sealed: str, keys: KeyPair, refusal: str = "it is not sealed to this key") -> bytes:
-    seed = keys.private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                      serialization.NoEncryption())
-    mine = nacl.signing.SigningKey(seed).to_curve25519_private_key()
+    mine = keys.signing_key.to_curve25519_private_key()
     try:
         return bytes(nacl.public.SealedBox(mine).decrypt(base64.urlsafe_b64decode(sealed)))
     except (nacl.exceptions.CryptoError, ValueError):

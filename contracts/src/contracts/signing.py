@@ -88,12 +88,13 @@ class KeyPair:
         return key_id_of(self.public_key)
 
     @cached_property
-    def _signing_key(self) -> SigningKey:
+    def signing_key(self) -> SigningKey:
+        """This key as libsodium holds it: it signs, and `contracts.sealing` opens what is sealed to it."""
         return SigningKey(self.private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                                      serialization.NoEncryption()))
 
     def sign(self, envelope: Envelope[P]) -> Envelope[P]:
-        value = self._signing_key.sign(canonical_bytes(envelope, exclude={"signature"})).signature
+        value = self.signing_key.sign(canonical_bytes(envelope, exclude={"signature"})).signature
         return envelope.model_copy(update={"signature": Signature(key_id=self.key_id, value=_b64(value))})
 
     def save(self, path: Path) -> None:
@@ -116,7 +117,8 @@ class KeyPair:
 
 
 @lru_cache(maxsize=4096)  # the keys a service checks again and again: the scheduler's, each site's
-def _verify_key(public_key: str) -> VerifyKey:
+def verify_key(public_key: str) -> VerifyKey:
+    """A public key (url-safe base64) as libsodium holds it."""
     return VerifyKey(_unb64(public_key))
 
 
@@ -130,7 +132,7 @@ def verify(envelope: Envelope[P], public_key: str) -> None:
     if sig.key_id != key_id_of(public_key):
         raise SignatureError(f"signed with key {sig.key_id}, expected {key_id_of(public_key)}")
     try:
-        _verify_key(public_key).verify(canonical_bytes(envelope, exclude={"signature"}), _unb64(sig.value))
+        verify_key(public_key).verify(canonical_bytes(envelope, exclude={"signature"}), _unb64(sig.value))
     except (BadSignatureError, ValueError) as exc:  # (nacl's ValueError is one: a key or signature of a wrong length)
         raise SignatureError("the signature does not match the message content") from exc
 
